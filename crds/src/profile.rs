@@ -1,0 +1,118 @@
+//! `Profile`: one profile window of one container, written by the agent.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::ProfileType;
+
+/// The summary of one profile window of one container and where its artifacts are. Written once
+/// by the node agent; never changed afterwards.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kprof.io",
+    version = "v1alpha1",
+    kind = "Profile",
+    namespaced,
+    shortname = "prof",
+    derive = "PartialEq",
+    category = "kprof",
+    doc = "One profile window of one container: summary, top functions and references to the pprof and flame graph artifacts.",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.target"),
+    printcolumn(name = "Pod", type_ = "string", json_path = ".spec.pod"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.profileType"),
+    printcolumn(name = "Samples", type_ = "integer", json_path = ".spec.samples"),
+    printcolumn(name = "Top", type_ = "string", json_path = ".spec.top"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a Profile's spec is immutable"))]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileSpec {
+    /// Name of the ProfilingTarget (same namespace) this profile was taken for.
+    pub target: String,
+    /// Pod the samples come from.
+    pub pod: String,
+    /// Container the samples come from.
+    pub container: String,
+    /// Node the pod ran on.
+    pub node: String,
+    /// Process ids (as seen on the node) that contributed samples.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<i32>,
+    /// The runtime detected, e.g. `cpython 3.12.1` or `native`.
+    pub runtime: String,
+    /// What was measured.
+    pub profile_type: ProfileType,
+    /// Start of the profile window.
+    pub window_start: Time,
+    /// End of the profile window.
+    pub window_end: Time,
+    /// Sampling frequency used, per CPU.
+    pub sample_hz: u32,
+    /// Samples recorded in the window.
+    pub samples: u64,
+    /// Samples lost in the window (ring buffer full, unreadable stacks): a non-zero value means
+    /// the profile under-counts.
+    #[serde(default)]
+    pub lost_samples: u64,
+    /// Average CPU cores used over the window: samples ÷ (sampleHz × window seconds).
+    #[serde(default)]
+    pub cpu_cores: f64,
+    /// Threads seen in the window.
+    #[serde(default)]
+    pub threads: u32,
+    /// The hottest function and its self share, e.g. `app.handle 41.2%`, for `kubectl get`.
+    #[serde(default)]
+    pub top: String,
+    /// The hottest functions by self time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub top_functions: Vec<TopFunction>,
+    /// Where the artifacts of this window are stored.
+    #[serde(default)]
+    pub artifacts: Artifacts,
+    /// Anything that makes this profile less than complete, e.g.
+    /// `python version not supported: native frames only`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One row of a profile's top table.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopFunction {
+    /// Function name; Python functions as `module.function`.
+    pub function: String,
+    /// Source location as `file:line`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Share of samples with this function as the leaf, in percent.
+    pub self_percent: f64,
+    /// Share of samples with this function anywhere on the stack, in percent.
+    pub total_percent: f64,
+}
+
+/// References to the stored artifacts of a profile.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifacts {
+    /// The gzipped pprof (`profile.proto`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pprof: Option<ArtifactRef>,
+    /// The flame graph (SVG).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flamegraph: Option<ArtifactRef>,
+}
+
+/// Where one artifact lives and what it contains.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactRef {
+    /// Where to fetch it: a store URL, or a `file://` path on the node.
+    pub url: String,
+    /// Content digest, `sha256:<hex>`.
+    pub digest: String,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size_bytes: u64,
+}
