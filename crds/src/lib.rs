@@ -4,6 +4,7 @@
 
 mod duration;
 mod profile;
+mod selector;
 mod target;
 #[cfg(feature = "validate")]
 pub mod validate;
@@ -12,6 +13,7 @@ use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, GoDuration};
+pub use selector::selector_matches;
 pub use profile::{ArtifactRef, Artifacts, Profile, ProfileSpec, TopFunction};
 pub use target::{
     Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,

@@ -1,0 +1,89 @@
+"""A small checkout web service with a known hot path, for the kprof demo.
+
+GET /checkout prices a cart (most of the CPU), renders a receipt (about a third as much) and
+archives it with zlib (the GIL is released inside zlib.compress). A load thread calls the
+service on 127.0.0.1 so the demo needs no traffic from outside the pod.
+"""
+
+import http.client
+import http.server
+import json
+import os
+import threading
+import time
+import zlib
+
+PORT = int(os.environ.get("PORT", "8765"))
+
+
+def price_cart(items):
+    """The hot function: prices every item with a tax and discount rule."""
+    total = 0.0
+    for _ in range(100):
+        for sku, qty in items:
+            price = (sku * 7919) % 1000 / 10.0
+            if qty > 3:
+                price *= 0.9
+            total += price * qty * 1.2
+    return total
+
+
+def render_receipt(items, total):
+    lines = []
+    for _ in range(12):
+        lines = [f"{sku:>8} x{qty:<3} {((sku * 7919) % 1000) / 10.0:>8.2f}" for sku, qty in items]
+    lines.append(f"TOTAL {total:.2f}")
+    return "\n".join(lines)
+
+
+def archive_receipt(receipt):
+    return zlib.compress((receipt * 16).encode(), 9)
+
+
+def checkout():
+    items = [(sku, sku % 5 + 1) for sku in range(1, 400)]
+    total = price_cart(items)
+    receipt = render_receipt(items, total)
+    archived = archive_receipt(receipt)
+    return {"total": round(total, 2), "archived_bytes": len(archived)}
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/healthz":
+            body = b"ok"
+        elif self.path == "/checkout":
+            body = json.dumps(checkout()).encode()
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def generate_load():
+    time.sleep(1)
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
+            while True:
+                conn.request("GET", "/checkout")
+                conn.getresponse().read()
+        except OSError:
+            time.sleep(0.5)
+
+
+def main():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+    threading.Thread(target=generate_load, name="load", daemon=True).start()
+    print(f"shop listening on 127.0.0.1:{PORT}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
