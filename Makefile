@@ -24,12 +24,39 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
+.PHONY: deps
+deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries
+	e2e/testbed/install-deps.sh
+	agent/install-toolchain.sh
+	e2e/testbed/build-binaries.sh
+
 .PHONY: test
-test: test-unit ## Run every test tier that exists (unit)
+test: deps test-unit test-kernel test-cluster ## Run every test tier (needs root for the kernel and cluster tiers)
 
 .PHONY: test-unit
-test-unit: ## Unit tests: pure logic, API schema and CEL rules, no root, no cluster
-	$(CARGO) test --workspace --all-features
+test-unit: ## Unit and in-process tests: pure logic, API schema and CEL, store, CLI errors; no root
+	$(CARGO) test --workspace --lib --bins
+	$(CARGO) test -p kprof-crds --test '*'
+	$(CARGO) test -p kprof-operator --test '*'
+	$(CARGO) test -p kprof-agent --test cli
+
+.PHONY: test-kernel
+test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.13 workloads
+	KPROF_REQUIRE_KERNEL=1 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_kernel -- --test-threads=1
+
+.PHONY: test-cluster
+test-cluster: ## Operator, agent and store against the real test bed (started and stopped if not running)
+	e2e/cluster-tests.sh
+
+.PHONY: cluster-up
+cluster-up: ## Start the single-node test cluster (builds the Kubernetes binaries on first use)
+	e2e/testbed/install-deps.sh
+	e2e/testbed/build-binaries.sh
+	e2e/testbed/up.sh
+
+.PHONY: cluster-down
+cluster-down: ## Stop the test cluster and everything it started
+	e2e/testbed/down.sh
 
 .PHONY: demo
 demo: ## The main job: build kprof and show what it does today (see README)

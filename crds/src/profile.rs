@@ -1,5 +1,9 @@
 //! `Profile`: one profile window of one container, written by the agent.
 
+// kube-derive takes one `printcolumn(...)` per column; clippy reads the repeated `type_ = "string"`
+// inside them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

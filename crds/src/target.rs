@@ -1,5 +1,9 @@
 //! `ProfilingTarget`: what a user asks kprof to profile.
 
+// kube-derive takes one `printcolumn(...)` per column; clippy reads the repeated `type_ = "string"`
+// inside them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};

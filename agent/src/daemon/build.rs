@@ -1,0 +1,372 @@
+//! Pure: one finished window of one container → the `Profile` object (name, labels, owner,
+//! summary fields) and its artifacts (gzipped pprof, flame graph SVG).
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use kprof_crds::{Profile, ProfileSpec, ProfileType, ProfilingTarget, TopFunction, labels};
+use kube::Resource as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    flamegraph,
+    k8s::{ContainerKey, TargetKey},
+    pprof,
+    profile::Profile as Samples,
+    spool::{ArtifactKind, NewArtifact},
+    top,
+};
+
+/// Rows kept in `topFunctions`.
+pub const TOP_FUNCTIONS: usize = 10;
+
+/// Everything known about one container's window.
+#[derive(Clone, Debug)]
+pub struct WindowOutput {
+    pub target: TargetKey,
+    pub container: ContainerKey,
+    pub node: String,
+    pub profile_type: ProfileType,
+    pub window_start: SystemTime,
+    pub window_end: SystemTime,
+    /// The rate the sampler ran at (the highest any target on this node asks for).
+    pub sample_hz: u32,
+    /// CPU time the samples stand for: Σ 1/Hz over samples (exact when the rate changed).
+    pub cpu_seconds: f64,
+    /// Samples lost node-wide during the window (an upper bound for this container).
+    pub lost: u64,
+    pub runtime: String,
+    pub pids: BTreeSet<u32>,
+    pub warnings: Vec<String>,
+    /// The aggregated samples of this container only.
+    pub samples: Samples,
+}
+
+/// A Kubernetes name of at most 63 characters, deterministic for (target, pod, container, type,
+/// window start): a retry or a re-spool never makes a second Profile for the same window.
+pub fn profile_name(
+    target: &TargetKey,
+    container: &ContainerKey,
+    ty: ProfileType,
+    window_start: SystemTime,
+) -> String {
+    let ms = window_start
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let mut h = Sha256::new();
+    for part in [
+        target.namespace.as_str(),
+        target.name.as_str(),
+        container.pod.as_str(),
+        container.container.as_str(),
+        ty.as_str(),
+        &ms.to_string(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    let hash: String = h.finalize()[..5]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut prefix: String = target.name.chars().take(63 - 1 - hash.len()).collect();
+    while prefix.ends_with(['-', '.']) {
+        prefix.pop();
+    }
+    format!("{prefix}-{hash}")
+}
+
+/// A label value (≤ 63 characters, alphanumeric at both ends) for a name that may be longer.
+pub fn label_value(s: &str) -> String {
+    let mut v: String = s.chars().take(63).collect();
+    while v.ends_with(|c: char| !c.is_ascii_alphanumeric()) {
+        v.pop();
+    }
+    v
+}
+
+/// The owner reference to the target: deleting the target deletes its Profiles, but a Profile
+/// never blocks that deletion and is not "controlled" (the operator owns targets' children).
+pub fn owner_reference(target: &TargetKey) -> OwnerReference {
+    OwnerReference {
+        api_version: ProfilingTarget::api_version(&()).into_owned(),
+        kind: ProfilingTarget::kind(&()).into_owned(),
+        name: target.name.clone(),
+        uid: target.uid.clone(),
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    }
+}
+
+fn time(t: SystemTime) -> Time {
+    Time(
+        k8s_openapi::jiff::Timestamp::try_from(t)
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
+}
+
+/// Average cores over the window: CPU seconds ÷ window seconds (= samples ÷ (Hz × seconds)).
+pub fn cpu_cores(cpu_seconds: f64, start: SystemTime, end: SystemTime) -> f64 {
+    let secs = end.duration_since(start).unwrap_or_default().as_secs_f64();
+    if secs <= 0.0 {
+        0.0
+    } else {
+        // Three decimals are plenty for a summary and keep the object readable.
+        (cpu_seconds / secs * 1000.0).round() / 1000.0
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// Builds the Profile object (artifact references are filled in by the uploader).
+pub fn build_profile(w: &WindowOutput) -> Profile {
+    let name = profile_name(&w.target, &w.container, w.profile_type, w.window_start);
+    let rows = top::top(&w.samples);
+    let total = w.samples.total();
+    let top = rows
+        .first()
+        .filter(|_| total > 0)
+        .map(|r| format!("{} {:.1}%", r.function, r.self_pct))
+        .unwrap_or_default();
+    let top_functions = rows
+        .iter()
+        .take(TOP_FUNCTIONS)
+        .map(|r| TopFunction {
+            function: r.function.to_string(),
+            location: (!r.location.is_empty()).then(|| r.location.clone()),
+            self_percent: round1(r.self_pct),
+            total_percent: round1(r.total_pct),
+        })
+        .collect();
+    let threads: BTreeSet<&str> = w.samples.samples.keys().map(|k| &*k.thread).collect();
+    let labels: BTreeMap<String, String> = [
+        (labels::TARGET, label_value(&w.target.name)),
+        (labels::POD, label_value(&w.container.pod)),
+        (labels::CONTAINER, label_value(&w.container.container)),
+        (labels::PROFILE_TYPE, w.profile_type.as_str().to_owned()),
+        (labels::NODE, label_value(&w.node)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut warnings = w.warnings.clone();
+    if total == 0 {
+        warnings.push("no samples: the container did not run on a CPU in this window".to_owned());
+    }
+    Profile {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(w.target.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner_reference(&w.target)]),
+            ..Default::default()
+        },
+        spec: ProfileSpec {
+            target: w.target.name.clone(),
+            pod: w.container.pod.clone(),
+            container: w.container.container.clone(),
+            node: w.node.clone(),
+            pids: w
+                .pids
+                .iter()
+                .filter_map(|&p| i32::try_from(p).ok())
+                .collect(),
+            runtime: w.runtime.clone(),
+            profile_type: w.profile_type,
+            window_start: time(w.window_start),
+            window_end: time(w.window_end),
+            sample_hz: w.sample_hz,
+            samples: total,
+            lost_samples: w.lost,
+            cpu_cores: cpu_cores(w.cpu_seconds, w.window_start, w.window_end),
+            threads: u32::try_from(threads.len()).unwrap_or(u32::MAX),
+            top,
+            top_functions,
+            artifacts: Default::default(),
+            warnings,
+        },
+    }
+}
+
+/// The artifacts of a window (none when it has no samples).
+pub fn build_artifacts(w: &WindowOutput) -> Result<Vec<NewArtifact>, pprof::PprofError> {
+    if w.samples.total() == 0 {
+        return Ok(Vec::new());
+    }
+    let pb = pprof::encode(&w.samples)?;
+    let mut svg = Vec::new();
+    let title = format!(
+        "kprof {} {}/{}/{} {}",
+        w.profile_type,
+        w.target.namespace,
+        w.container.pod,
+        w.container.container,
+        time(w.window_start).0.strftime("%Y-%m-%dT%H:%M:%SZ")
+    );
+    let mut out = vec![NewArtifact {
+        kind: ArtifactKind::Pprof,
+        bytes: pb,
+    }];
+    match flamegraph::render(&w.samples, &title, &mut svg) {
+        Ok(()) => out.push(NewArtifact {
+            kind: ArtifactKind::Flamegraph,
+            bytes: svg,
+        }),
+        Err(e) => tracing::warn!(error = %e, "flame graph not rendered"),
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::{
+        k8s::ContainerId,
+        profile::{Frame, FrameKind, SampleKey},
+    };
+
+    fn window() -> WindowOutput {
+        let start = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut samples = Samples::new(99, start);
+        let hot: Arc<[Frame]> = vec![
+            Frame::new(FrameKind::Native, "spin"),
+            Frame::new(FrameKind::Native, "main"),
+        ]
+        .into();
+        let cold: Arc<[Frame]> = vec![Frame::new(FrameKind::Native, "main")].into();
+        samples.add(
+            SampleKey {
+                pid: 7,
+                thread: "busy".into(),
+                stack: hot,
+            },
+            396,
+        );
+        samples.add(
+            SampleKey {
+                pid: 7,
+                thread: "busy2".into(),
+                stack: cold,
+            },
+            99,
+        );
+        samples.duration = Duration::from_secs(5);
+        WindowOutput {
+            target: TargetKey {
+                namespace: "shop".into(),
+                name: "checkout".into(),
+                uid: "u-1".into(),
+            },
+            container: ContainerKey {
+                namespace: "shop".into(),
+                pod: "web-1".into(),
+                pod_uid: "pu".into(),
+                container: "app".into(),
+                id: ContainerId {
+                    runtime: "containerd".into(),
+                    id: "ab".into(),
+                },
+            },
+            node: "n1".into(),
+            profile_type: ProfileType::Cpu,
+            window_start: start,
+            window_end: start + Duration::from_secs(5),
+            sample_hz: 99,
+            cpu_seconds: 495.0 / 99.0,
+            lost: 0,
+            runtime: "native".into(),
+            pids: [7].into(),
+            warnings: vec![],
+            samples,
+        }
+    }
+
+    #[test]
+    fn names_are_deterministic_and_short() {
+        let w = window();
+        let a = profile_name(&w.target, &w.container, ProfileType::Cpu, w.window_start);
+        assert_eq!(
+            a,
+            profile_name(&w.target, &w.container, ProfileType::Cpu, w.window_start)
+        );
+        assert!(
+            a.starts_with("checkout-") && a.len() == "checkout-".len() + 10,
+            "{a}"
+        );
+        let b = profile_name(&w.target, &w.container, ProfileType::Wall, w.window_start);
+        let c = profile_name(
+            &w.target,
+            &w.container,
+            ProfileType::Cpu,
+            w.window_start + Duration::from_secs(5),
+        );
+        assert!(a != b && a != c && b != c);
+        let mut long = w.target.clone();
+        long.name = format!("{}-x", "a".repeat(70));
+        let n = profile_name(&long, &w.container, ProfileType::Cpu, w.window_start);
+        assert!(n.len() <= 63, "{n}");
+        long.name = format!("{}-x", "a".repeat(51));
+        let n = profile_name(&long, &w.container, ProfileType::Cpu, w.window_start);
+        assert!(!n.contains("--"), "{n}");
+        assert_eq!(
+            label_value(&format!("{}-z", "p".repeat(62))),
+            "p".repeat(62)
+        );
+    }
+
+    #[test]
+    fn profile_fields_labels_and_owner() {
+        let w = window();
+        let p = build_profile(&w);
+        assert_eq!(p.metadata.namespace.as_deref(), Some("shop"));
+        let l = p.metadata.labels.as_ref().unwrap();
+        assert_eq!(l[labels::TARGET], "checkout");
+        assert_eq!(l[labels::POD], "web-1");
+        assert_eq!(l[labels::CONTAINER], "app");
+        assert_eq!(l[labels::PROFILE_TYPE], "cpu");
+        assert_eq!(l[labels::NODE], "n1");
+        let o = &p.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(o.api_version, "kprof.io/v1alpha1");
+        assert_eq!(o.kind, "ProfilingTarget");
+        assert_eq!((o.name.as_str(), o.uid.as_str()), ("checkout", "u-1"));
+        assert_eq!(
+            (o.controller, o.block_owner_deletion),
+            (Some(false), Some(false))
+        );
+        let s = &p.spec;
+        assert_eq!(s.samples, 495);
+        // 495 samples at 99 Hz over 5 s = 1 core.
+        assert!((s.cpu_cores - 1.0).abs() < 1e-9, "{}", s.cpu_cores);
+        assert_eq!(s.threads, 2);
+        assert_eq!(s.top, "spin 80.0%");
+        assert_eq!(s.top_functions[0].function, "spin");
+        assert_eq!(s.top_functions[0].self_percent, 80.0);
+        assert_eq!(s.top_functions[1].total_percent, 100.0);
+        assert_eq!(s.pids, [7]);
+        assert!(s.warnings.is_empty());
+        let arts = build_artifacts(&w).unwrap();
+        assert_eq!(arts.len(), 2);
+        assert!(String::from_utf8_lossy(&arts[1].bytes).contains("<svg"));
+    }
+
+    #[test]
+    fn cpu_math_and_empty_windows() {
+        let t0 = UNIX_EPOCH;
+        assert!((cpu_cores(2.5, t0, t0 + Duration::from_secs(5)) - 0.5).abs() < 1e-9);
+        assert_eq!(cpu_cores(1.0, t0, t0), 0.0);
+        let mut w = window();
+        w.samples.samples.clear();
+        w.cpu_seconds = 0.0;
+        let p = build_profile(&w);
+        assert_eq!((p.spec.samples, p.spec.top.as_str()), (0, ""));
+        assert_eq!(p.spec.warnings.len(), 1);
+        assert!(build_artifacts(&w).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,22 @@
+//! kprof node agent: an eBPF CPU sampler (kernel, native and Python stacks) with symbolization,
+//! aggregation and pprof / flame graph / top-table output.
+//!
+//! One module per job: `loader` (eBPF load/attach), `targets` (which processes), `symbolize`
+//! (addresses → frames), `aggregate` (events → profile), `pprof`, `flamegraph`, `top`,
+//! `record` (a session), `cgroup` (pid → container), `cli` (argument helpers).
+pub mod aggregate;
+pub mod cgroup;
+pub mod cli;
+pub mod daemon;
+pub mod flamegraph;
+pub mod k8s;
+pub mod loader;
+pub mod pprof;
+pub mod profile;
+pub mod python;
+pub mod record;
+pub mod spool;
+pub mod symbolize;
+pub mod targets;
+pub mod top;
+pub mod upload;

@@ -1,0 +1,476 @@
+//! Loads the eBPF object, attaches the sampler to every online CPU (software cpu-clock at the
+//! requested frequency) and the fork follower, and hands out the maps.
+//!
+//! Failures are mapped to one-line, actionable errors (missing capability, perf events, BTF,
+//! tracefs) instead of aya's nested error chains.
+use std::{
+    fs,
+    os::fd::{AsRawFd, OwnedFd},
+    path::Path,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        PerfEvent, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+    sys::{Stats, enable_stats},
+    util::online_cpus,
+};
+use kprof_common::{Config, Stat, TargetSlot, names};
+
+/// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kprof"));
+
+/// Whether this binary carries the eBPF programs.
+pub fn ebpf_available() -> bool {
+    !EBPF_OBJECT.is_empty()
+}
+
+/// Errors of loading and attaching.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this kprof-agent was built without its eBPF programs (AYA_BUILD_SKIP); rebuild after agent/install-toolchain.sh"
+    )]
+    NotBuilt,
+    #[error(
+        "missing capability: kprof-agent needs CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN / root) to load eBPF programs"
+    )]
+    Capability,
+    #[error(
+        "kernel BTF (/sys/kernel/btf/vmlinux) is missing: need a kernel built with CONFIG_DEBUG_INFO_BTF"
+    )]
+    NoBtf,
+    #[error("perf events unavailable: cannot open a software cpu-clock event on CPU {cpu}")]
+    PerfEvent {
+        cpu: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot list online CPUs: {0}")]
+    Cpus(std::io::Error),
+    #[error("the kernel rejected the eBPF programs: {0}")]
+    Load(String),
+    #[error("eBPF map or program {0} missing from the object")]
+    Missing(&'static str),
+    #[error("eBPF map error: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+/// Sampler settings.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplerConfig {
+    pub sample_hz: u64,
+    /// Children of targets become targets (needs tracefs for the fork tracepoint).
+    pub follow_children: bool,
+    /// Match samples by cgroup v2 id as well (Kubernetes mode).
+    pub cgroup_filter: bool,
+    /// Enable `BPF_ENABLE_STATS` while sampling (in-kernel run time per sample).
+    pub bpf_stats: bool,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            sample_hz: 99,
+            follow_children: true,
+            cgroup_filter: false,
+            bpf_stats: true,
+        }
+    }
+}
+
+/// In-kernel cost of the sampler program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCost {
+    pub run_count: u64,
+    pub run_time: Duration,
+}
+
+/// The loaded and attached sampler.
+pub struct Sampler {
+    /// The remaining maps and programs (the Python support registers its own maps here).
+    pub bpf: Ebpf,
+    pub events: RingBuf<MapData>,
+    pub targets: BpfHashMap<MapData, u32, TargetSlot>,
+    pub cgroups: BpfHashMap<MapData, u64, TargetSlot>,
+    stats: PerCpuArray<MapData, u64>,
+    _stats_fd: Option<OwnedFd>,
+    /// Warnings for the user (e.g. children not followed).
+    pub warnings: Vec<String>,
+    pub follow_children: bool,
+    /// The CPython walker runs in kernel (the Python sampler program was accepted).
+    pub python_walker: bool,
+    program: &'static str,
+}
+
+/// Checks the effective capabilities of this process.
+pub fn check_capabilities() -> Result<(), LoadError> {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const SYS_ADMIN: u64 = 1 << 21;
+    const PERFMON: u64 = 1 << 38;
+    const BPF: u64 = 1 << 39;
+    if eff & SYS_ADMIN != 0 || (eff & PERFMON != 0 && eff & BPF != 0) {
+        Ok(())
+    } else {
+        Err(LoadError::Capability)
+    }
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer. Kernels ≥ 5.11 account BPF memory to the cgroup
+    // and ignore this limit; failing is not fatal.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        tracing::debug!("setrlimit(RLIMIT_MEMLOCK) failed");
+    }
+}
+
+/// Offsets of `parent_pid` / `child_pid` in the `sched_process_fork` record, from tracefs.
+fn fork_offsets(tracefs: &Path) -> Option<(u32, u32)> {
+    let fmt = fs::read_to_string(tracefs.join("events/sched/sched_process_fork/format")).ok()?;
+    parse_fork_format(&fmt)
+}
+
+/// Parses the tracepoint `format` file for the offsets of `parent_pid` and `child_pid`.
+pub fn parse_fork_format(fmt: &str) -> Option<(u32, u32)> {
+    let off = |field: &str| {
+        fmt.lines().find_map(|l| {
+            let l = l.trim();
+            let decl = l.strip_prefix("field:")?.split(';').next()?;
+            if decl.split_whitespace().last()? != field {
+                return None;
+            }
+            let o = l.split("offset:").nth(1)?.split(';').next()?;
+            o.trim().parse().ok()
+        })
+    };
+    Some((off("parent_pid")?, off("child_pid")?))
+}
+
+fn find_tracefs() -> Option<&'static Path> {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.join("events").is_dir())
+}
+
+/// Finds tracefs, mounting it at /sys/kernel/tracing when it is not mounted (needs SYS_ADMIN).
+fn tracefs() -> Option<&'static Path> {
+    if let Some(p) = find_tracefs() {
+        return Some(p);
+    }
+    let target = c"/sys/kernel/tracing";
+    // SAFETY: valid C strings; mount(2) fails harmlessly without privilege.
+    let ret = unsafe {
+        libc::mount(
+            c"tracefs".as_ptr(),
+            target.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    find_tracefs()
+}
+
+impl Sampler {
+    /// Loads the programs and attaches them. Targets are added afterwards with [`Sampler::add_pid`].
+    /// Loads the sampler with the CPython walker (falling back to the native sampler when the
+    /// kernel rejects the walker; see [`Sampler::warnings`]).
+    pub fn load(cfg: &SamplerConfig) -> Result<Sampler, LoadError> {
+        Self::load_with(cfg, true)
+    }
+
+    /// Like [`Sampler::load`]; `python: false` loads the native-only sampler directly.
+    pub fn load_with(cfg: &SamplerConfig, python: bool) -> Result<Sampler, LoadError> {
+        if !ebpf_available() {
+            return Err(LoadError::NotBuilt);
+        }
+        check_capabilities()?;
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(LoadError::NoBtf);
+        }
+        raise_memlock();
+        let mut warnings = Vec::new();
+
+        let (tracefs, offsets) = if cfg.follow_children {
+            match tracefs() {
+                Some(t) => match fork_offsets(t) {
+                    Some(o) => (Some(t), Some(o)),
+                    None => {
+                        warnings.push(
+                            "children are not followed: sched_process_fork format unreadable"
+                                .to_owned(),
+                        );
+                        (None, None)
+                    }
+                },
+                None => {
+                    warnings.push("children are not followed: tracefs is not mounted".to_owned());
+                    (None, None)
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let follow_children = offsets.is_some();
+        let (parent_off, child_off) = offsets.unwrap_or((12, 20));
+        let config = Config {
+            cgroup_filter: u32::from(cfg.cgroup_filter),
+            follow_children: u32::from(follow_children),
+            fork_parent_pid_off: parent_off,
+            fork_child_pid_off: child_off,
+        };
+
+        let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
+        let ring_bytes = ring_size(cpus.len(), cfg.sample_hz);
+        // No kernel BTF for the loader: the programs use no CO-RE relocations (kernel offsets
+        // are passed as data), and parsing vmlinux BTF costs ~30 MiB of peak RSS.
+        let mut bpf = EbpfLoader::new()
+            .btf(None)
+            .map_max_entries(names::MAP_EVENTS, ring_bytes)
+            .override_global(names::GLOBAL_CONFIG, &config, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| map_load_error(&e))?;
+
+        let stats_fd = if cfg.bpf_stats {
+            enable_stats(Stats::RunTime).ok()
+        } else {
+            None
+        };
+
+        let mut program = if python {
+            names::PROG_SAMPLE
+        } else {
+            names::PROG_SAMPLE_NATIVE
+        };
+        let loaded = load_perf_program(&mut bpf, program);
+        let prog = match loaded {
+            Err(LoadError::Load(why)) if program == names::PROG_SAMPLE => {
+                warnings.push(format!(
+                    "python frames disabled: the kernel rejected the CPython walker ({why}); native and kernel frames only"
+                ));
+                program = names::PROG_SAMPLE_NATIVE;
+                load_perf_program(&mut bpf, program)?
+            }
+            other => other?,
+        };
+        for cpu in cpus {
+            prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu },
+                SamplePolicy::Frequency(cfg.sample_hz),
+                false,
+            )
+            .map_err(|e| match e {
+                aya::programs::ProgramError::SyscallError(s) => LoadError::PerfEvent {
+                    cpu,
+                    source: s.io_error,
+                },
+                other => LoadError::Load(one_line(&other)),
+            })?;
+        }
+
+        if follow_children && tracefs.is_some() {
+            let fork: &mut TracePoint = bpf
+                .program_mut(names::PROG_FORK)
+                .ok_or(LoadError::Missing(names::PROG_FORK))?
+                .try_into()
+                .map_err(|_| LoadError::Missing(names::PROG_FORK))?;
+            fork.load().map_err(|e| map_program_error(&e))?;
+            if let Err(e) = fork.attach("sched", "sched_process_fork") {
+                warnings.push(format!("children are not followed: {}", one_line(&e)));
+            }
+        }
+
+        let take =
+            |bpf: &mut Ebpf, name: &'static str| bpf.take_map(name).ok_or(LoadError::Missing(name));
+        let events = RingBuf::try_from(take(&mut bpf, names::MAP_EVENTS)?)?;
+        let targets = BpfHashMap::try_from(take(&mut bpf, names::MAP_TARGET_PIDS)?)?;
+        let cgroups = BpfHashMap::try_from(take(&mut bpf, names::MAP_TARGET_CGROUPS)?)?;
+        let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_STATS)?)?;
+        Ok(Sampler {
+            bpf,
+            events,
+            targets,
+            cgroups,
+            stats,
+            _stats_fd: stats_fd,
+            warnings,
+            follow_children,
+            python_walker: program == names::PROG_SAMPLE,
+            program,
+        })
+    }
+
+    /// Targets a process (all its threads).
+    pub fn add_pid(&mut self, pid: u32, slot: u32) -> Result<(), LoadError> {
+        self.targets
+            .insert(pid, TargetSlot { slot, inherited: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Stops targeting a process.
+    pub fn remove_pid(&mut self, pid: u32) {
+        let _ = self.targets.remove(&pid);
+    }
+
+    /// Targets a cgroup v2 id (used only when the sampler was loaded with `cgroup_filter`).
+    pub fn add_cgroup(&mut self, id: u64, slot: u32) -> Result<(), LoadError> {
+        self.cgroups
+            .insert(id, TargetSlot { slot, inherited: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Current entries of the tgid map.
+    pub fn target_pids(&self) -> Vec<(u32, TargetSlot)> {
+        self.targets.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Sum over CPUs of one counter.
+    pub fn stat(&self, stat: Stat) -> u64 {
+        self.stats
+            .get(&(stat as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Run count and run time of the sampler program (needs `bpf_stats`).
+    pub fn kernel_cost(&self) -> KernelCost {
+        let info = self.bpf.program(self.program).and_then(|p| p.info().ok());
+        match info {
+            Some(i) => KernelCost {
+                run_count: i.run_count(),
+                run_time: i.run_time(),
+            },
+            None => KernelCost::default(),
+        }
+    }
+
+    /// File descriptor of the ring buffer, for poll(2).
+    pub fn events_fd(&self) -> i32 {
+        self.events.as_raw_fd()
+    }
+}
+
+/// Ring buffer bytes: one second of samples with every CPU busy in a target (4× the 250 ms
+/// drain interval), a power of two within 1–64 MiB. User space maps the data pages twice, so
+/// this is also about half of the ring's share of the agent's RSS.
+pub fn ring_size(cpus: usize, hz: u64) -> u32 {
+    let want = (cpus as u64)
+        .saturating_mul(hz)
+        .saturating_mul(size_of::<kprof_common::SampleEvent>() as u64);
+    want.clamp(1 << 20, 64 << 20).next_power_of_two() as u32
+}
+
+fn load_perf_program<'a>(
+    bpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut PerfEvent, LoadError> {
+    let prog: &mut PerfEvent = bpf
+        .program_mut(name)
+        .ok_or(LoadError::Missing(name))?
+        .try_into()
+        .map_err(|_| LoadError::Missing(name))?;
+    prog.load().map_err(|e| map_program_error(&e))?;
+    Ok(prog)
+}
+
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s.replace('\n', " ")
+}
+
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(libc::EPERM)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn map_load_error(e: &aya::EbpfError) -> LoadError {
+    if is_eperm(e) {
+        LoadError::Capability
+    } else {
+        LoadError::Load(one_line(e))
+    }
+}
+
+fn map_program_error(e: &aya::programs::ProgramError) -> LoadError {
+    if is_eperm(e) {
+        return LoadError::Capability;
+    }
+    if let aya::programs::ProgramError::LoadError { verifier_log, .. } = e {
+        // The verifier log is long: keep its last meaningful line on the one-line error.
+        let last = verifier_log
+            .to_string()
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .to_owned();
+        tracing::debug!("verifier log:\n{verifier_log}");
+        return LoadError::Load(format!("verifier: {last}"));
+    }
+    LoadError::Load(one_line(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_size_scales_with_cpus_and_rate() {
+        assert_eq!(ring_size(2, 99), 1 << 20);
+        assert_eq!(ring_size(64, 99), 32 << 20);
+        assert_eq!(ring_size(256, 1000), 64 << 20);
+        assert!(ring_size(1, 1).is_power_of_two());
+    }
+
+    #[test]
+    fn fork_format_offsets() {
+        let fmt = "name: sched_process_fork\nID: 366\nformat:\n\
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
+\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
+\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\
+\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_fork_format(fmt), Some((12, 20)));
+        // Older kernels: inline comm arrays.
+        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
+\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\
+\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_fork_format(old), Some((24, 44)));
+        assert_eq!(parse_fork_format("garbage"), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! `kprof-agent`: the kprof node agent command line.
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kprof_agent::{
+    cli::{parse_duration, parse_hz},
+    loader,
+    record::{self, RecordOptions},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "kprof-agent",
+    version,
+    about = "kprof node agent: eBPF CPU profiler"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Profile running processes or a command, write DIR/profile.pb.gz and DIR/flamegraph.svg,
+    /// and print the top functions.
+    Record(RecordArgs),
+    /// Print what this machine supports (eBPF object, capabilities, BTF, tracefs).
+    SystemInfo,
+    /// Run as the node agent in a Kubernetes cluster: profile the containers that
+    /// ProfilingTargets select on this node and write a Profile per window.
+    Run(kprof_agent::daemon::RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    /// Process to profile (all its threads and, by default, its children). Repeatable.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pids: Vec<u32>,
+    /// Length of the window (e.g. 10s, 500ms, 2m). A command is stopped when it elapses.
+    #[arg(short, long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Sampling frequency per CPU, 1–1000 Hz.
+    #[arg(long, default_value = "99", value_parser = parse_hz)]
+    hz: u32,
+    /// Output directory.
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Do not profile children forked by the targets.
+    #[arg(long)]
+    no_follow: bool,
+    /// Do not collect Python frames.
+    #[arg(long)]
+    no_python: bool,
+    /// Rows of the top table.
+    #[arg(long, default_value = "20")]
+    top: usize,
+    /// Command to start and profile.
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KPROF_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Record(args) => run_record(args),
+        Command::SystemInfo => system_info(),
+        Command::Run(args) => kprof_agent::daemon::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("kprof-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
+    if args.pids.is_empty() && args.command.is_empty() {
+        anyhow::bail!("nothing to profile: give --pid PID or a command after --");
+    }
+    record::prepare_output_dir(&args.output)?;
+    // Ctrl-C / SIGTERM end the window early; the profile is still written.
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let opts = RecordOptions {
+        pids: args.pids,
+        command: args.command,
+        duration: args.duration,
+        sample_hz: args.hz,
+        follow_children: !args.no_follow,
+        python: !args.no_python,
+        progress: true,
+    };
+    let rec = record::record(&opts, &STOP)?;
+    let title = if opts.command.is_empty() {
+        format!("kprof: pid {:?}", opts.pids)
+    } else {
+        format!("kprof: {}", opts.command.join(" "))
+    };
+    record::write_outputs(&rec, &args.output, &title)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+
+    print!("{}", record::top_table(&rec, args.top));
+    let s = &rec.stats;
+    eprintln!(
+        "kprof: {} samples ({} dropped) from {} process(es) in {:.1}s at {} Hz; eBPF {:.2} µs/run; agent CPU {:.3}s; peak RSS {} MiB",
+        s.events,
+        s.dropped,
+        rec.profile.processes.len(),
+        s.wall.as_secs_f64(),
+        opts.sample_hz,
+        s.kernel_ns_per_run() / 1000.0,
+        s.agent_cpu.as_secs_f64(),
+        s.peak_rss_kib / 1024,
+    );
+    for (pid, p) in &rec.profile.processes {
+        if let Some(rt) = &p.runtime {
+            eprintln!("kprof: pid {pid} ({}): {rt}", p.name);
+        }
+    }
+    for w in &rec.profile.warnings {
+        eprintln!("kprof: warning: {w}");
+    }
+    eprintln!(
+        "kprof: wrote {0}/profile.pb.gz and {0}/flamegraph.svg",
+        args.output.display()
+    );
+    Ok(match rec.exit_status {
+        Some(st) if !st.success() && st.code().is_some() => {
+            eprintln!("kprof: command exited with {st}");
+            ExitCode::SUCCESS
+        }
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+fn system_info() -> anyhow::Result<ExitCode> {
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    println!("ebpf programs built in: {}", yes(loader::ebpf_available()));
+    println!(
+        "capabilities (BPF+PERFMON or SYS_ADMIN): {}",
+        yes(loader::check_capabilities().is_ok())
+    );
+    println!(
+        "kernel BTF: {}",
+        yes(std::path::Path::new("/sys/kernel/btf/vmlinux").exists())
+    );
+    println!(
+        "tracefs mounted: {}",
+        yes(std::path::Path::new("/sys/kernel/tracing/events").is_dir())
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,669 @@
+//! pprof output: the [`Profile`] encoded as `profile.proto` (gzip).
+//!
+//! The message types below are prost structs written by hand after the field numbers of
+//! `profile.proto` from github.com/google/pprof (Apache-2.0), so no `protoc` is needed at build
+//! time. Only the fields kprof writes are declared; decoders ignore the others.
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    time::UNIX_EPOCH,
+};
+
+use flate2::{Compression, read::GzDecoder, write::GzEncoder};
+use prost::Message;
+
+use crate::{
+    profile::{Frame, FrameKind, Profile},
+    symbolize::KERNEL_MODULE,
+};
+
+/// `perftools.profiles.Profile`.
+#[derive(Clone, PartialEq, Message)]
+pub struct PprofProfile {
+    #[prost(message, repeated, tag = "1")]
+    pub sample_type: Vec<ValueType>,
+    #[prost(message, repeated, tag = "2")]
+    pub sample: Vec<Sample>,
+    #[prost(message, repeated, tag = "3")]
+    pub mapping: Vec<Mapping>,
+    #[prost(message, repeated, tag = "4")]
+    pub location: Vec<Location>,
+    #[prost(message, repeated, tag = "5")]
+    pub function: Vec<Function>,
+    #[prost(string, repeated, tag = "6")]
+    pub string_table: Vec<String>,
+    #[prost(int64, tag = "9")]
+    pub time_nanos: i64,
+    #[prost(int64, tag = "10")]
+    pub duration_nanos: i64,
+    #[prost(message, optional, tag = "11")]
+    pub period_type: Option<ValueType>,
+    #[prost(int64, tag = "12")]
+    pub period: i64,
+    #[prost(int64, repeated, tag = "13")]
+    pub comment: Vec<i64>,
+    #[prost(int64, tag = "14")]
+    pub default_sample_type: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct ValueType {
+    #[prost(int64, tag = "1")]
+    pub r#type: i64,
+    #[prost(int64, tag = "2")]
+    pub unit: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Sample {
+    /// Leaf first.
+    #[prost(uint64, repeated, tag = "1")]
+    pub location_id: Vec<u64>,
+    #[prost(int64, repeated, tag = "2")]
+    pub value: Vec<i64>,
+    #[prost(message, repeated, tag = "3")]
+    pub label: Vec<Label>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Label {
+    #[prost(int64, tag = "1")]
+    pub key: i64,
+    #[prost(int64, tag = "2")]
+    pub str: i64,
+    #[prost(int64, tag = "3")]
+    pub num: i64,
+    #[prost(int64, tag = "4")]
+    pub num_unit: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Mapping {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub memory_start: u64,
+    #[prost(uint64, tag = "3")]
+    pub memory_limit: u64,
+    #[prost(uint64, tag = "4")]
+    pub file_offset: u64,
+    #[prost(int64, tag = "5")]
+    pub filename: i64,
+    #[prost(int64, tag = "6")]
+    pub build_id: i64,
+    #[prost(bool, tag = "7")]
+    pub has_functions: bool,
+    #[prost(bool, tag = "8")]
+    pub has_filenames: bool,
+    #[prost(bool, tag = "9")]
+    pub has_line_numbers: bool,
+    #[prost(bool, tag = "10")]
+    pub has_inline_frames: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Location {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(uint64, tag = "2")]
+    pub mapping_id: u64,
+    #[prost(uint64, tag = "3")]
+    pub address: u64,
+    /// Innermost (inlined) first, the caller last.
+    #[prost(message, repeated, tag = "4")]
+    pub line: Vec<Line>,
+    #[prost(bool, tag = "5")]
+    pub is_folded: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Line {
+    #[prost(uint64, tag = "1")]
+    pub function_id: u64,
+    #[prost(int64, tag = "2")]
+    pub line: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct Function {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(int64, tag = "2")]
+    pub name: i64,
+    #[prost(int64, tag = "3")]
+    pub system_name: i64,
+    #[prost(int64, tag = "4")]
+    pub filename: i64,
+    #[prost(int64, tag = "5")]
+    pub start_line: i64,
+}
+
+/// Errors of pprof encoding and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum PprofError {
+    #[error("gzip: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("invalid profile.proto: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+#[derive(Default)]
+struct Strings {
+    table: Vec<String>,
+    index: HashMap<String, i64>,
+}
+
+impl Strings {
+    fn new() -> Self {
+        let mut s = Strings::default();
+        s.id(""); // string_table[0] must be ""
+        s
+    }
+    fn id(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.index.get(s) {
+            return i;
+        }
+        let i = self.table.len() as i64;
+        self.table.push(s.to_owned());
+        self.index.insert(s.to_owned(), i);
+        i
+    }
+}
+
+/// Builds the pprof message of a profile.
+pub fn build(profile: &Profile) -> PprofProfile {
+    let mut st = Strings::new();
+    let mut out = PprofProfile {
+        sample_type: vec![
+            ValueType {
+                r#type: st.id("samples"),
+                unit: st.id("count"),
+            },
+            ValueType {
+                r#type: st.id("cpu"),
+                unit: st.id("nanoseconds"),
+            },
+        ],
+        period_type: Some(ValueType {
+            r#type: st.id("cpu"),
+            unit: st.id("nanoseconds"),
+        }),
+        period: profile.period_ns(),
+        time_nanos: profile
+            .start
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0),
+        duration_nanos: profile.duration.as_nanos() as i64,
+        default_sample_type: 0,
+        ..Default::default()
+    };
+
+    // Mappings: one per module (kernel, each ELF file, pseudo mappings), ids from 1.
+    let mut mapping_ids: HashMap<String, u64> = HashMap::new();
+    let mut mapping_range: HashMap<u64, (u64, u64)> = HashMap::new();
+    let build_ids: HashMap<&str, &str> = profile
+        .modules
+        .iter()
+        .filter_map(|m| m.id.build_id().map(|b| (&*m.path, b)))
+        .collect();
+    let mut functions: HashMap<(String, String, FrameKind), u64> = HashMap::new();
+    let mut locations: HashMap<LocKey, u64> = HashMap::new();
+
+    // Mapping order: tools treat the first mapping as the main binary. Native modules by the
+    // number of samples they appear in (executables before shared objects on ties), kernel last.
+    let mut weight: HashMap<String, u64> = HashMap::new();
+    for (key, count) in &profile.samples {
+        let mut seen: Vec<String> = Vec::new();
+        for f in key.stack.iter() {
+            let m = module_name(f);
+            if !seen.contains(&m) {
+                seen.push(m);
+            }
+        }
+        for m in seen {
+            *weight.entry(m).or_default() += count;
+        }
+    }
+    let mut order: Vec<(String, u64)> = weight.into_iter().collect();
+    order.sort_by(|(a, wa), (b, wb)| {
+        let rank = |m: &str| (m == KERNEL_MODULE, m.contains(".so"));
+        rank(a)
+            .cmp(&rank(b))
+            .then(wb.cmp(wa))
+            .then_with(|| a.cmp(b))
+    });
+    for (module, _) in order {
+        let id = out.mapping.len() as u64 + 1;
+        let build_id = build_ids.get(module.as_str()).copied().unwrap_or("");
+        out.mapping.push(Mapping {
+            id,
+            filename: st.id(&module),
+            build_id: st.id(build_id),
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+            ..Default::default()
+        });
+        mapping_ids.insert(module, id);
+    }
+
+    let period = profile.period_ns();
+    let label_keys = LabelKeys::new(&mut st);
+    for (key, count) in profile.sorted_samples() {
+        let mut loc_ids = Vec::with_capacity(key.stack.len());
+        // Group inlined frames with their caller into one location (pprof's inline model).
+        let mut i = 0;
+        while i < key.stack.len() {
+            let mut j = i;
+            while j + 1 < key.stack.len()
+                && key.stack[j].inlined
+                && key.stack[j + 1].address == key.stack[i].address
+                && key.stack[j + 1].module == key.stack[i].module
+            {
+                j += 1;
+            }
+            let group = &key.stack[i..=j];
+            let head = &group[0];
+            let module = module_name(head);
+            let mapping_id = match mapping_ids.get(&module) {
+                Some(&id) => id,
+                None => {
+                    let id = out.mapping.len() as u64 + 1;
+                    let build_id = build_ids.get(module.as_str()).copied().unwrap_or("");
+                    out.mapping.push(Mapping {
+                        id,
+                        filename: st.id(&module),
+                        build_id: st.id(build_id),
+                        has_functions: true,
+                        has_filenames: true,
+                        has_line_numbers: true,
+                        has_inline_frames: true,
+                        ..Default::default()
+                    });
+                    mapping_ids.insert(module.clone(), id);
+                    id
+                }
+            };
+            let range = mapping_range.entry(mapping_id).or_insert((u64::MAX, 0));
+            range.0 = range.0.min(head.address);
+            range.1 = range.1.max(head.address.saturating_add(1));
+
+            let lk = LocKey {
+                mapping_id,
+                address: head.address,
+                lines: group
+                    .iter()
+                    .map(|f| {
+                        (
+                            f.function.to_string(),
+                            f.file.as_deref().unwrap_or("").to_owned(),
+                            f.line,
+                            f.kind,
+                        )
+                    })
+                    .collect(),
+            };
+            let loc_id = match locations.get(&lk) {
+                Some(&id) => id,
+                None => {
+                    let id = out.location.len() as u64 + 1;
+                    let mut lines = Vec::with_capacity(group.len());
+                    for f in group {
+                        let file = f.file.as_deref().unwrap_or("").to_owned();
+                        let fkey = (f.function.to_string(), file.clone(), f.kind);
+                        let function_id = match functions.get(&fkey) {
+                            Some(&id) => id,
+                            None => {
+                                let fid = out.function.len() as u64 + 1;
+                                let name = st.id(&f.function);
+                                out.function.push(Function {
+                                    id: fid,
+                                    name,
+                                    system_name: name,
+                                    filename: st.id(&file),
+                                    start_line: 0,
+                                });
+                                functions.insert(fkey, fid);
+                                fid
+                            }
+                        };
+                        lines.push(Line {
+                            function_id,
+                            line: i64::from(f.line),
+                        });
+                    }
+                    out.location.push(Location {
+                        id,
+                        mapping_id,
+                        address: head.address,
+                        line: lines,
+                        is_folded: false,
+                    });
+                    locations.insert(lk, id);
+                    id
+                }
+            };
+            loc_ids.push(loc_id);
+            i = j + 1;
+        }
+        let mut label = vec![
+            Label {
+                key: label_keys.pid,
+                num: i64::from(key.pid),
+                ..Default::default()
+            },
+            Label {
+                key: label_keys.thread,
+                str: st.id(&key.thread),
+                ..Default::default()
+            },
+        ];
+        if let Some(p) = profile.processes.get(&key.pid)
+            && !p.name.is_empty()
+        {
+            label.push(Label {
+                key: label_keys.process,
+                str: st.id(&p.name),
+                ..Default::default()
+            });
+        }
+        let l = &profile.labels;
+        for (k, v) in [
+            (label_keys.namespace, &l.namespace),
+            (label_keys.pod, &l.pod),
+            (label_keys.container, &l.container),
+            (label_keys.node, &l.node),
+        ] {
+            if !v.is_empty() {
+                label.push(Label {
+                    key: k,
+                    str: st.id(v),
+                    ..Default::default()
+                });
+            }
+        }
+        out.sample.push(Sample {
+            location_id: loc_ids,
+            value: vec![count as i64, count as i64 * period],
+            label,
+        });
+    }
+    // Min/max function start lines per function (from the lines seen): a useful approximation.
+    let mut start: HashMap<u64, i64> = HashMap::new();
+    for loc in &out.location {
+        for l in &loc.line {
+            if l.line > 0 {
+                let e = start.entry(l.function_id).or_insert(l.line);
+                *e = (*e).min(l.line);
+            }
+        }
+    }
+    for f in &mut out.function {
+        f.start_line = start.get(&f.id).copied().unwrap_or(0);
+    }
+    for m in &mut out.mapping {
+        if let Some(&(lo, hi)) = mapping_range.get(&m.id)
+            && lo <= hi
+        {
+            m.memory_start = lo;
+            m.memory_limit = hi;
+        }
+    }
+    for w in &profile.warnings {
+        let c = st.id(w);
+        out.comment.push(c);
+    }
+    if profile.dropped > 0 {
+        let c = st.id(&format!("dropped samples: {}", profile.dropped));
+        out.comment.push(c);
+    }
+    out.string_table = st.table;
+    out
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct LocKey {
+    mapping_id: u64,
+    address: u64,
+    lines: Vec<(String, String, u32, FrameKind)>,
+}
+
+struct LabelKeys {
+    pid: i64,
+    thread: i64,
+    process: i64,
+    namespace: i64,
+    pod: i64,
+    container: i64,
+    node: i64,
+}
+
+impl LabelKeys {
+    fn new(st: &mut Strings) -> Self {
+        LabelKeys {
+            pid: st.id("pid"),
+            thread: st.id("thread_name"),
+            process: st.id("process_name"),
+            namespace: st.id("namespace"),
+            pod: st.id("pod"),
+            container: st.id("container"),
+            node: st.id("node"),
+        }
+    }
+}
+
+fn module_name(f: &Frame) -> String {
+    match (f.kind, &f.module) {
+        (FrameKind::Kernel, _) => KERNEL_MODULE.to_owned(),
+        (FrameKind::Python, m) => m.as_deref().unwrap_or("[python]").to_owned(),
+        (FrameKind::Native, m) => m.as_deref().unwrap_or("[unknown]").to_owned(),
+    }
+}
+
+/// Encodes a profile as gzip-compressed `profile.proto` bytes.
+pub fn encode(profile: &Profile) -> Result<Vec<u8>, PprofError> {
+    let msg = build(profile);
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    gz.write_all(&msg.encode_to_vec())?;
+    Ok(gz.finish()?)
+}
+
+/// Decodes gzip-compressed (or plain) `profile.proto` bytes.
+pub fn decode(bytes: &[u8]) -> Result<PprofProfile, PprofError> {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut raw = Vec::new();
+        GzDecoder::new(bytes).read_to_end(&mut raw)?;
+        Ok(PprofProfile::decode(raw.as_slice())?)
+    } else {
+        Ok(PprofProfile::decode(bytes)?)
+    }
+}
+
+impl PprofProfile {
+    /// The string at `i` of the string table ("" when out of range).
+    pub fn string(&self, i: i64) -> &str {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.string_table.get(i))
+            .map_or("", String::as_str)
+    }
+
+    /// Function names of a sample's stack, leaf first (inlined frames expanded).
+    pub fn stack_names(&self, sample: &Sample) -> Vec<String> {
+        let locs: HashMap<u64, &Location> = self.location.iter().map(|l| (l.id, l)).collect();
+        let funcs: HashMap<u64, &Function> = self.function.iter().map(|f| (f.id, f)).collect();
+        let mut names = Vec::new();
+        for id in &sample.location_id {
+            if let Some(loc) = locs.get(id) {
+                for line in &loc.line {
+                    if let Some(f) = funcs.get(&line.function_id) {
+                        names.push(self.string(f.name).to_owned());
+                    }
+                }
+            }
+        }
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::Arc,
+        time::{Duration, SystemTime},
+    };
+
+    use super::*;
+    use crate::{
+        profile::{ProcessMeta, SampleKey},
+        symbolize::{ModuleId, ModuleInfo},
+    };
+
+    fn sample_profile() -> Profile {
+        let mut p = Profile::new(
+            99,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        );
+        p.duration = Duration::from_secs(10);
+        p.labels.node = "node-a".into();
+        p.processes.insert(
+            42,
+            ProcessMeta {
+                name: "hot".into(),
+                runtime: None,
+            },
+        );
+        p.modules.push(ModuleInfo {
+            path: "/tmp/hot".into(),
+            id: ModuleId::from_build_id(&[0xab, 0xcd]),
+        });
+        let native = |name: &str, addr: u64, line: u32, inlined: bool| Frame {
+            kind: FrameKind::Native,
+            function: name.into(),
+            file: Some("hot.c".into()),
+            line,
+            module: Some("/tmp/hot".into()),
+            address: addr,
+            inlined,
+        };
+        let stack: Arc<[Frame]> = vec![
+            native("square", 0x1010, 3, true), // inlined into hot_loop at the same address
+            native("hot_loop", 0x1010, 9, false),
+            native("main", 0x1100, 20, false),
+        ]
+        .into();
+        p.add(
+            SampleKey {
+                pid: 42,
+                thread: "hot".into(),
+                stack,
+            },
+            90,
+        );
+        let kstack: Arc<[Frame]> = vec![
+            Frame {
+                address: 0xffff_ffff_8100_0000,
+                module: Some(KERNEL_MODULE.into()),
+                ..Frame::new(FrameKind::Kernel, "__x64_sys_getpid")
+            },
+            native("main", 0x1100, 20, false),
+        ]
+        .into();
+        p.add(
+            SampleKey {
+                pid: 42,
+                thread: "hot".into(),
+                stack: kstack,
+            },
+            10,
+        );
+        p
+    }
+
+    #[test]
+    fn round_trip() {
+        let p = sample_profile();
+        let bytes = encode(&p).unwrap();
+        assert_eq!(&bytes[..2], &[0x1f, 0x8b], "gzip");
+        let d = decode(&bytes).unwrap();
+        assert_eq!(d.string_table[0], "");
+        assert_eq!(d.string(d.sample_type[0].r#type), "samples");
+        assert_eq!(d.string(d.sample_type[0].unit), "count");
+        assert_eq!(d.string(d.sample_type[1].r#type), "cpu");
+        assert_eq!(d.string(d.sample_type[1].unit), "nanoseconds");
+        assert_eq!(d.period, 1_000_000_000 / 99);
+        assert_eq!(d.duration_nanos, 10_000_000_000);
+        let total: i64 = d.sample.iter().map(|s| s.value[0]).sum();
+        assert_eq!(total, 100);
+        for s in &d.sample {
+            assert_eq!(s.value[1], s.value[0] * d.period);
+        }
+        let hot = d.sample.iter().find(|s| s.value[0] == 90).unwrap();
+        assert_eq!(d.stack_names(hot), ["square", "hot_loop", "main"]);
+        assert_eq!(
+            hot.location_id.len(),
+            2,
+            "inlined frame shares its caller's location"
+        );
+        // Locations and functions are shared across samples.
+        assert_eq!(d.function.len(), 4);
+        let main_fn = d
+            .function
+            .iter()
+            .find(|f| d.string(f.name) == "main")
+            .unwrap();
+        assert_eq!(d.string(main_fn.filename), "hot.c");
+        assert_eq!(main_fn.start_line, 20);
+        // Mappings carry the build id; the kernel has its own mapping.
+        let m = d
+            .mapping
+            .iter()
+            .find(|m| d.string(m.filename) == "/tmp/hot")
+            .unwrap();
+        assert_eq!(d.string(m.build_id), "abcd");
+        assert!(m.memory_start <= 0x1010 && m.memory_limit > 0x1100);
+        assert!(
+            d.mapping
+                .iter()
+                .any(|m| d.string(m.filename) == KERNEL_MODULE)
+        );
+        // Labels.
+        let labels: Vec<(String, String, i64)> = hot
+            .label
+            .iter()
+            .map(|l| {
+                (
+                    d.string(l.key).to_owned(),
+                    d.string(l.str).to_owned(),
+                    l.num,
+                )
+            })
+            .collect();
+        assert!(labels.contains(&("pid".into(), "".into(), 42)));
+        assert!(labels.contains(&("thread_name".into(), "hot".into(), 0)));
+        assert!(labels.contains(&("node".into(), "node-a".into(), 0)));
+        assert!(
+            !labels.iter().any(|l| l.0 == "pod"),
+            "empty k8s labels are omitted"
+        );
+        // Every id referenced exists.
+        for s in &d.sample {
+            for id in &s.location_id {
+                assert!(d.location.iter().any(|l| l.id == *id));
+            }
+        }
+    }
+
+    #[test]
+    fn deterministic() {
+        let p = sample_profile();
+        assert_eq!(encode(&p).unwrap(), encode(&p).unwrap());
+    }
+
+    #[test]
+    fn decode_rejects_garbage() {
+        assert!(decode(&[0x1f, 0x8b, 0, 1, 2]).is_err());
+    }
+}

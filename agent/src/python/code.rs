@@ -1,0 +1,208 @@
+//! Reading code objects (names, file, first line, line table) and strings from a CPython
+//! process, and naming frames the way users read them: `module.qualname (file:line)`.
+
+use std::collections::HashMap;
+use std::io;
+
+use super::layout::Layout;
+use super::linetable;
+use super::process::PyProcess;
+use super::procmem::ProcMem;
+
+/// What a code object tells about its function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeInfo {
+    /// `co_name`.
+    pub name: String,
+    /// `co_qualname` (3.11+), else `co_name`.
+    pub qualname: String,
+    /// `co_filename`.
+    pub filename: String,
+    /// Module-ish name derived from the file (`pkg.mod`, `app`).
+    pub module: String,
+    pub firstlineno: u32,
+    /// Raw line table bytes (`co_lnotab` / `co_linetable`).
+    pub table: Vec<u8>,
+    /// lasti → line, filled lazily.
+    lines: HashMap<u32, Option<u32>>,
+}
+
+impl CodeInfo {
+    /// `module.qualname`.
+    pub fn display_name(&self) -> String {
+        if self.module.is_empty() {
+            self.qualname.clone()
+        } else {
+            format!("{}.{}", self.module, self.qualname)
+        }
+    }
+}
+
+const MAX_STR: i64 = 4096;
+const MAX_TABLE: i64 = 1 << 20;
+
+/// A Python `str` (compact ASCII, compact non-ASCII or legacy), read from `addr`.
+pub fn read_unicode(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<String> {
+    if addr == 0 {
+        return Ok(String::new());
+    }
+    let length = mem.read_i64(addr + 16)?;
+    if !(0..=MAX_STR).contains(&length) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "implausible str length",
+        ));
+    }
+    let state = mem.read_u32(addr + 32)?;
+    let kind = (state >> 2) & 7;
+    let compact = (state >> 5) & 1 == 1;
+    let ascii = (state >> 6) & 1 == 1;
+    let (data, width) = if compact && ascii {
+        (addr + l.ascii_data, 1)
+    } else if compact {
+        (addr + l.compact_data, kind)
+    } else {
+        (mem.read_u64(addr + l.compact_data)?, kind)
+    };
+    if !matches!(width, 1 | 2 | 4) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad str kind"));
+    }
+    let bytes = mem.read_vec(data, (length as usize) * width as usize)?;
+    Ok(match width {
+        1 => bytes.iter().map(|&b| b as char).collect(),
+        2 => bytes
+            .chunks_exact(2)
+            .map(|c| char::from_u32(u16::from_le_bytes([c[0], c[1]]) as u32).unwrap_or('\u{fffd}'))
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| {
+                char::from_u32(u32::from_le_bytes(c.try_into().unwrap())).unwrap_or('\u{fffd}')
+            })
+            .collect(),
+    })
+}
+
+/// A Python `bytes` object's contents.
+pub fn read_bytes(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<Vec<u8>> {
+    if addr == 0 {
+        return Ok(Vec::new());
+    }
+    let size = mem.read_i64(addr + l.bytes_size)?;
+    if !(0..=MAX_TABLE).contains(&size) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "implausible bytes length",
+        ));
+    }
+    mem.read_vec(addr + l.bytes_data, size as usize)
+}
+
+/// Module-ish name of a source file: the dotted path below `site-packages`/`dist-packages`/
+/// the stdlib directory when there is one, else the file's stem; `pkg/__init__.py` → `pkg`;
+/// `<frozen importlib._bootstrap>` → `importlib._bootstrap`.
+pub fn module_name(filename: &str) -> String {
+    if let Some(inner) = filename
+        .strip_prefix("<frozen ")
+        .and_then(|s| s.strip_suffix('>'))
+    {
+        return inner.to_string();
+    }
+    if filename.starts_with('<') {
+        return String::new();
+    }
+    let mut rel = filename;
+    for marker in ["/site-packages/", "/dist-packages/"] {
+        if let Some(i) = filename.rfind(marker) {
+            rel = &filename[i + marker.len()..];
+        }
+    }
+    if rel == filename {
+        // stdlib: .../lib/python3.X/<rel>
+        if let Some(i) = filename.find("/lib/python3.") {
+            let after = &filename[i + "/lib/python3.".len()..];
+            if let Some(j) = after.find('/') {
+                rel = &after[j + 1..];
+            }
+        }
+    }
+    if rel == filename {
+        rel = filename.rsplit('/').next().unwrap_or(filename);
+    }
+    let rel = rel
+        .strip_suffix(".py")
+        .or_else(|| rel.strip_suffix(".pyc"))
+        .unwrap_or(rel);
+    let rel = rel.strip_suffix("/__init__").unwrap_or(rel);
+    rel.replace('/', ".")
+}
+
+impl PyProcess {
+    /// Read a code object.
+    pub fn read_code(&self, code: u64) -> io::Result<CodeInfo> {
+        let l = &self.layout;
+        let name = read_unicode(&self.mem, l, self.mem.read_u64(code + l.co_name)?)?;
+        let qualname = match l.co_qualname {
+            Some(o) => read_unicode(&self.mem, l, self.mem.read_u64(code + o)?)?,
+            None => name.clone(),
+        };
+        let filename = read_unicode(&self.mem, l, self.mem.read_u64(code + l.co_filename)?)?;
+        let firstlineno = self.mem.read_i32(code + l.co_firstlineno)?.max(0) as u32;
+        let table = read_bytes(&self.mem, l, self.mem.read_u64(code + l.co_linetable)?)?;
+        let module = module_name(&filename);
+        Ok(CodeInfo {
+            name,
+            qualname,
+            filename,
+            module,
+            firstlineno,
+            table,
+            lines: HashMap::new(),
+        })
+    }
+
+    /// The line of `lasti` (kernel units) in `code`.
+    pub fn line_of(&self, info: &mut CodeInfo, lasti: u32) -> Option<u32> {
+        if let Some(l) = info.lines.get(&lasti) {
+            return *l;
+        }
+        let li = (lasti != kprof_common::python::PY_LASTI_NONE).then_some(lasti);
+        let line = linetable::line_for(self.layout.line_table, &info.table, info.firstlineno, li);
+        if info.lines.len() < 4096 {
+            info.lines.insert(lasti, line);
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::module_name;
+
+    #[test]
+    fn module_names() {
+        assert_eq!(module_name("app.py"), "app");
+        assert_eq!(module_name("/srv/app/handlers.py"), "handlers");
+        assert_eq!(
+            module_name("/usr/lib/python3/dist-packages/requests/api.py"),
+            "requests.api"
+        );
+        assert_eq!(
+            module_name("/venv/lib/python3.12/site-packages/flask/__init__.py"),
+            "flask"
+        );
+        assert_eq!(
+            module_name("/root/.pyenv/versions/3.12.1/lib/python3.12/threading.py"),
+            "threading"
+        );
+        assert_eq!(
+            module_name("/usr/lib/python3.11/concurrent/futures/thread.py"),
+            "concurrent.futures.thread"
+        );
+        assert_eq!(
+            module_name("<frozen importlib._bootstrap>"),
+            "importlib._bootstrap"
+        );
+        assert_eq!(module_name("<string>"), "");
+    }
+}

@@ -1,0 +1,612 @@
+//! Python support: CPython frames walked in eBPF (`agent/ebpf/src/python.rs`), resolved here to
+//! `module.function (file:line)` and spliced into the native stack.
+//!
+//! * [`PythonSupport::new`] writes the kernel configuration (the offset of
+//!   `task_struct->thread.fsbase`, from BTF) into `PY_GLOBAL`.
+//! * [`PythonSupport::on_process`] detects CPython in a process (executable or
+//!   `libpython3.X.so`), its version, `_PyRuntime`, the struct offsets (a table for 3.8–3.12,
+//!   `_Py_DebugOffsets` for 3.13+, code-object offsets checked against `PyCode_Type.tp_members`),
+//!   the gilstate TSS key and the libc TSD layout — validated against the live thread list — and
+//!   registers the process in `PY_PROCS`. The target is never stopped (no ptrace attach).
+//! * [`PythonSupport::symbolize`] resolves `(code object, lasti)` with `process_vm_readv`
+//!   through an LRU cache keyed by `(pid, code)`.
+//! * [`PythonSupport::merge`] splices the Python frames into the native stack.
+//!
+//! [`process::PyProcess`] also holds a user-space reference walker (same algorithm, no eBPF),
+//! used by the tests and as a cross-check.
+
+pub mod btf;
+pub mod code;
+pub mod elf;
+pub mod layout;
+pub mod linetable;
+pub mod merge;
+pub mod process;
+pub mod procmem;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kprof_common::python::{
+    PYFRAME_NOT_CODE, PyFrame, PyGlobalConfig, PyProcConfig, PyStack, names,
+};
+
+use crate::profile::frame::{Frame, FrameKind};
+pub use code::CodeInfo;
+pub use process::{DetectError, PyProcess};
+
+/// Errors of the Python support set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum PythonError {
+    #[error("kernel BTF: {0}")]
+    Btf(String),
+    #[error("eBPF map {0} missing from the loaded object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+/// What was found in a process, for the Profile object and the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeInfo {
+    /// e.g. `cpython 3.12.1`, `cpython 3.11.2 (libpython3.11.so.1.0)`.
+    pub display: String,
+    /// `true` when Python frames will be collected.
+    pub python_frames: bool,
+    /// Warnings for the user, e.g. "python version not supported: native frames only".
+    pub warnings: Vec<String>,
+}
+
+/// Capacity of the code-object cache (entries).
+const CODE_CACHE_CAP: usize = 16384;
+
+/// Small LRU keyed by `(pid, code address)`.
+struct CodeCache {
+    map: HashMap<(u32, u64), (CodeInfo, u64)>,
+    tick: u64,
+}
+
+impl CodeCache {
+    fn new() -> Self {
+        Self {
+            map: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn get_mut(&mut self, key: (u32, u64)) -> Option<&mut CodeInfo> {
+        self.tick += 1;
+        let t = self.tick;
+        self.map.get_mut(&key).map(|e| {
+            e.1 = t;
+            &mut e.0
+        })
+    }
+
+    fn insert(&mut self, key: (u32, u64), v: CodeInfo) {
+        if self.map.len() >= CODE_CACHE_CAP {
+            // Evict the least recently used quarter.
+            let mut ticks: Vec<u64> = self.map.values().map(|e| e.1).collect();
+            ticks.sort_unstable();
+            let cut = ticks[ticks.len() / 4];
+            self.map.retain(|_, e| e.1 > cut);
+        }
+        self.tick += 1;
+        self.map.insert(key, (v, self.tick));
+    }
+
+    fn forget_pid(&mut self, pid: u32) {
+        self.map.retain(|k, _| k.0 != pid);
+    }
+}
+
+type ProcMap = aya::maps::HashMap<aya::maps::MapData, u32, PyProcConfig>;
+
+/// State shared with the watcher thread.
+#[derive(Default)]
+struct Inner {
+    procs: HashMap<u32, PyProcess>,
+    /// Processes to look at again (not Python yet — e.g. a shell about to `exec` python — or
+    /// an interpreter still initialising), with the time to give up.
+    pending: HashMap<u32, Instant>,
+    infos: HashMap<u32, RuntimeInfo>,
+    /// `PY_PROCS`, taken out of the loaded object (absent in user-space-only mode).
+    map: Option<ProcMap>,
+    watcher_running: bool,
+}
+
+impl Inner {
+    fn register(&mut self, pid: u32) -> Result<(), PythonError> {
+        let Some(map) = self.map.as_mut() else {
+            return Ok(());
+        };
+        let cfg = self
+            .procs
+            .get(&pid)
+            .map(PyProcess::proc_config)
+            .ok_or(PythonError::MissingMap("process"))?;
+        map.insert(pid, cfg, 0)
+            .map_err(|e| PythonError::Map(names::MAP_PY_PROCS, e.to_string()))
+    }
+}
+
+/// How long a process that is not (yet) Python is watched for an `exec` of CPython.
+const WATCH_FOR: Duration = Duration::from_secs(10);
+
+/// Python support of the agent.
+pub struct PythonSupport {
+    inner: Arc<Mutex<Inner>>,
+    cache: Mutex<CodeCache>,
+    fsbase_off: u32,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Outcome of one detection attempt.
+enum Attempt {
+    Ready(PyProcess, RuntimeInfo),
+    Final(Option<RuntimeInfo>),
+    Retry(Option<RuntimeInfo>),
+}
+
+fn attempt(pid: u32) -> Attempt {
+    match PyProcess::detect(pid) {
+        Ok(p) => {
+            let mut warnings = p
+                .notes
+                .iter()
+                .filter(|n| n.starts_with("musl"))
+                .cloned()
+                .collect::<Vec<_>>();
+            let ok = p.tsd.max_key > 0;
+            if !ok {
+                warnings.push(
+                    "python thread-state lookup unsupported for this libc: native frames only"
+                        .into(),
+                );
+            }
+            let display = format!(
+                "cpython {}{}",
+                p.version,
+                if p.shared {
+                    format!(" ({})", p.file.rsplit('/').next().unwrap_or(&p.file))
+                } else {
+                    String::new()
+                }
+            );
+            Attempt::Ready(
+                p,
+                RuntimeInfo {
+                    display,
+                    python_frames: ok,
+                    warnings,
+                },
+            )
+        }
+        Err(DetectError::NotPython) => Attempt::Retry(None),
+        Err(DetectError::Unsupported { version, reason }) => Attempt::Final(Some(RuntimeInfo {
+            display: format!("cpython {version}"),
+            python_frames: false,
+            warnings: vec![format!(
+                "python version not supported ({reason}): native frames only"
+            )],
+        })),
+        Err(DetectError::NotReady(why)) => Attempt::Retry(Some(RuntimeInfo {
+            display: "cpython (initialising)".into(),
+            python_frames: false,
+            warnings: vec![format!("python interpreter not ready ({why}); will retry")],
+        })),
+        Err(DetectError::Io(_)) => Attempt::Final(None),
+    }
+}
+
+impl PythonSupport {
+    /// Write the kernel configuration of the walker into the loaded object (the offset of
+    /// `task_struct->thread.fsbase` from BTF) and take the `PY_PROCS` map.
+    pub fn new(bpf: &mut aya::Ebpf) -> Result<Self, PythonError> {
+        let fsbase_off = btf::task_fsbase_offset().map_err(PythonError::Btf)?;
+        let map = bpf
+            .map_mut(names::MAP_PY_GLOBAL)
+            .ok_or(PythonError::MissingMap(names::MAP_PY_GLOBAL))?;
+        let mut arr: aya::maps::Array<_, PyGlobalConfig> = aya::maps::Array::try_from(map)
+            .map_err(|e| PythonError::Map(names::MAP_PY_GLOBAL, e.to_string()))?;
+        arr.set(
+            0,
+            PyGlobalConfig {
+                task_fsbase_off: fsbase_off,
+                enabled: 1,
+            },
+            0,
+        )
+        .map_err(|e| PythonError::Map(names::MAP_PY_GLOBAL, e.to_string()))?;
+        let s = Self::without_kernel(fsbase_off);
+        s.take_map(bpf)?;
+        Ok(s)
+    }
+
+    fn take_map(&self, bpf: &mut aya::Ebpf) -> Result<(), PythonError> {
+        let mut inner = lock(&self.inner);
+        if inner.map.is_some() {
+            return Ok(());
+        }
+        let map = bpf
+            .take_map(names::MAP_PY_PROCS)
+            .ok_or(PythonError::MissingMap(names::MAP_PY_PROCS))?;
+        inner.map = Some(
+            ProcMap::try_from(map)
+                .map_err(|e| PythonError::Map(names::MAP_PY_PROCS, e.to_string()))?,
+        );
+        Ok(())
+    }
+
+    /// User-space only (no eBPF object): detection, the reference walker, symbolization and
+    /// merging. Used by tests and tools.
+    pub fn without_kernel(fsbase_off: u32) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            cache: Mutex::new(CodeCache::new()),
+            fsbase_off,
+        }
+    }
+
+    /// Offset of `task_struct->thread.fsbase` in use.
+    pub fn fsbase_offset(&self) -> u32 {
+        self.fsbase_off
+    }
+
+    /// Detect CPython in `pid` and register it for in-kernel walking.
+    ///
+    /// `None` when the process is not Python (it is still watched for a few seconds, in case it
+    /// is about to `exec` CPython). An unsupported interpreter gives a `RuntimeInfo` with a
+    /// warning (its native stacks still flow). An interpreter that is still starting is waited
+    /// for up to two seconds here, then retried in the background.
+    pub fn on_process(&mut self, bpf: &mut aya::Ebpf, pid: u32) -> Option<RuntimeInfo> {
+        if let Err(e) = self.take_map(bpf) {
+            return Some(RuntimeInfo {
+                display: "cpython".into(),
+                python_frames: false,
+                warnings: vec![format!("python frames unavailable: {e}")],
+            });
+        }
+        self.attach(pid, Duration::from_secs(2))
+    }
+
+    /// Detection and registration (in `PY_PROCS` when the map is present), waiting at most
+    /// `max_wait` for an initialising interpreter.
+    pub fn attach(&mut self, pid: u32, max_wait: Duration) -> Option<RuntimeInfo> {
+        let start = Instant::now();
+        let debug = std::env::var_os("KPROF_PY_DEBUG").is_some();
+        loop {
+            let a = attempt(pid);
+            if debug {
+                let what = match &a {
+                    Attempt::Ready(_, i) => format!("ready {i:?}"),
+                    Attempt::Final(i) => format!("final {i:?}"),
+                    Attempt::Retry(i) => format!("retry {i:?}"),
+                };
+                eprintln!(
+                    "kprof python: pid {pid} after {:?}: {what}",
+                    start.elapsed()
+                );
+            }
+            match a {
+                Attempt::Ready(p, mut info) => {
+                    let mut inner = lock(&self.inner);
+                    inner.pending.remove(&pid);
+                    inner.procs.insert(pid, p);
+                    if info.python_frames {
+                        if let Err(e) = inner.register(pid) {
+                            info.python_frames = false;
+                            info.warnings
+                                .push(format!("python frames unavailable: {e}"));
+                        }
+                    }
+                    inner.infos.insert(pid, info.clone());
+                    drop(inner);
+                    self.ensure_watcher();
+                    return Some(info);
+                }
+                Attempt::Final(info) => {
+                    let mut inner = lock(&self.inner);
+                    inner.pending.remove(&pid);
+                    if let Some(i) = &info {
+                        inner.infos.insert(pid, i.clone());
+                    }
+                    return info;
+                }
+                Attempt::Retry(info) => {
+                    // Not Python (yet): a short look only; the watcher keeps trying.
+                    let wait = if info.is_some() {
+                        max_wait
+                    } else {
+                        max_wait.min(Duration::from_millis(200))
+                    };
+                    if start.elapsed() >= wait {
+                        self.watch(pid);
+                        return info;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Keep trying `pid` in the background for a while.
+    fn watch(&self, pid: u32) {
+        lock(&self.inner)
+            .pending
+            .insert(pid, Instant::now() + WATCH_FOR);
+        self.ensure_watcher();
+    }
+
+    /// Start the background thread (pending processes, forked children) unless it runs.
+    fn ensure_watcher(&self) {
+        let mut inner = lock(&self.inner);
+        if inner.watcher_running {
+            return;
+        }
+        inner.watcher_running = true;
+        let shared = Arc::clone(&self.inner);
+        std::thread::Builder::new()
+            .name("kprof-py-watch".into())
+            .spawn(move || watcher(shared))
+            .ok();
+    }
+
+    /// User-space detection only, without waiting (for tests and tools).
+    pub fn attach_user(&mut self, pid: u32) -> Option<RuntimeInfo> {
+        self.attach(pid, Duration::ZERO)
+    }
+
+    /// [`PythonSupport::attach`] without registration semantics change; kept for tests.
+    pub fn attach_user_wait(&mut self, pid: u32, max_wait: Duration) -> Option<RuntimeInfo> {
+        self.attach(pid, max_wait)
+    }
+
+    /// What is known about `pid`'s runtime (also for processes detected later in the
+    /// background).
+    pub fn runtime(&self, pid: u32) -> Option<RuntimeInfo> {
+        lock(&self.inner).infos.get(&pid).cloned()
+    }
+
+    /// Forget a process (exited): drop its map entry and cached code objects.
+    pub fn on_exit(&mut self, pid: u32) {
+        let mut inner = lock(&self.inner);
+        inner.procs.remove(&pid);
+        inner.pending.remove(&pid);
+        inner.infos.remove(&pid);
+        if let Some(m) = inner.map.as_mut() {
+            let _ = m.remove(&pid);
+        }
+        drop(inner);
+        lock(&self.cache).forget_pid(pid);
+    }
+
+    /// The detected interpreter of `pid`, if any (a copy).
+    pub fn process(&self, pid: u32) -> Option<PyProcess> {
+        lock(&self.inner).procs.get(&pid).cloned()
+    }
+
+    /// Resolve one captured frame to `module.qualname (file:line)`.
+    pub fn symbolize(&mut self, pid: u32, frame: &PyFrame) -> Frame {
+        self.resolve(pid, frame)
+    }
+
+    fn resolve(&self, pid: u32, frame: &PyFrame) -> Frame {
+        let inner = lock(&self.inner);
+        let Some(proc_) = inner.procs.get(&pid) else {
+            return unknown_frame(frame.code);
+        };
+        if frame.flags & PYFRAME_NOT_CODE != 0 {
+            return unknown_frame(frame.code);
+        }
+        let mut cache = lock(&self.cache);
+        let key = (pid, frame.code);
+        if cache.get_mut(key).is_none() {
+            match proc_.read_code(frame.code) {
+                Ok(info) => cache.insert(key, info),
+                Err(_) => return unknown_frame(frame.code),
+            }
+        }
+        let Some(info) = cache.get_mut(key) else {
+            return unknown_frame(frame.code);
+        };
+        let line = proc_.line_of(info, frame.lasti).unwrap_or(0);
+        let mut f = Frame::python(info.display_name(), info.filename.as_str(), line);
+        f.address = frame.code;
+        f
+    }
+
+    /// Read the code objects of a captured stack into the cache now, while the process is
+    /// alive (cheap when they are cached: one lookup per frame). Call it for every event as it
+    /// is taken from the ring buffer when symbolization may lag behind: a process that exits
+    /// before its stacks are symbolized otherwise shows `<unknown python frame>`.
+    pub fn prefetch(&self, pid: u32, py: &PyStack) {
+        let inner = lock(&self.inner);
+        let Some(proc_) = inner.procs.get(&pid) else {
+            return;
+        };
+        let mut cache = lock(&self.cache);
+        for f in py.frames() {
+            if f.flags & PYFRAME_NOT_CODE != 0 || cache.get_mut((pid, f.code)).is_some() {
+                continue;
+            }
+            if let Ok(info) = proc_.read_code(f.code) {
+                cache.insert((pid, f.code), info);
+            }
+        }
+    }
+
+    /// Symbolize every frame of a captured stack (innermost first), dropping non-code frames.
+    pub fn symbolize_stack(&mut self, pid: u32, py: &PyStack) -> Vec<Frame> {
+        py.frames()
+            .iter()
+            .filter(|f| f.flags & PYFRAME_NOT_CODE == 0)
+            .map(|f| self.resolve(pid, f))
+            .collect()
+    }
+
+    /// Splice the Python frames of a sample into its native stack (both innermost first). See
+    /// [`merge::merge_stacks`].
+    pub fn merge(&self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame> {
+        if py.count == 0 {
+            return native;
+        }
+        let frames: Vec<(Frame, u32)> = py
+            .frames()
+            .iter()
+            .filter(|f| f.flags & PYFRAME_NOT_CODE == 0)
+            .map(|f| (self.resolve(pid, f), f.flags))
+            .collect();
+        let interp = lock(&self.inner)
+            .procs
+            .get(&pid)
+            .map(merge::InterpreterId::of);
+        merge::merge_stacks(native, frames, py.truncated != 0, interp.as_ref())
+    }
+}
+
+fn unknown_frame(code: u64) -> Frame {
+    let mut f = Frame::new(
+        FrameKind::Python,
+        Arc::<str>::from("<unknown python frame>"),
+    );
+    f.address = code;
+    f
+}
+
+/// Background retries of pending processes; exits when none is left.
+fn watcher(shared: Arc<Mutex<Inner>>) {
+    let mut seen: HashMap<u32, Option<(String, usize)>> = HashMap::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(25));
+        let (pids, parents): (Vec<u32>, Vec<u32>) = {
+            let mut inner = lock(&shared);
+            let now = Instant::now();
+            inner
+                .pending
+                .retain(|pid, deadline| *deadline > now && proc_alive(*pid));
+            // Forget processes that exited (their map entries would go stale on pid reuse).
+            let dead: Vec<u32> = inner
+                .procs
+                .keys()
+                .copied()
+                .filter(|p| !proc_alive(*p))
+                .collect();
+            for pid in dead {
+                inner.procs.remove(&pid);
+                if let Some(m) = inner.map.as_mut() {
+                    let _ = m.remove(&pid);
+                }
+            }
+            let parents: Vec<u32> = inner.procs.keys().copied().collect();
+            if inner.pending.is_empty() && parents.is_empty() {
+                inner.watcher_running = false;
+                return;
+            }
+            (inner.pending.keys().copied().collect(), parents)
+        };
+        // Forked children (multiprocessing workers, pre-fork servers) share their parent's
+        // interpreter layout and TSS key: register them at once, before their first sample
+        // reaches the aggregator.
+        for parent in parents {
+            for child in children_of(parent) {
+                let mut inner = lock(&shared);
+                if inner.procs.contains_key(&child) || inner.pending.contains_key(&child) {
+                    continue;
+                }
+                let Some(p) = inner.procs.get(&parent).and_then(|p| p.forked_child(child)) else {
+                    continue;
+                };
+                let info = inner.infos.get(&parent).cloned();
+                inner.procs.insert(child, p);
+                if inner.register(child).is_ok() {
+                    if let Some(i) = info {
+                        inner.infos.insert(child, i);
+                    }
+                }
+            }
+        }
+        for pid in pids {
+            let sig = process_signature(pid);
+            if sig.is_some() && seen.get(&pid) == Some(&sig) {
+                continue;
+            }
+            seen.insert(pid, sig);
+            match attempt(pid) {
+                Attempt::Retry(Some(_)) => {
+                    // Initialising: retry on the next tick whatever the signature.
+                    seen.remove(&pid);
+                }
+                Attempt::Ready(p, mut info) => {
+                    let mut inner = lock(&shared);
+                    inner.pending.remove(&pid);
+                    inner.procs.insert(pid, p);
+                    if info.python_frames {
+                        if let Err(e) = inner.register(pid) {
+                            info.python_frames = false;
+                            info.warnings
+                                .push(format!("python frames unavailable: {e}"));
+                        }
+                    }
+                    inner.infos.insert(pid, info);
+                }
+                Attempt::Final(info) => {
+                    let mut inner = lock(&shared);
+                    inner.pending.remove(&pid);
+                    if let Some(i) = info {
+                        inner.infos.insert(pid, i);
+                    }
+                }
+                Attempt::Retry(None) => {
+                    // Not Python yet: look again only when the process changes (exec, new
+                    // mappings such as a dlopen'ed libpython).
+                }
+            }
+        }
+    }
+}
+
+fn proc_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Child processes of every thread of `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in rd.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// What changes when a process `exec`s or maps a new library: the executable and the number
+/// of mappings.
+fn process_signature(pid: u32) -> Option<(String, usize)> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()?
+        .to_string_lossy()
+        .into_owned();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    Some((exe, maps.lines().count()))
+}
+
+/// The agent's aggregation hook.
+impl crate::aggregate::StackMerger for PythonSupport {
+    fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
+        self.attach(pid, Duration::from_secs(2))
+            .map(|i| (i.display, i.warnings))
+    }
+
+    fn merge(&mut self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame> {
+        PythonSupport::merge(self, pid, native, py)
+    }
+}

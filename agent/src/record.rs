@@ -1,0 +1,431 @@
+//! One recording session (`kprof-agent record`): target pids or a command, sample for a
+//! window, drain and aggregate the events, and write pprof + flame graph.
+use std::{
+    fs, io,
+    io::{IsTerminal as _, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, ExitStatus},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use kprof_common::Stat;
+
+use crate::{
+    aggregate::{Aggregator, StackMerger},
+    flamegraph,
+    loader::{KernelCost, LoadError, Sampler, SamplerConfig},
+    pprof,
+    profile::{Frame, Profile},
+    python::PythonSupport,
+    targets::{self, Prune, TargetError},
+    top,
+};
+
+/// How often the ring buffer is drained (the eBPF side never wakes the reader). Each wake-up
+/// costs ~65 µs of agent CPU, so this bounds the fixed per-second cost; the ring holds a second
+/// of samples at full rate (`loader::ring_size`).
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How often the target map is pruned, new children registered and progress shown.
+pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Errors of a recording session.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("cannot write to {}", dir.display())]
+    OutputDir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nothing to profile: give --pid PID or a command after --")]
+    NoTarget,
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pprof: {0}")]
+    Pprof(#[from] pprof::PprofError),
+}
+
+/// Options of `record`.
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub pids: Vec<u32>,
+    pub command: Vec<String>,
+    pub duration: Duration,
+    pub sample_hz: u32,
+    pub follow_children: bool,
+    pub python: bool,
+    /// Show elapsed time / samples on stderr while recording (when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for RecordOptions {
+    fn default() -> Self {
+        RecordOptions {
+            pids: Vec::new(),
+            command: Vec::new(),
+            duration: Duration::from_secs(10),
+            sample_hz: 99,
+            follow_children: true,
+            python: true,
+            progress: true,
+        }
+    }
+}
+
+/// Figures of a session.
+#[derive(Clone, Debug, Default)]
+pub struct SessionStats {
+    pub events: u64,
+    pub distinct_stacks: u64,
+    pub dropped: u64,
+    pub targeted: u64,
+    pub kernel_stack_errors: u64,
+    pub user_stack_errors: u64,
+    pub children_followed: u64,
+    pub wall: Duration,
+    /// User + system CPU of the agent process over the session.
+    pub agent_cpu: Duration,
+    /// Part of `agent_cpu` spent while sampling (draining, symbolizing new stacks, counting),
+    /// without loading the programs and writing the outputs.
+    pub loop_cpu: Duration,
+    pub peak_rss_kib: u64,
+    pub kernel: KernelCost,
+}
+
+impl SessionStats {
+    /// In-kernel time per run of the sampler program (all ticks, targeted or not).
+    pub fn kernel_ns_per_run(&self) -> f64 {
+        if self.kernel.run_count == 0 {
+            0.0
+        } else {
+            self.kernel.run_time.as_nanos() as f64 / self.kernel.run_count as f64
+        }
+    }
+
+    /// Agent CPU + in-kernel time, per targeted sample, in µs.
+    pub fn total_us_per_sample(&self) -> f64 {
+        if self.events == 0 {
+            return 0.0;
+        }
+        (self.agent_cpu + self.kernel.run_time).as_nanos() as f64 / 1000.0 / self.events as f64
+    }
+
+    /// A JSON object (for scripts and the benchmark).
+    pub fn to_json(&self) -> String {
+        format!(
+            concat!(
+                "{{\"events\":{},\"distinct_stacks\":{},\"dropped\":{},\"targeted\":{},",
+                "\"kernel_stack_errors\":{},\"user_stack_errors\":{},\"children_followed\":{},",
+                "\"wall_s\":{:.3},\"agent_cpu_s\":{:.6},\"loop_cpu_s\":{:.6},\"peak_rss_kib\":{},",
+                "\"bpf_run_count\":{},\"bpf_run_time_ns\":{},\"bpf_ns_per_run\":{:.1},",
+                "\"total_us_per_sample\":{:.3}}}"
+            ),
+            self.events,
+            self.distinct_stacks,
+            self.dropped,
+            self.targeted,
+            self.kernel_stack_errors,
+            self.user_stack_errors,
+            self.children_followed,
+            self.wall.as_secs_f64(),
+            self.agent_cpu.as_secs_f64(),
+            self.loop_cpu.as_secs_f64(),
+            self.peak_rss_kib,
+            self.kernel.run_count,
+            self.kernel.run_time.as_nanos(),
+            self.kernel_ns_per_run(),
+            self.total_us_per_sample(),
+        )
+    }
+}
+
+/// The result of a session.
+pub struct Recording {
+    pub profile: Profile,
+    pub stats: SessionStats,
+    /// Exit status of the command, when one was started and has exited.
+    pub exit_status: Option<ExitStatus>,
+}
+
+/// Creates `dir` and checks that it is writable, before sampling starts.
+pub fn prepare_output_dir(dir: &Path) -> Result<(), RecordError> {
+    let err = |source| RecordError::OutputDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(err)?;
+    let probe = dir.join(".kprof-write-test");
+    fs::write(&probe, b"").map_err(err)?;
+    let _ = fs::remove_file(probe);
+    Ok(())
+}
+
+fn rusage() -> (Duration, u64) {
+    // SAFETY: getrusage fills a zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64)
+}
+
+struct PyMerger<'a> {
+    py: &'a mut PythonSupport,
+    bpf: &'a mut aya::Ebpf,
+}
+
+impl StackMerger for PyMerger<'_> {
+    fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
+        self.py
+            .on_process(self.bpf, pid)
+            .map(|r| (r.display, r.warnings))
+    }
+    fn merge(
+        &mut self,
+        pid: u32,
+        native: Vec<Frame>,
+        py: &kprof_common::python::PyStack,
+    ) -> Vec<Frame> {
+        self.py.merge(pid, native, py)
+    }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs a session until the duration elapses, `stop` is set, or no target is left.
+pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, RecordError> {
+    if opts.pids.is_empty() && opts.command.is_empty() {
+        return Err(RecordError::NoTarget);
+    }
+    for &pid in &opts.pids {
+        targets::validate_pid(pid)?;
+    }
+    if let Some(prog) = opts.command.first()
+        && targets::find_program(prog).is_none()
+    {
+        return Err(TargetError::Spawn {
+            cmd: opts.command.join(" "),
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "command not found or not executable",
+            ),
+        }
+        .into());
+    }
+    let (cpu0, _) = rusage();
+    let mut sampler = Sampler::load_with(
+        &SamplerConfig {
+            sample_hz: u64::from(opts.sample_hz),
+            follow_children: opts.follow_children,
+            cgroup_filter: false,
+            bpf_stats: true,
+        },
+        opts.python,
+    )?;
+    let mut warnings = sampler.warnings.clone();
+    let mut python = if opts.python && sampler.python_walker {
+        match PythonSupport::new(&mut sampler.bpf) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warnings.push(format!("python frames disabled: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut agg = Aggregator::new();
+
+    let mut child: Option<Child> = None;
+    let mut pids = opts.pids.clone();
+    if !opts.command.is_empty() {
+        let c = targets::spawn_stopped(&opts.command)?;
+        pids.push(c.id());
+        child = Some(c);
+    }
+    for &pid in &pids {
+        sampler.add_pid(pid, 0)?;
+    }
+    if let Some(c) = &child {
+        targets::resume(c);
+    }
+    for &pid in &opts.pids {
+        let merger = python.as_mut().map(|py| PyMerger {
+            py,
+            bpf: &mut sampler.bpf,
+        });
+        let mut merger = merger;
+        agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+    }
+
+    let start = Instant::now();
+    let wall_start = SystemTime::now();
+    let (loop_cpu0, _) = rusage();
+    let progress = opts.progress && io::stderr().is_terminal();
+    let mut last_housekeeping = Instant::now();
+    let mut exit_status = None;
+    loop {
+        let elapsed = start.elapsed();
+        if elapsed >= opts.duration || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let timeout = (opts.duration - elapsed).min(DRAIN_INTERVAL);
+        let mut pfd = libc::pollfd {
+            fd: sampler.events_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
+        drain(&mut sampler, &mut agg, python.as_mut());
+
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
+            last_housekeeping = Instant::now();
+            if let (Some(c), None) = (child.as_mut(), exit_status) {
+                exit_status = c.try_wait().ok().flatten();
+            }
+            let live = housekeeping(&mut sampler, &mut agg, python.as_mut());
+            if progress {
+                eprint!(
+                    "\r\x1b[2Krecording {:>5.1}s / {:.0}s   samples {:>7}   processes {}",
+                    start.elapsed().as_secs_f64(),
+                    opts.duration.as_secs_f64(),
+                    agg.total(),
+                    agg.process_count().max(live),
+                );
+                let _ = io::stderr().flush();
+            }
+            if live == 0 {
+                break; // every target exited
+            }
+        }
+    }
+    let wall = start.elapsed();
+    let kernel = sampler.kernel_cost();
+    drain(&mut sampler, &mut agg, python.as_mut());
+    let (loop_cpu1, _) = rusage();
+    if progress {
+        eprintln!();
+    }
+    if let Some(mut c) = child {
+        if exit_status.is_none() {
+            exit_status = c.try_wait().ok().flatten();
+        }
+        if exit_status.is_none() {
+            // SAFETY: signal to our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            exit_status = c.wait().ok();
+        }
+    }
+
+    let mut profile = agg.finish(opts.sample_hz, wall_start);
+    profile.duration = wall;
+    profile.labels.node = hostname();
+    profile.dropped = sampler.stat(Stat::Dropped);
+    warnings.append(&mut profile.warnings);
+    profile.warnings = warnings;
+    if profile.dropped > 0 {
+        profile.warnings.push(format!(
+            "{} samples dropped in kernel (ring buffer full)",
+            profile.dropped
+        ));
+    }
+    let (cpu1, rss) = rusage();
+    let stats = SessionStats {
+        events: agg.stats.events,
+        distinct_stacks: agg.stats.distinct_stacks,
+        dropped: profile.dropped,
+        targeted: sampler.stat(Stat::Targeted),
+        kernel_stack_errors: sampler.stat(Stat::KernelStackErr),
+        user_stack_errors: sampler.stat(Stat::UserStackErr),
+        children_followed: sampler.stat(Stat::ChildrenFollowed),
+        wall,
+        agent_cpu: cpu1.saturating_sub(cpu0),
+        loop_cpu: loop_cpu1.saturating_sub(loop_cpu0),
+        peak_rss_kib: rss,
+        kernel,
+    };
+    Ok(Recording {
+        profile,
+        stats,
+        exit_status,
+    })
+}
+
+fn drain(sampler: &mut Sampler, agg: &mut Aggregator, mut python: Option<&mut PythonSupport>) {
+    let Sampler { events, bpf, .. } = sampler;
+    while let Some(item) = events.next() {
+        let mut merger = python
+            .as_deref_mut()
+            .map(|py| PyMerger { py, bpf: &mut *bpf });
+        agg.add_bytes(&item, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+    }
+    agg.new_round();
+}
+
+/// Prunes the target map (threads inserted by the fork tracepoint, exited processes) and
+/// registers newly seen child processes. Returns the number of live targeted processes.
+fn housekeeping(
+    sampler: &mut Sampler,
+    agg: &mut Aggregator,
+    mut python: Option<&mut PythonSupport>,
+) -> usize {
+    let mut live = 0;
+    for (id, slot) in sampler.target_pids() {
+        let tgid = targets::tgid_of(id);
+        let alive = tgid == Some(id) && targets::process_alive(id);
+        match targets::prune_decision(id, slot.inherited != 0, tgid, alive) {
+            Prune::Keep => {
+                live += 1;
+                let mut merger = python.as_deref_mut().map(|py| PyMerger {
+                    py,
+                    bpf: &mut sampler.bpf,
+                });
+                agg.see_process(id, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+            }
+            Prune::Remove => {
+                sampler.remove_pid(id);
+                if let Some(py) = python.as_deref_mut()
+                    && tgid.is_none()
+                {
+                    py.on_exit(id);
+                }
+            }
+        }
+    }
+    live
+}
+
+/// Writes `profile.pb.gz`, `flamegraph.svg` and `summary.json` into `dir`.
+pub fn write_outputs(rec: &Recording, dir: &Path, title: &str) -> Result<(), RecordError> {
+    let werr = |path: PathBuf| move |source| RecordError::Write { path, source };
+    let pb = dir.join("profile.pb.gz");
+    fs::write(&pb, pprof::encode(&rec.profile)?).map_err(werr(pb.clone()))?;
+    let svg = dir.join("flamegraph.svg");
+    let file = fs::File::create(&svg).map_err(werr(svg.clone()))?;
+    flamegraph::render(&rec.profile, title, io::BufWriter::new(file)).map_err(werr(svg.clone()))?;
+    let summary = dir.join("summary.json");
+    fs::write(&summary, rec.stats.to_json()).map_err(werr(summary.clone()))?;
+    Ok(())
+}
+
+/// The top table text of a recording.
+pub fn top_table(rec: &Recording, limit: usize) -> String {
+    top::render(&top::top(&rec.profile), limit)
+}

@@ -1,0 +1,127 @@
+//! Caches of symbolization results, keyed by module identity (ELF build id when the file has
+//! one, else path) and file offset, so the same library in many processes is resolved once.
+use std::{collections::HashMap, sync::Arc};
+
+use crate::profile::Frame;
+
+/// Identity of a module: its GNU build id (hex) when present, else its path.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ModuleId {
+    BuildId(Arc<str>),
+    Path(Arc<str>),
+}
+
+impl ModuleId {
+    /// Hex-encodes a build id.
+    pub fn from_build_id(bytes: &[u8]) -> Self {
+        use std::fmt::Write as _;
+        let mut s = String::with_capacity(bytes.len() * 2);
+        for b in bytes {
+            let _ = write!(s, "{b:02x}");
+        }
+        ModuleId::BuildId(s.into())
+    }
+
+    /// The build id, hex encoded, if this identity is one.
+    pub fn build_id(&self) -> Option<&str> {
+        match self {
+            ModuleId::BuildId(b) => Some(b),
+            ModuleId::Path(_) => None,
+        }
+    }
+}
+
+/// Counters of a cache, for the end-of-run report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+/// Bounded map (module, offset) → frames (innermost first; several when inlined).
+#[derive(Debug)]
+pub struct SymbolCache {
+    map: HashMap<(ModuleId, u64), Arc<[Frame]>>,
+    capacity: usize,
+    stats: CacheStats,
+}
+
+impl SymbolCache {
+    pub fn new(capacity: usize) -> Self {
+        SymbolCache {
+            map: HashMap::new(),
+            capacity: capacity.max(1),
+            stats: CacheStats::default(),
+        }
+    }
+
+    pub fn get(&mut self, module: &ModuleId, offset: u64) -> Option<Arc<[Frame]>> {
+        let hit = self.map.get(&(module.clone(), offset)).cloned();
+        if hit.is_some() {
+            self.stats.hits += 1;
+        } else {
+            self.stats.misses += 1;
+        }
+        hit
+    }
+
+    /// Inserts a result. When full, the cache is cleared first (simple and bounded; entries are
+    /// cheap to recompute while the process lives).
+    pub fn insert(&mut self, module: ModuleId, offset: u64, frames: Arc<[Frame]>) {
+        if self.map.len() >= self.capacity {
+            self.stats.evictions += self.map.len() as u64;
+            self.map.clear();
+        }
+        self.map.insert((module, offset), frames);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{Frame, FrameKind};
+
+    fn frames(name: &str) -> Arc<[Frame]> {
+        vec![Frame::new(FrameKind::Native, name)].into()
+    }
+
+    #[test]
+    fn build_id_is_hex_and_shared_across_paths() {
+        let id = ModuleId::from_build_id(&[0xde, 0xad, 0x01]);
+        assert_eq!(id.build_id(), Some("dead01"));
+        let mut c = SymbolCache::new(8);
+        c.insert(id.clone(), 0x10, frames("f"));
+        // The same build id seen through another path (another container) hits.
+        let again = ModuleId::from_build_id(&[0xde, 0xad, 0x01]);
+        assert_eq!(&*c.get(&again, 0x10).unwrap()[0].function, "f");
+        assert!(c.get(&again, 0x11).is_none());
+        assert!(c.get(&ModuleId::Path("/x".into()), 0x10).is_none());
+        assert_eq!(c.stats().hits, 1);
+        assert_eq!(c.stats().misses, 2);
+    }
+
+    #[test]
+    fn bounded() {
+        let mut c = SymbolCache::new(2);
+        let m = ModuleId::Path("/bin/x".into());
+        c.insert(m.clone(), 1, frames("a"));
+        c.insert(m.clone(), 2, frames("b"));
+        c.insert(m.clone(), 3, frames("c"));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.stats().evictions, 2);
+        assert!(c.get(&m, 3).is_some());
+    }
+}

@@ -1,0 +1,490 @@
+//! Drains the spool: uploads each entry's artifacts to the profile store (or, without a store,
+//! publishes them as `file://` paths under the agent's state directory), then creates the
+//! Profile. Transient failures (store or API server away, token refused) keep the entry and back
+//! off; a Profile that already exists (a retry after a lost answer) counts as done, since names
+//! are deterministic; errors that can never succeed drop the entry with an error log.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use kprof_crds::{ArtifactRef, Profile};
+use kube::{Api, Client, api::PostParams};
+use tokio::sync::{Notify, watch};
+
+use crate::{
+    daemon::metrics,
+    spool::{ArtifactKind, ArtifactMeta, Entry, Spool},
+};
+
+/// Default location of the pod's ServiceAccount token.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Errors of one upload attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("profile store unreachable: {0}")]
+    StoreUnreachable(String),
+    #[error("profile store refused the token ({0}); will retry with a fresh token")]
+    StoreAuth(u16),
+    #[error("profile store answered {status}: {body}")]
+    StoreStatus { status: u16, body: String },
+    #[error("cannot read the service account token {}: {source}", path.display())]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("local artifact {}: {source}", path.display())]
+    Local {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("API server: {0}")]
+    Api(#[source] kube::Error),
+    #[error("the API server refused the Profile for good ({code}): {message}")]
+    Rejected { code: u16, message: String },
+}
+
+impl UploadError {
+    /// Whether a later attempt may succeed.
+    pub fn retryable(&self) -> bool {
+        !matches!(self, Self::Rejected { .. } | Self::Local { .. })
+    }
+
+    /// Metric label.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::StoreUnreachable(_) | Self::StoreStatus { .. } => "store",
+            Self::StoreAuth(_) | Self::Token { .. } => "store_auth",
+            Self::Local { .. } => "spool_io",
+            Self::Api(_) => "apiserver",
+            Self::Rejected { .. } => "profile_rejected",
+        }
+    }
+}
+
+/// Where artifacts go.
+#[derive(Clone, Debug)]
+pub enum ArtifactSink {
+    /// The kprof profile store (`PUT {url}/v1/artifacts/sha256:{hex}`).
+    Store { url: String, token_file: PathBuf },
+    /// No store: artifacts stay on the node under this directory, referenced as `file://`.
+    Local { dir: PathBuf },
+}
+
+/// Uploads spool entries.
+pub struct Uploader {
+    client: Client,
+    http: reqwest::Client,
+    sink: ArtifactSink,
+}
+
+/// The store URL of an artifact.
+pub fn store_url(base: &str, digest: &str) -> String {
+    format!("{}/v1/artifacts/{digest}", base.trim_end_matches('/'))
+}
+
+impl Uploader {
+    pub fn new(client: Client, sink: ArtifactSink) -> Uploader {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        Uploader { client, http, sink }
+    }
+
+    /// Publishes one artifact and returns its reference.
+    async fn publish(
+        &self,
+        entry: &Entry,
+        a: &ArtifactMeta,
+        namespace: &str,
+    ) -> Result<Option<ArtifactRef>, UploadError> {
+        let path = entry.artifact_path(a);
+        match &self.sink {
+            ArtifactSink::Local { dir } => {
+                let name = entry
+                    .manifest
+                    .profile
+                    .metadata
+                    .name
+                    .as_deref()
+                    .unwrap_or("profile");
+                let dest_dir = dir.join(namespace).join(name);
+                let dest = dest_dir.join(&a.file);
+                let local = |source| UploadError::Local {
+                    path: dest.clone(),
+                    source,
+                };
+                fs::create_dir_all(&dest_dir).map_err(local)?;
+                if !dest.exists() {
+                    let tmp = dest_dir.join(format!(".{}.tmp", a.file));
+                    fs::copy(&path, &tmp).map_err(local)?;
+                    fs::rename(&tmp, &dest).map_err(local)?;
+                }
+                Ok(Some(ArtifactRef {
+                    url: format!("file://{}", dest.display()),
+                    digest: a.digest.clone(),
+                    size_bytes: a.size,
+                }))
+            }
+            ArtifactSink::Store { url, token_file } => {
+                let body = tokio::fs::read(&path)
+                    .await
+                    .map_err(|source| UploadError::Local {
+                        path: path.clone(),
+                        source,
+                    })?;
+                // Re-read every time: the projected token rotates.
+                let token = tokio::fs::read_to_string(token_file)
+                    .await
+                    .map_err(|source| UploadError::Token {
+                        path: token_file.clone(),
+                        source,
+                    })?;
+                let target = store_url(url, &a.digest);
+                let resp = self
+                    .http
+                    .put(&target)
+                    .bearer_auth(token.trim())
+                    .header("X-Kprof-Namespace", namespace)
+                    .header("Content-Type", &a.content_type)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| UploadError::StoreUnreachable(e.to_string()))?;
+                let status = resp.status().as_u16();
+                match status {
+                    200 | 201 => Ok(Some(ArtifactRef {
+                        url: target,
+                        digest: a.digest.clone(),
+                        size_bytes: a.size,
+                    })),
+                    401 | 403 => Err(UploadError::StoreAuth(status)),
+                    // Too large, or the digest does not match the bytes: never going to work;
+                    // the Profile is still written, without this artifact and with a warning.
+                    400 | 413 => {
+                        let body = resp.text().await.unwrap_or_default();
+                        tracing::error!(artifact = ?a.kind, status, body = %body.trim(), "profile store refused an artifact");
+                        metrics::error("store_refused");
+                        Ok(None)
+                    }
+                    _ => Err(UploadError::StoreStatus {
+                        status,
+                        body: resp.text().await.unwrap_or_default().trim().to_owned(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Uploads one entry: artifacts, then the Profile.
+    pub async fn upload(&self, entry: &Entry) -> Result<(), UploadError> {
+        let mut profile: Profile = entry.manifest.profile.clone();
+        let namespace = profile.metadata.namespace.clone().unwrap_or_default();
+        for a in &entry.manifest.artifacts {
+            let r = self.publish(entry, a, &namespace).await?;
+            if r.is_none() {
+                profile
+                    .spec
+                    .warnings
+                    .push(format!("{} artifact refused by the profile store", a.file));
+            }
+            match a.kind {
+                ArtifactKind::Pprof => profile.spec.artifacts.pprof = r,
+                ArtifactKind::Flamegraph => profile.spec.artifacts.flamegraph = r,
+            }
+        }
+        let api: Api<Profile> = Api::namespaced(self.client.clone(), &namespace);
+        match api.create(&PostParams::default(), &profile).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()), // a retry: already there
+            Err(kube::Error::Api(s)) if matches!(s.code, 400 | 404 | 422) => {
+                Err(UploadError::Rejected {
+                    code: s.code,
+                    message: s.message,
+                })
+            }
+            Err(e) => Err(UploadError::Api(e)),
+        }
+    }
+}
+
+/// Drains the spool until `shutdown` is set and (then) the spool is empty or `drain_deadline`
+/// passed. Wakes on `wake` (a new entry) or when a backoff elapses.
+pub async fn run(
+    uploader: Uploader,
+    spool: Arc<Spool>,
+    wake: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+    drain_deadline: Duration,
+) {
+    let mut backoff = Duration::ZERO;
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    loop {
+        if stop_at.is_none() && *shutdown.borrow() {
+            stop_at = Some(tokio::time::Instant::now() + drain_deadline);
+        }
+        let mut failed = false;
+        for dir in spool.list() {
+            if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+                break;
+            }
+            let entry = match spool.load(&dir) {
+                Ok(e) => e,
+                Err(e) => {
+                    if dir.exists() {
+                        tracing::error!(error = %e, "dropping an unreadable spool entry");
+                        metrics::error("spool_corrupt");
+                        let _ = spool.remove(&dir);
+                    }
+                    continue;
+                }
+            };
+            let name = entry
+                .manifest
+                .profile
+                .metadata
+                .name
+                .clone()
+                .unwrap_or_default();
+            match uploader.upload(&entry).await {
+                Ok(()) => {
+                    tracing::info!(profile = %name, "profile written");
+                    metrics::profile_written();
+                    let _ = spool.remove(&dir);
+                }
+                Err(e) if e.retryable() => {
+                    metrics::error(e.category());
+                    tracing::warn!(profile = %name, error = %e, "upload failed; keeping it in the spool");
+                    failed = true;
+                    break; // keep the order; retry after the backoff
+                }
+                Err(e) => {
+                    metrics::error(e.category());
+                    tracing::error!(profile = %name, error = %e, "dropping a profile that can never be written");
+                    let _ = spool.remove(&dir);
+                }
+            }
+        }
+        metrics::set_spool_depth(spool.depth());
+        let empty = spool.depth() == 0;
+        if let Some(t) = stop_at
+            && (empty || tokio::time::Instant::now() >= t)
+        {
+            if !empty {
+                tracing::warn!(left = spool.depth(), spool = %spool.dir().display(), "shutting down with profiles left in the spool; they are sent at the next start");
+            }
+            return;
+        }
+        backoff = if failed {
+            (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
+        } else {
+            Duration::ZERO
+        };
+        let sleep = if failed {
+            backoff
+        } else {
+            Duration::from_secs(30)
+        };
+        tokio::select! {
+            () = wake.notified(), if !failed => {}
+            () = tokio::time::sleep(sleep) => {}
+            _ = shutdown.changed(), if stop_at.is_none() => {}
+        }
+    }
+}
+
+/// `file://` artifacts directory under the agent's state directory.
+pub fn local_artifacts_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("artifacts")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _, Write as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+    use crate::spool::{Limits, NewArtifact};
+
+    /// A one-request-per-answer fake store: answers `statuses` in order, returns the requests.
+    fn fake_store(statuses: Vec<u16>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let h = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for status in statuses {
+                let (mut s, _) = l.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut head = String::new();
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                head.push_str(&String::from_utf8_lossy(&body));
+                seen.push(head);
+                let answer = r#"{"digest":"sha256:x","size":2,"url":"u"}"#;
+                write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .unwrap();
+            }
+            seen
+        });
+        (url, h)
+    }
+
+    fn entry(dir: &Path) -> Entry {
+        let spool = Spool::open(dir.join("spool"), Limits::default()).unwrap();
+        let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        );
+        let mut p = Profile::new(
+            "p-1",
+            kprof_crds::ProfileSpec {
+                target: "t".into(),
+                pod: "p".into(),
+                container: "c".into(),
+                node: "n".into(),
+                pids: vec![],
+                runtime: "native".into(),
+                profile_type: kprof_crds::ProfileType::Cpu,
+                window_start: t.clone(),
+                window_end: t,
+                sample_hz: 99,
+                samples: 1,
+                lost_samples: 0,
+                cpu_cores: 0.0,
+                threads: 1,
+                top: String::new(),
+                top_functions: vec![],
+                artifacts: Default::default(),
+                warnings: vec![],
+            },
+        );
+        p.metadata.namespace = Some("shop".into());
+        let put = spool
+            .put(
+                &p,
+                vec![NewArtifact {
+                    kind: ArtifactKind::Pprof,
+                    bytes: b"pb".to_vec(),
+                }],
+            )
+            .unwrap();
+        spool.load(&put.dir).unwrap()
+    }
+
+    fn client() -> Client {
+        Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn store_contract() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = entry(tmp.path());
+        let a = &e.manifest.artifacts[0];
+        let token = tmp.path().join("token");
+        fs::write(&token, "tok-1\n").unwrap();
+        let (url, server) = fake_store(vec![201, 200, 401, 413, 503]);
+        let up = Uploader::new(
+            client(),
+            ArtifactSink::Store {
+                url: url.clone(),
+                token_file: token.clone(),
+            },
+        );
+        let r = up.publish(&e, a, "shop").await.unwrap().unwrap();
+        assert_eq!(r.url, format!("{url}/v1/artifacts/{}", a.digest));
+        assert_eq!((r.digest.as_str(), r.size_bytes), (a.digest.as_str(), 2));
+        // The token is re-read for every upload (it rotates).
+        fs::write(&token, "tok-2").unwrap();
+        assert!(up.publish(&e, a, "shop").await.unwrap().is_some());
+        let err = up.publish(&e, a, "shop").await.unwrap_err();
+        assert!(matches!(err, UploadError::StoreAuth(401)) && err.retryable());
+        assert!(
+            up.publish(&e, a, "shop").await.unwrap().is_none(),
+            "413: written without it"
+        );
+        let err = up.publish(&e, a, "shop").await.unwrap_err();
+        assert!(matches!(err, UploadError::StoreStatus { status: 503, .. }) && err.retryable());
+        let seen = server.join().unwrap();
+        let first = seen[0].to_ascii_lowercase();
+        assert!(
+            first.starts_with(&format!("put /v1/artifacts/{} http/1.1", a.digest)),
+            "{first}"
+        );
+        assert!(first.contains("authorization: bearer tok-1\r\n"), "{first}");
+        assert!(first.contains("x-kprof-namespace: shop\r\n"), "{first}");
+        assert!(
+            first.contains("content-type: application/vnd.google.protobuf+gzip"),
+            "{first}"
+        );
+        assert!(first.ends_with("pb"), "body: {first}");
+        assert!(seen[1].to_ascii_lowercase().contains("bearer tok-2"));
+
+        // Store gone (the fake has closed its socket): retryable.
+        let err = up.publish(&e, a, "shop").await.unwrap_err();
+        assert!(matches!(err, UploadError::StoreUnreachable(_)) && err.retryable());
+    }
+
+    #[tokio::test]
+    async fn local_sink_publishes_file_urls() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = entry(tmp.path());
+        let up = Uploader::new(
+            client(),
+            ArtifactSink::Local {
+                dir: tmp.path().join("artifacts"),
+            },
+        );
+        let r = up
+            .publish(&e, &e.manifest.artifacts[0], "shop")
+            .await
+            .unwrap()
+            .unwrap();
+        let path = tmp.path().join("artifacts/shop/p-1/profile.pb.gz");
+        assert_eq!(r.url, format!("file://{}", path.display()));
+        assert_eq!(fs::read(path).unwrap(), b"pb");
+    }
+
+    #[test]
+    fn urls_and_categories() {
+        assert_eq!(
+            store_url("http://store:8080/", "sha256:ab"),
+            "http://store:8080/v1/artifacts/sha256:ab"
+        );
+        assert!(UploadError::StoreAuth(401).retryable());
+        assert!(
+            !UploadError::Rejected {
+                code: 422,
+                message: String::new()
+            }
+            .retryable()
+        );
+        assert_eq!(
+            UploadError::StoreUnreachable(String::new()).category(),
+            "store"
+        );
+    }
+}

@@ -1,0 +1,565 @@
+//! Kernel tests of `kprof-agent record`: the real eBPF sampler on this machine's kernel against
+//! workloads with known hot functions (C, Rust, a syscall loop), built from
+//! `tests/workloads/` into a temporary directory.
+//!
+//! Need root (or CAP_BPF + CAP_PERFMON) and an agent built with its eBPF programs. Otherwise each
+//! test prints `SKIPPED: <reason>` and passes — unless `KPROF_REQUIRE_KERNEL=1`, then it fails.
+//!
+//!     sudo -E cargo test -p kprof-agent --test kernel -- --test-threads=1
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, OnceLock},
+    thread,
+    time::Duration,
+};
+
+use kprof_agent::pprof::{self, PprofProfile};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_kprof-agent");
+
+/// CPU workloads compete for two cores: run one test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (the eBPF sampler needs CAP_BPF + CAP_PERFMON)".into());
+    }
+    if !kprof_agent::loader::ebpf_available() {
+        return Some("kprof-agent was built without eBPF programs (AYA_BUILD_SKIP)".into());
+    }
+    None
+}
+
+/// Returns false (after printing why) when the test must be skipped.
+fn kernel_or_skip(test: &str) -> bool {
+    match skip_reason() {
+        None => true,
+        Some(why) if std::env::var("KPROF_REQUIRE_KERNEL").is_ok_and(|v| v == "1") => {
+            panic!("{test}: KPROF_REQUIRE_KERNEL=1 but cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED kernel test {test}: {why}");
+            false
+        }
+    }
+}
+
+struct Workloads {
+    _dir: tempfile::TempDir,
+    hot_c: PathBuf,
+    syscalls_c: PathBuf,
+    hot_rs: PathBuf,
+}
+
+fn workloads() -> &'static Workloads {
+    static W: OnceLock<Workloads> = OnceLock::new();
+    W.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cc = |name: &str, out: &str| {
+            let out = dir.path().join(out);
+            // -mno-omit-leaf-frame-pointer: GCC omits the frame pointer of leaf functions even
+            // with -fno-omit-frame-pointer, which hides the leaf's caller from any FP unwinder.
+            let st = Command::new("cc")
+                .args([
+                    "-O1",
+                    "-fno-omit-frame-pointer",
+                    "-mno-omit-leaf-frame-pointer",
+                    "-g",
+                    "-o",
+                ])
+                .arg(&out)
+                .arg(src.join(name))
+                .status()
+                .expect("run cc");
+            assert!(st.success(), "cc {name}");
+            out
+        };
+        let hot_c = cc("hot.c", "hot");
+        let syscalls_c = cc("syscalls.c", "syscalls");
+        let hot_rs = dir.path().join("hot-rs");
+        let st = Command::new("rustc")
+            .args(["-O", "-C", "force-frame-pointers=yes", "-g", "-o"])
+            .arg(&hot_rs)
+            .arg(src.join("hot.rs"))
+            .status()
+            .expect("run rustc");
+        assert!(st.success(), "rustc hot.rs");
+        Workloads {
+            _dir: dir,
+            hot_c,
+            syscalls_c,
+            hot_rs,
+        }
+    })
+}
+
+fn record(args: &[&str], out: &Path) -> Output {
+    let o = Command::new(AGENT)
+        .arg("record")
+        .arg("-o")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("run kprof-agent");
+    eprintln!(
+        "kprof-agent record {args:?}\n--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn load(out: &Path) -> PprofProfile {
+    let bytes = std::fs::read(out.join("profile.pb.gz")).expect("profile.pb.gz written");
+    assert!(
+        std::fs::metadata(out.join("flamegraph.svg"))
+            .expect("flamegraph.svg")
+            .len()
+            > 0
+    );
+    pprof::decode(&bytes).expect("valid pprof")
+}
+
+/// (pid label, leaf-first function names, count) per sample. Inlined calls are folded into
+/// the function they were inlined into (the last line of a location), so index 0 is the
+/// function whose machine code was running.
+fn samples(p: &PprofProfile) -> Vec<(i64, Vec<String>, i64)> {
+    let locs: HashMap<u64, &pprof::Location> = p.location.iter().map(|l| (l.id, l)).collect();
+    let funcs: HashMap<u64, &pprof::Function> = p.function.iter().map(|f| (f.id, f)).collect();
+    p.sample
+        .iter()
+        .map(|s| {
+            let pid = s
+                .label
+                .iter()
+                .find(|l| p.string(l.key) == "pid")
+                .map_or(-1, |l| l.num);
+            let names = s
+                .location_id
+                .iter()
+                .filter_map(|id| locs.get(id)?.line.last())
+                .filter_map(|line| funcs.get(&line.function_id))
+                .map(|f| p.string(f.name).to_owned())
+                .collect();
+            (pid, names, s.value[0])
+        })
+        .collect()
+}
+
+fn spawn(path: &Path, args: &[&str]) -> Child {
+    Command::new(path)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn workload")
+}
+
+/// Share of samples (of `pid`, or all when None) whose leaf satisfies `pred`.
+fn leaf_share(
+    s: &[(i64, Vec<String>, i64)],
+    pid: Option<i64>,
+    pred: impl Fn(&str) -> bool,
+) -> (f64, i64) {
+    let mut total = 0;
+    let mut hit = 0;
+    for (p, names, n) in s {
+        if pid.is_some_and(|want| *p != want) {
+            continue;
+        }
+        total += n;
+        if names.first().is_some_and(|f| pred(f)) {
+            hit += n;
+        }
+    }
+    (
+        if total == 0 {
+            0.0
+        } else {
+            hit as f64 / total as f64
+        },
+        total,
+    )
+}
+
+#[test]
+fn c_program_hot_functions() {
+    if !kernel_or_skip("c_program_hot_functions") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "-d",
+            "10s",
+            "--hz",
+            "199",
+            "--",
+            w.hot_c.to_str().unwrap(),
+            "4",
+        ],
+        out.path(),
+    );
+    assert!(o.status.success());
+    let p = load(out.path());
+    let s = samples(&p);
+    let (share, total) = leaf_share(&s, None, |f| f == "burn_alpha" || f == "burn_beta");
+    let (alpha, _) = leaf_share(&s, None, |f| f == "burn_alpha");
+    eprintln!(
+        "C: {total} samples, {:.1}% in burn_alpha|burn_beta, alpha {:.1}%",
+        share * 100.0,
+        alpha * 100.0
+    );
+    assert!(total >= 40, "too few samples: {total}");
+    assert!(
+        share >= 0.90,
+        "only {:.1}% attributed to the hot functions",
+        share * 100.0
+    );
+    // 2 calls of alpha per call of beta, same work per call.
+    assert!((0.50..=0.80).contains(&alpha), "burn_alpha share {alpha}");
+    // Callers are present down to main. (`run`, the direct caller, is not: burn_* are leaf
+    // functions without a frame of their own — GCC omits leaf frame pointers even with
+    // -fno-omit-frame-pointer — so a frame-pointer walk starts at the caller's caller, as with
+    // `perf record -g`.)
+    let with_callers = s
+        .iter()
+        .filter(|(_, n, _)| n.first().is_some_and(|f| f.starts_with("burn_")))
+        .all(|(_, n, _)| n.contains(&"main".to_owned()));
+    assert!(with_callers, "burn_* stacks must reach main");
+    // The top table names them first.
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let first_row = stdout.lines().nth(1).unwrap_or("");
+    assert!(
+        first_row.contains("burn_alpha") && first_row.contains("hot.c:"),
+        "{first_row}"
+    );
+}
+
+#[test]
+fn rust_program_hot_functions() {
+    if !kernel_or_skip("rust_program_hot_functions") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "-d",
+            "10s",
+            "--hz",
+            "199",
+            "--",
+            w.hot_rs.to_str().unwrap(),
+            "4",
+        ],
+        out.path(),
+    );
+    assert!(o.status.success());
+    let p = load(out.path());
+    let s = samples(&p);
+    let (share, total) = leaf_share(&s, None, |f| {
+        f.ends_with("::checksum_pages") || f.ends_with("::mix_keys")
+    });
+    let (cs, _) = leaf_share(&s, None, |f| f.ends_with("::checksum_pages"));
+    eprintln!(
+        "Rust: {total} samples, {:.1}% in checksum_pages|mix_keys, checksum_pages {:.1}%",
+        share * 100.0,
+        cs * 100.0
+    );
+    assert!(total >= 40, "too few samples: {total}");
+    assert!(share >= 0.90, "only {:.1}% attributed", share * 100.0);
+    assert!((0.60..=0.90).contains(&cs), "checksum_pages share {cs}");
+    // Demangled names with their callers (Rust keeps frame pointers in leaves too).
+    let with_callers = s
+        .iter()
+        .filter(|(_, n, _)| n.first().is_some_and(|f| f.ends_with("::checksum_pages")))
+        .all(|(_, n, _)| {
+            n.get(1).is_some_and(|f| f == "hot::run") && n.iter().any(|f| f == "hot::main")
+        });
+    assert!(with_callers, "checksum_pages <- hot::run <- hot::main");
+}
+
+#[test]
+fn syscall_heavy_program_shows_kernel_frames() {
+    if !kernel_or_skip("syscall_heavy_program_shows_kernel_frames") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "-d",
+            "10s",
+            "--hz",
+            "199",
+            "--",
+            w.syscalls_c.to_str().unwrap(),
+            "3",
+        ],
+        out.path(),
+    );
+    assert!(o.status.success());
+    let p = load(out.path());
+    let s = samples(&p);
+    let total: i64 = s.iter().map(|x| x.2).sum();
+    let read_path = |n: &Vec<String>| {
+        n.iter().any(|f| {
+            f.contains("vfs_read")
+                || f.contains("ksys_read")
+                || f.contains("sys_read")
+                || f.contains("read_iter_zero")
+        })
+    };
+    let in_read: i64 = s.iter().filter(|(_, n, _)| read_path(n)).map(|x| x.2).sum();
+    let share = in_read as f64 / total.max(1) as f64;
+    eprintln!(
+        "syscalls: {total} samples, {:.1}% in the kernel read path",
+        share * 100.0
+    );
+    assert!(total >= 30, "too few samples: {total}");
+    assert!(
+        share >= 0.5,
+        "kernel read path in only {:.1}%",
+        share * 100.0
+    );
+    // Kernel frames sit on top of the user frames that made the call.
+    let ok = s.iter().filter(|(_, n, _)| read_path(n)).all(|(_, n, _)| {
+        let k = n
+            .iter()
+            .position(|f| f.contains("sys_read") || f.contains("vfs_read"))
+            .unwrap();
+        // libc's read() has no frame pointer: its caller do_reads is skipped, main is there.
+        n[k..].iter().any(|f| f == "main" || f == "do_reads")
+            && n.iter()
+                .any(|f| f.contains("do_syscall_64") || f.contains("entry_SYSCALL"))
+    });
+    assert!(
+        ok,
+        "kernel read frames must be above do_syscall_64 and the user frames (main)"
+    );
+    // The kernel mapping exists.
+    assert!(
+        p.mapping
+            .iter()
+            .any(|m| p.string(m.filename) == "[kernel.kallsyms]")
+    );
+}
+
+#[test]
+fn go_tool_pprof_reads_the_profile() {
+    if !kernel_or_skip("go_tool_pprof_reads_the_profile") {
+        return;
+    }
+    let go = Path::new("/usr/local/go/bin/go");
+    if !go.exists() {
+        eprintln!("SKIPPED go_tool_pprof_reads_the_profile: /usr/local/go/bin/go not found");
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "-d",
+            "5s",
+            "--",
+            w.hot_c.to_str().unwrap(),
+            "2",
+        ],
+        out.path(),
+    );
+    assert!(o.status.success());
+    let top = Command::new(go)
+        .args(["tool", "pprof", "-top"])
+        .arg(out.path().join("profile.pb.gz"))
+        .env("PPROF_TMPDIR", out.path())
+        .output()
+        .expect("go tool pprof");
+    let text = String::from_utf8_lossy(&top.stdout);
+    eprintln!(
+        "go tool pprof -top:\n{text}\n{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    assert!(top.status.success());
+    assert!(text.contains("burn_alpha") && text.contains("burn_beta"));
+}
+
+#[test]
+fn untargeted_processes_are_not_in_the_output() {
+    if !kernel_or_skip("untargeted_processes_are_not_in_the_output") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let mut bystander = spawn(&w.hot_rs, &["5"]);
+    let mut target = spawn(&w.hot_c, &["5"]);
+    thread::sleep(Duration::from_millis(200));
+    let out = tempfile::tempdir().unwrap();
+    let tp = target.id().to_string();
+    let o = record(&["--no-python", "--pid", &tp, "-d", "3s"], out.path());
+    let _ = bystander.kill();
+    let _ = target.kill();
+    let _ = bystander.wait();
+    let _ = target.wait();
+    assert!(o.status.success());
+    let p = load(out.path());
+    let s = samples(&p);
+    assert!(!s.is_empty());
+    for (pid, names, _) in &s {
+        assert_eq!(
+            *pid,
+            i64::from(target.id()),
+            "sample of an untargeted pid: {names:?}"
+        );
+        assert!(
+            !names
+                .iter()
+                .any(|f| f.contains("checksum_pages") || f.contains("mix_keys"))
+        );
+    }
+}
+
+#[test]
+fn a_process_exiting_mid_window_keeps_its_samples() {
+    if !kernel_or_skip("a_process_exiting_mid_window_keeps_its_samples") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    // The short one exits about halfway through the window (loading takes a moment).
+    let mut short = spawn(&w.hot_c, &["2.5"]);
+    let mut long = spawn(&w.hot_rs, &["7"]);
+    let (sp, lp) = (short.id(), long.id());
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "--pid",
+            &sp.to_string(),
+            "--pid",
+            &lp.to_string(),
+            "-d",
+            "5s",
+        ],
+        out.path(),
+    );
+    let _ = short.wait();
+    let _ = long.kill();
+    let _ = long.wait();
+    assert!(o.status.success(), "the window survives the exit");
+    let p = load(out.path());
+    let s = samples(&p);
+    let mut per_pid: HashMap<i64, i64> = HashMap::new();
+    for (pid, _, n) in &s {
+        *per_pid.entry(*pid).or_default() += n;
+    }
+    eprintln!("samples per pid: {per_pid:?}");
+    assert!(
+        per_pid.get(&i64::from(sp)).copied().unwrap_or(0) >= 5,
+        "short-lived process samples kept"
+    );
+    assert!(per_pid.get(&i64::from(lp)).copied().unwrap_or(0) >= 5);
+    // Symbolized although the process was gone when the profile was written.
+    let (share, _) = leaf_share(&s, Some(i64::from(sp)), |f| f.starts_with("burn_"));
+    // (a threshold for few samples on a busy machine: a stray kernel-interrupt leaf is possible)
+    assert!(share >= 0.75, "exited process symbolized: {share}");
+}
+
+#[test]
+fn children_of_a_command_are_followed() {
+    if !kernel_or_skip("children_of_a_command_are_followed") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    // `; true` keeps the shell from exec'ing: the workload is a forked child.
+    let script = format!("{} 2; true", w.hot_c.display());
+    let o = record(
+        &["--no-python", "-d", "6s", "--", "/bin/sh", "-c", &script],
+        out.path(),
+    );
+    assert!(o.status.success());
+    let s = samples(&load(out.path()));
+    let (share, total) = leaf_share(&s, None, |f| f.starts_with("burn_"));
+    eprintln!("children: {total} samples, {:.1}% in burn_*", share * 100.0);
+    assert!(total >= 20 && share >= 0.9);
+}
+
+#[test]
+fn missing_capability_is_a_one_line_error() {
+    if !kernel_or_skip("missing_capability_is_a_one_line_error") {
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIPPED missing_capability_is_a_one_line_error: setpriv not found");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    // World-writable output dir so that only the capability is missing.
+    Command::new("chmod")
+        .arg("777")
+        .arg(out.path())
+        .status()
+        .unwrap();
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(AGENT)
+        .args(["record", "-d", "1s", "-o"])
+        .arg(out.path())
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{err}");
+    assert!(!o.status.success());
+    assert!(err.contains("missing capability"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn native_sampler_cost_is_reported() {
+    if !kernel_or_skip("native_sampler_cost_is_reported") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "-d",
+            "5s",
+            "--",
+            w.hot_c.to_str().unwrap(),
+            "2",
+        ],
+        out.path(),
+    );
+    assert!(o.status.success());
+    let summary = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
+    eprintln!("{summary}");
+    assert!(summary.contains("\"bpf_run_count\":"));
+    assert!(
+        summary.contains("\"dropped\":0"),
+        "no samples dropped at 99 Hz"
+    );
+}

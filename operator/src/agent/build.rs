@@ -1,0 +1,433 @@
+//! The agent DaemonSet (pure): which nodes need an agent, and the DaemonSet that puts one there.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, DaemonSetSpec},
+        core::v1::{
+            Affinity, Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource,
+            LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement,
+            NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec, PodTemplateSpec, SecurityContext,
+            Volume, VolumeMount,
+        },
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+    jiff::Timestamp,
+};
+use kprof_crds::ProfilingTarget;
+use kube::ResourceExt;
+
+use crate::{
+    AGENT_NAME, CONTROLLER_NAME, MANAGED_BY_LABEL,
+    config::AgentConfig,
+    target::{
+        build::{is_active, select_pods},
+        validate::validate,
+    },
+};
+
+/// Annotation holding a digest of the desired DaemonSet, so an unchanged one is not re-applied.
+pub const SPEC_HASH_ANNOTATION: &str = "kprof.io/spec-hash";
+
+/// The nodes that run selected pods of any active target (valid, not suspended, not completed).
+pub fn active_nodes<'a>(
+    targets: impl IntoIterator<Item = &'a ProfilingTarget>,
+    pods: &[Arc<Pod>],
+    now: Timestamp,
+) -> BTreeSet<String> {
+    let mut by_ns: BTreeMap<&str, Vec<Arc<Pod>>> = BTreeMap::new();
+    for p in pods {
+        if let Some(ns) = p.metadata.namespace.as_deref() {
+            by_ns.entry(ns).or_default().push(p.clone());
+        }
+    }
+    let mut nodes = BTreeSet::new();
+    for t in targets {
+        let Ok(valid) = validate(t) else { continue };
+        if !is_active(t, Some(&valid), now) {
+            continue;
+        }
+        let ns = t.namespace().unwrap_or_default();
+        let Some(pods) = by_ns.get(ns.as_str()) else {
+            continue;
+        };
+        nodes.extend(select_pods(&valid, &ns, pods).into_iter().map(|p| p.node));
+    }
+    nodes
+}
+
+/// The nodes a DaemonSet's required node affinity allows (`matchFields` on `metadata.name`).
+pub fn daemonset_nodes(ds: &DaemonSet) -> BTreeSet<String> {
+    let terms = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|a| {
+            a.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
+        .map(|r| r.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    terms
+        .iter()
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .filter(|r| r.key == "metadata.name" && r.operator == "In")
+        .flat_map(|r| r.values.iter().flatten().cloned())
+        .collect()
+}
+
+fn selector_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), AGENT_NAME.to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "agent".to_string(),
+        ),
+    ])
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+/// The agent DaemonSet in `namespace` whose pods run exactly on `nodes`.
+pub fn desired_daemonset(
+    cfg: &AgentConfig,
+    namespace: &str,
+    nodes: &BTreeSet<String>,
+) -> DaemonSet {
+    let mut labels = selector_labels();
+    labels.insert(MANAGED_BY_LABEL.into(), CONTROLLER_NAME.into());
+    let mut pod_labels = cfg.pod_labels.clone();
+    pod_labels.extend(selector_labels());
+
+    let mut env_vars = vec![
+        EnvVar {
+            name: "NODE_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "spec.nodeName".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        env("KPROF_NAMESPACE", namespace),
+    ];
+    if !cfg.store_url.is_empty() {
+        env_vars.push(env("KPROF_STORE_URL", &cfg.store_url));
+    }
+    env_vars.extend(cfg.env.iter().cloned());
+
+    let mut mounts = vec![VolumeMount {
+        name: "spool".into(),
+        mount_path: cfg.spool_dir.clone(),
+        ..Default::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "spool".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: cfg.spool_dir.clone(),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Default::default()
+    }];
+    if cfg.mount_btf {
+        mounts.push(VolumeMount {
+            name: "btf".into(),
+            mount_path: "/sys/kernel/btf".into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "btf".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: "/sys/kernel/btf".into(),
+                type_: Some("Directory".into()),
+            }),
+            ..Default::default()
+        });
+    }
+    // no_new_privs is compatible with capabilities granted at start, except CAP_SYS_ADMIN,
+    // which the API server refuses together with allowPrivilegeEscalation: false.
+    let adds_sys_admin = cfg
+        .capabilities
+        .add
+        .iter()
+        .any(|c| c.trim_start_matches("CAP_") == "SYS_ADMIN");
+    let container = Container {
+        name: "agent".into(),
+        image: Some(cfg.image.clone()),
+        image_pull_policy: Some(cfg.image_pull_policy.clone()),
+        args: Some(vec!["run".into()]),
+        env: Some(env_vars),
+        resources: cfg.resources.clone(),
+        security_context: Some(SecurityContext {
+            privileged: Some(false),
+            allow_privilege_escalation: Some(adds_sys_admin),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(cfg.capabilities.add.clone()),
+                drop: Some(cfg.capabilities.drop.clone()),
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+    // The API server allows exactly one value for a `matchFields` requirement on
+    // `metadata.name`, so every node gets its own term (terms are ORed), as the DaemonSet
+    // controller itself pins its pods.
+    let terms = nodes
+        .iter()
+        .map(|n| NodeSelectorTerm {
+            match_fields: Some(vec![NodeSelectorRequirement {
+                key: "metadata.name".into(),
+                operator: "In".into(),
+                values: Some(vec![n.clone()]),
+            }]),
+            ..Default::default()
+        })
+        .collect();
+    let affinity = Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: terms,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod_spec = PodSpec {
+        service_account_name: Some(cfg.service_account_name.clone()),
+        host_pid: Some(true),
+        host_network: Some(cfg.host_network),
+        dns_policy: Some(
+            if cfg.host_network {
+                "ClusterFirstWithHostNet"
+            } else {
+                "ClusterFirst"
+            }
+            .into(),
+        ),
+        affinity: Some(affinity),
+        tolerations: (!cfg.tolerations.is_empty()).then(|| cfg.tolerations.clone()),
+        node_selector: (!cfg.node_selector.is_empty()).then(|| cfg.node_selector.clone()),
+        priority_class_name: (!cfg.priority_class_name.is_empty())
+            .then(|| cfg.priority_class_name.clone()),
+        image_pull_secrets: (!cfg.image_pull_secrets.is_empty()).then(|| {
+            cfg.image_pull_secrets
+                .iter()
+                .map(|n| LocalObjectReference { name: n.clone() })
+                .collect()
+        }),
+        termination_grace_period_seconds: Some(30),
+        containers: vec![container],
+        volumes: Some(volumes),
+        ..Default::default()
+    };
+    let mut ds = DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(AGENT_NAME.into()),
+            namespace: Some(namespace.into()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: (!cfg.pod_annotations.is_empty())
+                        .then(|| cfg.pod_annotations.clone()),
+                    ..Default::default()
+                }),
+                spec: Some(pod_spec),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let hash = spec_hash(&ds);
+    ds.metadata.annotations = Some(BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), hash)]));
+    ds
+}
+
+/// A stable digest (FNV-1a, 64 bit) of the DaemonSet as built, before the annotation is added.
+fn spec_hash(ds: &DaemonSet) -> String {
+    let bytes = serde_json::to_vec(ds).expect("a DaemonSet serializes");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The spec hash recorded on a DaemonSet.
+pub fn recorded_hash(ds: &DaemonSet) -> Option<&str> {
+    ds.annotations()
+        .get(SPEC_HASH_ANNOTATION)
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::OperatorConfig,
+        target::fixtures::{pod, target, ts},
+    };
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn desired_daemonset_has_the_fixed_parts() {
+        let ds = desired_daemonset(
+            &OperatorConfig::default().agent,
+            "kprof-system",
+            &set(&["n2", "n1"]),
+        );
+        assert_eq!(ds.metadata.name.as_deref(), Some("kprof-agent"));
+        assert_eq!(ds.metadata.namespace.as_deref(), Some("kprof-system"));
+        assert_eq!(daemonset_nodes(&ds), set(&["n1", "n2"]));
+        let v = serde_json::to_value(&ds).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["hostPID"], true);
+        assert_eq!(pod["serviceAccountName"], "kprof-agent");
+        let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"];
+        assert_eq!(
+            *terms,
+            serde_json::json!([
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]},
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]},
+            ]),
+            "one term per node: the API server allows a single value per metadata.name requirement"
+        );
+        let c = &pod["containers"][0];
+        assert_eq!(c["name"], "agent");
+        assert_eq!(c["args"], serde_json::json!(["run"]));
+        assert_eq!(
+            c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
+            "spec.nodeName"
+        );
+        assert_eq!(
+            c["env"][1],
+            serde_json::json!({"name": "KPROF_NAMESPACE", "value": "kprof-system"})
+        );
+        let sc = &c["securityContext"];
+        assert_eq!(sc["privileged"], false);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(
+            sc["capabilities"]["add"],
+            serde_json::json!(["BPF", "PERFMON", "SYS_PTRACE"])
+        );
+        assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(
+            c["volumeMounts"][0],
+            serde_json::json!({"name": "spool", "mountPath": "/var/lib/kprof"})
+        );
+        assert_eq!(c["volumeMounts"][1]["readOnly"], true);
+        assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/var/lib/kprof");
+        assert_eq!(
+            v["spec"]["selector"]["matchLabels"],
+            v["spec"]["template"]["metadata"]["labels"]
+        );
+    }
+
+    #[test]
+    fn configuration_reaches_the_pod() {
+        let cfg = OperatorConfig::from_yaml(
+            "agent:\n  image: local/agent:dev\n  hostNetwork: true\n  storeUrl: http://store:8080\n  priorityClassName: system-node-critical\n  env: [{name: RUST_LOG, value: debug}]\n  mountBtf: false\n  capabilities: {add: [BPF, SYS_ADMIN], drop: [ALL]}\n",
+        )
+        .unwrap();
+        let ds = desired_daemonset(&cfg.agent, "ns", &set(&["n"]));
+        let v = serde_json::to_value(&ds).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        assert_eq!(pod["hostNetwork"], true);
+        assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+        assert_eq!(pod["priorityClassName"], "system-node-critical");
+        let c = &pod["containers"][0];
+        assert_eq!(c["image"], "local/agent:dev");
+        assert_eq!(
+            c["env"][2],
+            serde_json::json!({"name": "KPROF_STORE_URL", "value": "http://store:8080"})
+        );
+        assert_eq!(c["env"][3]["name"], "RUST_LOG");
+        assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            c["securityContext"]["allowPrivilegeEscalation"], true,
+            "SYS_ADMIN needs it"
+        );
+    }
+
+    #[test]
+    fn hash_changes_with_nodes_only() {
+        let cfg = OperatorConfig::default().agent;
+        let a = desired_daemonset(&cfg, "ns", &set(&["n1"]));
+        let b = desired_daemonset(&cfg, "ns", &set(&["n1"]));
+        let c = desired_daemonset(&cfg, "ns", &set(&["n1", "n2"]));
+        assert_eq!(recorded_hash(&a), recorded_hash(&b));
+        assert_ne!(recorded_hash(&a), recorded_hash(&c));
+    }
+
+    #[test]
+    fn active_nodes_cover_active_targets_only() {
+        let now = ts("2026-01-01T00:00:00Z");
+        let running = target("a", "shop", "selector: {matchLabels: {app: a}}");
+        let suspended = target(
+            "b",
+            "shop",
+            "selector: {matchLabels: {app: b}}\nsuspend: true",
+        );
+        let mut completed = target(
+            "c",
+            "shop",
+            "selector: {matchLabels: {app: c}}\nduration: 1m",
+        );
+        completed.status = Some(kprof_crds::ProfilingTargetStatus {
+            start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts(
+                "2025-12-31T00:00:00Z",
+            ))),
+            ..Default::default()
+        });
+        let invalid = target(
+            "d",
+            "shop",
+            "selector: {matchExpressions: [{key: app, operator: In}]}",
+        );
+        let other_ns = target("e", "other", "selector: {matchLabels: {app: e}}");
+        let pods = vec![
+            pod("shop", "a1", &[("app", "a")], Some("n1"), "Running"),
+            pod("shop", "a2", &[("app", "a")], Some("n2"), "Running"),
+            pod("shop", "b1", &[("app", "b")], Some("n3"), "Running"),
+            pod("shop", "c1", &[("app", "c")], Some("n4"), "Running"),
+            pod("shop", "d1", &[("app", "d")], Some("n5"), "Running"),
+            pod("shop", "e1", &[("app", "e")], Some("n6"), "Running"),
+        ];
+        let targets = [running, suspended, completed, invalid, other_ns];
+        assert_eq!(active_nodes(&targets, &pods, now), set(&["n1", "n2"]));
+        assert!(
+            active_nodes(&targets[1..], &pods, now).is_empty(),
+            "no active target: no agents"
+        );
+    }
+}

@@ -1,0 +1,469 @@
+//! `kubectl kprof`: read profiles with the user's own credentials.
+//!
+//! The Profile object is read first through the API (so RBAC on `profiles` applies), then its
+//! artifacts are fetched by digest from the store through the API server's service proxy
+//! (`/api/v1/namespaces/<store ns>/services/http:kprof-store:8090/proxy/v1/artifacts/…`, so RBAC
+//! on `services/proxy` in the store's namespace applies) and checked against the digest. Top
+//! tables, flame graphs, diffs and merges are computed locally from the pprof.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use http_body_util::BodyExt;
+use kprof_crds::Profile;
+use kube::api::ListParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use crate::store::analysis::{self, Stacks, TopReport};
+use crate::store::backend::Digest;
+use crate::store::pprof;
+
+/// kubectl kprof: profiles of your pods (top, flame graphs, diffs, merges).
+#[derive(Parser, Debug)]
+#[command(name = "kubectl-kprof", bin_name = "kubectl kprof", version)]
+pub struct Cli {
+    /// Namespace of the Profiles (default: the kubeconfig context's).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// Path to the kubeconfig (default: $KUBECONFIG, ~/.kube/config or in-cluster).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kubeconfig context to use.
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Impersonate this user (like kubectl --as).
+    #[arg(long = "as", global = true)]
+    pub as_user: Option<String>,
+    /// Impersonate this group (like kubectl --as-group; repeatable).
+    #[arg(long = "as-group", global = true)]
+    pub as_group: Vec<String>,
+    /// Namespace the kprof store (the operator) runs in.
+    #[arg(
+        long,
+        global = true,
+        default_value = "kprof-system",
+        env = "KPROF_STORE_NAMESPACE"
+    )]
+    pub store_namespace: String,
+    /// The store's Service as `name:port`.
+    #[arg(
+        long,
+        global = true,
+        default_value = "kprof-store:8090",
+        env = "KPROF_STORE_SERVICE"
+    )]
+    pub store_service: String,
+    /// Which sample value to use (index or type name such as `samples`, `cpu`); default: the
+    /// profile's default.
+    #[arg(long, global = true)]
+    pub sample_index: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Self and total share per function.
+    Top {
+        profile: String,
+        /// Rows to print.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Write an interactive flame graph (SVG).
+    Flamegraph {
+        profile: String,
+        #[arg(short = 'o', long, default_value = "flamegraph.svg")]
+        output: PathBuf,
+    },
+    /// Write the pprof (gzip profile.proto), for `go tool pprof`, speedscope, Pyroscope.
+    Pprof {
+        profile: String,
+        #[arg(short = 'o', long, default_value = "profile.pb.gz")]
+        output: PathBuf,
+    },
+    /// Differential flame graph of B against A, and the functions that grew most.
+    Diff {
+        /// The "before" profile.
+        a: String,
+        /// The "after" profile.
+        b: String,
+        #[arg(short = 'o', long, default_value = "diff.svg")]
+        output: PathBuf,
+        /// Rows of the growth table.
+        #[arg(long, default_value_t = 15)]
+        limit: usize,
+    },
+    /// Merge the Profiles matching a label selector and/or time range into one pprof.
+    Merge {
+        /// Label selector, e.g. `kprof.io/target=checkout,kprof.io/type=cpu`.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Only profiles whose window ended within this long ago (Go duration: 30m, 1h, 24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Explicit profile names (in addition to the selector).
+        profiles: Vec<String>,
+        #[arg(short = 'o', long, default_value = "merged.pb.gz")]
+        output: PathBuf,
+        /// Also write a flame graph of the merge.
+        #[arg(long)]
+        flamegraph: Option<PathBuf>,
+        /// Rows of the top table printed for the merge.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Print how to open the store's web page (through `kubectl proxy`).
+    Open {
+        /// A profile to open directly.
+        profile: Option<String>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// Entry point of the `kubectl-kprof` binary: results on stdout.
+pub async fn run(cli: Cli) -> Result<()> {
+    let mut out = Vec::new();
+    let result = run_to(&cli, &mut out).await;
+    print!("{}", String::from_utf8_lossy(&out));
+    result
+}
+
+/// Parse `args` (without the program name) and run, writing what would go to stdout into `out`:
+/// the plugin in-process, for tests.
+pub async fn run_args(args: &[&str], out: &mut Vec<u8>) -> Result<()> {
+    let cli = Cli::try_parse_from(std::iter::once("kubectl-kprof").chain(args.iter().copied()))?;
+    run_to(&cli, out).await
+}
+
+/// Run `cli`, writing the results into `out`.
+pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
+    use std::io::Write as _;
+    let client = client(cli).await?;
+    let ns = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let k = Kprof { client, ns, cli };
+    match &cli.command {
+        Command::Top {
+            profile,
+            limit,
+            output,
+        } => {
+            let (_, stacks) = k.stacks(profile).await?;
+            let report = TopReport::new(&stacks, *limit);
+            match output {
+                Format::Table => write!(out, "{}", report.table())?,
+                Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+            }
+        }
+        Command::Flamegraph { profile, output } => {
+            let (p, stacks) = k.stacks(profile).await?;
+            let svg = analysis::flamegraph_svg(
+                &stacks,
+                &format!(
+                    "{}/{profile}: {} of {}/{}",
+                    k.ns, p.spec.profile_type, p.spec.pod, p.spec.container
+                ),
+            );
+            write(output, &svg)?;
+        }
+        Command::Pprof { profile, output } => {
+            let p = k.profile(profile).await?;
+            let bytes = k.pprof_bytes(&p).await?;
+            write(output, &bytes)?;
+        }
+        Command::Diff {
+            a,
+            b,
+            output,
+            limit,
+        } => {
+            let (_, before) = k.stacks(a).await?;
+            let (_, after) = k.stacks(b).await?;
+            write(
+                output,
+                &analysis::diff_svg(&before, &after, &format!("{a} → {b}")),
+            )?;
+            writeln!(
+                out,
+                "{:>8} {:>8} {:>8}  FUNCTION (self %, grew most first)",
+                "BEFORE", "AFTER", "DELTA"
+            )?;
+            for g in analysis::growth(&before, &after).iter().take(*limit) {
+                writeln!(
+                    out,
+                    "{:>7.2}% {:>7.2}% {:>+7.2}%  {}",
+                    g.before_self_percent, g.after_self_percent, g.delta_percent, g.function
+                )?;
+            }
+        }
+        Command::Merge {
+            selector,
+            since,
+            profiles,
+            output,
+            flamegraph,
+            limit,
+        } => {
+            let names = k
+                .select(selector.as_deref(), since.as_deref(), profiles)
+                .await?;
+            if names.is_empty() {
+                bail!(
+                    "no Profiles in namespace {} match (selector {selector:?}, since {since:?})",
+                    k.ns
+                );
+            }
+            let mut decoded = Vec::new();
+            for n in &names {
+                let p = k.profile(n).await?;
+                let bytes = k.pprof_bytes(&p).await?;
+                decoded.push(
+                    pprof::Profile::decode_bytes(&bytes)
+                        .with_context(|| format!("decoding {n}"))?,
+                );
+            }
+            let merged = pprof::merge(&decoded)?;
+            write(output, &merged.encode_gzip())?;
+            let idx = merged
+                .value_index(k.cli.sample_index.as_deref())
+                .ok_or_else(|| anyhow!("no such sample type"))?;
+            let stacks = Stacks::from_profile(&merged, idx);
+            eprintln!("merged {} profiles: {}", names.len(), names.join(", "));
+            if let Some(f) = flamegraph {
+                write(
+                    f,
+                    &analysis::flamegraph_svg(
+                        &stacks,
+                        &format!("{}: merge of {} profiles", k.ns, names.len()),
+                    ),
+                )?;
+            }
+            write!(out, "{}", TopReport::new(&stacks, *limit).table())?;
+        }
+        Command::Open { profile } => {
+            let base = format!("http://127.0.0.1:8001{}/", k.proxy_base());
+            let url = match profile {
+                Some(p) => format!("{base}ui/profiles/{}/{p}", k.ns),
+                None => base,
+            };
+            writeln!(
+                out,
+                "Run `kubectl proxy` (it serves on 127.0.0.1:8001 with your credentials), then open:\n  {url}"
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn write(path: &PathBuf, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {} ({} bytes)", path.display(), bytes.len());
+    Ok(())
+}
+
+/// A kube client like kubectl builds it: --kubeconfig/--context, else the usual inference;
+/// --as/--as-group impersonate.
+async fn client(cli: &Cli) -> Result<Client> {
+    let opts = KubeConfigOptions {
+        context: cli.context.clone(),
+        ..Default::default()
+    };
+    let mut config = match &cli.kubeconfig {
+        Some(path) if !path.as_os_str().is_empty() => {
+            let path = std::env::split_paths(path)
+                .next()
+                .unwrap_or_else(|| path.clone());
+            let kc = Kubeconfig::read_from(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &opts).await?
+        }
+        _ if cli.context.is_some() => Config::from_kubeconfig(&opts).await?,
+        _ => Config::infer()
+            .await
+            .context("no kubeconfig found (use --kubeconfig)")?,
+    };
+    if let Some(user) = &cli.as_user {
+        config.auth_info.impersonate = Some(user.clone());
+    }
+    if !cli.as_group.is_empty() {
+        config.auth_info.impersonate_groups = Some(cli.as_group.clone());
+    }
+    config.read_timeout = Some(Duration::from_secs(120));
+    Ok(Client::try_from(config)?)
+}
+
+struct Kprof<'a> {
+    client: Client,
+    ns: String,
+    cli: &'a Cli,
+}
+
+impl Kprof<'_> {
+    /// `/api/v1/namespaces/<ns>/services/http:<name>:<port>/proxy`.
+    fn proxy_base(&self) -> String {
+        let svc = &self.cli.store_service;
+        let svc = if svc.starts_with("http:") || svc.starts_with("https:") {
+            svc.clone()
+        } else {
+            format!("http:{svc}")
+        };
+        format!(
+            "/api/v1/namespaces/{}/services/{svc}/proxy",
+            self.cli.store_namespace
+        )
+    }
+
+    async fn profile(&self, name: &str) -> Result<Profile> {
+        let api: Api<Profile> = Api::namespaced(self.client.clone(), &self.ns);
+        api.get(name).await.map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 403 => anyhow!(
+                "not allowed to read Profile {}/{name}: {}",
+                self.ns,
+                s.message
+            ),
+            kube::Error::Api(s) if s.code == 404 => anyhow!("Profile {}/{name} not found", self.ns),
+            _ => anyhow!("reading Profile {}/{name}: {e}", self.ns),
+        })
+    }
+
+    /// GET a store path through the API server's service proxy.
+    async fn store_get(&self, path: &str) -> Result<Vec<u8>> {
+        let uri = format!("{}{path}", self.proxy_base());
+        let req = http::Request::get(&uri).body(kube::client::Body::empty())?;
+        let res = self
+            .client
+            .send(req)
+            .await
+            .with_context(|| format!("GET {uri}"))?;
+        let status = res.status();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading {uri}: {e}"))?
+            .to_bytes();
+        if status.is_success() {
+            return Ok(body.to_vec());
+        }
+        let text = String::from_utf8_lossy(&body);
+        let msg = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| {
+                v.get("message")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| text.trim().to_string());
+        match status.as_u16() {
+            401 | 403 => bail!(
+                "the API server refused access to the kprof store ({status}): {msg}\n\
+                 Reading artifacts needs `get` on `services/proxy` in namespace {} (service {}).",
+                self.cli.store_namespace,
+                self.cli.store_service
+            ),
+            503 | 502 => {
+                bail!("the kprof store is not reachable through the API server ({status}): {msg}")
+            }
+            _ => bail!("store answered {status} for {path}: {msg}"),
+        }
+    }
+
+    /// The pprof bytes of a Profile, fetched by digest and verified.
+    async fn pprof_bytes(&self, p: &Profile) -> Result<Vec<u8>> {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let r = p
+            .spec
+            .artifacts
+            .pprof
+            .as_ref()
+            .ok_or_else(|| anyhow!("Profile {name} has no pprof artifact (yet)"))?;
+        let d = Digest::parse(&r.digest)
+            .or_else(|| Digest::from_url(&r.url))
+            .ok_or_else(|| {
+                anyhow!(
+                    "Profile {name}: pprof artifact {:?} has no sha256 digest",
+                    r.url
+                )
+            })?;
+        let bytes = self.store_get(&format!("/v1/artifacts/{d}")).await?;
+        let got = Digest::of(&bytes);
+        if got != d {
+            bail!("artifact of {name} does not match its digest: expected {d}, got {got}");
+        }
+        Ok(bytes)
+    }
+
+    async fn stacks(&self, name: &str) -> Result<(Profile, Stacks)> {
+        let p = self.profile(name).await?;
+        let bytes = self.pprof_bytes(&p).await?;
+        let prof = pprof::Profile::decode_bytes(&bytes)
+            .with_context(|| format!("decoding the pprof of {name}"))?;
+        let idx = prof
+            .value_index(self.cli.sample_index.as_deref())
+            .ok_or_else(|| {
+                anyhow!(
+                    "no sample type {:?} in {name}; it has {:?}",
+                    self.cli.sample_index,
+                    prof.sample_types()
+                )
+            })?;
+        Ok((p, Stacks::from_profile(&prof, idx)))
+    }
+
+    /// Names of the Profiles to merge: selector and time range, plus explicit names.
+    async fn select(
+        &self,
+        selector: Option<&str>,
+        since: Option<&str>,
+        explicit: &[String],
+    ) -> Result<Vec<String>> {
+        let mut names: Vec<String> = explicit.to_vec();
+        if selector.is_some() || since.is_some() {
+            let cutoff = match since {
+                Some(s) => {
+                    let d =
+                        crate::store::parse_duration(s).map_err(|e| anyhow!("--since {s}: {e}"))?;
+                    Some(
+                        k8s_openapi::jiff::Timestamp::now()
+                            - k8s_openapi::jiff::SignedDuration::try_from(d)?,
+                    )
+                }
+                None => None,
+            };
+            let api: Api<Profile> = Api::namespaced(self.client.clone(), &self.ns);
+            let mut lp = ListParams::default();
+            if let Some(s) = selector {
+                lp = lp.labels(s);
+            }
+            let mut items = api
+                .list(&lp)
+                .await
+                .with_context(|| format!("listing Profiles in {}", self.ns))?
+                .items;
+            items.sort_by_key(|p| p.spec.window_end.0);
+            for p in items {
+                if cutoff.is_some_and(|c| p.spec.window_end.0 < c) {
+                    continue;
+                }
+                let n = p.metadata.name.unwrap_or_default();
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        Ok(names)
+    }
+}

@@ -1,0 +1,218 @@
+//! Content-addressed artifact storage over the `object_store` crate: a local directory by default
+//! (atomic writes: `object_store`'s local backend writes a temporary file and renames it), any
+//! `object_store` URL otherwise. Objects live at `artifacts/sha256/<hex>`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use super::StoreError;
+
+const PREFIX: &str = "artifacts/sha256";
+
+/// A validated `sha256:<64 lowercase hex>` content digest.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parse `sha256:<hex>` (64 hex digits; upper case is accepted and normalised).
+    pub fn parse(s: &str) -> Option<Self> {
+        let hex = s.strip_prefix("sha256:")?;
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| Self(hex.to_ascii_lowercase()))
+    }
+
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+        Self(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// The digest at the end of an artifact URL (`.../v1/artifacts/sha256:<hex>`).
+    pub fn from_url(url: &str) -> Option<Self> {
+        Self::parse(url.rsplit('/').next()?)
+    }
+
+    pub fn hex(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sha256:{}", self.0)
+    }
+}
+
+/// An object kept in the store.
+#[derive(Clone, Debug)]
+pub struct StoredObject {
+    pub digest: Digest,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub last_modified: i64,
+}
+
+/// The artifact store.
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    inner: Arc<dyn ObjectStore>,
+    prefix: Path,
+    description: String,
+}
+
+impl Artifacts {
+    /// A store in a local directory (created when missing).
+    pub fn local(dir: &std::path::Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Config(format!("creating {}: {e}", dir.display())))?;
+        let fs = LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| StoreError::Config(format!("store dir {}: {e}", dir.display())))?;
+        Ok(Self {
+            inner: Arc::new(fs),
+            prefix: Path::from(PREFIX),
+            description: format!("directory {}", dir.display()),
+        })
+    }
+
+    /// A store at an `object_store` URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///…`,
+    /// `memory:///`); options (credentials, region) come from the environment as the
+    /// `object_store` builders read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| StoreError::Config(format!("--store-url {url}: {e}")))?;
+        let opts: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| {
+                k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
+            })
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        let (store, base) = object_store::parse_url_opts(&parsed, opts).map_err(|e| {
+            StoreError::Config(format!(
+                "--store-url {url}: {e} (this build of kprof supports file:// and memory://; S3, GCS and Azure need \
+                 object_store's aws/gcp/azure features, see docs/store.md)"
+            ))
+        })?;
+        let prefix = Path::from_iter(base.parts().chain(Path::from(PREFIX).parts()));
+        Ok(Self {
+            inner: Arc::from(store),
+            prefix,
+            description: url.to_string(),
+        })
+    }
+
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    fn path(&self, d: &Digest) -> Path {
+        self.prefix.clone().join(d.hex())
+    }
+
+    /// Whether the artifact is present.
+    pub async fn exists(&self, d: &Digest) -> Result<bool, StoreError> {
+        match self.inner.head(&self.path(d)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(StoreError::Backend(e.to_string())),
+        }
+    }
+
+    /// Store `bytes` under `d` (atomically; the caller has checked the digest).
+    pub async fn put(&self, d: &Digest, bytes: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(&self.path(d), PutPayload::from_bytes(bytes))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The artifact's bytes, `None` when absent.
+    pub async fn get(&self, d: &Digest) -> Result<Option<Bytes>, StoreError> {
+        match self.inner.get(&self.path(d)).await {
+            Ok(r) => Ok(Some(
+                r.bytes()
+                    .await
+                    .map_err(|e| StoreError::Backend(e.to_string()))?,
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::Backend(e.to_string())),
+        }
+    }
+
+    /// Every artifact (name, size, age).
+    pub async fn list(&self) -> Result<Vec<StoredObject>, StoreError> {
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&self.prefix))
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?;
+                let digest = Digest::parse(&format!("sha256:{name}"))?;
+                Some(StoredObject {
+                    digest,
+                    size: m.size,
+                    last_modified: m.last_modified.timestamp(),
+                })
+            })
+            .collect())
+    }
+
+    /// Remove an artifact (absent is fine).
+    pub async fn delete(&self, d: &Digest) -> Result<(), StoreError> {
+        match self.inner.delete(&self.path(d)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::Backend(e.to_string())),
+        }
+    }
+}
+
+/// The media type of an artifact, sniffed from its first bytes (the local backend keeps no
+/// attributes).
+pub fn sniff_content_type(bytes: &[u8]) -> &'static str {
+    let head = &bytes[..bytes.len().min(512)];
+    if head.starts_with(&[0x1f, 0x8b]) {
+        "application/gzip"
+    } else if head.windows(4).any(|w| w == b"<svg") {
+        "image/svg+xml"
+    } else if head.first() == Some(&b'{') {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests() {
+        let d = Digest::of(b"abc");
+        assert_eq!(
+            d.to_string(),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            Digest::parse(&d.to_string().to_uppercase().replace("SHA256", "sha256")),
+            Some(d.clone())
+        );
+        assert_eq!(Digest::parse("sha256:abc"), None);
+        assert_eq!(
+            Digest::parse("md5:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            None
+        );
+        assert_eq!(
+            Digest::from_url(&format!("http://x:8090/v1/artifacts/{d}")),
+            Some(d)
+        );
+    }
+}

@@ -1,0 +1,292 @@
+//! The profile store: an HTTP server embedded in the operator that keeps the artifacts agents
+//! upload (pprof, flame graph SVG), content-addressed by SHA-256, and serves them, rendered views
+//! of them and a small web page. See `docs/store.md` for the API and the security model.
+//!
+//! * `PUT /v1/artifacts/sha256:{hex}`: upload (agents only: bearer ServiceAccount token checked
+//!   with a TokenReview; `X-Kprof-Namespace` names the Profile's namespace). 201 stored, 200
+//!   already present, 400 digest mismatch, 401 no/invalid token, 403 not an uploader, 413 too big.
+//! * `GET /v1/artifacts/sha256:{hex}`: the bytes.
+//! * `GET /v1/profiles/{ns}/{name}/pprof | flamegraph.svg | top`: by Profile (the flame graph is
+//!   rendered from the pprof when none was uploaded; `top` is JSON).
+//! * `GET /v1/diff.svg?a={ns}/{name}&b={ns}/{name}`: differential flame graph.
+//! * `GET /` (+ `/ui/...`): the web page. `GET /metrics`, `GET /healthz`.
+//!
+//! Start it with [`serve`], or [`Store::bind`] + [`BoundStore::run`] when the caller needs the
+//! bound address first (tests: listen on `127.0.0.1:0`).
+
+pub mod analysis;
+pub mod auth;
+pub mod backend;
+pub mod exporter;
+pub mod gc;
+pub mod metrics;
+pub mod pprof;
+mod server;
+mod web;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use backend::{Artifacts, Digest};
+pub use metrics::StoreMetrics;
+
+/// Default port of the store (and of the `kprof-store` Service).
+pub const DEFAULT_PORT: u16 = 8090;
+/// Name of the Service in front of the store.
+pub const SERVICE_NAME: &str = "kprof-store";
+/// Header an uploader sets to the namespace of the Profile the artifact belongs to.
+pub const NAMESPACE_HEADER: &str = "x-kprof-namespace";
+
+/// The store's command line, flattened into `kprof-operator run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StoreArgs {
+    /// Address the profile store listens on.
+    #[arg(
+        long = "store-listen",
+        env = "KPROF_STORE_LISTEN",
+        default_value = "0.0.0.0:8090"
+    )]
+    pub store_listen: SocketAddr,
+    /// Directory for artifacts (a PVC or emptyDir), used unless --store-url is given.
+    #[arg(
+        long = "store-dir",
+        env = "KPROF_STORE_DIR",
+        default_value = "/var/lib/kprof/store"
+    )]
+    pub store_dir: PathBuf,
+    /// An object_store URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///path`); options
+    /// come from the usual AWS_* / GOOGLE_* / AZURE_* environment variables.
+    #[arg(long = "store-url", env = "KPROF_STORE_URL")]
+    pub store_url: Option<String>,
+    /// Largest artifact accepted, in bytes (larger uploads get 413).
+    #[arg(long = "store-max-upload-bytes", env = "KPROF_STORE_MAX_UPLOAD_BYTES", default_value_t = 64 << 20)]
+    pub store_max_upload_bytes: u64,
+    /// Identities (TokenReview user names) allowed to upload; default
+    /// `system:serviceaccount:<operator namespace>:kprof-agent`.
+    #[arg(
+        long = "store-allowed-uploader",
+        env = "KPROF_STORE_ALLOWED_UPLOADER",
+        value_delimiter = ','
+    )]
+    pub store_allowed_uploader: Vec<String>,
+    /// Base URL written into artifact URLs; default `http://kprof-store.<operator namespace>.svc:8090`.
+    #[arg(long = "store-public-url", env = "KPROF_STORE_PUBLIC_URL")]
+    pub store_public_url: Option<String>,
+    /// How often unreferenced artifacts are deleted (Go duration; `0s` disables).
+    #[arg(long = "store-gc-interval", env = "KPROF_STORE_GC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub store_gc_interval: Duration,
+    /// Artifacts younger than this are never collected (an upload precedes its Profile).
+    #[arg(long = "store-gc-grace", env = "KPROF_STORE_GC_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub store_gc_grace: Duration,
+}
+
+/// Parse a Go duration (`90s`, `5m`, `1h30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    kprof_crds::GoDuration::from_str(s)
+        .map_err(|e| e.to_string())?
+        .to_std()
+        .map_err(|e| e.to_string())
+}
+
+/// Where artifacts are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Dir(PathBuf),
+    Url(String),
+}
+
+/// Everything the store needs to run.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub listen: SocketAddr,
+    pub backend: Backend,
+    pub max_upload_bytes: u64,
+    pub allowed_uploaders: Vec<String>,
+    /// Base of the artifact URLs handed back to uploaders (no trailing slash); empty: the bound
+    /// address.
+    pub public_url: String,
+    pub gc_interval: Duration,
+    pub gc_grace: Duration,
+    /// How long a positive TokenReview answer is reused.
+    pub token_cache_ttl: Duration,
+    /// Push new profiles to the exporters of their ProfilingTarget.
+    pub exporters: bool,
+}
+
+impl StoreConfig {
+    /// The configuration for an operator running in `namespace`.
+    pub fn from_args(args: &StoreArgs, namespace: &str) -> Self {
+        let allowed = if args.store_allowed_uploader.is_empty() {
+            vec![format!("system:serviceaccount:{namespace}:kprof-agent")]
+        } else {
+            args.store_allowed_uploader.clone()
+        };
+        Self {
+            listen: args.store_listen,
+            backend: match &args.store_url {
+                Some(u) => Backend::Url(u.clone()),
+                None => Backend::Dir(args.store_dir.clone()),
+            },
+            max_upload_bytes: args.store_max_upload_bytes,
+            allowed_uploaders: allowed,
+            public_url: args
+                .store_public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{SERVICE_NAME}.{namespace}.svc:{DEFAULT_PORT}"))
+                .trim_end_matches('/')
+                .to_string(),
+            gc_interval: args.store_gc_interval,
+            gc_grace: args.store_gc_grace,
+            token_cache_ttl: Duration::from_secs(60),
+            exporters: true,
+        }
+    }
+
+    /// A configuration for tests and the benchmark: a directory store on `listen`.
+    pub fn for_dir(dir: impl Into<PathBuf>, listen: SocketAddr, allowed_uploader: &str) -> Self {
+        Self {
+            listen,
+            backend: Backend::Dir(dir.into()),
+            max_upload_bytes: 64 << 20,
+            allowed_uploaders: vec![allowed_uploader.to_string()],
+            public_url: String::new(), // the bound address
+            gc_interval: Duration::ZERO,
+            gc_grace: Duration::from_secs(600),
+            token_cache_ttl: Duration::from_secs(60),
+            exporters: false,
+        }
+    }
+}
+
+/// Why the store could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store configuration: {0}")]
+    Config(String),
+    #[error("store backend: {0}")]
+    Backend(String),
+    #[error("store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Shared state of a running store.
+pub(crate) struct State {
+    pub config: StoreConfig,
+    pub artifacts: Artifacts,
+    pub auth: auth::Authenticator,
+    pub client: kube::Client,
+    pub metrics: StoreMetrics,
+    pub exporter: Option<Arc<exporter::Exporter>>,
+}
+
+/// A store, configured but not yet listening.
+pub struct Store {
+    state: State,
+}
+
+/// A store bound to its address.
+pub struct BoundStore {
+    state: Arc<State>,
+    listener: tokio::net::TcpListener,
+}
+
+impl Store {
+    /// Open the backend; `metrics` lets the caller share the counters with its own registry.
+    pub fn new(
+        config: StoreConfig,
+        client: kube::Client,
+        metrics: StoreMetrics,
+    ) -> Result<Self, StoreError> {
+        let artifacts = match &config.backend {
+            Backend::Dir(d) => Artifacts::local(d)?,
+            Backend::Url(u) => Artifacts::from_url(u)?,
+        };
+        let auth = auth::Authenticator::new(
+            client.clone(),
+            config.allowed_uploaders.clone(),
+            config.token_cache_ttl,
+            metrics.tokenreviews.clone(),
+        );
+        let exporter = config
+            .exporters
+            .then(|| Arc::new(exporter::Exporter::new(client.clone(), metrics.clone())));
+        Ok(Self {
+            state: State {
+                config,
+                artifacts,
+                auth,
+                client,
+                metrics,
+                exporter,
+            },
+        })
+    }
+
+    /// Bind the listen address.
+    pub async fn bind(self) -> Result<BoundStore, StoreError> {
+        let mut state = self.state;
+        let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
+        if state.config.public_url.is_empty() {
+            state.config.public_url = format!("http://{}", listener.local_addr()?);
+        }
+        Ok(BoundStore {
+            state: Arc::new(state),
+            listener,
+        })
+    }
+}
+
+impl BoundStore {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serve until `shutdown` completes (in-flight requests finish first); garbage collection
+    /// runs in the background meanwhile.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let state = self.state;
+        tracing::info!(addr = %self.listener.local_addr()?, backend = state.artifacts.description(), "profile store listening");
+        let gc = (state.config.gc_interval > Duration::ZERO)
+            .then(|| tokio::spawn(gc::run(state.clone())));
+        let exporter = state
+            .exporter
+            .clone()
+            .map(|x| tokio::spawn(x.run(state.clone())));
+        let router = server::router(state.clone());
+        let result = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        for task in [gc, exporter].into_iter().flatten() {
+            task.abort();
+        }
+        result.map_err(StoreError::Io)
+    }
+}
+
+/// Run the store until `shutdown` completes: the entry point the operator's `run` uses.
+pub async fn serve(
+    config: StoreConfig,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StoreError> {
+    Store::new(config, client, StoreMetrics::default())?
+        .bind()
+        .await?
+        .run(shutdown)
+        .await
+}

@@ -1,0 +1,461 @@
+//! HTTP routes of the store.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State as AxState};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::BodyExt;
+use kprof_crds::Profile;
+use kube::Api;
+use serde_json::json;
+
+use super::analysis::{self, Stacks, TopReport};
+use super::auth::AuthOutcome;
+use super::backend::{Digest, sniff_content_type};
+use super::pprof;
+use super::{NAMESPACE_HEADER, State, web};
+
+type St = AxState<Arc<State>>;
+
+pub(crate) fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route(
+            "/v1/artifacts/{digest}",
+            get(get_artifact).put(put_artifact),
+        )
+        .route("/v1/profiles/{ns}/{name}/pprof", get(profile_pprof))
+        .route(
+            "/v1/profiles/{ns}/{name}/flamegraph.svg",
+            get(profile_flamegraph),
+        )
+        .route("/v1/profiles/{ns}/{name}/top", get(profile_top))
+        .route("/v1/diff.svg", get(diff_svg))
+        .route("/", get(web::index))
+        .route("/ui/profiles/{ns}/{name}", get(web::profile_page))
+        .route("/ui/diff", get(web::diff_page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// A plain-text error answer.
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let mut msg = msg.into();
+    msg.push('\n');
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg,
+    )
+        .into_response()
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        v.to_string(),
+    )
+        .into_response()
+}
+
+/// Query parameters (`a=b&c=d`) as pairs.
+pub(crate) fn query_pairs(q: &Option<String>) -> Vec<(String, String)> {
+    q.as_deref()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+pub(crate) fn query_get(q: &[(String, String)], key: &str) -> Option<String> {
+    q.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
+}
+
+/// A DNS-1123 label (namespace names).
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+async fn put_artifact(
+    AxState(st): St,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let m = &st.metrics;
+    let authz = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match st.auth.check(authz).await {
+        Ok(AuthOutcome::Allowed(_)) => {}
+        Ok(AuthOutcome::Unauthenticated(why)) => {
+            m.upload("unauthenticated");
+            let mut r = error(StatusCode::UNAUTHORIZED, format!("unauthenticated: {why}"));
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+        Ok(AuthOutcome::Forbidden(user)) => {
+            m.upload("forbidden");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{user} may not upload artifacts (allowed: {})",
+                    st.config.allowed_uploaders.join(", ")
+                ),
+            );
+        }
+        Err(e) => {
+            m.upload("error");
+            m.error("tokenreview");
+            tracing::warn!(error = %e, "TokenReview failed");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot verify the token right now (TokenReview failed); retry",
+            );
+        }
+    }
+    let Some(digest) = Digest::parse(&digest) else {
+        m.upload("bad_request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{digest:?} is not a digest of the form sha256:<64 hex digits>"),
+        );
+    };
+    let namespace = headers
+        .get(NAMESPACE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !namespace.is_empty() && !is_dns_label(namespace) {
+        m.upload("bad_request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{NAMESPACE_HEADER} {namespace:?} is not a namespace name"),
+        );
+    }
+    let max = st.config.max_upload_bytes;
+    let too_large = |size: String| {
+        m.upload("too_large");
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "artifact of {size} bytes is over the store's limit of {max} bytes (--store-max-upload-bytes)"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = declared.filter(|l| *l > max) {
+        return too_large(len.to_string());
+    }
+    let bytes: Bytes = match http_body_util::Limited::new(body, max as usize)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return too_large("more than that".to_string());
+        }
+        Err(e) => {
+            m.upload("bad_request");
+            return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}"));
+        }
+    };
+    let actual = Digest::of(&bytes);
+    if actual != digest {
+        m.upload("bad_digest");
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("digest mismatch: the URL names {digest} but the body is {actual}"),
+        );
+    }
+    let url = format!("{}/v1/artifacts/{digest}", st.config.public_url);
+    let size = bytes.len();
+    let status = match st.artifacts.exists(&digest).await {
+        Ok(true) => {
+            m.upload("exists");
+            StatusCode::OK
+        }
+        Ok(false) => match st.artifacts.put(&digest, bytes.clone()).await {
+            Ok(()) => {
+                m.upload("created");
+                StatusCode::CREATED
+            }
+            Err(e) => {
+                m.upload("error");
+                m.error("put");
+                tracing::warn!(error = %e, %digest, "storing an artifact failed");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("storing the artifact failed: {e}"),
+                );
+            }
+        },
+        Err(e) => {
+            m.upload("error");
+            m.error("head");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("store backend: {e}"),
+            );
+        }
+    };
+    m.upload_bytes.inc_by(size as u64);
+    tracing::debug!(%digest, size, namespace, created = status == StatusCode::CREATED, "artifact upload");
+    json_response(
+        status,
+        &json!({"digest": digest.to_string(), "size": size, "url": url}),
+    )
+}
+
+fn bytes_response(content_type: &str, digest: Option<&Digest>, bytes: Bytes) -> Response {
+    let mut r = Response::new(Body::from(bytes));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Some(d) = digest {
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{d}\"")) {
+            h.insert(header::ETAG, v);
+        }
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, max-age=31536000, immutable"),
+        );
+    }
+    r
+}
+
+async fn get_artifact(AxState(st): St, Path(digest): Path<String>) -> Response {
+    let Some(digest) = Digest::parse(&digest) else {
+        return error(StatusCode::BAD_REQUEST, "expected sha256:<64 hex digits>");
+    };
+    match st.artifacts.get(&digest).await {
+        Ok(Some(b)) => {
+            st.metrics.read("artifact", b.len());
+            bytes_response(sniff_content_type(&b), Some(&digest), b)
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no artifact {digest}")),
+        Err(e) => {
+            st.metrics.error("get");
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+/// The Profile `ns/name`, read with the store's own credentials.
+pub(crate) async fn load_profile(st: &State, ns: &str, name: &str) -> Result<Profile, Response> {
+    let api: Api<Profile> = Api::namespaced(st.client.clone(), ns);
+    match api.get_opt(name).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("no Profile {ns}/{name}"),
+        )),
+        Err(e) => {
+            st.metrics.error("get_profile");
+            Err(error(
+                StatusCode::BAD_GATEWAY,
+                format!("reading Profile {ns}/{name}: {e}"),
+            ))
+        }
+    }
+}
+
+/// The raw pprof bytes of a Profile.
+pub(crate) async fn load_pprof_bytes(st: &State, p: &Profile) -> Result<(Digest, Bytes), Response> {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let Some(r) = &p.spec.artifacts.pprof else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("Profile {name} has no pprof artifact"),
+        ));
+    };
+    let Some(d) = Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)) else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            format!("Profile {name}: the pprof artifact has no sha256 digest"),
+        ));
+    };
+    match st.artifacts.get(&d).await {
+        Ok(Some(b)) => Ok((d, b)),
+        Ok(None) => Err(error(
+            StatusCode::NOT_FOUND,
+            format!("Profile {name}: artifact {d} is not in the store"),
+        )),
+        Err(e) => {
+            st.metrics.error("get");
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
+}
+
+/// A Profile's stacks for the value chosen by `sampleIndex` (default: the profile's default).
+pub(crate) async fn load_stacks(
+    st: &State,
+    ns: &str,
+    name: &str,
+    sample_index: Option<&str>,
+) -> Result<(Profile, Stacks), Response> {
+    let p = load_profile(st, ns, name).await?;
+    let (_, bytes) = load_pprof_bytes(st, &p).await?;
+    let prof = pprof::Profile::decode_bytes(&bytes).map_err(|e| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("{ns}/{name}: {e}"),
+        )
+    })?;
+    let idx = prof.value_index(sample_index).ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "no sample type {sample_index:?}; the profile has {:?}",
+                prof.sample_types()
+            ),
+        )
+    })?;
+    Ok((p, Stacks::from_profile(&prof, idx)))
+}
+
+async fn profile_pprof(AxState(st): St, Path((ns, name)): Path<(String, String)>) -> Response {
+    let p = match load_profile(&st, &ns, &name).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match load_pprof_bytes(&st, &p).await {
+        Ok((d, b)) => {
+            st.metrics.read("pprof", b.len());
+            let mut r = bytes_response("application/gzip", Some(&d), b);
+            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}.pb.gz\""))
+            {
+                r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+            }
+            r
+        }
+        Err(r) => r,
+    }
+}
+
+async fn profile_flamegraph(
+    AxState(st): St,
+    Path((ns, name)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let q = query_pairs(&q);
+    let sample_index = query_get(&q, "sampleIndex");
+    if sample_index.is_none() {
+        // An uploaded SVG wins when it is there.
+        let p = match load_profile(&st, &ns, &name).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        if let Some(d) = p
+            .spec
+            .artifacts
+            .flamegraph
+            .as_ref()
+            .and_then(|r| Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)))
+            && let Ok(Some(b)) = st.artifacts.get(&d).await
+        {
+            st.metrics.read("flamegraph", b.len());
+            return bytes_response("image/svg+xml", Some(&d), b);
+        }
+    }
+    match load_stacks(&st, &ns, &name, sample_index.as_deref()).await {
+        Ok((p, stacks)) => {
+            let svg = analysis::flamegraph_svg(&stacks, &title(&ns, &name, &p));
+            st.metrics.read("flamegraph", svg.len());
+            bytes_response("image/svg+xml", None, Bytes::from(svg))
+        }
+        Err(r) => r,
+    }
+}
+
+pub(crate) fn title(ns: &str, name: &str, p: &Profile) -> String {
+    format!(
+        "{ns}/{name}: {} of {}/{} ({})",
+        p.spec.profile_type, p.spec.pod, p.spec.container, p.spec.runtime
+    )
+}
+
+async fn profile_top(
+    AxState(st): St,
+    Path((ns, name)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let q = query_pairs(&q);
+    let limit = query_get(&q, "limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(50usize);
+    match load_stacks(&st, &ns, &name, query_get(&q, "sampleIndex").as_deref()).await {
+        Ok((_, stacks)) => {
+            let body =
+                serde_json::to_string(&TopReport::new(&stacks, limit)).expect("serializable");
+            st.metrics.read("top", body.len());
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+/// Split `ns/name`.
+pub(crate) fn split_ref(s: &str) -> Option<(String, String)> {
+    let (ns, name) = s.split_once('/')?;
+    (is_dns_label(ns) && !name.is_empty() && !name.contains('/'))
+        .then(|| (ns.to_string(), name.to_string()))
+}
+
+async fn diff_svg(AxState(st): St, RawQuery(q): RawQuery) -> Response {
+    let q = query_pairs(&q);
+    let (Some(a), Some(b)) = (
+        query_get(&q, "a").as_deref().and_then(split_ref),
+        query_get(&q, "b").as_deref().and_then(split_ref),
+    ) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "expected ?a=<namespace>/<profile>&b=<namespace>/<profile>",
+        );
+    };
+    let before = match load_stacks(&st, &a.0, &a.1, None).await {
+        Ok(s) => s.1,
+        Err(r) => return r,
+    };
+    let after = match load_stacks(&st, &b.0, &b.1, None).await {
+        Ok(s) => s.1,
+        Err(r) => return r,
+    };
+    let svg = analysis::diff_svg(
+        &before,
+        &after,
+        &format!("{}/{} → {}/{}", a.0, a.1, b.0, b.1),
+    );
+    st.metrics.read("diff", svg.len());
+    bytes_response("image/svg+xml", None, Bytes::from(svg))
+}
+
+async fn metrics(AxState(st): St) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,319 @@
+//! Shared helpers of the store tests: a fake API server (TokenReview, Profiles,
+//! ProfilingTargets) behind a kube `Client`, a store on 127.0.0.1 with a temp dir, and a
+//! tiny HTTP client.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use kprof_crds::{ArtifactRef, Artifacts, Profile, ProfileSpec, ProfileType};
+use kprof_operator::store::{self, Digest, StoreConfig, StoreMetrics};
+use serde_json::json;
+
+pub const AGENT: &str = "system:serviceaccount:kprof-system:kprof-agent";
+pub const AGENT_TOKEN: &str = "agent-token";
+pub const OTHER_TOKEN: &str = "other-token";
+
+/// What the fake API server knows.
+#[derive(Default)]
+pub struct FakeApi {
+    pub profiles: Vec<Profile>,
+    pub tokenreviews: usize,
+}
+
+pub type Shared = Arc<Mutex<FakeApi>>;
+
+fn respond(status: StatusCode, v: serde_json::Value) -> Response<kube::client::Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(v.to_string().into_bytes()))
+        .unwrap()
+}
+
+fn not_found(what: &str) -> Response<kube::client::Body> {
+    respond(
+        StatusCode::NOT_FOUND,
+        json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":format!("{what} not found"),"reason":"NotFound","code":404}),
+    )
+}
+
+async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube::client::Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
+            api.lock().unwrap().tokenreviews += 1;
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let status = match v["spec"]["token"].as_str() {
+                Some(AGENT_TOKEN) => json!({"authenticated": true, "user": {"username": AGENT}}),
+                Some(OTHER_TOKEN) => {
+                    json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:default"}})
+                }
+                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+            respond(
+                StatusCode::CREATED,
+                json!({"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","metadata":{},"spec":v["spec"],"status":status}),
+            )
+        }
+        (Method::GET, ["apis", "kprof.io", "v1alpha1", "profiles"])
+        | (Method::GET, ["apis", "kprof.io", "v1alpha1", "namespaces", _, "profiles"]) => {
+            let ns = parts.get(4).copied();
+            let items: Vec<Profile> = api
+                .lock()
+                .unwrap()
+                .profiles
+                .iter()
+                .filter(|p| ns.is_none_or(|n| p.metadata.namespace.as_deref() == Some(n)))
+                .cloned()
+                .collect();
+            respond(
+                StatusCode::OK,
+                json!({"apiVersion":"kprof.io/v1alpha1","kind":"ProfileList","metadata":{"resourceVersion":"1"},"items":items}),
+            )
+        }
+        (
+            Method::GET,
+            [
+                "apis",
+                "kprof.io",
+                "v1alpha1",
+                "namespaces",
+                ns,
+                "profiles",
+                name,
+            ],
+        ) => {
+            let found = api
+                .lock()
+                .unwrap()
+                .profiles
+                .iter()
+                .find(|p| {
+                    p.metadata.namespace.as_deref() == Some(*ns)
+                        && p.metadata.name.as_deref() == Some(*name)
+                })
+                .cloned();
+            match found {
+                Some(p) => respond(StatusCode::OK, serde_json::to_value(p).unwrap()),
+                None => not_found(&format!("profiles.kprof.io \"{name}\"")),
+            }
+        }
+        (Method::GET, ["apis", "kprof.io", "v1alpha1", "profilingtargets"])
+        | (
+            Method::GET,
+            [
+                "apis",
+                "kprof.io",
+                "v1alpha1",
+                "namespaces",
+                _,
+                "profilingtargets",
+            ],
+        ) => respond(
+            StatusCode::OK,
+            json!({"apiVersion":"kprof.io/v1alpha1","kind":"ProfilingTargetList","metadata":{"resourceVersion":"1"},"items":[]}),
+        ),
+        (m, _) => not_found(&format!("{m} {path}")),
+    }
+}
+
+/// A kube client whose API server is [`FakeApi`].
+pub fn fake_client(api: Shared) -> kube::Client {
+    let svc = tower::service_fn(move |req| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(handle(api, req).await) }
+    });
+    kube::Client::new(svc, "default")
+}
+
+/// A running store.
+pub struct TestStore {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub api: Shared,
+    pub metrics: StoreMetrics,
+    pub client: kube::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for TestStore {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+impl TestStore {
+    pub async fn start(max_upload: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let api: Shared = Arc::default();
+        let client = fake_client(api.clone());
+        let mut config = StoreConfig::for_dir(
+            dir.path().join("store"),
+            "127.0.0.1:0".parse().unwrap(),
+            AGENT,
+        );
+        config.max_upload_bytes = max_upload;
+        let metrics = StoreMetrics::default();
+        let bound = store::Store::new(config, client.clone(), metrics.clone())
+            .unwrap()
+            .bind()
+            .await
+            .unwrap();
+        let addr = bound.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(bound.run(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            dir,
+            api,
+            metrics,
+            client,
+            stop: Some(tx),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Upload as the agent; (status, body).
+    pub async fn upload(&self, bytes: &[u8], token: Option<&str>) -> (StatusCode, String) {
+        let d = Digest::of(bytes);
+        let (s, _, b) = put(&self.url(&format!("/v1/artifacts/{d}")), bytes, token).await;
+        (s, String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Add a Profile `ns/name` pointing at the given artifacts.
+    pub fn add_profile(&self, ns: &str, name: &str, pprof: Option<&[u8]>, svg: Option<&[u8]>) {
+        let r = |b: &[u8]| {
+            let d = Digest::of(b);
+            ArtifactRef {
+                url: format!("http://kprof-store.kprof-system.svc:8090/v1/artifacts/{d}"),
+                digest: d.to_string(),
+                size_bytes: b.len() as u64,
+            }
+        };
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut p = Profile::new(
+            name,
+            ProfileSpec {
+                target: "checkout".into(),
+                pod: "checkout-7d9f".into(),
+                container: "app".into(),
+                node: "vm".into(),
+                pids: vec![42],
+                runtime: "cpython 3.12.1".into(),
+                profile_type: ProfileType::Cpu,
+                window_start: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    now - k8s_openapi::jiff::SignedDuration::from_secs(30),
+                ),
+                window_end: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
+                sample_hz: 99,
+                samples: 10,
+                lost_samples: 0,
+                cpu_cores: 0.1,
+                threads: 1,
+                top: "app.work 60%".into(),
+                top_functions: vec![],
+                artifacts: Artifacts {
+                    pprof: pprof.map(r),
+                    flamegraph: svg.map(r),
+                },
+                warnings: vec![],
+            },
+        );
+        p.metadata.namespace = Some(ns.to_string());
+        p.metadata.uid = Some(format!("uid-{ns}-{name}"));
+        p.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now));
+        self.api.lock().unwrap().profiles.push(p);
+    }
+}
+
+fn http() -> HttpClient<HttpConnector, Full<Bytes>> {
+    HttpClient::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn request(
+    method: Method,
+    url: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("x-kprof-namespace", "shop")
+        .header("content-type", "application/octet-stream");
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    let res = http()
+        .request(b.body(Full::new(Bytes::copy_from_slice(body))).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    (
+        parts.status,
+        parts.headers,
+        body.collect().await.unwrap().to_bytes(),
+    )
+}
+
+pub async fn put(
+    url: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    request(Method::PUT, url, body, token).await
+}
+
+pub async fn get(url: &str) -> (StatusCode, http::HeaderMap, Bytes) {
+    request(Method::GET, url, b"", None).await
+}
+
+/// A realistic pprof: a Python service with a hot path.
+pub fn sample_pprof(hot: i64, idle: i64) -> Vec<u8> {
+    store::pprof::synthetic(
+        &[
+            (
+                &[
+                    "python",
+                    "main",
+                    "app.serve",
+                    "app.handle",
+                    "checkout.compute_total",
+                ],
+                hot,
+            ),
+            (
+                &["python", "main", "app.serve", "app.handle", "json.dumps"],
+                3,
+            ),
+            (&["python", "main", "app.serve", "selectors.select"], idle),
+        ],
+        1_700_000_000_000_000_000,
+        30_000_000_000,
+    )
+    .encode_gzip()
+}
