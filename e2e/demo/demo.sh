@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# make demo: the kprof user journey on a local single-node cluster.
+#   test bed up -> images -> helm install -> sample Python service -> ProfilingTarget
+#   -> first Profiles -> kubectl get / kubectl kprof top / flame graph file.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. e2e/testbed/env.sh
+
+OUT="${KPROF_DEMO_OUT:-out/demo}"
+NS=kprof-demo
+SYS=kprof-system
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+mkdir -p "$OUT"
+
+step "1/8 Installing what this machine lacks (first run: about 20 minutes for Kubernetes)"
+e2e/testbed/install-deps.sh
+agent/install-toolchain.sh >/dev/null
+e2e/testbed/build-binaries.sh
+
+step "2/8 Starting the local single-node cluster (or reusing it)"
+e2e/testbed/up.sh
+
+step "3/8 Building kprof and importing its images into the cluster's containerd"
+cargo build --bins -p kprof-operator -p kprof-agent
+e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof >/dev/null
+e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent >/dev/null
+e2e/testbed/python-image.sh kprof/demo-shop:dev e2e/demo/shop >/dev/null
+# kubectl finds plugins on PATH: make `kubectl kprof` the one just built.
+export PATH="$PWD/target/debug:$PATH"
+
+step "4/8 helm install kprof (charts/kprof) into $SYS"
+# The test bed has no kube-proxy and no cluster DNS: pods use the host network and reach the
+# API server on 127.0.0.1; everything else is the chart's defaults.
+helm upgrade --install kprof charts/kprof -n "$SYS" --create-namespace --wait --timeout 3m \
+  -f e2e/demo/testbed-values.yaml
+kubectl -n "$SYS" get pods -o wide
+
+step "5/8 Starting the sample Python service (e2e/demo/shop) in namespace $NS"
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl apply -f e2e/demo/shop.yaml
+kubectl -n "$NS" rollout status deploy/shop --timeout=120s
+
+step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, 99 Hz, 10 s windows)"
+kubectl -n "$NS" delete profilingtarget shop --ignore-not-found --wait >/dev/null
+applied=$(date +%s.%N)
+kubectl apply -f e2e/demo/target.yaml
+
+step "7/8 Waiting for the first Profile"
+first=""
+for _ in $(seq 1 90); do
+  first=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop --sort-by=.metadata.creationTimestamp \
+            -o jsonpath='{range .items[?(@.spec.samples>0)]}{.metadata.name}{"\n"}{end}' 2>/dev/null | tail -n 1)
+  [[ -n "$first" ]] && break
+  sleep 2
+done
+if [[ -z "$first" ]]; then
+  echo "no Profile with samples after 180 s; what the cluster says:" >&2
+  kubectl -n "$NS" get profilingtarget shop -o yaml >&2 || true
+  kubectl -n "$SYS" get pods -o wide >&2 || true
+  kubectl -n "$SYS" logs daemonset/kprof-agent --tail=50 >&2 || true
+  exit 1
+fi
+took=$(python3 -c "import sys; print(f'{float(sys.argv[1]) - float(sys.argv[2]):.1f}')" "$(date +%s.%N)" "$applied")
+echo "first Profile $first: ${took} s after kubectl apply (window 10 s)"
+
+step "8/8 What a user sees"
+echo "\$ kubectl get profilingtargets -n $NS"
+kubectl get profilingtargets -n "$NS"
+echo
+echo "\$ kubectl get profiles -n $NS"
+kubectl get profiles -n "$NS"
+newest=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop --sort-by=.metadata.creationTimestamp \
+           -o jsonpath='{range .items[?(@.spec.samples>0)]}{.metadata.name}{"\n"}{end}' | tail -n 1)
+echo
+echo "\$ kubectl kprof top -n $NS $newest"
+kubectl kprof top -n "$NS" "$newest" | head -n 20
+kubectl kprof flamegraph -n "$NS" "$newest" -o "$OUT/flamegraph.svg"
+echo
+echo "Flame graph of $newest: $OUT/flamegraph.svg (open it in a browser: search and zoom work)"
+cat <<MSG
+
+Clean up:
+  kubectl delete namespace $NS          # the service, its target and its profiles
+  helm uninstall kprof -n $SYS          # the operator, store and agents
+  make cluster-down                     # the local cluster
+MSG
