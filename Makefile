@@ -58,15 +58,24 @@ cluster-up: ## Start the single-node test cluster (builds the Kubernetes binarie
 cluster-down: ## Stop the test cluster and everything it started
 	e2e/testbed/down.sh
 
+.PHONY: images
+images: ## Build the operator and agent images and import them into the test cluster's containerd
+	$(CARGO) build --bins -p kprof-operator -p kprof-agent
+	e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof
+	e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent
+
+.PHONY: bench
+bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing)
+	agent/bench/overhead.sh
+	agent/bench/python-vs-pyspy.sh
+	$(CARGO) run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000
+	. e2e/testbed/env.sh && e2e/testbed/up.sh && $(CARGO) run --release -p kprof-operator --bin kprof-operator-bench
+
 .PHONY: demo
-demo: ## The main job: build kprof and show what it does today (see README)
-	@echo "==> Building kprof"
-	$(CARGO) build --workspace
-	@echo
-	@echo "==> Validating the example ProfilingTargets (crds/examples) against the generated CRD schema"
+demo: ## The main job: the user journey on a local cluster (see README)
+	e2e/demo/demo.sh
+
+.PHONY: validate-examples
+validate-examples: ## Validate crds/examples against the generated schema; show bad targets refused
 	$(CRDGEN) check crds/examples/*.yaml
-	@echo
-	@echo "==> Bad ProfilingTargets are refused, with a message naming the field (crds/tests/invalid)"
 	@if $(CRDGEN) check crds/tests/invalid/*.yaml; then echo "error: a bad target was accepted"; exit 1; fi
-	@echo
-	@echo "Done. Next: 'make test' runs every test tier."

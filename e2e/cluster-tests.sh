@@ -15,6 +15,15 @@ fi
 cleanup() { if (( started )); then echo "==> stopping the test bed"; e2e/testbed/down.sh || true; fi; }
 trap cleanup EXIT
 
-# The e2e tests run the agent and the plugin binaries from target/debug.
+# The e2e tests run the agent and the plugin binaries from target/debug, and the Helm journey
+# installs the images made from them.
 cargo build --bins -p kprof-agent -p kprof-operator
+e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof >/dev/null
+e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent >/dev/null
+# Tests run their own operator and store on this host: a release left by `make demo` would
+# reconcile their targets too.
+if helm status kprof -n kprof-system >/dev/null 2>&1; then
+  echo "==> uninstalling the Helm release kprof (from make demo) so the tests own the cluster"
+  helm uninstall kprof -n kprof-system --wait --timeout 2m
+fi
 KPROF_REQUIRE_CLUSTER=1 cargo test -p kprof-e2e "$@" -- --test-threads=1

@@ -155,7 +155,7 @@ pub struct ProfilingTargetStatus {
     /// When the target first started profiling (the start of `spec.duration`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
-    /// Profiles written for this target so far.
+    /// Profiles currently kept for this target (after retention).
     #[serde(default)]
     pub profiles_written: u64,
     /// End of the newest profile window.

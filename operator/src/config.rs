@@ -27,9 +27,10 @@
 //!   hostNetwork: false
 //!   spoolDir: /var/lib/kprof         # hostPath mounted read-write at the same path
 //!   mountBtf: true                   # /sys/kernel/btf read-only
-//!   capabilities: {add: [BPF, PERFMON, SYS_PTRACE], drop: [ALL]}
+//!   capabilities: {add: [BPF, PERFMON, SYS_PTRACE, SYSLOG], drop: [ALL]}
 //!   podLabels: {}                    # extra labels on the agent pods
 //!   podAnnotations: {}
+//!   ownerDeployment: ""            # e.g. kprof-operator: the DaemonSet is garbage collected with it
 //! ```
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
@@ -96,7 +97,7 @@ pub struct Capabilities {
 impl Default for Capabilities {
     fn default() -> Self {
         Self {
-            add: ["BPF", "PERFMON", "SYS_PTRACE"]
+            add: ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"]
                 .map(String::from)
                 .to_vec(),
             drop: vec!["ALL".into()],
@@ -124,6 +125,9 @@ pub struct AgentConfig {
     pub capabilities: Capabilities,
     pub pod_labels: BTreeMap<String, String>,
     pub pod_annotations: BTreeMap<String, String>,
+    /// A Deployment in the operator's namespace (the operator's own) that owns the agent
+    /// DaemonSet, so that uninstalling the operator removes the agents too. Empty: no owner.
+    pub owner_deployment: String,
 }
 
 impl Default for AgentConfig {
@@ -154,6 +158,7 @@ impl Default for AgentConfig {
             capabilities: Capabilities::default(),
             pod_labels: BTreeMap::new(),
             pod_annotations: BTreeMap::new(),
+            owner_deployment: String::new(),
         }
     }
 }
@@ -238,7 +243,7 @@ mod tests {
         assert_eq!(cfg.agent.service_account_name, "kprof-agent");
         assert_eq!(
             cfg.agent.capabilities.add,
-            ["BPF", "PERFMON", "SYS_PTRACE"]
+            ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"]
         );
         assert!(cfg.leader_election.enabled);
     }

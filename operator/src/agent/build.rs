@@ -338,7 +338,7 @@ mod tests {
         assert_eq!(sc["allowPrivilegeEscalation"], false);
         assert_eq!(
             sc["capabilities"]["add"],
-            serde_json::json!(["BPF", "PERFMON", "SYS_PTRACE"])
+            serde_json::json!(["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"])
         );
         assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
         assert_eq!(

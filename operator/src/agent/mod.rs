@@ -15,7 +15,11 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{apps::v1::DaemonSet, core::v1::Pod},
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::Pod,
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
     jiff::Timestamp,
 };
 use kprof_crds::ProfilingTarget;
@@ -26,7 +30,9 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::{AGENT_NAME, Result, config::AgentConfig, error::backoff, metrics::Metrics};
+use crate::{
+    AGENT_NAME, Error, Result, config::AgentConfig, error::backoff, metrics::Metrics,
+};
 
 /// How long to wait after a poke for more pokes before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -107,10 +113,11 @@ impl AgentScheduler {
             tracing::info!(namespace = %self.namespace, "no active ProfilingTarget: deleted the agent DaemonSet");
             return Ok(Outcome::Deleted);
         }
-        let desired = build::desired_daemonset(&self.config, &self.namespace, &nodes);
+        let mut desired = build::desired_daemonset(&self.config, &self.namespace, &nodes);
         let hash = build::recorded_hash(&desired)
             .unwrap_or_default()
             .to_string();
+        desired.metadata.owner_references = self.owner().await?;
         if let Some(cur) = &current {
             let generation = cur.metadata.generation.unwrap_or(0);
             let last = self.last_applied.lock().expect("not poisoned").clone();
@@ -127,6 +134,31 @@ impl AgentScheduler {
             Some((hash, applied.metadata.generation.unwrap_or(0)));
         tracing::info!(namespace = %self.namespace, nodes = nodes.len(), "applied the agent DaemonSet");
         Ok(Outcome::Applied(nodes.len()))
+    }
+
+    /// The owner of the DaemonSet: the configured Deployment (the operator's own), looked up for
+    /// its uid. A missing Deployment (an operator run outside its chart) means no owner.
+    async fn owner(&self) -> Result<Option<Vec<OwnerReference>>> {
+        let name = &self.config.owner_deployment;
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let deployments: Api<Deployment> = Api::namespaced(self.api.clone().into_client(), &self.namespace);
+        let found = deployments.get_opt(name).await;
+        let Some(deployment) = found.map_err(Error::kube("reading the owner Deployment"))? else {
+            tracing::warn!(namespace = %self.namespace, deployment = %name, "owner Deployment not found: the agent DaemonSet has no owner");
+            return Ok(None);
+        };
+        Ok(deployment.metadata.uid.map(|uid| {
+            vec![OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: name.clone(),
+                uid,
+                controller: Some(false),
+                block_owner_deletion: Some(false),
+            }]
+        }))
     }
 
     /// Run until `stop` turns true: wait for the caches, then reconcile on every poke, at least

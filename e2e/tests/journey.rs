@@ -1,0 +1,162 @@
+//! The user journey with the Helm chart on the real test bed: install, a bad target refused at
+//! `kubectl apply`, a Python Deployment profiled (its own functions on top), the agent without
+//! `privileged` and with only the chart's capabilities, `helm upgrade` keeping the Profiles, and
+//! `helm uninstall` leaving no agent behind.
+//!
+//! Needs the images `kprof/operator:dev` and `kprof/agent:dev` (`make images`; e2e/cluster-tests.sh
+//! builds them) and installs the release `kprof` in `kprof-system`, as `make demo` does.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::Pod,
+};
+use kprof_crds::{Profile, labels};
+use kprof_e2e::{TestNamespace, build_python_image, poll_until, require_cluster};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+
+const SYSTEM_NS: &str = "kprof-system";
+const RELEASE: &str = "kprof";
+const SHOP_IMAGE: &str = "kprof/demo-shop:dev";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs a command with the test bed's tools; returns stdout, or fails with stderr.
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(stdout)
+}
+
+fn helm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(kprof_e2e::k8s_bin_dir().join("helm"));
+    cmd.env("KUBECONFIG", kprof_e2e::kubeconfig_path()).args(args).current_dir(repo());
+    cmd
+}
+
+fn install(extra: &[&str]) -> Result<String> {
+    let mut args = vec![
+        "upgrade", "--install", RELEASE, "charts/kprof", "-n", SYSTEM_NS, "--create-namespace",
+        "--wait", "--timeout", "3m", "-f", "e2e/demo/testbed-values.yaml",
+    ];
+    args.extend_from_slice(extra);
+    run(&mut helm(&args))
+}
+
+fn kubectl_apply(yaml: &str) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = kprof_e2e::kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(yaml.as_bytes())?;
+    child.wait_with_output()
+}
+
+#[tokio::test]
+async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
+    let tb = require_cluster!(Ok(()));
+    build_python_image(SHOP_IMAGE, &repo().join("e2e/demo/shop"), None)?;
+    install(&[])?;
+
+    let ns = TestNamespace::new(&tb.client, "journey").await?;
+
+    // A bad target is refused by the API server with a message that names the field.
+    let bad = format!(
+        "apiVersion: kprof.io/v1alpha1\nkind: ProfilingTarget\nmetadata: {{name: bad, namespace: {}}}\n\
+         spec: {{selector: {{matchLabels: {{app: shop}}}}, sampleHz: 5000, window: 1s}}\n",
+        ns.name()
+    );
+    let out = kubectl_apply(&bad)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "a target with sampleHz 5000 and window 1s was accepted");
+    ensure!(stderr.contains("spec.sampleHz"), "refusal does not name spec.sampleHz: {stderr}");
+    ensure!(stderr.contains("spec.window must be between 5s and 1h"), "refusal does not explain the window: {stderr}");
+
+    // The sample service and a target for it.
+    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?.replace("kprof-demo", ns.name());
+    let deployments: Api<Deployment> = ns.api();
+    deployments.create(&PostParams::default(), &serde_yaml::from_str(&shop)?).await?;
+    let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
+        .replace("kprof-demo", ns.name())
+        .replace("window: 10s", "window: 5s");
+    let out = kubectl_apply(&target)?;
+    ensure!(out.status.success(), "target refused: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Profiles of the service, with its own Python functions on top.
+    let profiles: Api<Profile> = ns.api();
+    let by_target = ListParams::default().labels(&format!("{}=shop", labels::TARGET));
+    let first = poll_until("a Profile of the shop with samples", Duration::from_secs(150), Duration::from_secs(2), || {
+        let profiles = profiles.clone();
+        let by_target = by_target.clone();
+        async move {
+            let list = profiles.list(&by_target).await?;
+            Ok(list.items.into_iter().find(|p| p.spec.samples > 20))
+        }
+    })
+    .await?;
+    let top: Vec<&str> = first.spec.top_functions.iter().take(3).map(|f| f.function.as_str()).collect();
+    ensure!(
+        top.iter().any(|f| f.starts_with("main.price_cart") || f.starts_with("main.render_receipt")),
+        "the top functions are not the service's Python functions: {top:?}"
+    );
+    ensure!(first.spec.runtime.starts_with("cpython 3."), "runtime {:?}", first.spec.runtime);
+    ensure!(first.spec.pod.starts_with("shop-"), "pod {:?}", first.spec.pod);
+    ensure!(first.spec.artifacts.pprof.is_some(), "no pprof artifact on {:?}", first.metadata.name);
+
+    // The agent: never privileged, exactly the chart's capabilities.
+    let agents: Api<DaemonSet> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
+    let ds = agents.get("kprof-agent").await?;
+    let container = &ds.spec.unwrap().template.spec.unwrap().containers[0];
+    let sc = container.security_context.clone().unwrap_or_default();
+    ensure!(sc.privileged != Some(true), "the agent runs privileged");
+    let caps = sc.capabilities.unwrap_or_default();
+    ensure!(
+        caps.add.unwrap_or_default() == ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"],
+        "agent capabilities differ from the chart's"
+    );
+    ensure!(caps.drop.unwrap_or_default() == ["ALL"], "the agent does not drop ALL capabilities");
+    ensure!(sc.read_only_root_filesystem == Some(true), "the agent's root file system is writable");
+
+    // helm upgrade keeps the Profiles already written.
+    let before = first.metadata.name.clone().unwrap();
+    install(&["--set", "operator.resyncInterval=2m"])?;
+    ensure!(profiles.get_opt(&before).await?.is_some(), "Profile {before} lost in helm upgrade");
+    poll_until("a Profile written after the upgrade", Duration::from_secs(90), Duration::from_secs(2), || {
+        let profiles = profiles.clone();
+        let by_target = by_target.clone();
+        let before = before.clone();
+        async move {
+            let list = profiles.list(&by_target).await?;
+            Ok(list.items.into_iter().find(|p| p.metadata.name.as_deref() != Some(&before) && p.spec.samples > 0).map(|_| ()))
+        }
+    })
+    .await?;
+
+    // helm uninstall: no operator, no agent DaemonSet, no agent pod left.
+    run(&mut helm(&["uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout", "2m"]))?;
+    let pods: Api<Pod> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
+    poll_until("no kprof object left in kprof-system", Duration::from_secs(90), Duration::from_secs(2), || {
+        let agents = agents.clone();
+        let pods = pods.clone();
+        async move {
+            let ds_left = agents.get_opt("kprof-agent").await?.is_some();
+            let pods_left = pods.list(&ListParams::default()).await?.items.len();
+            Ok((!ds_left && pods_left == 0).then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}
