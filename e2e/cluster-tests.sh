@@ -26,4 +26,8 @@ if helm status kprof -n kprof-system >/dev/null 2>&1; then
   echo "==> uninstalling the Helm release kprof (from make demo) so the tests own the cluster"
   helm uninstall kprof -n kprof-system --wait --timeout 2m
 fi
+if kubectl get namespace kprof-demo >/dev/null 2>&1; then
+  echo "==> deleting the make demo namespace kprof-demo (its service would load the CPUs)"
+  kubectl delete namespace kprof-demo --wait --timeout 2m
+fi
 KPROF_REQUIRE_CLUSTER=1 cargo test -p kprof-e2e "$@" -- --test-threads=1

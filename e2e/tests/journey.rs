@@ -86,7 +86,11 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
     ensure!(stderr.contains("spec.window must be between 5s and 1h"), "refusal does not explain the window: {stderr}");
 
     // The sample service and a target for it.
-    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?.replace("kprof-demo", ns.name());
+    // Its own port: the pods share the host's network (a `make demo` shop may hold 8765).
+    let port = kprof_e2e::free_port()?.to_string();
+    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?
+        .replace("kprof-demo", ns.name())
+        .replace("8765", &port);
     let deployments: Api<Deployment> = ns.api();
     deployments.create(&PostParams::default(), &serde_yaml::from_str(&shop)?).await?;
     let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
