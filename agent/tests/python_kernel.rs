@@ -131,10 +131,8 @@ fn attribute(p: &Profile, pids: Option<&[u32]>) -> Attribution {
         uncategorized_top: Vec::new(),
     };
     for (key, &n) in &p.samples {
-        if let Some(pids) = pids {
-            if !pids.contains(&key.pid) {
-                continue;
-            }
+        if pids.is_some_and(|pids| !pids.contains(&key.pid)) {
+            continue;
         }
         a.total += n;
         let Some(cat) = category(&key.stack) else {
@@ -261,13 +259,21 @@ fn threads_have_their_own_stacks_and_names() {
         let mut by_thread: HashMap<String, (u64, u64, u64)> = HashMap::new();
         for (key, &n) in &p.samples {
             let py = py_frames(&key.stack);
-            let sig: Vec<(String, u32)> = py.iter().map(|f| (f.function.to_string(), f.line)).collect();
+            let sig: Vec<(String, u32)> = py
+                .iter()
+                .map(|f| (f.function.to_string(), f.line))
+                .collect();
             let ok = match &*key.thread {
                 "py-busy" => {
-                    sig.first().is_some_and(|(f, l)| f == "threads.leaf" && *l == m["leaf"])
-                        && sig.iter().any(|(f, l)| f == "threads.busy" && *l == m["busy"])
+                    sig.first()
+                        .is_some_and(|(f, l)| f == "threads.leaf" && *l == m["leaf"])
+                        && sig
+                            .iter()
+                            .any(|(f, l)| f == "threads.busy" && *l == m["busy"])
                 }
-                "py-zlib" => sig.first().is_some_and(|(f, l)| f == "threads.compress_loop" && *l == m["compress"]),
+                "py-zlib" => sig
+                    .first()
+                    .is_some_and(|(f, l)| f == "threads.compress_loop" && *l == m["compress"]),
                 _ => true,
             };
             let e = by_thread.entry(key.thread.to_string()).or_default();
@@ -283,7 +289,13 @@ fn threads_have_their_own_stacks_and_names() {
         let share = |t: &str| {
             by_thread
                 .get(t)
-                .map(|(n, py, ok)| (*n, 100.0 * *py as f64 / (*n).max(1) as f64, 100.0 * *ok as f64 / (*py).max(1) as f64))
+                .map(|(n, py, ok)| {
+                    (
+                        *n,
+                        100.0 * *py as f64 / (*n).max(1) as f64,
+                        100.0 * *ok as f64 / (*py).max(1) as f64,
+                    )
+                })
                 .unwrap_or((0, 0.0, 0.0))
         };
         let (nb, pyb, okb) = share("py-busy");
@@ -335,7 +347,7 @@ fn multiprocessing_workers_are_profiled() {
             let (l, e) = judge(&format!("  worker {w}"), &a, 8.0);
             line.push_str(&format!("\n      {l}"));
             let mut top = a.uncategorized_top.clone();
-            top.sort_by(|x, y| y.0.cmp(&x.0));
+            top.sort_by_key(|x| std::cmp::Reverse(x.0));
             for (n, s) in top.iter().take(3) {
                 line.push_str(&format!(
                     "\n          uncategorized {n}: {}",
@@ -387,13 +399,21 @@ fn deep_stacks_and_truncation() {
                 }
                 total += n;
                 let leaf_ok = py[0].function.as_ref() == "deep.spin" && py[0].line == m["spin"];
-                let downs = py.iter().filter(|f| f.function.as_ref() == "deep.down" && f.line == m["down"]).count();
-                let truncated = key.stack.last().is_some_and(|f| f.function.as_ref() == "[truncated python stack]");
+                let downs = py
+                    .iter()
+                    .filter(|f| f.function.as_ref() == "deep.down" && f.line == m["down"])
+                    .count();
+                let truncated = key
+                    .stack
+                    .last()
+                    .is_some_and(|f| f.function.as_ref() == "[truncated python stack]");
                 let ok = if expect_truncated {
                     // spin + down(0) at `bottom` + 126 × down at `down`, then the marker.
                     truncated && py.len() == 129 && downs == 126
                 } else {
-                    !truncated && downs == depth as usize && py.iter().any(|f| f.function.as_ref() == "deep.<module>")
+                    !truncated
+                        && downs == depth as usize
+                        && py.iter().any(|f| f.function.as_ref() == "deep.<module>")
                 };
                 if leaf_ok && ok {
                     good += n;
@@ -405,7 +425,11 @@ fn deep_stacks_and_truncation() {
                 "{} {:<22} depth {depth}: {total} samples with python, {pct:.0}% complete{}",
                 if pass { "PASS" } else { "FAIL" },
                 interp.name,
-                if expect_truncated { " and marked truncated" } else { "" }
+                if expect_truncated {
+                    " and marked truncated"
+                } else {
+                    ""
+                }
             );
             if !pass {
                 failures.push(format!("{} depth {depth}", interp.name));

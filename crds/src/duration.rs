@@ -30,7 +30,10 @@ impl GoDuration {
 
     /// The duration as a [`Duration`]; negative durations are refused.
     pub fn to_std(&self) -> Result<Duration, DurationError> {
-        let err = |reason: String| DurationError { value: self.0.clone(), reason };
+        let err = |reason: String| DurationError {
+            value: self.0.clone(),
+            reason,
+        };
         let parsed = kube::core::Duration::from_str(&self.0).map_err(|e| err(e.to_string()))?;
         if parsed.is_negative() {
             return Err(err("negative".into()));

@@ -13,8 +13,8 @@ use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, GoDuration};
-pub use selector::selector_matches;
 pub use profile::{ArtifactRef, Artifacts, Profile, ProfileSpec, TopFunction};
+pub use selector::selector_matches;
 pub use target::{
     Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,
     Retention,
@@ -77,11 +77,15 @@ pub struct CrdManifest {
 
 /// The CRD manifests generated from the types, as `make crds` writes them.
 pub fn crd_manifests() -> Result<Vec<CrdManifest>, serde_yaml::Error> {
-    const HEADER: &str = "# Generated from the Rust types in crds/src by `make crds`. Do not edit.\n";
+    const HEADER: &str =
+        "# Generated from the Rust types in crds/src by `make crds`. Do not edit.\n";
     Ok(vec![
         CrdManifest {
             file_name: "profilingtargets.yaml",
-            yaml: format!("{HEADER}{}", serde_yaml::to_string(&ProfilingTarget::crd())?),
+            yaml: format!(
+                "{HEADER}{}",
+                serde_yaml::to_string(&ProfilingTarget::crd())?
+            ),
         },
         CrdManifest {
             file_name: "profiles.yaml",

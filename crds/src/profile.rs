@@ -27,7 +27,11 @@ use crate::ProfileType;
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.profileType"),
     printcolumn(name = "Samples", type_ = "integer", json_path = ".spec.samples"),
     printcolumn(name = "Top", type_ = "string", json_path = ".spec.top"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a Profile's spec is immutable"))]
 #[serde(rename_all = "camelCase")]

@@ -11,7 +11,10 @@ use kube::core::{Selector, SelectorExt};
 /// empty selectors too). A selector with an unknown operator matches nothing.
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
     let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
-        && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty());
+        && selector
+            .match_expressions
+            .as_ref()
+            .is_none_or(|e| e.is_empty());
     !empty && Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
 }
 
@@ -22,7 +25,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     }
 
     fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
@@ -39,9 +45,15 @@ mod tests {
             match_labels: Some(labels(&[("app", "checkout"), ("tier", "web")])),
             ..Default::default()
         };
-        assert!(selector_matches(&sel, &labels(&[("app", "checkout"), ("tier", "web"), ("x", "y")])));
+        assert!(selector_matches(
+            &sel,
+            &labels(&[("app", "checkout"), ("tier", "web"), ("x", "y")])
+        ));
         assert!(!selector_matches(&sel, &labels(&[("app", "checkout")])));
-        assert!(!selector_matches(&sel, &labels(&[("app", "checkout"), ("tier", "db")])));
+        assert!(!selector_matches(
+            &sel,
+            &labels(&[("app", "checkout"), ("tier", "db")])
+        ));
     }
 
     #[test]
@@ -55,18 +67,39 @@ mod tests {
             ]),
             ..Default::default()
         };
-        assert!(selector_matches(&sel, &labels(&[("app", "worker"), ("team", "a")])));
-        assert!(selector_matches(&sel, &labels(&[("app", "worker-canary"), ("team", "a"), ("track", "ga")])));
-        assert!(!selector_matches(&sel, &labels(&[("app", "api"), ("team", "a")])));
-        assert!(!selector_matches(&sel, &labels(&[("app", "worker"), ("team", "a"), ("track", "debug")])));
+        assert!(selector_matches(
+            &sel,
+            &labels(&[("app", "worker"), ("team", "a")])
+        ));
+        assert!(selector_matches(
+            &sel,
+            &labels(&[("app", "worker-canary"), ("team", "a"), ("track", "ga")])
+        ));
+        assert!(!selector_matches(
+            &sel,
+            &labels(&[("app", "api"), ("team", "a")])
+        ));
+        assert!(!selector_matches(
+            &sel,
+            &labels(&[("app", "worker"), ("team", "a"), ("track", "debug")])
+        ));
         assert!(!selector_matches(&sel, &labels(&[("app", "worker")])));
-        assert!(!selector_matches(&sel, &labels(&[("app", "worker"), ("team", "a"), ("legacy", "1")])));
+        assert!(!selector_matches(
+            &sel,
+            &labels(&[("app", "worker"), ("team", "a"), ("legacy", "1")])
+        ));
     }
 
     #[test]
     fn empty_or_unknown_selects_nothing() {
-        assert!(!selector_matches(&LabelSelector::default(), &labels(&[("app", "x")])));
-        let sel = LabelSelector { match_expressions: Some(vec![expr("app", "Like", &["x"])]), ..Default::default() };
+        assert!(!selector_matches(
+            &LabelSelector::default(),
+            &labels(&[("app", "x")])
+        ));
+        let sel = LabelSelector {
+            match_expressions: Some(vec![expr("app", "Like", &["x"])]),
+            ..Default::default()
+        };
         assert!(!selector_matches(&sel, &labels(&[("app", "x")])));
     }
 }

@@ -26,9 +26,17 @@ use crate::{GoDuration, ProfileType};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Pods", type_ = "integer", json_path = ".status.matchedPods"),
     printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes"),
-    printcolumn(name = "Profiles", type_ = "integer", json_path = ".status.profilesWritten"),
+    printcolumn(
+        name = "Profiles",
+        type_ = "integer",
+        json_path = ".status.profilesWritten"
+    ),
     printcolumn(name = "Last", type_ = "date", json_path = ".status.lastProfileTime"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new(
     "!has(self.duration) || duration(self.duration) >= duration(self.window)"
@@ -108,7 +116,10 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Self { max_profiles: default_max_profiles(), max_age: default_max_age() }
+        Self {
+            max_profiles: default_max_profiles(),
+            max_age: default_max_age(),
+        }
     }
 }
 

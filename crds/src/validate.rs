@@ -55,7 +55,10 @@ where
         .expect("the generated schema is a valid JSON schema");
     let structural: Vec<_> = validator
         .iter_errors(&object)
-        .map(|e| SchemaViolation { path: e.instance_path().to_string(), message: e.to_string() })
+        .map(|e| SchemaViolation {
+            path: e.instance_path().to_string(),
+            message: e.to_string(),
+        })
         .collect();
     // Like the API server, CEL rules only run on objects that are structurally valid.
     if !structural.is_empty() {
@@ -66,7 +69,10 @@ where
         Err(errors) => errors
             .as_slice()
             .iter()
-            .map(|e| SchemaViolation { path: e.field_path.clone(), message: e.message.clone() })
+            .map(|e| SchemaViolation {
+                path: e.field_path.clone(),
+                message: e.message.clone(),
+            })
             .collect(),
     }
 }

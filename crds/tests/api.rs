@@ -35,14 +35,18 @@ fn schema_errors<K>(object: &Value, old: Option<&Value>) -> Vec<String>
 where
     K: kube::CustomResourceExt + serde::Serialize + serde::de::DeserializeOwned,
 {
-    violations::<K>(object, old).iter().map(ToString::to_string).collect()
+    violations::<K>(object, old)
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[test]
 fn minimal_target_gets_the_documented_defaults() {
-    let t: ProfilingTarget =
-        serde_yaml::from_str(&fs::read_to_string(crate_dir().join("examples/minimal.yaml")).unwrap())
-            .unwrap();
+    let t: ProfilingTarget = serde_yaml::from_str(
+        &fs::read_to_string(crate_dir().join("examples/minimal.yaml")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(t.spec.profile_types, vec![ProfileType::Cpu]);
     assert_eq!(t.spec.sample_hz, 99);
     assert_eq!(t.spec.window.as_str(), "30s");
@@ -51,14 +55,20 @@ fn minimal_target_gets_the_documented_defaults() {
     assert!(!t.spec.suspend);
     assert!(t.spec.containers.is_empty());
     assert_eq!(t.spec.retention.max_profiles, 20);
-    assert_eq!(t.spec.retention.max_age.to_std().unwrap().as_secs(), 24 * 3600);
+    assert_eq!(
+        t.spec.retention.max_age.to_std().unwrap().as_secs(),
+        24 * 3600
+    );
     assert!(t.status.is_none());
 }
 
 #[test]
 fn examples_round_trip_and_keep_what_the_user_wrote() {
     let examples = yaml_files("examples");
-    assert!(examples.len() >= 3, "crds/examples should hold the targets users copy");
+    assert!(
+        examples.len() >= 3,
+        "crds/examples should hold the targets users copy"
+    );
     for (name, raw) in examples {
         let parsed: ProfilingTarget =
             serde_json::from_value(raw.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -67,7 +77,10 @@ fn examples_round_trip_and_keep_what_the_user_wrote() {
         assert_eq!(parsed, again, "{name}: round trip changed the object");
         // Every field the user wrote comes back unchanged (durations are not normalised).
         for (key, value) in raw["spec"].as_object().unwrap() {
-            assert_eq!(&written["spec"][key], value, "{name}: spec.{key} changed in a round trip");
+            assert_eq!(
+                &written["spec"][key], value,
+                "{name}: spec.{key} changed in a round trip"
+            );
         }
     }
 }
@@ -83,17 +96,33 @@ fn examples_pass_the_generated_schema_after_defaulting() {
 #[test]
 fn bad_targets_are_refused_with_a_message_naming_the_field() {
     let expected = [
-        ("duplicate-types.yaml", "profileTypes must not list a type twice"),
-        ("duration-shorter-than-window.yaml", "spec.duration must be at least one spec.window"),
+        (
+            "duplicate-types.yaml",
+            "profileTypes must not list a type twice",
+        ),
+        (
+            "duration-shorter-than-window.yaml",
+            "spec.duration must be at least one spec.window",
+        ),
         ("empty-selector.yaml", "spec.selector must not be empty"),
         ("sample-hz-too-high.yaml", "/spec/sampleHz"),
         ("unknown-type.yaml", "/spec/profileTypes/0"),
         ("window-not-a-duration.yaml", "/spec/window"),
-        ("window-too-long.yaml", "spec.window must be between 5s and 1h"),
-        ("window-too-short.yaml", "spec.window must be between 5s and 1h"),
+        (
+            "window-too-long.yaml",
+            "spec.window must be between 5s and 1h",
+        ),
+        (
+            "window-too-short.yaml",
+            "spec.window must be between 5s and 1h",
+        ),
     ];
     let files = yaml_files("tests/invalid");
-    assert_eq!(files.len(), expected.len(), "every invalid example needs an expected message");
+    assert_eq!(
+        files.len(),
+        expected.len(),
+        "every invalid example needs an expected message"
+    );
     for (name, raw) in files {
         let (_, want) = expected.iter().find(|(f, _)| *f == name).unwrap();
         let errors = schema_errors::<ProfilingTarget>(&raw, None);
@@ -121,7 +150,10 @@ fn profile_spec_is_immutable() {
         }
     });
     let parsed: Profile = serde_json::from_value(profile.clone()).unwrap();
-    assert_eq!(parsed.spec.top_functions[0].location.as_deref(), Some("app.py:42"));
+    assert_eq!(
+        parsed.spec.top_functions[0].location.as_deref(),
+        Some("app.py:42")
+    );
     assert!(schema_errors::<Profile>(&profile, None).is_empty());
     assert!(schema_errors::<Profile>(&profile, Some(&profile)).is_empty());
     let mut changed = profile.clone();
@@ -134,7 +166,10 @@ fn profile_spec_is_immutable() {
 fn crds_carry_names_columns_and_rules_from_the_design() {
     let pt = ProfilingTarget::crd();
     assert_eq!(pt.spec.group, "kprof.io");
-    assert_eq!(pt.spec.names.short_names.as_deref(), Some(&["pt".to_string()][..]));
+    assert_eq!(
+        pt.spec.names.short_names.as_deref(),
+        Some(&["pt".to_string()][..])
+    );
     let columns: Vec<_> = pt.spec.versions[0]
         .additional_printer_columns
         .as_ref()
@@ -142,11 +177,24 @@ fn crds_carry_names_columns_and_rules_from_the_design() {
         .iter()
         .map(|c| c.name.to_uppercase())
         .collect();
-    assert_eq!(columns, ["PHASE", "PODS", "NODES", "PROFILES", "LAST", "AGE"]);
-    assert!(pt.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
+    assert_eq!(
+        columns,
+        ["PHASE", "PODS", "NODES", "PROFILES", "LAST", "AGE"]
+    );
+    assert!(
+        pt.spec.versions[0]
+            .subresources
+            .as_ref()
+            .unwrap()
+            .status
+            .is_some()
+    );
 
     let prof = Profile::crd();
-    assert_eq!(prof.spec.names.short_names.as_deref(), Some(&["prof".to_string()][..]));
+    assert_eq!(
+        prof.spec.names.short_names.as_deref(),
+        Some(&["prof".to_string()][..])
+    );
     let columns: Vec<_> = prof.spec.versions[0]
         .additional_printer_columns
         .as_ref()
@@ -157,8 +205,16 @@ fn crds_carry_names_columns_and_rules_from_the_design() {
     assert_eq!(columns, ["TARGET", "POD", "TYPE", "SAMPLES", "TOP", "AGE"]);
 
     let schema = serde_json::to_string(&open_api_schema::<ProfilingTarget>()).unwrap();
-    for rule in ["duration(self) >= duration('5s')", "exists_one", "matchLabels", "duration(self.window)"] {
-        assert!(schema.contains(rule), "CEL rule with {rule:?} missing from the schema");
+    for rule in [
+        "duration(self) >= duration('5s')",
+        "exists_one",
+        "matchLabels",
+        "duration(self.window)",
+    ] {
+        assert!(
+            schema.contains(rule),
+            "CEL rule with {rule:?} missing from the schema"
+        );
     }
     let schema = serde_json::to_string(&open_api_schema::<Profile>()).unwrap();
     assert!(schema.contains("self == oldSelf"));
@@ -166,9 +222,16 @@ fn crds_carry_names_columns_and_rules_from_the_design() {
 
 #[test]
 fn status_serialises_without_empty_noise() {
-    let status = ProfilingTargetStatus { phase: Some(Phase::Running), matched_pods: 2, ..Default::default() };
+    let status = ProfilingTargetStatus {
+        phase: Some(Phase::Running),
+        matched_pods: 2,
+        ..Default::default()
+    };
     let v = serde_json::to_value(&status).unwrap();
-    assert_eq!(v, serde_json::json!({"phase": "Running", "matchedPods": 2, "profilesWritten": 0}));
+    assert_eq!(
+        v,
+        serde_json::json!({"phase": "Running", "matchedPods": 2, "profilesWritten": 0})
+    );
 }
 
 #[test]

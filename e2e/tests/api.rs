@@ -12,7 +12,10 @@ use anyhow::{Context, Result, ensure};
 use kprof_e2e::{TestNamespace, require_cluster};
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn kubectl_stdin(args: &[&str], input: &str) -> Result<Output> {
@@ -36,7 +39,10 @@ fn manifests_in(dir: &Path, ns: &str) -> Result<Vec<(String, String)>> {
         .map(|p| {
             let mut doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&p)?)?;
             doc["metadata"]["namespace"] = ns.into();
-            Ok((p.file_name().unwrap().to_string_lossy().into_owned(), serde_yaml::to_string(&doc)?))
+            Ok((
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                serde_yaml::to_string(&doc)?,
+            ))
         })
         .collect()
 }
@@ -52,28 +58,52 @@ async fn crds_apply_examples_pass_and_bad_targets_are_refused() -> Result<()> {
         .arg(repo().join("crds/profiles.yaml"))
         .output()
         .context("kubectl apply of the CRDs")?;
-    ensure!(out.status.success(), "the CRDs do not apply: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "the CRDs do not apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = kprof_e2e::kubectl()
         .args(["wait", "--for=condition=Established", "--timeout=60s"])
         .args(["crd/profilingtargets.kprof.io", "crd/profiles.kprof.io"])
         .output()?;
-    ensure!(out.status.success(), "CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "CRDs not established: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let ns = TestNamespace::new(&tb.client, "api").await?;
     let examples = manifests_in(&repo().join("crds/examples"), ns.name())?;
     ensure!(!examples.is_empty(), "no examples in crds/examples");
     for (name, yaml) in examples {
         let out = kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &yaml)?;
-        ensure!(out.status.success(), "{name} refused: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "{name} refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for (name, yaml) in manifests_in(&repo().join("crds/tests/invalid"), ns.name())? {
         let out = kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &yaml)?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(!out.status.success(), "{name} was accepted by the API server");
-        ensure!(stderr.contains("spec."), "{name}: the refusal does not name the field: {stderr}");
+        ensure!(
+            !out.status.success(),
+            "{name} was accepted by the API server"
+        );
+        ensure!(
+            stderr.contains("spec."),
+            "{name}: the refusal does not name the field: {stderr}"
+        );
         eprintln!("{name}: {}", stderr.trim());
     }
-    let out = kprof_e2e::kubectl().args(["get", "profilingtargets,profiles", "-n", ns.name()]).output()?;
-    ensure!(out.status.success(), "kubectl get profilingtargets,profiles: {}", String::from_utf8_lossy(&out.stderr));
+    let out = kprof_e2e::kubectl()
+        .args(["get", "profilingtargets,profiles", "-n", ns.name()])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl get profilingtargets,profiles: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

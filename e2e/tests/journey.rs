@@ -25,7 +25,10 @@ const RELEASE: &str = "kprof";
 const SHOP_IMAGE: &str = "kprof/demo-shop:dev";
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs a command with the test bed's tools; returns stdout, or fails with stderr.
@@ -33,21 +36,36 @@ fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd:?} failed: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(stdout)
 }
 
 fn helm(args: &[&str]) -> Command {
     let mut cmd = Command::new(kprof_e2e::k8s_bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", kprof_e2e::kubeconfig_path()).args(args).current_dir(repo());
+    cmd.env("KUBECONFIG", kprof_e2e::kubeconfig_path())
+        .args(args)
+        .current_dir(repo());
     cmd
 }
 
 fn install(extra: &[&str]) -> Result<String> {
     let mut args = vec![
-        "upgrade", "--install", RELEASE, "charts/kprof", "-n", SYSTEM_NS, "--create-namespace",
-        "--wait", "--timeout", "3m", "-f", "e2e/demo/testbed-values.yaml",
+        "upgrade",
+        "--install",
+        RELEASE,
+        "charts/kprof",
+        "-n",
+        SYSTEM_NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "3m",
+        "-f",
+        "e2e/demo/testbed-values.yaml",
     ];
     args.extend_from_slice(extra);
     run(&mut helm(&args))
@@ -81,9 +99,18 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
     );
     let out = kubectl_apply(&bad)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success(), "a target with sampleHz 5000 and window 1s was accepted");
-    ensure!(stderr.contains("spec.sampleHz"), "refusal does not name spec.sampleHz: {stderr}");
-    ensure!(stderr.contains("spec.window must be between 5s and 1h"), "refusal does not explain the window: {stderr}");
+    ensure!(
+        !out.status.success(),
+        "a target with sampleHz 5000 and window 1s was accepted"
+    );
+    ensure!(
+        stderr.contains("spec.sampleHz"),
+        "refusal does not name spec.sampleHz: {stderr}"
+    );
+    ensure!(
+        stderr.contains("spec.window must be between 5s and 1h"),
+        "refusal does not explain the window: {stderr}"
+    );
 
     // The sample service and a target for it.
     // Its own port: the pods share the host's network (a `make demo` shop may hold 8765).
@@ -92,33 +119,63 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         .replace("kprof-demo", ns.name())
         .replace("8765", &port);
     let deployments: Api<Deployment> = ns.api();
-    deployments.create(&PostParams::default(), &serde_yaml::from_str(&shop)?).await?;
+    deployments
+        .create(&PostParams::default(), &serde_yaml::from_str(&shop)?)
+        .await?;
     let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
         .replace("kprof-demo", ns.name())
         .replace("window: 10s", "window: 5s");
     let out = kubectl_apply(&target)?;
-    ensure!(out.status.success(), "target refused: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "target refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Profiles of the service, with its own Python functions on top.
     let profiles: Api<Profile> = ns.api();
     let by_target = ListParams::default().labels(&format!("{}=shop", labels::TARGET));
-    let first = poll_until("a Profile of the shop with samples", Duration::from_secs(150), Duration::from_secs(2), || {
-        let profiles = profiles.clone();
-        let by_target = by_target.clone();
-        async move {
-            let list = profiles.list(&by_target).await?;
-            Ok(list.items.into_iter().find(|p| p.spec.samples > 20))
-        }
-    })
+    let first = poll_until(
+        "a Profile of the shop with samples",
+        Duration::from_secs(150),
+        Duration::from_secs(2),
+        || {
+            let profiles = profiles.clone();
+            let by_target = by_target.clone();
+            async move {
+                let list = profiles.list(&by_target).await?;
+                Ok(list.items.into_iter().find(|p| p.spec.samples > 20))
+            }
+        },
+    )
     .await?;
-    let top: Vec<&str> = first.spec.top_functions.iter().take(3).map(|f| f.function.as_str()).collect();
+    let top: Vec<&str> = first
+        .spec
+        .top_functions
+        .iter()
+        .take(3)
+        .map(|f| f.function.as_str())
+        .collect();
     ensure!(
-        top.iter().any(|f| f.starts_with("main.price_cart") || f.starts_with("main.render_receipt")),
+        top.iter()
+            .any(|f| f.starts_with("main.price_cart") || f.starts_with("main.render_receipt")),
         "the top functions are not the service's Python functions: {top:?}"
     );
-    ensure!(first.spec.runtime.starts_with("cpython 3."), "runtime {:?}", first.spec.runtime);
-    ensure!(first.spec.pod.starts_with("shop-"), "pod {:?}", first.spec.pod);
-    ensure!(first.spec.artifacts.pprof.is_some(), "no pprof artifact on {:?}", first.metadata.name);
+    ensure!(
+        first.spec.runtime.starts_with("cpython 3."),
+        "runtime {:?}",
+        first.spec.runtime
+    );
+    ensure!(
+        first.spec.pod.starts_with("shop-"),
+        "pod {:?}",
+        first.spec.pod
+    );
+    ensure!(
+        first.spec.artifacts.pprof.is_some(),
+        "no pprof artifact on {:?}",
+        first.metadata.name
+    );
 
     // The agent: never privileged, exactly the chart's capabilities.
     let agents: Api<DaemonSet> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
@@ -131,36 +188,67 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         caps.add.unwrap_or_default() == ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"],
         "agent capabilities differ from the chart's"
     );
-    ensure!(caps.drop.unwrap_or_default() == ["ALL"], "the agent does not drop ALL capabilities");
-    ensure!(sc.read_only_root_filesystem == Some(true), "the agent's root file system is writable");
+    ensure!(
+        caps.drop.unwrap_or_default() == ["ALL"],
+        "the agent does not drop ALL capabilities"
+    );
+    ensure!(
+        sc.read_only_root_filesystem == Some(true),
+        "the agent's root file system is writable"
+    );
 
     // helm upgrade keeps the Profiles already written.
     let before = first.metadata.name.clone().unwrap();
     install(&["--set", "operator.resyncInterval=2m"])?;
-    ensure!(profiles.get_opt(&before).await?.is_some(), "Profile {before} lost in helm upgrade");
-    poll_until("a Profile written after the upgrade", Duration::from_secs(90), Duration::from_secs(2), || {
-        let profiles = profiles.clone();
-        let by_target = by_target.clone();
-        let before = before.clone();
-        async move {
-            let list = profiles.list(&by_target).await?;
-            Ok(list.items.into_iter().find(|p| p.metadata.name.as_deref() != Some(&before) && p.spec.samples > 0).map(|_| ()))
-        }
-    })
+    ensure!(
+        profiles.get_opt(&before).await?.is_some(),
+        "Profile {before} lost in helm upgrade"
+    );
+    poll_until(
+        "a Profile written after the upgrade",
+        Duration::from_secs(90),
+        Duration::from_secs(2),
+        || {
+            let profiles = profiles.clone();
+            let by_target = by_target.clone();
+            let before = before.clone();
+            async move {
+                let list = profiles.list(&by_target).await?;
+                Ok(list
+                    .items
+                    .into_iter()
+                    .find(|p| p.metadata.name.as_deref() != Some(&before) && p.spec.samples > 0)
+                    .map(|_| ()))
+            }
+        },
+    )
     .await?;
 
     // helm uninstall: no operator, no agent DaemonSet, no agent pod left.
-    run(&mut helm(&["uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout", "2m"]))?;
+    run(&mut helm(&[
+        "uninstall",
+        RELEASE,
+        "-n",
+        SYSTEM_NS,
+        "--wait",
+        "--timeout",
+        "2m",
+    ]))?;
     let pods: Api<Pod> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
-    poll_until("no kprof object left in kprof-system", Duration::from_secs(90), Duration::from_secs(2), || {
-        let agents = agents.clone();
-        let pods = pods.clone();
-        async move {
-            let ds_left = agents.get_opt("kprof-agent").await?.is_some();
-            let pods_left = pods.list(&ListParams::default()).await?.items.len();
-            Ok((!ds_left && pods_left == 0).then_some(()))
-        }
-    })
+    poll_until(
+        "no kprof object left in kprof-system",
+        Duration::from_secs(90),
+        Duration::from_secs(2),
+        || {
+            let agents = agents.clone();
+            let pods = pods.clone();
+            async move {
+                let ds_left = agents.get_opt("kprof-agent").await?.is_some();
+                let pods_left = pods.list(&ListParams::default()).await?.items.len();
+                Ok((!ds_left && pods_left == 0).then_some(()))
+            }
+        },
+    )
     .await?;
     Ok(())
 }

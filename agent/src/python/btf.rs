@@ -150,10 +150,10 @@ impl Btf {
             }
         }
         for m in &t.members {
-            if m.name_off == 0 || self.name(m.name_off).is_empty() {
-                if let Some((off, ty)) = self.member_offset(m.type_id, name, depth + 1) {
-                    return Some((m.bit_offset / 8 + off, ty));
-                }
+            if (m.name_off == 0 || self.name(m.name_off).is_empty())
+                && let Some((off, ty)) = self.member_offset(m.type_id, name, depth + 1)
+            {
+                return Some((m.bit_offset / 8 + off, ty));
             }
         }
         None

@@ -147,7 +147,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Outcome of one detection attempt.
 enum Attempt {
-    Ready(PyProcess, RuntimeInfo),
+    Ready(Box<PyProcess>, RuntimeInfo),
     Final(Option<RuntimeInfo>),
     Retry(Option<RuntimeInfo>),
 }
@@ -178,7 +178,7 @@ fn attempt(pid: u32) -> Attempt {
                 }
             );
             Attempt::Ready(
-                p,
+                Box::new(p),
                 RuntimeInfo {
                     display,
                     python_frames: ok,
@@ -296,13 +296,13 @@ impl PythonSupport {
                 Attempt::Ready(p, mut info) => {
                     let mut inner = lock(&self.inner);
                     inner.pending.remove(&pid);
-                    inner.procs.insert(pid, p);
-                    if info.python_frames {
-                        if let Err(e) = inner.register(pid) {
-                            info.python_frames = false;
-                            info.warnings
-                                .push(format!("python frames unavailable: {e}"));
-                        }
+                    inner.procs.insert(pid, *p);
+                    if info.python_frames
+                        && let Err(e) = inner.register(pid)
+                    {
+                        info.python_frames = false;
+                        info.warnings
+                            .push(format!("python frames unavailable: {e}"));
                     }
                     inner.infos.insert(pid, info.clone());
                     drop(inner);
@@ -523,10 +523,10 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
                 };
                 let info = inner.infos.get(&parent).cloned();
                 inner.procs.insert(child, p);
-                if inner.register(child).is_ok() {
-                    if let Some(i) = info {
-                        inner.infos.insert(child, i);
-                    }
+                if inner.register(child).is_ok()
+                    && let Some(i) = info
+                {
+                    inner.infos.insert(child, i);
                 }
             }
         }
@@ -544,13 +544,13 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
                 Attempt::Ready(p, mut info) => {
                     let mut inner = lock(&shared);
                     inner.pending.remove(&pid);
-                    inner.procs.insert(pid, p);
-                    if info.python_frames {
-                        if let Err(e) = inner.register(pid) {
-                            info.python_frames = false;
-                            info.warnings
-                                .push(format!("python frames unavailable: {e}"));
-                        }
+                    inner.procs.insert(pid, *p);
+                    if info.python_frames
+                        && let Err(e) = inner.register(pid)
+                    {
+                        info.python_frames = false;
+                        info.warnings
+                            .push(format!("python frames unavailable: {e}"));
                     }
                     inner.infos.insert(pid, info);
                 }

@@ -258,10 +258,10 @@ impl PyProcess {
             .symbol("PyCode_Type")
             .map(|a| bias.wrapping_add(a))
             .unwrap_or(0);
-        if pycode_type != 0 {
-            if let Err(e) = cross_check_code_members(&mem, pycode_type, &mut layout, &mut notes) {
-                notes.push(format!("PyCode_Type.tp_members unreadable: {e}"));
-            }
+        if pycode_type != 0
+            && let Err(e) = cross_check_code_members(&mem, pycode_type, &mut layout, &mut notes)
+        {
+            notes.push(format!("PyCode_Type.tp_members unreadable: {e}"));
         }
 
         // Eval loop and interpreter ranges (for merging with native stacks).
@@ -391,16 +391,17 @@ impl PyProcess {
             }
             // Unknown glibc: find the slot holding `ts` in the thread descriptor and derive
             // the array offset (16-byte slots, value at +8).
-            if layout.self_off.is_some() && !layout.indirect {
-                if let Ok(desc) = self.mem.read_vec(fsbase, 0x1000) {
-                    for w in (0..desc.len() - 8).step_by(8) {
-                        if u64::from_le_bytes(desc[w..w + 8].try_into().unwrap()) == ts {
-                            let base = w as i64 - key as i64 * 16 - 8;
-                            if base > 0 {
-                                layout.base_off = base as u32;
-                                if self.tss_lookup_with(fsbase, key, &layout) == Some(ts) {
-                                    return Some(layout);
-                                }
+            if layout.self_off.is_some()
+                && !layout.indirect
+                && let Ok(desc) = self.mem.read_vec(fsbase, 0x1000)
+            {
+                for w in (0..desc.len() - 8).step_by(8) {
+                    if u64::from_le_bytes(desc[w..w + 8].try_into().unwrap()) == ts {
+                        let base = w as i64 - key as i64 * 16 - 8;
+                        if base > 0 {
+                            layout.base_off = base as u32;
+                            if self.tss_lookup_with(fsbase, key, &layout) == Some(ts) {
+                                return Some(layout);
                             }
                         }
                     }
@@ -491,10 +492,10 @@ impl PyProcess {
             match l.frame_kind {
                 kind::FRAME_OBJECT => flags |= PYFRAME_RUN_END,
                 kind::CFRAME_IS_ENTRY => {
-                    if let Some(o) = l.frame_owner {
-                        if self.mem.read_u8(frame + o).unwrap_or(0) != 0 {
-                            flags |= PYFRAME_RUN_END;
-                        }
+                    if let Some(o) = l.frame_owner
+                        && self.mem.read_u8(frame + o).unwrap_or(0) != 0
+                    {
+                        flags |= PYFRAME_RUN_END;
                     }
                 }
                 _ => {
@@ -686,11 +687,11 @@ fn cross_check_code_members(
             }
             _ => None,
         };
-        if let Some(slot) = slot {
-            if *slot != off {
-                notes.push(format!("{name}: table {} → tp_members {off}", *slot));
-                *slot = off;
-            }
+        if let Some(slot) = slot
+            && *slot != off
+        {
+            notes.push(format!("{name}: table {} → tp_members {off}", *slot));
+            *slot = off;
         }
         if name == "co_qualname" && layout.co_qualname != Some(off) {
             notes.push(format!(

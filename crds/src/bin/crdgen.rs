@@ -35,7 +35,9 @@ fn write(dirs: &[PathBuf]) -> ExitCode {
     for dir in dirs {
         for m in &manifests {
             let path = dir.join(m.file_name);
-            if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &m.yaml)) {
+            if let Err(e) =
+                std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &m.yaml))
+            {
                 eprintln!("crdgen: cannot write {}: {e}", path.display());
                 return ExitCode::FAILURE;
             }
@@ -65,12 +67,18 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     continue;
                 }
             };
-            let name = object["metadata"]["name"].as_str().unwrap_or("<unnamed>").to_owned();
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or("<unnamed>")
+                .to_owned();
             let problems = match object["kind"].as_str() {
                 Some("ProfilingTarget") => violations::<ProfilingTarget>(&object, None),
                 Some("Profile") => violations::<Profile>(&object, None),
                 other => {
-                    println!("{}: {name}: not a kprof object (kind {other:?})", file.display());
+                    println!(
+                        "{}: {name}: not a kprof object (kind {other:?})",
+                        file.display()
+                    );
                     refused += 1;
                     continue;
                 }
@@ -85,5 +93,9 @@ fn check(files: &[PathBuf]) -> ExitCode {
             }
         }
     }
-    if refused == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if refused == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

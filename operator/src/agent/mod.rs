@@ -30,9 +30,7 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::{
-    AGENT_NAME, Error, Result, config::AgentConfig, error::backoff, metrics::Metrics,
-};
+use crate::{AGENT_NAME, Error, Result, config::AgentConfig, error::backoff, metrics::Metrics};
 
 /// How long to wait after a poke for more pokes before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -143,7 +141,8 @@ impl AgentScheduler {
         if name.is_empty() {
             return Ok(None);
         }
-        let deployments: Api<Deployment> = Api::namespaced(self.api.clone().into_client(), &self.namespace);
+        let deployments: Api<Deployment> =
+            Api::namespaced(self.api.clone().into_client(), &self.namespace);
         let found = deployments.get_opt(name).await;
         let Some(deployment) = found.map_err(Error::kube("reading the owner Deployment"))? else {
             tracing::warn!(namespace = %self.namespace, deployment = %name, "owner Deployment not found: the agent DaemonSet has no owner");
