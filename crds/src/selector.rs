@@ -10,12 +10,7 @@ use kube::core::{Selector, SelectorExt};
 /// matches nothing here: kprof never profiles a whole namespace by accident (the schema refuses
 /// empty selectors too). A selector with an unknown operator matches nothing.
 pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let empty = selector.match_labels.as_ref().is_none_or(|m| m.is_empty())
-        && selector
-            .match_expressions
-            .as_ref()
-            .is_none_or(|e| e.is_empty());
-    !empty && Selector::try_from(selector.clone()).is_ok_and(|s| s.matches(labels))
+    Selector::try_from(selector.clone()).is_ok_and(|s| !s.selects_all() && s.matches(labels))
 }
 
 #[cfg(test)]
