@@ -5,6 +5,7 @@
 //! (addresses → frames), `aggregate` (events → profile), `pprof`, `flamegraph`, `top`,
 //! `record` (a session), `cgroup` (pid → container), `cli` (argument helpers).
 pub mod aggregate;
+pub mod btf;
 pub mod cgroup;
 pub mod cli;
 pub mod daemon;

@@ -1,8 +1,8 @@
 //! Loads the eBPF object, attaches the sampler to every online CPU (software cpu-clock at the
 //! requested frequency) and the fork follower, and hands out the maps.
 //!
-//! Failures are mapped to one-line, actionable errors (missing capability, perf events, BTF,
-//! tracefs) instead of aya's nested error chains.
+//! Failures are mapped to one-line, actionable errors (missing capability, perf events, BTF)
+//! instead of aya's nested error chains.
 use std::{
     fs,
     os::fd::{AsRawFd, OwnedFd},
@@ -14,7 +14,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, TracePoint,
+        PerfEvent, RawTracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     sys::{Stats, enable_stats},
@@ -65,7 +65,7 @@ pub enum LoadError {
 #[derive(Clone, Copy, Debug)]
 pub struct SamplerConfig {
     pub sample_hz: u64,
-    /// Children of targets become targets (needs tracefs for the fork tracepoint).
+    /// Children of targets become targets (the fork follower; needs kernel BTF offsets).
     pub follow_children: bool,
     /// Match samples by cgroup v2 id as well (Kubernetes mode).
     pub cgroup_filter: bool,
@@ -139,57 +139,6 @@ fn raise_memlock() {
     }
 }
 
-/// Offsets of `parent_pid` / `child_pid` in the `sched_process_fork` record, from tracefs.
-fn fork_offsets(tracefs: &Path) -> Option<(u32, u32)> {
-    let fmt = fs::read_to_string(tracefs.join("events/sched/sched_process_fork/format")).ok()?;
-    parse_fork_format(&fmt)
-}
-
-/// Parses the tracepoint `format` file for the offsets of `parent_pid` and `child_pid`.
-pub fn parse_fork_format(fmt: &str) -> Option<(u32, u32)> {
-    let off = |field: &str| {
-        fmt.lines().find_map(|l| {
-            let l = l.trim();
-            let decl = l.strip_prefix("field:")?.split(';').next()?;
-            if decl.split_whitespace().last()? != field {
-                return None;
-            }
-            let o = l.split("offset:").nth(1)?.split(';').next()?;
-            o.trim().parse().ok()
-        })
-    };
-    Some((off("parent_pid")?, off("child_pid")?))
-}
-
-fn find_tracefs() -> Option<&'static Path> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.join("events").is_dir())
-}
-
-/// Finds tracefs, mounting it at /sys/kernel/tracing when it is not mounted (needs SYS_ADMIN).
-fn tracefs() -> Option<&'static Path> {
-    if let Some(p) = find_tracefs() {
-        return Some(p);
-    }
-    let target = c"/sys/kernel/tracing";
-    // SAFETY: valid C strings; mount(2) fails harmlessly without privilege.
-    let ret = unsafe {
-        libc::mount(
-            c"tracefs".as_ptr(),
-            target.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if ret != 0 {
-        return None;
-    }
-    find_tracefs()
-}
-
 impl Sampler {
     /// Loads the programs and attaches them. Targets are added afterwards with [`Sampler::add_pid`].
     /// Loads the sampler with the CPython walker (falling back to the native sampler when the
@@ -210,33 +159,18 @@ impl Sampler {
         raise_memlock();
         let mut warnings = Vec::new();
 
-        let (tracefs, offsets) = if cfg.follow_children {
-            match tracefs() {
-                Some(t) => match fork_offsets(t) {
-                    Some(o) => (Some(t), Some(o)),
-                    None => {
-                        warnings.push(
-                            "children are not followed: sched_process_fork format unreadable"
-                                .to_owned(),
-                        );
-                        (None, None)
-                    }
-                },
-                None => {
-                    warnings.push("children are not followed: tracefs is not mounted".to_owned());
-                    (None, None)
-                }
-            }
+        let task = if cfg.follow_children {
+            crate::btf::task_offsets()
+                .inspect_err(|e| warnings.push(format!("children are not followed: {e}")))
+                .ok()
         } else {
-            (None, None)
+            None
         };
-        let follow_children = offsets.is_some();
-        let (parent_off, child_off) = offsets.unwrap_or((12, 20));
         let config = Config {
             cgroup_filter: u32::from(cfg.cgroup_filter),
-            follow_children: u32::from(follow_children),
-            fork_parent_pid_off: parent_off,
-            fork_child_pid_off: child_off,
+            follow_children: u32::from(task.is_some()),
+            task_pid_off: task.map_or(0, |t| t.pid),
+            task_tgid_off: task.map_or(0, |t| t.tgid),
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
@@ -288,15 +222,17 @@ impl Sampler {
             })?;
         }
 
-        if follow_children && tracefs.is_some() {
-            let fork: &mut TracePoint = bpf
+        let mut follow_children = task.is_some();
+        if follow_children {
+            let fork: &mut RawTracePoint = bpf
                 .program_mut(names::PROG_FORK)
                 .ok_or(LoadError::Missing(names::PROG_FORK))?
                 .try_into()
                 .map_err(|_| LoadError::Missing(names::PROG_FORK))?;
             fork.load().map_err(|e| map_program_error(&e))?;
-            if let Err(e) = fork.attach("sched", "sched_process_fork") {
+            if let Err(e) = fork.attach("sched_process_fork") {
                 warnings.push(format!("children are not followed: {}", one_line(&e)));
+                follow_children = false;
             }
         }
 
@@ -454,23 +390,5 @@ mod tests {
         assert_eq!(ring_size(64, 99), 32 << 20);
         assert_eq!(ring_size(256, 1000), 64 << 20);
         assert!(ring_size(1, 1).is_power_of_two());
-    }
-
-    #[test]
-    fn fork_format_offsets() {
-        let fmt = "name: sched_process_fork\nID: 366\nformat:\n\
-\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\
-\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\
-\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\
-\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
-        assert_eq!(parse_fork_format(fmt), Some((12, 20)));
-        // Older kernels: inline comm arrays.
-        let old = "\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
-\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\
-\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\
-\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
-        assert_eq!(parse_fork_format(old), Some((24, 44)));
-        assert_eq!(parse_fork_format("garbage"), None);
     }
 }

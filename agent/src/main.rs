@@ -30,7 +30,7 @@ enum Command {
     /// Profile running processes or a command, write DIR/profile.pb.gz and DIR/flamegraph.svg,
     /// and print the top functions.
     Record(RecordArgs),
-    /// Print what this machine supports (eBPF object, capabilities, BTF, tracefs).
+    /// Print what this machine supports (eBPF object, capabilities, BTF, fork follower).
     SystemInfo,
     /// Run as the node agent in a Kubernetes cluster: profile the containers that
     /// ProfilingTargets select on this node and write a Profile per window.
@@ -172,8 +172,8 @@ fn system_info() -> anyhow::Result<ExitCode> {
         yes(std::path::Path::new("/sys/kernel/btf/vmlinux").exists())
     );
     println!(
-        "tracefs mounted: {}",
-        yes(std::path::Path::new("/sys/kernel/tracing/events").is_dir())
+        "children followed (task_struct offsets in kernel BTF): {}",
+        yes(kprof_agent::btf::task_offsets().is_ok())
     );
     Ok(ExitCode::SUCCESS)
 }

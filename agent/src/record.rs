@@ -335,6 +335,15 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     }
 
     let mut profile = agg.finish(opts.sample_hz, wall_start);
+    // Interpreters found later by the background watcher (a child that exec'ed python, an
+    // interpreter still initialising at first sight) name their runtime too.
+    if let Some(py) = python.as_ref() {
+        for (pid, meta) in profile.processes.iter_mut() {
+            if meta.runtime.is_none() {
+                meta.runtime = py.runtime(*pid).map(|r| r.display);
+            }
+        }
+    }
     profile.duration = wall;
     profile.labels.node = hostname();
     profile.dropped = sampler.stat(Stat::Dropped);
@@ -379,7 +388,7 @@ fn drain(sampler: &mut Sampler, agg: &mut Aggregator, mut python: Option<&mut Py
     agg.new_round();
 }
 
-/// Prunes the target map (threads inserted by the fork tracepoint, exited processes) and
+/// Prunes the target map (exited processes; entries the fork follower added) and
 /// registers newly seen child processes. Returns the number of live targeted processes.
 fn housekeeping(
     sampler: &mut Sampler,

@@ -1,6 +1,6 @@
 //! Which processes are profiled: validating pids, starting a command so that it is targeted
 //! before its first instruction, and keeping the kernel's tgid map in step (children added by
-//! the fork tracepoint are kept when they are processes, dropped when they are threads or gone).
+//! the fork follower are kept when they are processes, dropped when they are threads or gone).
 use std::{
     fs, io,
     process::{Child, Command},
@@ -130,7 +130,7 @@ pub fn resume(child: &Child) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prune {
     Keep,
-    /// A thread id inserted by the fork tracepoint, or a process that is gone.
+    /// A thread id inserted by the fork follower (older agents), or a process that is gone.
     Remove,
 }
 

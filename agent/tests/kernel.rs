@@ -494,8 +494,16 @@ fn children_of_a_command_are_followed() {
     assert!(o.status.success());
     let s = samples(&load(out.path()));
     let (share, total) = leaf_share(&s, None, |f| f.starts_with("burn_"));
-    eprintln!("children: {total} samples, {:.1}% in burn_*", share * 100.0);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
+    let followed = summary["children_followed"].as_u64().unwrap_or(0);
+    eprintln!(
+        "children: {total} samples, {:.1}% in burn_*, {followed} followed in kernel",
+        share * 100.0
+    );
     assert!(total >= 20 && share >= 0.9);
+    // The shell forked the workload: the raw fork tracepoint added it (threads are not counted).
+    assert!(followed >= 1, "no child followed in kernel: {summary}");
 }
 
 #[test]

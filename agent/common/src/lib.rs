@@ -54,7 +54,7 @@ pub enum Stat {
     KernelStackErr = 2,
     /// User stack reads that failed.
     UserStackErr = 3,
-    /// Children added to the target map by the fork tracepoint.
+    /// Children added to the target map by the fork follower.
     ChildrenFollowed = 4,
     /// Children that could not be added (target map full).
     ChildrenDropped = 5,
@@ -82,10 +82,10 @@ pub struct Config {
     pub cgroup_filter: u32,
     /// Non-zero: children forked by a targeted process become targets (same slot).
     pub follow_children: u32,
-    /// Byte offset of `parent_pid` in the `sched_process_fork` tracepoint record.
-    pub fork_parent_pid_off: u32,
-    /// Byte offset of `child_pid` in the `sched_process_fork` tracepoint record.
-    pub fork_child_pid_off: u32,
+    /// Byte offset of `pid` in `struct task_struct` (from kernel BTF).
+    pub task_pid_off: u32,
+    /// Byte offset of `tgid` in `struct task_struct` (from kernel BTF).
+    pub task_tgid_off: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
@@ -94,7 +94,7 @@ const _: () = assert!(size_of::<Config>() == 16);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TargetSlot {
     pub slot: u32,
-    /// Non-zero when the entry was added by the fork tracepoint (not by user space).
+    /// Non-zero when the entry was added by the fork follower (not by user space).
     pub inherited: u32,
 }
 const _: () = assert!(size_of::<TargetSlot>() == 8);

@@ -3,8 +3,10 @@
 //! - `kprof_sample` (perf_event, software cpu-clock on every CPU): one map lookup decides whether
 //!   the interrupted thread belongs to a target; if so, the sample (kernel stack, user native
 //!   stack, Python frames) is written straight into a ring-buffer slot for user space to aggregate.
-//! - `kprof_fork` (tracepoint sched/sched_process_fork): children of a targeted process inherit
-//!   its target slot, so short-lived children are profiled from their first tick.
+//! - `kprof_fork` (raw tracepoint `sched_process_fork`): children of a targeted process inherit
+//!   its target slot, so short-lived children are profiled from their first tick. A raw
+//!   tracepoint needs no tracefs (not mounted in pods); the child's pid and tgid are read from
+//!   its `task_struct` at offsets user space took from kernel BTF.
 #![no_std]
 #![no_main]
 
@@ -17,9 +19,10 @@ use aya_ebpf::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
     },
-    macros::{map, perf_event, tracepoint},
+    helpers::bpf_probe_read_kernel,
+    macros::{map, perf_event, raw_tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{PerfEventContext, TracePointContext},
+    programs::{PerfEventContext, RawTracePointContext},
 };
 use kprof_common::{
     Config, EVENTS_RING_BYTES, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_ERR, FLAG_USER_STACK_ERR,
@@ -38,8 +41,8 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 static KPROF_CONFIG: Global<Config> = Global::new(Config {
     cgroup_filter: 0,
     follow_children: 1,
-    fork_parent_pid_off: 12,
-    fork_child_pid_off: 20,
+    task_pid_off: 1,
+    task_tgid_off: 1,
 });
 
 #[map(name = "TARGET_PIDS")]
@@ -176,8 +179,9 @@ fn sample<const PYTHON: bool>(ctx: PerfEventContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn kprof_fork(ctx: TracePointContext) -> u32 {
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, in the parent.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn kprof_fork(ctx: RawTracePointContext) -> i32 {
     let cfg = KPROF_CONFIG.load();
     if cfg.follow_children == 0 {
         return 0;
@@ -189,19 +193,24 @@ pub fn kprof_fork(ctx: TracePointContext) -> u32 {
     };
     // SAFETY: pointer from a successful lookup.
     let slot = unsafe { (*parent).slot };
-    // SAFETY: reads 4 bytes of the tracepoint record at the offset user space read from the
-    // event's `format` file.
-    let Ok(child) = (unsafe { ctx.read_at::<i32>(cfg.fork_child_pid_off as usize) }) else {
+    let child: *const u8 = ctx.arg(1);
+    // SAFETY: probe reads of two pid_t fields of the child's task_struct at BTF offsets; a bad
+    // offset only makes the read fail or return garbage that matches no process.
+    let (pid, tgid) = unsafe {
+        (
+            bpf_probe_read_kernel(child.add(cfg.task_pid_off as usize).cast::<i32>()),
+            bpf_probe_read_kernel(child.add(cfg.task_tgid_off as usize).cast::<i32>()),
+        )
+    };
+    let (Ok(pid), Ok(tgid)) = (pid, tgid) else {
         return 0;
     };
-    let child = child as u32;
-    if child == 0 || child == parent_tgid {
+    // A new thread (pid ≠ tgid) is sampled through its process's entry already.
+    if pid <= 0 || pid != tgid || pid as u32 == parent_tgid {
         return 0;
     }
-    // New threads also pass here (their tid is inserted; it can never match a tgid while the
-    // thread lives, and user space prunes entries that are not thread-group leaders).
     let value = TargetSlot { slot, inherited: 1 };
-    if TARGET_PIDS.insert(&child, &value, 0).is_ok() {
+    if TARGET_PIDS.insert(&(pid as u32), &value, 0).is_ok() {
         bump(Stat::ChildrenFollowed);
     } else {
         bump(Stat::ChildrenDropped);

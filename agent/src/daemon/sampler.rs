@@ -5,7 +5,7 @@
 //!   at every loop turn. Container ids are resolved to host pids by scanning `/proc/*/cgroup` on
 //!   plan changes and every `rescan` interval, and the kernel's target map is kept in step (new
 //!   processes added, exited or unselected ones removed). Each container gets a slot number, so
-//!   a child forked between two scans (added by the fork tracepoint with its parent's slot) is
+//!   a child forked between two scans (added in kernel by the fork follower with its parent's slot) is
 //!   attributed at once; other unknown pids are resolved from their cgroup on first sight.
 //! * **Events → windows.** Each sample goes to the aggregator of every target window whose
 //!   containers include its process. Windows are aligned to multiples of the target's `window`
@@ -482,7 +482,7 @@ impl Daemon {
             self.pids = desired;
             return;
         };
-        // Entries in the kernel map: drop the ones no longer wanted (and the fork tracepoint's
+        // Entries in the kernel map: drop the ones no longer wanted (and the fork follower's
         // thread entries); keep forked child processes that are in a wanted container.
         for (id, slot) in sampler.target_pids() {
             if desired.contains_key(&id) {

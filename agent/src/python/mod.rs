@@ -15,7 +15,6 @@
 //! [`process::PyProcess`] also holds a user-space reference walker (same algorithm, no eBPF),
 //! used by the tests and as a cross-check.
 
-pub mod btf;
 pub mod code;
 pub mod elf;
 pub mod layout;
@@ -207,7 +206,7 @@ impl PythonSupport {
     /// Write the kernel configuration of the walker into the loaded object (the offset of
     /// `task_struct->thread.fsbase` from BTF) and take the `PY_PROCS` map.
     pub fn new(bpf: &mut aya::Ebpf) -> Result<Self, PythonError> {
-        let fsbase_off = btf::task_fsbase_offset().map_err(PythonError::Btf)?;
+        let fsbase_off = crate::btf::task_offsets().map_err(PythonError::Btf)?.fsbase;
         let map = bpf
             .map_mut(names::MAP_PY_GLOBAL)
             .ok_or(PythonError::MissingMap(names::MAP_PY_GLOBAL))?;

@@ -1,6 +1,9 @@
 //! Kernel struct offsets from BTF (`/sys/kernel/btf/vmlinux`): aya has no CO-RE field
-//! relocations, so the offset of `task_struct->thread.fsbase` is computed here and handed to
-//! the eBPF walker as data.
+//! relocations, so the `task_struct` offsets the eBPF programs need (`pid` and `tgid` for the
+//! fork follower, `thread.fsbase` for the CPython walker) are computed here and handed to them
+//! as data.
+
+use std::sync::OnceLock;
 
 const BTF_MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
@@ -177,23 +180,47 @@ impl Btf {
     }
 }
 
-/// `offsetof(struct task_struct, thread.fsbase)` on this kernel (x86-64).
-pub fn task_fsbase_offset() -> Result<u32, String> {
-    let btf = Btf::from_sys()?;
-    btf.offset_of("task_struct", "thread.fsbase")
-        .ok_or_else(|| "task_struct.thread.fsbase not found in kernel BTF".to_string())
+/// Offsets of the `task_struct` fields the eBPF programs read, on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub pid: u32,
+    pub tgid: u32,
+    /// `thread.fsbase` (x86-64): the thread pointer, where CPython's thread state lives.
+    pub fsbase: u32,
+}
+
+/// The `task_struct` offsets, read from kernel BTF once per process (parsing vmlinux BTF costs
+/// tens of MiB and milliseconds; the loader and the Python support both need it).
+pub fn task_offsets() -> Result<TaskOffsets, String> {
+    static OFFSETS: OnceLock<Result<TaskOffsets, String>> = OnceLock::new();
+    OFFSETS
+        .get_or_init(|| {
+            let btf = Btf::from_sys()?;
+            let field = |path: &str| {
+                btf.offset_of("task_struct", path)
+                    .ok_or_else(|| format!("task_struct.{path} not found in kernel BTF"))
+            };
+            Ok(TaskOffsets {
+                pid: field("pid")?,
+                tgid: field("tgid")?,
+                fsbase: field("thread.fsbase")?,
+            })
+        })
+        .clone()
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn finds_fsbase_in_kernel_btf() {
+    fn finds_task_offsets_in_kernel_btf() {
         if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
             eprintln!("SKIP: no /sys/kernel/btf/vmlinux");
             return;
         }
-        let off = super::task_fsbase_offset().unwrap();
-        // task_struct is several KiB; thread is its last member.
-        assert!(off > 1000 && off < 20000, "{off}");
+        let off = super::task_offsets().unwrap();
+        // task_struct is several KiB; thread is its last member; tgid follows pid (both pid_t).
+        assert!(off.fsbase > 1000 && off.fsbase < 20000, "{off:?}");
+        assert_eq!(off.tgid, off.pid + 4, "{off:?}");
+        assert!(off.pid > 0 && off.pid < off.fsbase, "{off:?}");
     }
 }
