@@ -14,26 +14,26 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 
-#[derive(Clone, Debug)]
-struct Member {
-    name_off: u32,
-    type_id: u32,
-    bit_offset: u32,
+/// A parsed BTF blob: the raw bytes and where each type record starts. Members are decoded on
+/// demand, so parsing vmlinux BTF (~150k types) costs little more than the blob itself.
+pub struct Btf {
+    data: Vec<u8>,
+    /// The string section in `data`.
+    strings: std::ops::Range<usize>,
+    /// Offset of each type record in `data`; index = type id (id 0, void, has none).
+    offsets: Vec<u32>,
 }
 
-#[derive(Clone, Debug)]
-struct Type {
+/// The fixed part of a type record.
+struct TypeHeader {
     name_off: u32,
     kind: u32,
-    /// Referenced type for modifiers and typedefs.
-    type_ref: u32,
-    members: Vec<Member>,
-}
-
-/// A parsed BTF blob (types and strings only).
-pub struct Btf {
-    types: Vec<Type>, // index = type id; id 0 is void
-    strings: Vec<u8>,
+    vlen: usize,
+    kflag: bool,
+    /// Size, or the referenced type for modifiers and typedefs.
+    size_or_type: u32,
+    /// Where the kind-specific data (e.g. members) starts in `data`.
+    body: usize,
 }
 
 fn u32_at(b: &[u8], off: usize) -> Result<u32, String> {
@@ -46,93 +46,82 @@ impl Btf {
     pub fn from_sys() -> Result<Self, String> {
         let data = std::fs::read("/sys/kernel/btf/vmlinux")
             .map_err(|e| format!("/sys/kernel/btf/vmlinux: {e}"))?;
-        Self::parse(&data)
+        Self::parse(data)
     }
 
-    pub fn parse(data: &[u8]) -> Result<Self, String> {
+    pub fn parse(data: Vec<u8>) -> Result<Self, String> {
         if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != BTF_MAGIC {
             return Err("not a little-endian BTF blob".into());
         }
-        let hdr_len = u32_at(data, 4)? as usize;
-        let type_off = u32_at(data, 8)? as usize;
-        let type_len = u32_at(data, 12)? as usize;
-        let str_off = u32_at(data, 16)? as usize;
-        let str_len = u32_at(data, 20)? as usize;
-        let tbase = hdr_len + type_off;
-        let types_blob = data
-            .get(tbase..tbase + type_len)
-            .ok_or("BTF type section out of range")?;
-        let sbase = hdr_len + str_off;
-        let strings = data
-            .get(sbase..sbase + str_len)
-            .ok_or("BTF string section out of range")?
-            .to_vec();
-        let mut types = vec![Type {
-            name_off: 0,
-            kind: 0,
-            type_ref: 0,
-            members: vec![],
-        }];
-        let mut p = 0usize;
-        while p + 12 <= types_blob.len() {
-            let name_off = u32_at(types_blob, p)?;
-            let info = u32_at(types_blob, p + 4)?;
-            let size_or_type = u32_at(types_blob, p + 8)?;
-            p += 12;
-            let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kflag = info >> 31;
-            let mut members = Vec::new();
-            let extra = match kind {
-                1 => 4,  // INT
-                3 => 12, // ARRAY
-                4 | 5 => {
-                    for i in 0..vlen {
-                        let q = p + i * 12;
-                        let off = u32_at(types_blob, q + 8)?;
-                        members.push(Member {
-                            name_off: u32_at(types_blob, q)?,
-                            type_id: u32_at(types_blob, q + 4)?,
-                            bit_offset: if kflag != 0 { off & 0xff_ffff } else { off },
-                        });
-                    }
-                    vlen * 12
-                }
-                6 => vlen * 8,   // ENUM
-                13 => vlen * 8,  // FUNC_PROTO
-                14 => 4,         // VAR
-                15 => vlen * 12, // DATASEC
-                17 => 4,         // DECL_TAG
-                19 => vlen * 12, // ENUM64
-                _ => 0,          // PTR FWD TYPEDEF VOLATILE CONST RESTRICT FUNC FLOAT TYPE_TAG
-            };
-            p += extra;
-            types.push(Type {
-                name_off,
-                kind,
-                type_ref: size_or_type,
-                members,
-            });
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let type_off = u32_at(&data, 8)? as usize;
+        let type_len = u32_at(&data, 12)? as usize;
+        let str_off = u32_at(&data, 16)? as usize;
+        let str_len = u32_at(&data, 20)? as usize;
+        let types = hdr_len + type_off;
+        let type_end = types + type_len;
+        let strings = hdr_len + str_off..hdr_len + str_off + str_len;
+        if type_end > data.len() || strings.end > data.len() {
+            return Err("BTF sections out of range".into());
         }
-        Ok(Self { types, strings })
+        let mut btf = Btf {
+            data,
+            strings,
+            offsets: vec![0],
+        };
+        let mut p = types;
+        while p + 12 <= type_end {
+            btf.offsets.push(p as u32);
+            let h = btf.header(p)?;
+            let extra = match h.kind {
+                1 => 4,                         // INT
+                3 => 12,                        // ARRAY
+                4 | 5 | 15 | 19 => h.vlen * 12, // STRUCT UNION DATASEC ENUM64
+                6 | 13 => h.vlen * 8,           // ENUM FUNC_PROTO
+                14 | 17 => 4,                   // VAR DECL_TAG
+                _ => 0, // PTR FWD TYPEDEF VOLATILE CONST RESTRICT FUNC FLOAT TYPE_TAG
+            };
+            p = h.body + extra;
+        }
+        Ok(btf)
+    }
+
+    fn header(&self, p: usize) -> Result<TypeHeader, String> {
+        let info = u32_at(&self.data, p + 4)?;
+        Ok(TypeHeader {
+            name_off: u32_at(&self.data, p)?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kflag: info >> 31 != 0,
+            size_or_type: u32_at(&self.data, p + 8)?,
+            body: p + 12,
+        })
+    }
+
+    fn type_header(&self, id: u32) -> Option<TypeHeader> {
+        let p = *self.offsets.get(id as usize).filter(|&&p| p != 0)?;
+        self.header(p as usize).ok()
     }
 
     fn name(&self, off: u32) -> &[u8] {
-        let s = self.strings.get(off as usize..).unwrap_or(&[]);
+        let s = self
+            .data
+            .get(self.strings.start + off as usize..self.strings.end)
+            .unwrap_or(&[]);
         let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
         &s[..end]
     }
 
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
-            match self.types.get(id as usize) {
+            match self.type_header(id) {
                 Some(t)
                     if matches!(
                         t.kind,
                         KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG
                     ) =>
                 {
-                    id = t.type_ref
+                    id = t.size_or_type
                 }
                 _ => break,
             }
@@ -140,35 +129,51 @@ impl Btf {
         id
     }
 
+    /// Members of a struct/union record: (name offset, type id, byte offset).
+    fn members(&self, t: &TypeHeader) -> impl Iterator<Item = (u32, u32, u32)> + '_ {
+        let (body, kflag) = (t.body, t.kflag);
+        (0..t.vlen).filter_map(move |i| {
+            let q = body + i * 12;
+            let off = u32_at(&self.data, q + 8).ok()?;
+            let bits = if kflag { off & 0xff_ffff } else { off };
+            Some((
+                u32_at(&self.data, q).ok()?,
+                u32_at(&self.data, q + 4).ok()?,
+                bits / 8,
+            ))
+        })
+    }
+
     /// Byte offset of member `name` in struct/union type `id`, looking through anonymous
     /// struct/union members.
     fn member_offset(&self, id: u32, name: &str, depth: u32) -> Option<(u32, u32)> {
-        let t = self.types.get(self.resolve(id) as usize)?;
+        let t = self.type_header(self.resolve(id))?;
         if !matches!(t.kind, KIND_STRUCT | KIND_UNION) || depth > 8 {
             return None;
         }
-        for m in &t.members {
-            if self.name(m.name_off) == name.as_bytes() {
-                return Some((m.bit_offset / 8, m.type_id));
-            }
+        if let Some((_, ty, off)) = self
+            .members(&t)
+            .find(|&(n, _, _)| self.name(n) == name.as_bytes())
+        {
+            return Some((off, ty));
         }
-        for m in &t.members {
-            if (m.name_off == 0 || self.name(m.name_off).is_empty())
-                && let Some((off, ty)) = self.member_offset(m.type_id, name, depth + 1)
-            {
-                return Some((m.bit_offset / 8 + off, ty));
-            }
-        }
-        None
+        self.members(&t)
+            .filter(|&(n, _, _)| self.name(n).is_empty())
+            .find_map(|(_, ty, off)| {
+                self.member_offset(ty, name, depth + 1)
+                    .map(|(o, ty)| (off + o, ty))
+            })
     }
 
     /// Byte offset of a dotted member path (e.g. `thread.fsbase`) in the named struct.
     pub fn offset_of(&self, struct_name: &str, path: &str) -> Option<u32> {
-        let id = self.types.iter().position(|t| {
-            t.kind == KIND_STRUCT
-                && !t.members.is_empty()
-                && self.name(t.name_off) == struct_name.as_bytes()
-        })? as u32;
+        let id = (1..self.offsets.len() as u32).find(|&id| {
+            self.type_header(id).is_some_and(|t| {
+                t.kind == KIND_STRUCT
+                    && t.vlen > 0
+                    && self.name(t.name_off) == struct_name.as_bytes()
+            })
+        })?;
         let mut total = 0u32;
         let mut cur = id;
         for part in path.split('.') {

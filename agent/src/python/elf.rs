@@ -18,8 +18,9 @@ pub struct ElfInfo {
     /// (vaddr, memsz, file offset, file size) of every PT_LOAD.
     pub segments: Vec<(u64, u64, u64, u64)>,
     pub is_dyn: bool,
-    /// The file's bytes, kept for version-string scans.
-    data: Vec<u8>,
+    /// `.rodata`, kept for version-string scans (the rest of the file is not kept: a
+    /// libpython with symbols is ~30 MiB and is cached per interpreter).
+    rodata: Vec<u8>,
 }
 
 /// Parsed files by (path, device, inode, size, mtime): processes of one interpreter share them.
@@ -45,13 +46,20 @@ impl ElfInfo {
         Ok(e)
     }
 
+    /// Reads only what is needed (headers, symbol tables, `.rodata`) through a read cache
+    /// instead of the whole file.
     pub fn open(path: &str) -> Result<Self, String> {
-        let data = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-        Self::parse(data).map_err(|e| format!("{path}: {e}"))
+        let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+        let cache = object::ReadCache::new(file);
+        Self::from_data(&cache).map_err(|e| format!("{path}: {e}"))
     }
 
-    pub fn parse(data: Vec<u8>) -> Result<Self, String> {
-        let file = object::File::parse(&*data).map_err(|e| e.to_string())?;
+    pub fn parse(data: &[u8]) -> Result<Self, String> {
+        Self::from_data(data)
+    }
+
+    fn from_data<'d, R: object::ReadRef<'d>>(data: R) -> Result<Self, String> {
+        let file = object::File::parse(data).map_err(|e| e.to_string())?;
         let mut symbols = HashMap::new();
         for sym in file.symbols().chain(file.dynamic_symbols()) {
             if sym.is_undefined() || sym.address() == 0 {
@@ -82,13 +90,17 @@ impl ElfInfo {
             })
             .collect();
         let is_dyn = matches!(file.kind(), object::ObjectKind::Dynamic);
-        drop(file);
+        let rodata = file
+            .section_by_name(".rodata")
+            .and_then(|s| s.data().ok())
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
         Ok(Self {
             symbols,
             sections,
             segments,
             is_dyn,
-            data,
+            rodata,
         })
     }
 
@@ -105,15 +117,6 @@ impl ElfInfo {
             .iter()
             .find(|s| s.0 == name)
             .map(|s| (s.1, s.2))
-    }
-
-    /// Bytes of a section from the file (empty for NOBITS).
-    pub fn section_data(&self, name: &str) -> &[u8] {
-        self.sections
-            .iter()
-            .find(|s| s.0 == name)
-            .and_then(|s| self.data.get(s.3 as usize..(s.3 + s.2) as usize))
-            .unwrap_or(&[])
     }
 
     /// Load bias of this file given the process's mappings of it: `runtime = bias + vaddr`.
@@ -136,7 +139,7 @@ impl ElfInfo {
     /// in the read-only data, e.g. `3.9.18`.
     pub fn find_version_string(&self, major: u32, minor: u32) -> Option<String> {
         let needle = format!("{major}.{minor}.");
-        let hay = self.section_data(".rodata");
+        let hay = &self.rodata;
         let nb = needle.as_bytes();
         let mut i = 0;
         while i + nb.len() < hay.len() {
