@@ -22,9 +22,7 @@ fi
 AGENT=${KPROF_AGENT:-}
 if [[ -z $AGENT ]]; then
     target=${CARGO_TARGET_DIR:-$root/target}
-    if [[ ! -x $target/release/kprof-agent ]]; then
-        (cd "$root" && cargo build --release -p kprof-agent)
-    fi
+    (cd "$root" && cargo build --release -p kprof-agent >&2)  # a no-op when up to date
     AGENT=$target/release/kprof-agent
 fi
 PY=${1:-}

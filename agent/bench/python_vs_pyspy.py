@@ -6,6 +6,10 @@ spread the noise of a shared machine), the workload agent/tests/workloads/python
 three times: alone (baseline), under `kprof-agent record`, and under `py-spy record`. Prints
 both attributions next to the truth, the workload slowdown (throughput vs baseline) and the
 profiler CPU per sample, with their ratios.
+
+CPU per sample is given twice: over the whole run (start-up included: kprof loads and verifies
+its eBPF programs, py-spy attaches) and marginal, i.e. the steady cost of a continuous profiler:
+one more run of each profiler with a longer workload, Δ(profiler CPU) / Δ(samples).
 """
 import argparse
 import json
@@ -80,8 +84,10 @@ def run_kprof(agent, py, secs, hz, tmp):
         "throughput": work_of(p.stdout),
         "attribution": normalise(attr),
         "samples": summary["events"],
+        "cpu_s": cpu_s,
         "us_per_sample": 1e6 * cpu_s / events,
         "bpf_ns_per_run": summary.get("bpf_ns_per_run", 0.0),
+        "rss_mib": summary["peak_rss_kib"] / 1024,
     }
 
 
@@ -91,10 +97,12 @@ def run_pyspy(pyspy, py, secs, hz, tmp):
     line = w.stdout.readline()
     assert line.startswith("READY"), line
     pid = line.split()[1]
-    before = children_cpu()
-    s = subprocess.run([pyspy, "record", "-r", str(hz), "-d", str(secs), "-f", "raw", "-o", raw, "-p", pid],
-                       capture_output=True, text=True)
-    spy_cpu = children_cpu() - before
+    s = subprocess.Popen([pyspy, "record", "-r", str(hz), "-d", str(secs), "-f", "raw", "-o", raw, "-p", pid],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(s.pid, 0)  # py-spy's own CPU and peak RSS
+    s.returncode = os.waitstatus_to_exitcode(status)
+    s.stderr = s.stderr.read()
+    spy_cpu = ru.ru_utime + ru.ru_stime
     rest = w.stdout.read()
     w.wait()
     if s.returncode != 0:
@@ -115,7 +123,9 @@ def run_pyspy(pyspy, py, secs, hz, tmp):
         "throughput": work_of(line + rest),
         "attribution": normalise({k: float(v) for k, v in counts.items()}),
         "samples": total,
+        "cpu_s": spy_cpu,
         "us_per_sample": 1e6 * spy_cpu / max(total, 1),
+        "rss_mib": ru.ru_maxrss / 1024,
     }
 
 
@@ -141,6 +151,10 @@ def main():
                 else:
                     res[what].append(run_pyspy(a.pyspy, a.python, a.seconds, a.hz, tmp))
                 print(f"  round {r + 1}/{a.rounds} {what:<8} throughput {res[what][-1]['throughput']:.0f}/s", file=sys.stderr)
+        # One longer run of each profiler: the marginal (steady-state) CPU per sample.
+        long_secs = 3 * a.seconds
+        long = {"kprof": run_kprof(a.agent, a.python, long_secs, a.hz, tmp),
+                "py-spy": run_pyspy(a.pyspy, a.python, long_secs, a.hz, tmp)}
 
     med = lambda k, key: statistics.median(x[key] for x in res[k])
     base = med("baseline", "throughput")
@@ -162,9 +176,20 @@ def main():
     print(f"{'workload slowdown %':<34}{slow['kprof']:>10.1f}{slow['py-spy']:>10.1f}"
           f"{(slow['kprof'] / slow['py-spy']) if abs(slow['py-spy']) > 0.05 else float('nan'):>14.2f}")
     print(f"{'profiler CPU per sample (us)':<34}{cpu['kprof']:>10.1f}{cpu['py-spy']:>10.1f}{cpu['kprof'] / max(cpu['py-spy'], 1e-9):>14.2f}")
-    print(f"{'  of which in-kernel per run (ns)':<34}{med('kprof', 'bpf_ns_per_run'):>10.0f}")
-    print("\n(slowdown = 1 - throughput / baseline throughput; kprof CPU = agent user+sys + in-kernel "
-          "program time; py-spy CPU = its user+sys)")
+    marg = {}
+    for k in worst:
+        short = min(res[k], key=lambda x: abs(x["samples"] - smp[k]))
+        dn = long[k]["samples"] - short["samples"]
+        marg[k] = 1e6 * (long[k]["cpu_s"] - short["cpu_s"]) / dn if dn > 0 else float("nan")
+    print(f"{'  marginal, steady state (us)':<34}{marg['kprof']:>10.1f}{marg['py-spy']:>10.1f}{marg['kprof'] / marg['py-spy'] if marg['py-spy'] > 0 else float('nan'):>14.2f}")
+    print(f"{'  kprof in-kernel per run (ns)':<34}{med('kprof', 'bpf_ns_per_run'):>10.0f}")
+    rss = {k: med(k, "rss_mib") for k in worst}
+    print(f"{'profiler peak RSS (MiB)':<34}{rss['kprof']:>10.1f}{rss['py-spy']:>10.1f}{rss['kprof'] / max(rss['py-spy'], 1e-9):>14.2f}")
+    print(f"\n(slowdown = 1 - throughput / baseline throughput; kprof CPU = agent user+sys + in-kernel "
+          f"program time; py-spy CPU = its user+sys. Marginal: one run of {3 * a.seconds}s per profiler "
+          "against the short run nearest the median, Δ CPU / Δ samples. py-spy pauses the process for "
+          "each sample by default; kprof never stops it. py-spy samples at the rate in wall time, "
+          "kprof in CPU time, so an idle or preempted workload gives py-spy more samples.)")
 
 
 if __name__ == "__main__":

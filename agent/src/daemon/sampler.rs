@@ -273,9 +273,13 @@ struct Daemon {
     pids: HashMap<u32, String>,
     /// pid → container id of processes first seen in events since the last rescan (forks).
     lazy: HashMap<u32, Option<String>>,
-    /// Cumulative lost samples (across sampler reloads).
-    lost_total: u64,
-    lost_last_read: u64,
+    /// Running totals of the kernel counters across sampler reloads, and their last reading.
+    stat_total: [u64; Stat::COUNT as usize],
+    stat_last: [u64; Stat::COUNT as usize],
+    lost_reported: u64,
+    /// In-kernel run time of the sampler program: running total and last reading.
+    bpf_time_total: Duration,
+    bpf_time_last: Duration,
     last_scan: Instant,
 }
 
@@ -303,8 +307,11 @@ pub fn run(
         next_slot: 1,
         pids: HashMap::new(),
         lazy: HashMap::new(),
-        lost_total: 0,
-        lost_last_read: 0,
+        stat_total: [0; Stat::COUNT as usize],
+        stat_last: [0; Stat::COUNT as usize],
+        lost_reported: 0,
+        bpf_time_total: Duration::ZERO,
+        bpf_time_last: Duration::ZERO,
         last_scan: Instant::now(),
     };
     let result = match d.opts.initial_hz {
@@ -416,12 +423,13 @@ impl Daemon {
 
     fn reload(&mut self, hz: u32) -> Result<(), SamplerError> {
         self.drain();
-        self.read_lost();
+        self.read_stats();
         // Detach the old programs first: one sampler per node.
         self.sampler = None;
         self.python = None;
         self.python_taken = false;
-        self.lost_last_read = 0;
+        self.stat_last = [0; Stat::COUNT as usize];
+        self.bpf_time_last = Duration::ZERO;
         let mut sampler = Sampler::load(&SamplerConfig {
             sample_hz: u64::from(hz),
             follow_children: true,
@@ -445,21 +453,36 @@ impl Daemon {
         Ok(())
     }
 
-    fn read_lost(&mut self) {
-        if let Some(s) = &self.sampler {
-            let v = s.stat(Stat::Dropped);
-            let delta = v.saturating_sub(self.lost_last_read);
-            if delta > 0 {
-                metrics::lost(delta);
-            }
-            self.lost_total += delta;
-            self.lost_last_read = v;
+    /// Reads the kernel counters into running totals and the metrics.
+    fn read_stats(&mut self) {
+        let Some(s) = &self.sampler else { return };
+        for stat in Stat::ALL {
+            let i = stat as usize;
+            let v = s.stat(stat);
+            self.stat_total[i] += v.saturating_sub(self.stat_last[i]);
+            self.stat_last[i] = v;
         }
+        // Maintained by the kernel only while kernel.bpf_stats_enabled is on.
+        let run_time = s.kernel_cost().run_time;
+        self.bpf_time_total += run_time.saturating_sub(self.bpf_time_last);
+        self.bpf_time_last = run_time;
+        metrics::set_bpf_run_time(self.bpf_time_total);
+        let total = |stat: Stat| self.stat_total[stat as usize];
+        let lost = total(Stat::Dropped);
+        if lost > self.lost_reported {
+            metrics::lost(lost - self.lost_reported);
+            self.lost_reported = lost;
+        }
+        metrics::set_kernel_totals(
+            total(Stat::KernelStackErr),
+            total(Stat::UserStackErr),
+            total(Stat::ChildrenFollowed),
+        );
     }
 
     fn lost_now(&mut self) -> u64 {
-        self.read_lost();
-        self.lost_total
+        self.read_stats();
+        self.stat_total[Stat::Dropped as usize]
     }
 
     /// Resolves the plan's containers to pids and brings the kernel map in step.
@@ -544,6 +567,7 @@ impl Daemon {
             }
         }
         metrics::set_targeted_pids(desired.len());
+        metrics::set_python_processes(self.python.as_ref().map_or(0, PythonSupport::process_count));
         self.pids = desired;
     }
 

@@ -384,6 +384,11 @@ impl PythonSupport {
         lock(&self.cache).forget_pid(pid);
     }
 
+    /// Processes with a detected interpreter.
+    pub fn process_count(&self) -> usize {
+        lock(&self.inner).procs.len()
+    }
+
     /// The detected interpreter of `pid`, if any (a copy).
     pub fn process(&self, pid: u32) -> Option<PyProcess> {
         lock(&self.inner).procs.get(&pid).cloned()

@@ -12,7 +12,10 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use blazesym::symbolize::{
@@ -44,6 +47,20 @@ struct ProcState {
     root: Option<PathBuf>,
     /// Whether a re-read of the maps was already tried for an unknown address this round.
     refreshed: bool,
+}
+
+/// Distinct addresses that could not be symbolized, process-wide (an agent metric).
+static UNRESOLVED: AtomicU64 = AtomicU64::new(0);
+
+/// Distinct addresses that could not be symbolized so far (each is counted once, when first
+/// looked up; later samples hit the cache).
+pub fn unresolved_addresses() -> u64 {
+    UNRESOLVED.load(Ordering::Relaxed)
+}
+
+fn unresolved(kind: FrameKind, module: Option<Arc<str>>, addr: u64) -> Frame {
+    UNRESOLVED.fetch_add(1, Ordering::Relaxed);
+    Frame::unresolved(kind, module, addr)
 }
 
 /// Symbolizer with per-module caches.
@@ -170,7 +187,7 @@ impl Symbolizer {
                         address: addr,
                         ..Frame::new(FrameKind::Kernel, name)
                     },
-                    None => Frame::unresolved(FrameKind::Kernel, Some(KERNEL_MODULE.into()), addr),
+                    None => unresolved(FrameKind::Kernel, Some(KERNEL_MODULE.into()), addr),
                 };
                 self.kernel.insert(addr, vec![frame].into());
             }
@@ -235,7 +252,7 @@ impl Symbolizer {
                     Some(Symbolized::Sym(sym)) => {
                         sym_frames(FrameKind::Native, sym, off, &module.path)
                     }
-                    _ => vec![Frame::unresolved(
+                    _ => vec![unresolved(
                         FrameKind::Native,
                         Some(module.path.clone()),
                         off,
