@@ -14,6 +14,8 @@
 //! `python-image.sh`, and, when they talk to the API server, [`TestBed::in_cluster_env`]
 //! (the default `KUBERNETES_SERVICE_HOST` is a ClusterIP, which is routed nowhere here).
 
+pub mod agent;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::{EnvVar, Event, Namespace, Node, Pod};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{EnvVar, Event, Namespace, Node, Pod, ServiceAccount};
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
@@ -334,8 +337,7 @@ impl TestNamespace {
             .with_context(|| format!("creating namespace {name}"))?;
         // The controller manager creates the default ServiceAccount shortly after; pods that
         // mount a token are refused until it exists.
-        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-            Api::namespaced(client.clone(), &name);
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
         poll_until(
             &format!("ServiceAccount {name}/default"),
             Duration::from_secs(30),
@@ -671,6 +673,68 @@ pub async fn pod_logs(api: &Api<Pod>, name: &str, container: Option<&str>) -> Re
     api.logs(name, &lp)
         .await
         .with_context(|| format!("logs of pod {name}"))
+}
+
+/// A bound token of ServiceAccount `ns/sa` (created when missing) from a TokenRequest, valid
+/// for `seconds` (the API server's minimum is 600): what a pod would find in its projected
+/// token file, for processes running on the host.
+pub async fn service_account_token(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    seconds: i64,
+) -> Result<String> {
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    if api.get_opt(sa).await?.is_none() {
+        let mut obj = ServiceAccount::default();
+        obj.metadata.name = Some(sa.into());
+        api.create(&PostParams::default(), &obj).await?;
+    }
+    let tr = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(seconds),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let tr = api
+        .create_token_request(sa, &PostParams::default(), &tr)
+        .await
+        .with_context(|| format!("token for {ns}/{sa}"))?;
+    Ok(tr.status.context("no token status")?.token)
+}
+
+/// `GET path` on `addr` (`host:port`, plain HTTP/1.1, `Connection: close`): the status and the
+/// body bytes. Async, so that it can read from a server running on the test's own runtime.
+pub async fn http_get_bytes(addr: &str, path: &str) -> Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        anyhow::Ok(resp)
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .map_err(|_| anyhow!("GET {addr}{path}: no answer within 10s"))?
+        .with_context(|| format!("GET {addr}{path}"))?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("GET {addr}{path}: no end of headers"))?;
+    let head = String::from_utf8_lossy(&resp[..split]).to_ascii_lowercase();
+    // Bodies are taken as they come: a chunked answer would need decoding.
+    if head.contains("transfer-encoding: chunked") {
+        bail!("GET {addr}{path}: chunked answers are not supported here");
+    }
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {addr}{path}: no status line"))?;
+    Ok((status, resp[split + 4..].to_vec()))
 }
 
 /// A TCP port that is currently free on every local address (for `hostNetwork` servers).

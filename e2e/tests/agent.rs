@@ -11,259 +11,48 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kprof_e2e::{
-    TestBed, TestNamespace, build_image, free_port, kubeconfig_path, kubectl, poll_until,
-    random_suffix, require_cluster, wait_pod_running,
+    TestBed, TestNamespace,
+    agent::{
+        AgentProcess, HOT_FUNCTION, SPIN_IMAGE as IMAGE, agent_binary, build_spin_image,
+        ensure_crds, http_get, kprof_resource as resource, profiling_target, require_root,
+        spin_binary,
+    },
+    free_port, poll_until, random_suffix, require_cluster, wait_pod_running,
 };
 use kube::{
     Api,
-    api::{
-        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
-        PostParams,
-    },
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
 
-const IMAGE: &str = "kprof.local/e2e/spin:1";
-const HOT_FUNCTION: &str = "kprof_spin_hot";
 const WINDOW_SECS: u64 = 5;
 
-/// A CPU-bound C program whose time goes to one named function.
-const SPIN_C: &str = r#"
-#include <stdint.h>
-volatile uint64_t sink;
-__attribute__((noinline)) uint64_t kprof_spin_hot(uint64_t n) {
-    uint64_t x = n;
-    for (uint64_t i = 0; i < 5000000; i++) x = x * 6364136223846793005ULL + 1442695040888963407ULL;
-    return x;
-}
-int main(void) { for (uint64_t n = 0;; n++) sink = kprof_spin_hot(n); }
-"#;
-
-fn resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kprof.io", "v1alpha1", kind), plural)
-}
-
-fn agent_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KPROF_AGENT_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    // target/debug/deps/agent-<hash> → target/debug/kprof-agent
-    let exe = std::env::current_exe()?;
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("kprof-agent"))
-        .context("no target dir")?;
-    ensure!(
-        p.exists(),
-        "{} not found: run `cargo build -p kprof-agent` (same CARGO_TARGET_DIR) or set KPROF_AGENT_BIN",
-        p.display()
-    );
-    Ok(p)
-}
-
-/// Compiles the CPU-bound workload (static, frame pointers, symbols).
-fn spin_binary() -> Result<PathBuf> {
-    // Tests run in parallel: compile once.
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = std::env::temp_dir().join(format!("kprof-e2e-spin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let bin = dir.join("kprof-spin");
-    if bin.exists() {
-        return Ok(bin);
-    }
-    let src = dir.join("spin.c");
-    std::fs::write(&src, SPIN_C)?;
-    let out = Command::new("cc")
-        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-static", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .context("running cc")?;
-    ensure!(
-        out.status.success(),
-        "cc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(bin)
-}
-
-fn build_spin_image() -> Result<()> {
-    build_image(IMAGE, &[&spin_binary()?])
-}
-
-fn ensure_crds() -> Result<()> {
-    let have = kubectl()
-        .args([
-            "get",
-            "crd",
-            "profilingtargets.kprof.io",
-            "profiles.kprof.io",
-        ])
-        .output()?;
-    if have.status.success() {
-        return Ok(());
-    }
-    let crds = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    let out = kubectl()
-        .args(["apply", "-f"])
-        .arg(crds.join("profilingtargets.yaml"))
-        .arg("-f")
-        .arg(crds.join("profiles.yaml"))
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "installing the CRDs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = kubectl()
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd/profilingtargets.kprof.io",
-            "crd/profiles.kprof.io",
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "CRDs not established: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// The agent process; killed (and its log printed) on drop.
-struct Agent {
-    child: Option<Child>,
-    log: PathBuf,
-    state: PathBuf,
-}
-
-impl Agent {
-    /// Starts `kprof-agent run`; `leftover` is a Profile put in the spool first, as a previous
-    /// run that could not reach the API server would have left it.
-    fn start(node: &str, metrics_port: u16, leftover: Option<&serde_json::Value>) -> Result<Agent> {
-        let state = std::env::temp_dir().join(format!(
-            "kprof-e2e-agent-{}-{}",
-            std::process::id(),
-            random_suffix()
-        ));
-        let _ = std::fs::remove_dir_all(&state);
-        std::fs::create_dir_all(&state)?;
-        if let Some(profile) = leftover {
-            let entry = state.join("spool").join("00000000000001-000000-leftover");
-            std::fs::create_dir_all(&entry)?;
-            let manifest = json!({"profile": profile, "artifacts": []});
-            std::fs::write(entry.join("manifest.json"), serde_json::to_vec(&manifest)?)?;
-        }
-        let log = state.join("agent.log");
-        let file = std::fs::File::create(&log)?;
-        let child = Command::new(agent_binary()?)
-            .args(["run", "--state-dir"])
-            .arg(&state)
-            .args(["--metrics-port", &metrics_port.to_string()])
-            .env("NODE_NAME", node)
-            .env("KUBECONFIG", kubeconfig_path())
-            .env("KPROF_LOG", "info,kprof_agent=debug")
-            .env_remove("KPROF_STORE_URL")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .context("starting kprof-agent")?;
-        Ok(Agent {
-            child: Some(child),
-            log,
-            state,
-        })
-    }
-
-    /// The exit status when the agent has exited.
-    fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
-        match self.child.as_mut() {
-            Some(c) => Ok(c.try_wait()?),
-            None => Ok(None),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().context("already stopped")?;
-        // SAFETY: signal to our own child.
-        unsafe { libc_kill(child.id() as i32, 15) };
-        let start = Instant::now();
-        loop {
-            if let Some(st) = child.try_wait()? {
-                return Ok(st);
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                bail!("agent did not exit within {timeout:?} after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "===== kprof-agent log =====\n{}\n===== end =====",
-                self.log()
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.state);
-    }
-}
-
-fn http_get(port: u16, path: &str) -> Result<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
 fn target(name: &str, app: &str) -> Result<DynamicObject> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "kprof.io/v1alpha1",
-        "kind": "ProfilingTarget",
-        "metadata": {"name": name},
-        "spec": {
-            "selector": {"matchLabels": {"app": app}},
-            "profileTypes": ["cpu"],
-            "sampleHz": 99,
-            "window": format!("{WINDOW_SECS}s"),
-        }
-    }))?)
+    profiling_target(name, app, WINDOW_SECS)
+}
+
+/// Starts the agent (no store: `file://` artifacts) with `leftover` put in its spool first, as a
+/// previous run that could not reach the API server would have left it.
+fn start_agent(
+    node: &str,
+    metrics_port: u16,
+    leftover: &serde_json::Value,
+) -> Result<AgentProcess> {
+    AgentProcess::start(node, metrics_port, |state, _cmd| {
+        let entry = state.join("spool").join("00000000000001-000000-leftover");
+        std::fs::create_dir_all(&entry)?;
+        let manifest = json!({"profile": leftover, "artifacts": []});
+        std::fs::write(entry.join("manifest.json"), serde_json::to_vec(&manifest)?)?;
+        Ok(())
+    })
 }
 
 /// A Profile as a previous agent run would have spooled it.
@@ -277,23 +66,6 @@ fn leftover_profile(ns: &str, node: &str) -> serde_json::Value {
             "sampleHz": 99, "samples": 0, "warnings": ["spooled by a previous run"]
         }
     })
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { geteuid() == 0 }
-}
-
-/// Skips (or fails under KPROF_REQUIRE_CLUSTER=1) when not root.
-fn require_root() -> Result<bool> {
-    if is_root() {
-        return Ok(true);
-    }
-    if kprof_e2e::cluster_required() {
-        bail!("the agent tests need root (eBPF)");
-    }
-    eprintln!("SKIPPED: the agent tests need root (eBPF)");
-    Ok(false)
 }
 
 /// What the scenario expects the Profile to name.
@@ -314,7 +86,7 @@ async fn scenario(
 ) -> Result<()> {
     let port = free_port()?;
     let leftover = leftover_profile(ns.name(), want.node);
-    let mut agent = Agent::start(want.node, port, Some(&leftover))?;
+    let mut agent = start_agent(want.node, port, &leftover)?;
 
     let pt = resource("ProfilingTarget", "profilingtargets");
     let pr = resource("Profile", "profiles");
@@ -669,8 +441,4 @@ fn rand_u64() -> u64 {
             .as_nanos(),
     );
     h.finish()
-}
-
-unsafe extern "C" {
-    fn geteuid() -> u32;
 }

@@ -12,10 +12,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference, Pod, Service,
-    ServiceAccount, ServicePort, ServiceSpec,
+    ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -26,28 +25,9 @@ use kprof_operator::store::{self, Digest, StoreConfig, StoreMetrics};
 use kube::api::PostParams;
 use kube::{Api, Client};
 
-const TOKEN_AUDIENCE_NONE: Option<Vec<String>> = None;
-
+/// A 10-minute token of `ns/sa` (the API server's minimum lifetime).
 async fn token(client: &Client, ns: &str, sa: &str) -> Result<String> {
-    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    if api.get_opt(sa).await?.is_none() {
-        let mut obj = ServiceAccount::default();
-        obj.metadata.name = Some(sa.into());
-        api.create(&PostParams::default(), &obj).await?;
-    }
-    let tr = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: TOKEN_AUDIENCE_NONE.unwrap_or_default(),
-            expiration_seconds: Some(600),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let tr = api
-        .create_token_request(sa, &PostParams::default(), &tr)
-        .await
-        .with_context(|| format!("token for {ns}/{sa}"))?;
-    Ok(tr.status.context("no token status")?.token)
+    kprof_e2e::service_account_token(client, ns, sa, 600).await
 }
 
 /// PUT an artifact straight to the store; (status, body).

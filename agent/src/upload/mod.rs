@@ -292,10 +292,23 @@ pub async fn run(
         } else {
             Duration::from_secs(30)
         };
-        tokio::select! {
-            () = wake.notified(), if !failed => {}
-            () = tokio::time::sleep(sleep) => {}
-            _ = shutdown.changed(), if stop_at.is_none() => {}
+        // Shutting down: never wait past the drain deadline (the pod's grace period is short;
+        // what is left stays in the spool for the next start).
+        let until = tokio::time::Instant::now() + sleep;
+        let until = stop_at.map_or(until, |t| until.min(t));
+        loop {
+            tokio::select! {
+                () = wake.notified() => {
+                    if !failed {
+                        break;
+                    }
+                    // Backing off: a new entry does not cut the wait short, but the depth gauge
+                    // must still count it (it is what an outage alert watches).
+                    metrics::set_spool_depth(spool.depth());
+                }
+                () = tokio::time::sleep_until(until) => break,
+                _ = shutdown.changed(), if stop_at.is_none() => break,
+            }
         }
     }
 }
@@ -446,6 +459,48 @@ mod tests {
         // Store gone (the fake has closed its socket): retryable.
         let err = up.publish(&e, a, "shop").await.unwrap_err();
         assert!(matches!(err, UploadError::StoreUnreachable(_)) && err.retryable());
+    }
+
+    /// Shutting down while the store is away: the uploader gives up at the drain deadline (the
+    /// backoff sleep does not outlast it) and the profile stays in the spool.
+    #[tokio::test]
+    async fn shutdown_during_an_outage_keeps_the_drain_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let _ = entry(tmp.path());
+        let spool = Arc::new(Spool::open(tmp.path().join("spool"), Limits::default()).unwrap());
+        let token = tmp.path().join("token");
+        fs::write(&token, "tok").unwrap();
+        // A port nothing listens on: every upload fails fast and retryably.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let up = Uploader::new(
+            client(),
+            ArtifactSink::Store {
+                url: format!("http://{closed}"),
+                token_file: token,
+            },
+        );
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(run(
+            up,
+            spool.clone(),
+            Arc::new(Notify::new()),
+            rx,
+            Duration::from_millis(1500),
+        ));
+        // Let the backoff grow past the deadline (1 s, 2 s, 4 s, …), then stop.
+        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let stop = std::time::Instant::now();
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the uploader outlived its drain deadline")
+            .unwrap();
+        let took = stop.elapsed();
+        assert!(took < Duration::from_secs(3), "stopped after {took:?}");
+        assert_eq!(spool.depth(), 1, "the profile stays in the spool");
     }
 
     #[tokio::test]
