@@ -25,12 +25,18 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries
+deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, a collector
 	e2e/testbed/install-deps.sh
 	agent/install-toolchain.sh
 	e2e/testbed/build-binaries.sh
+	e2e/testbed/build-s3.sh
+	e2e/testbed/build-otelcol.sh
 
 .PHONY: test
+# `deps` built MinIO and the collector: their store tests must run, not skip (also when
+# test-unit is reached through this target; `make test-unit` alone skips them loudly).
+test: export KPROF_REQUIRE_S3 := 1
+test: export KPROF_REQUIRE_OTELCOL := 1
 test: deps test-unit test-kernel test-cluster ## Run every test tier (needs root for the kernel and cluster tiers)
 
 .PHONY: test-unit

@@ -339,7 +339,7 @@ async fn pyroscope_exporter_pushes_the_pprof() {
             .unwrap();
         req
     });
-    let exporter = store::exporter::Exporter::new(s.client.clone(), s.metrics.clone());
+    let exporter = store::exporter::Exporter::new(s.client.clone(), s.metrics.clone(), Vec::new());
     let spec = kprof_crds::Exporter {
         kind: kprof_crds::ExporterKind::Pyroscope,
         url,

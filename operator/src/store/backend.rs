@@ -80,26 +80,13 @@ impl Artifacts {
     }
 
     /// A store at an `object_store` URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///…`,
-    /// `memory:///`); options (credentials, region) come from the environment as the
-    /// `object_store` builders read them (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    /// `memory:///`); credentials, region and endpoint come from the environment as the
+    /// `object_store` builders' `from_env` reads them (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn from_url(url: &str) -> Result<Self, StoreError> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| StoreError::Config(format!("--store-url {url}: {e}")))?;
-        let opts: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| {
-                k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
-            })
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
-        let (store, base) = object_store::parse_url_opts(&parsed, opts).map_err(|e| {
-            StoreError::Config(format!(
-                "--store-url {url}: {e} (this build of kprof supports file:// and memory://; S3, GCS and Azure need \
-                 object_store's aws/gcp/azure features, see docs/store.md)"
-            ))
-        })?;
+        let (store, base) = super::cloud::open(url)?;
         let prefix = Path::from_iter(base.parts().chain(Path::from(PREFIX).parts()));
         Ok(Self {
-            inner: Arc::from(store),
+            inner: store,
             prefix,
             description: url.to_string(),
         })

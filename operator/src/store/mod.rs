@@ -17,9 +17,11 @@
 pub mod analysis;
 pub mod auth;
 pub mod backend;
+mod cloud;
 pub mod exporter;
 pub mod gc;
 pub mod metrics;
+pub mod otlp;
 pub mod pprof;
 mod server;
 mod web;
@@ -58,8 +60,9 @@ pub struct StoreArgs {
         default_value = "/var/lib/kprof/store"
     )]
     pub store_dir: PathBuf,
-    /// An object_store URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///path`); options
-    /// come from the usual AWS_* / GOOGLE_* / AZURE_* environment variables.
+    /// An object_store URL (`s3://bucket/prefix`, `gs://…`, `az://…`, `file:///path`,
+    /// `memory:///`); credentials, region and endpoint come from the usual AWS_* / GOOGLE_* /
+    /// AZURE_* environment variables (e.g. AWS_ENDPOINT + AWS_ALLOW_HTTP for MinIO).
     #[arg(long = "store-url", env = "KPROF_STORE_URL")]
     pub store_url: Option<String>,
     /// Largest artifact accepted, in bytes (larger uploads get 413).
@@ -82,6 +85,15 @@ pub struct StoreArgs {
     /// Artifacts younger than this are never collected (an upload precedes its Profile).
     #[arg(long = "store-gc-grace", env = "KPROF_STORE_GC_GRACE", default_value = "10m", value_parser = parse_duration)]
     pub store_gc_grace: Duration,
+    /// Push every new Profile of the cluster to this exporter too, besides those its
+    /// ProfilingTarget names: `pyroscope=URL` or `otlp=URL` (repeatable, or comma-separated).
+    #[arg(
+        long = "store-export",
+        env = "KPROF_STORE_EXPORT",
+        value_delimiter = ',',
+        value_parser = exporter::parse_global
+    )]
+    pub store_export: Vec<kprof_crds::Exporter>,
 }
 
 /// Parse a Go duration (`90s`, `5m`, `1h30m`).
@@ -116,8 +128,10 @@ pub struct StoreConfig {
     pub gc_grace: Duration,
     /// How long a positive TokenReview answer is reused.
     pub token_cache_ttl: Duration,
-    /// Push new profiles to the exporters of their ProfilingTarget.
+    /// Push new profiles to the exporters of their ProfilingTarget (and the global ones).
     pub exporters: bool,
+    /// Exporters every Profile goes to.
+    pub global_exporters: Vec<kprof_crds::Exporter>,
 }
 
 impl StoreConfig {
@@ -146,6 +160,7 @@ impl StoreConfig {
             gc_grace: args.store_gc_grace,
             token_cache_ttl: Duration::from_secs(60),
             exporters: true,
+            global_exporters: args.store_export.clone(),
         }
     }
 
@@ -161,6 +176,7 @@ impl StoreConfig {
             gc_grace: Duration::from_secs(600),
             token_cache_ttl: Duration::from_secs(60),
             exporters: false,
+            global_exporters: Vec::new(),
         }
     }
 }
@@ -216,9 +232,13 @@ impl Store {
             config.token_cache_ttl,
             metrics.tokenreviews.clone(),
         );
-        let exporter = config
-            .exporters
-            .then(|| Arc::new(exporter::Exporter::new(client.clone(), metrics.clone())));
+        let exporter = config.exporters.then(|| {
+            Arc::new(exporter::Exporter::new(
+                client.clone(),
+                metrics.clone(),
+                config.global_exporters.clone(),
+            ))
+        });
         Ok(Self {
             state: State {
                 config,
