@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Overhead benchmark of kprof-agent against perf, on one CPU workload with a fixed amount of work.
 #
-#   sudo -E agent/bench/overhead.sh [ROUNDS] [WORK]      (make bench)
+#   sudo -E agent/bench/overhead.sh [ROUNDS=3] [WORK=3000]   (make bench; WORK 3000 ≈ 20 s of CPU)
 #
 # Runs the workload unprofiled, under `perf record -F 99 -g` and under `kprof-agent record --hz 99`,
 # alternating the order, ROUNDS times (default 3), and prints medians and ratios: workload
@@ -21,4 +21,4 @@ if [[ -z "${AGENT:-}" ]]; then
 fi
 cc -O1 -fno-omit-frame-pointer -g -o "$work/hot" "$root/agent/tests/workloads/hot.c"
 exec python3 "$here/overhead.py" --agent "$AGENT" --perf "${PERF:-perf}" --workload "$work/hot" \
-    --workdir "$work" --rounds "${1:-3}" --work "${2:-1000}"
+    --workdir "$work" --rounds "${1:-3}" --work "${2:-3000}"

@@ -72,8 +72,11 @@ pub struct Aggregator {
     symbolizer: Symbolizer,
     stacks: HashMap<RawKey, (SampleKey, u64)>,
     processes: HashMap<u32, ProcessMeta>,
-    /// Identity (device, inode) of each process's executable, to notice `exec`.
+    /// Identity (device, inode) of each process's executable, to notice `exec` when the
+    /// samples carry no exec id.
     exe: HashMap<u32, (u64, u64)>,
+    /// Latest exec id (`SampleEvent::exec_id`) seen per process.
+    exec_ids: HashMap<u32, u32>,
     generation: HashMap<u32, u32>,
     checked_this_round: HashSet<u32>,
     pub stats: AggregateStats,
@@ -105,6 +108,7 @@ impl Aggregator {
             stacks: HashMap::new(),
             processes: HashMap::new(),
             exe: HashMap::new(),
+            exec_ids: HashMap::new(),
             generation: HashMap::new(),
             checked_this_round: HashSet::new(),
             stats: AggregateStats::default(),
@@ -158,9 +162,19 @@ impl Aggregator {
     pub fn add(&mut self, ev: &SampleEvent, mut merger: Option<&mut dyn StackMerger>) {
         self.stats.events += 1;
         let pid = ev.tgid;
-        if self.processes.contains_key(&pid)
-            && self.checked_this_round.insert(pid)
-            && self.check_exec(pid)
+        let execed = if ev.exec_id != 0 {
+            // The first sample of a process is its baseline; an exec between the first look
+            // at the process (its maps) and that sample is caught by the executable check.
+            let first = !self.exec_ids.contains_key(&pid);
+            self.exec_id_changed(pid, ev.exec_id)
+                || (first && self.processes.contains_key(&pid) && self.check_exec(pid))
+        } else {
+            self.processes.contains_key(&pid)
+                && self.checked_this_round.insert(pid)
+                && self.check_exec(pid)
+        };
+        if execed
+            && self.processes.contains_key(&pid)
             && let Some(m) = merger.as_mut()
             && let Some((runtime, warnings)) = m.on_process(pid)
         {
@@ -211,8 +225,25 @@ impl Aggregator {
         self.checked_this_round.clear();
     }
 
-    /// A process that `exec`ed since it was first seen gets fresh maps, a new generation (its
-    /// old raw stacks mean other code now) and is registered again (e.g. `sh -c python3 …`).
+    /// Whether the exec id of a sample says its process `exec`ed since the last one (then the
+    /// process is re-registered). Exec ids only grow; an older one is a sample taken before the
+    /// exec and drained after a newer one (CPUs share the ring), not a new exec.
+    fn exec_id_changed(&mut self, pid: u32, id: u32) -> bool {
+        let Some(&last) = self.exec_ids.get(&pid) else {
+            self.exec_ids.insert(pid, id);
+            return false;
+        };
+        if (id.wrapping_sub(last) as i32) <= 0 {
+            return false;
+        }
+        self.exec_ids.insert(pid, id);
+        if self.processes.contains_key(&pid) {
+            self.on_exec(pid);
+        }
+        true
+    }
+
+    /// Without exec ids: a process whose executable changed since it was first seen `exec`ed.
     fn check_exec(&mut self, pid: u32) -> bool {
         let Some(now) = exe_identity(pid) else {
             return false; // exited: keep what we know
@@ -221,6 +252,13 @@ impl Aggregator {
             return false;
         }
         self.exe.insert(pid, now);
+        self.on_exec(pid);
+        true
+    }
+
+    /// A process that `exec`ed gets fresh maps, a new generation (its old raw stacks mean other
+    /// code now) and its new name (e.g. `sh -c python3 …`).
+    fn on_exec(&mut self, pid: u32) {
         *self.generation.entry(pid).or_default() += 1;
         self.symbolizer.forget(pid);
         self.symbolizer.track(pid);
@@ -230,7 +268,6 @@ impl Aggregator {
                 .unwrap_or_default();
             meta.runtime = None;
         }
-        true
     }
 
     fn add_warnings(&mut self, pid: u32, warnings: Vec<String>) {
@@ -286,6 +323,29 @@ mod tests {
         ev.user_len = user.len() as u32;
         ev.user_ips[..user.len()].copy_from_slice(user);
         ev
+    }
+
+    #[test]
+    fn a_newer_exec_id_starts_a_new_generation_an_older_one_does_not() {
+        let mut agg = Aggregator::new();
+        let pid = u32::MAX - 11;
+        let with_exec = |id: u32| {
+            let mut ev = event(pid, &[0x1000]);
+            ev.exec_id = id;
+            ev
+        };
+        agg.add(&with_exec(5), None);
+        agg.add(&with_exec(5), None);
+        assert_eq!(agg.generation.get(&pid).copied().unwrap_or(0), 0);
+        assert_eq!(agg.stats.distinct_stacks, 1);
+        agg.add(&with_exec(6), None); // exec'ed: same addresses now mean other code
+        assert_eq!(agg.generation[&pid], 1);
+        assert_eq!(agg.stats.distinct_stacks, 2);
+        agg.add(&with_exec(5), None); // a sample from before the exec, drained late
+        assert_eq!(agg.generation[&pid], 1);
+        agg.add(&with_exec(u32::MAX), None); // older (wrapping), not newer
+        assert_eq!(agg.generation[&pid], 1);
+        assert_eq!(agg.stats.events, 5);
     }
 
     #[test]

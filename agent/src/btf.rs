@@ -190,6 +190,8 @@ impl Btf {
 pub struct TaskOffsets {
     pub pid: u32,
     pub tgid: u32,
+    /// `self_exec_id`: bumped by every `exec`, so a sample tells which image it ran.
+    pub self_exec_id: u32,
     /// `thread.fsbase` (x86-64): the thread pointer, where CPython's thread state lives.
     pub fsbase: u32,
 }
@@ -208,6 +210,7 @@ pub fn task_offsets() -> Result<TaskOffsets, String> {
             Ok(TaskOffsets {
                 pid: field("pid")?,
                 tgid: field("tgid")?,
+                self_exec_id: field("self_exec_id")?,
                 fsbase: field("thread.fsbase")?,
             })
         })
@@ -227,5 +230,9 @@ mod tests {
         assert!(off.fsbase > 1000 && off.fsbase < 20000, "{off:?}");
         assert_eq!(off.tgid, off.pid + 4, "{off:?}");
         assert!(off.pid > 0 && off.pid < off.fsbase, "{off:?}");
+        assert!(
+            off.self_exec_id > 0 && off.self_exec_id < off.fsbase,
+            "{off:?}"
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod flamegraph;
 pub mod k8s;
 pub mod loader;
+pub mod perf;
 pub mod pprof;
 pub mod profile;
 pub mod python;

@@ -13,10 +13,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        PerfEvent, RawTracePoint,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
-    },
+    programs::{PerfEvent, RawTracePoint},
     sys::{Stats, enable_stats},
     util::online_cpus,
 };
@@ -103,6 +100,8 @@ pub struct Sampler {
     /// Warnings for the user (e.g. children not followed).
     pub warnings: Vec<String>,
     pub follow_children: bool,
+    /// The per-CPU sampling events (closing them detaches the program).
+    _clocks: crate::perf::CpuClocks,
     /// The CPython walker runs in kernel (the Python sampler program was accepted).
     pub python_walker: bool,
     program: &'static str,
@@ -159,18 +158,25 @@ impl Sampler {
         raise_memlock();
         let mut warnings = Vec::new();
 
-        let task = if cfg.follow_children {
-            crate::btf::task_offsets()
-                .inspect_err(|e| warnings.push(format!("children are not followed: {e}")))
-                .ok()
-        } else {
-            None
+        let offsets = crate::btf::task_offsets();
+        let task = match &offsets {
+            Ok(t) if cfg.follow_children => Some(*t),
+            Ok(_) => None,
+            Err(e) => {
+                if cfg.follow_children {
+                    warnings.push(format!("children are not followed: {e}"));
+                }
+                None
+            }
         };
         let config = Config {
             cgroup_filter: u32::from(cfg.cgroup_filter),
             follow_children: u32::from(task.is_some()),
             task_pid_off: task.map_or(0, |t| t.pid),
             task_tgid_off: task.map_or(0, |t| t.tgid),
+            // Without it user space notices exec by checking /proc on every drain instead.
+            task_exec_id_off: offsets.as_ref().map_or(0, |t| t.self_exec_id),
+            _pad: 0,
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
@@ -206,21 +212,9 @@ impl Sampler {
             }
             other => other?,
         };
-        for cpu in cpus {
-            prog.attach(
-                PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                PerfEventScope::AllProcessesOneCpu { cpu },
-                SamplePolicy::Frequency(cfg.sample_hz),
-                false,
-            )
-            .map_err(|e| match e {
-                aya::programs::ProgramError::SyscallError(s) => LoadError::PerfEvent {
-                    cpu,
-                    source: s.io_error,
-                },
-                other => LoadError::Load(one_line(&other)),
-            })?;
-        }
+        let prog_fd = prog.fd().map_err(|e| LoadError::Load(one_line(&e)))?;
+        let clocks = crate::perf::attach(prog_fd, &cpus, cfg.sample_hz)
+            .map_err(|(cpu, source)| LoadError::PerfEvent { cpu, source })?;
 
         let mut follow_children = task.is_some();
         if follow_children {
@@ -251,6 +245,7 @@ impl Sampler {
             _stats_fd: stats_fd,
             warnings,
             follow_children,
+            _clocks: clocks,
             python_walker: program == names::PROG_SAMPLE,
             program,
         })

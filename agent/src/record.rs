@@ -30,6 +30,10 @@ pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the target map is pruned, new children registered and progress shown.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The steady-state cost is measured from this long after sampling starts (kernel symbols and
+/// the first symbolization of each binary happen before) to the end of sampling.
+pub const STEADY_AFTER: Duration = Duration::from_secs(3);
+
 /// Errors of a recording session.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -100,7 +104,33 @@ pub struct SessionStats {
     pub loop_cpu: Duration,
     pub peak_rss_kib: u64,
     pub kernel: KernelCost,
+    /// The cost of sampling once warmed up (from [`STEADY_AFTER`] to the end of sampling): what
+    /// a continuous profiler pays per sample. `None` for sessions shorter than that.
+    pub steady: Option<SteadyCost>,
 }
+
+/// Agent CPU and in-kernel time over the steady part of a session.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SteadyCost {
+    pub wall: Duration,
+    pub events: u64,
+    pub agent_cpu: Duration,
+    pub kernel_time: Duration,
+}
+
+impl SteadyCost {
+    /// (agent µs, in-kernel µs) per targeted sample.
+    pub fn us_per_sample(&self) -> (f64, f64) {
+        let n = self.events.max(1) as f64;
+        (
+            self.agent_cpu.as_nanos() as f64 / 1000.0 / n,
+            self.kernel_time.as_nanos() as f64 / 1000.0 / n,
+        )
+    }
+}
+
+/// A point of the session: (when, agent CPU, in-kernel time, events so far).
+type Mark = (Instant, Duration, Duration, u64);
 
 impl SessionStats {
     /// In-kernel time per run of the sampler program (all ticks, targeted or not).
@@ -122,13 +152,16 @@ impl SessionStats {
 
     /// A JSON object (for scripts and the benchmark).
     pub fn to_json(&self) -> String {
+        let steady = self.steady.unwrap_or_default();
+        let (steady_agent, steady_kernel) = steady.us_per_sample();
         format!(
             concat!(
                 "{{\"events\":{},\"distinct_stacks\":{},\"dropped\":{},\"targeted\":{},",
                 "\"kernel_stack_errors\":{},\"user_stack_errors\":{},\"children_followed\":{},",
                 "\"wall_s\":{:.3},\"agent_cpu_s\":{:.6},\"loop_cpu_s\":{:.6},\"peak_rss_kib\":{},",
                 "\"bpf_run_count\":{},\"bpf_run_time_ns\":{},\"bpf_ns_per_run\":{:.1},",
-                "\"total_us_per_sample\":{:.3}}}"
+                "\"total_us_per_sample\":{:.3},\"steady_s\":{:.3},\"steady_events\":{},",
+                "\"steady_agent_us_per_sample\":{:.3},\"steady_bpf_us_per_sample\":{:.3}}}"
             ),
             self.events,
             self.distinct_stacks,
@@ -145,6 +178,10 @@ impl SessionStats {
             self.kernel.run_time.as_nanos(),
             self.kernel_ns_per_run(),
             self.total_us_per_sample(),
+            steady.wall.as_secs_f64(),
+            steady.events,
+            steady_agent,
+            steady_kernel,
         )
     }
 }
@@ -274,12 +311,24 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
     }
 
+    // Kernel symbols now (start-up cost) rather than at the first kernel frame mid-session.
+    crate::symbolize::kallsyms::shared();
+
     let start = Instant::now();
     let wall_start = SystemTime::now();
     let (loop_cpu0, _) = rusage();
     let progress = opts.progress && io::stderr().is_terminal();
     let mut last_housekeeping = Instant::now();
     let mut exit_status = None;
+    let mark = |sampler: &Sampler, agg: &Aggregator| -> Mark {
+        (
+            Instant::now(),
+            rusage().0,
+            sampler.kernel_cost().run_time,
+            agg.total(),
+        )
+    };
+    let mut steady_from: Option<Mark> = None;
     loop {
         let elapsed = start.elapsed();
         if elapsed >= opts.duration || stop.load(Ordering::Relaxed) {
@@ -314,12 +363,24 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             if live == 0 {
                 break; // every target exited
             }
+            if steady_from.is_none() && start.elapsed() >= STEADY_AFTER {
+                steady_from = Some(mark(&sampler, &agg));
+            }
         }
     }
     let wall = start.elapsed();
     let kernel = sampler.kernel_cost();
     drain(&mut sampler, &mut agg, python.as_mut());
     let (loop_cpu1, _) = rusage();
+    let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
+        let (t1, cpu1, k1, n1) = mark(&sampler, &agg);
+        SteadyCost {
+            wall: t1 - t0,
+            events: n1 - n0,
+            agent_cpu: cpu1.saturating_sub(cpu0),
+            kernel_time: k1.saturating_sub(k0),
+        }
+    });
     if progress {
         eprintln!();
     }
@@ -369,6 +430,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         loop_cpu: loop_cpu1.saturating_sub(loop_cpu0),
         peak_rss_kib: rss,
         kernel,
+        steady,
     };
     Ok(Recording {
         profile,
@@ -397,8 +459,8 @@ fn housekeeping(
 ) -> usize {
     let mut live = 0;
     for (id, slot) in sampler.target_pids() {
-        let tgid = targets::tgid_of(id);
-        let alive = tgid == Some(id) && targets::process_alive(id);
+        let state = targets::proc_state(id);
+        let (tgid, alive) = (state.map(|s| s.0), state.is_some_and(|s| s.1));
         match targets::prune_decision(id, slot.inherited != 0, tgid, alive) {
             Prune::Keep => {
                 live += 1;

@@ -37,20 +37,23 @@ pub fn parse_status_tgid(status: &str) -> Option<u32> {
 
 /// Whether a process (thread-group leader) `pid` exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            parse_status_tgid(
-                &fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default(),
-            ) == Some(pid)
-                && stat_state(&stat).is_some_and(|s| s != 'Z' && s != 'X')
-        }
-        Err(_) => false,
-    }
+    proc_state(pid).is_some_and(|(tgid, alive)| tgid == pid && alive)
 }
 
-/// The state letter of a `/proc/<pid>/stat` line (after the parenthesised comm).
-pub fn stat_state(stat: &str) -> Option<char> {
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
+/// `(tgid, alive)` of a task id from one read of `/proc/<id>/status` (alive: not a zombie or
+/// dead, and a thread-group leader); `None` when it does not exist. The housekeeping calls
+/// this for every target every second, so one file read, not three.
+pub fn proc_state(id: u32) -> Option<(u32, bool)> {
+    let status = fs::read_to_string(format!("/proc/{id}/status")).ok()?;
+    let tgid = parse_status_tgid(&status)?;
+    let state = status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|v| v.trim_start().chars().next());
+    Some((
+        tgid,
+        tgid == id && state.is_some_and(|s| s != 'Z' && s != 'X'),
+    ))
 }
 
 /// Checks that `pid` names a live process.
@@ -155,8 +158,9 @@ mod tests {
             Some(1234)
         );
         assert_eq!(parse_status_tgid("Name: x\n"), None);
-        assert_eq!(stat_state("42 (a (weird) name) S 1 2 3"), Some('S'));
-        assert_eq!(stat_state("42 (z) Z 1"), Some('Z'));
+        let me = std::process::id();
+        assert_eq!(proc_state(me), Some((me, true)));
+        assert_eq!(proc_state(u32::MAX - 1), None);
     }
 
     #[test]
@@ -192,8 +196,11 @@ mod tests {
     fn spawned_child_waits_for_resume() {
         let child = spawn_stopped(&["/bin/true".to_owned()]).unwrap();
         let pid = child.id();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        assert_eq!(stat_state(&stat), Some('T'), "stopped before exec");
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status.contains("State:\tT (stopped)"),
+            "stopped before exec: {status}"
+        );
         resume(&child);
         let mut child = child;
         assert!(child.wait().unwrap().success());

@@ -506,6 +506,73 @@ fn children_of_a_command_are_followed() {
     assert!(followed >= 1, "no child followed in kernel: {summary}");
 }
 
+/// A process that `exec`s another program: samples before the exec are named from the first
+/// image, samples after it from the second (the same pid, a new address space).
+#[test]
+fn a_process_that_execs_is_symbolized_from_its_new_image() {
+    if !kernel_or_skip("a_process_that_execs_is_symbolized_from_its_new_image") {
+        return;
+    }
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = workloads();
+    let out = tempfile::tempdir().unwrap();
+    let o = record(
+        &[
+            "--no-python",
+            "-d",
+            "10s",
+            "--hz",
+            "199",
+            "--",
+            // No ASLR: both images load at the same address, so only noticing the exec (not
+            // an address outside the known mappings) can tell them apart.
+            "setarch",
+            "-R",
+            w.hot_c.to_str().unwrap(),
+            "1.5",
+            "exec",
+            w.hot_rs.to_str().unwrap(),
+            "2.5",
+        ],
+        out.path(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = load(out.path());
+    // The process is named after its last image (it was `setarch`, then `hot`).
+    let names: std::collections::BTreeSet<&str> = p
+        .sample
+        .iter()
+        .flat_map(|s| &s.label)
+        .filter(|l| p.string(l.key) == "process_name")
+        .map(|l| p.string(l.str))
+        .collect();
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        ["hot-rs"],
+        "process name after exec"
+    );
+    let s = samples(&p);
+    let (c, total) = leaf_share(&s, None, |f| f.starts_with("burn_"));
+    let (rs, _) = leaf_share(&s, None, |f| {
+        f.ends_with("::checksum_pages") || f.ends_with("::mix_keys")
+    });
+    eprintln!(
+        "exec: {total} samples, {:.1}% in the C image (burn_*), {:.1}% in the Rust image",
+        c * 100.0,
+        rs * 100.0
+    );
+    // 1.5 s then 2.5 s of CPU: ~37 % and ~63 %. Missing the exec would name the Rust image's
+    // addresses from the C image's maps.
+    assert!(total >= 200, "too few samples: {total}");
+    assert!((0.25..=0.50).contains(&c), "C image share {c}");
+    assert!((0.50..=0.75).contains(&rs), "Rust image share {rs}");
+    assert!(
+        c + rs >= 0.95,
+        "misattributed: {:.1}%",
+        (1.0 - c - rs) * 100.0
+    );
+}
+
 #[test]
 fn missing_capability_is_a_one_line_error() {
     if !kernel_or_skip("missing_capability_is_a_one_line_error") {

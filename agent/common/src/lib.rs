@@ -86,8 +86,11 @@ pub struct Config {
     pub task_pid_off: u32,
     /// Byte offset of `tgid` in `struct task_struct` (from kernel BTF).
     pub task_tgid_off: u32,
+    /// Byte offset of `self_exec_id` in `struct task_struct` (0: unknown, not read).
+    pub task_exec_id_off: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
 
 /// Value of the target maps: which target (profile) a process belongs to.
 #[repr(C)]
@@ -120,7 +123,10 @@ pub struct SampleEvent {
     pub user_len: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
-    pub _reserved: u32,
+    /// Low 32 bits of the thread's `self_exec_id` (0 when not read): it changes when the
+    /// process `exec`s, so user space knows which image a sample's addresses belong to
+    /// without checking `/proc` on every drain.
+    pub exec_id: u32,
     /// Kernel return addresses, innermost first.
     pub kernel_ips: [u64; MAX_KERNEL_FRAMES],
     /// User return addresses, innermost first (frame-pointer walk by the kernel).

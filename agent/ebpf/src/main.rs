@@ -17,7 +17,7 @@ use aya_ebpf::{
     EbpfContext as _, Global,
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_get_current_task, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
     },
     helpers::bpf_probe_read_kernel,
     macros::{map, perf_event, raw_tracepoint},
@@ -43,6 +43,8 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     follow_children: 1,
     task_pid_off: 1,
     task_tgid_off: 1,
+    task_exec_id_off: 0,
+    _pad: 0,
 });
 
 #[map(name = "TARGET_PIDS")]
@@ -138,7 +140,13 @@ fn sample<const PYTHON: bool>(ctx: PerfEventContext) -> u32 {
         };
         (*ev).comm = [0; 16];
         bpf_get_current_comm((*ev).comm.as_mut_ptr().cast(), 16);
-        (*ev)._reserved = 0;
+        (*ev).exec_id = if cfg.task_exec_id_off != 0 {
+            let task = bpf_get_current_task() as *const u8;
+            bpf_probe_read_kernel(task.add(cfg.task_exec_id_off as usize).cast::<u32>())
+                .unwrap_or(0)
+        } else {
+            0
+        };
 
         let mut flags = 0u32;
         let regs = &(*ctx.ctx).regs;

@@ -511,12 +511,13 @@ impl Daemon {
             if desired.contains_key(&id) {
                 continue;
             }
+            let state = targets::proc_state(id);
             let keep = slot.inherited != 0
                 && targets::prune_decision(
                     id,
                     true,
-                    targets::tgid_of(id),
-                    targets::process_alive(id),
+                    state.map(|s| s.0),
+                    state.is_some_and(|s| s.1),
                 ) == Prune::Keep
                 && self
                     .resolver
@@ -529,7 +530,7 @@ impl Daemon {
             } else {
                 sampler.remove_pid(id);
                 if let Some(py) = self.python.as_mut()
-                    && targets::tgid_of(id).is_none()
+                    && state.is_none()
                 {
                     py.on_exit(id);
                 }

@@ -5,7 +5,28 @@ use std::{
     fs, io,
     io::{BufRead as _, BufReader},
     path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
+
+/// How long the shared table is used before `/proc/kallsyms` is read again (modules loaded
+/// later get symbols; reading it costs ~50 ms of CPU).
+const SHARED_FOR: Duration = Duration::from_secs(600);
+
+/// The kernel symbols of this machine, shared by every symbolizer of the process (the agent
+/// keeps one symbolizer per target; each used to parse its own copy).
+pub fn shared() -> Arc<KernelSymbols> {
+    static SHARED: Mutex<Option<(Instant, Arc<KernelSymbols>)>> = Mutex::new(None);
+    let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    match &*slot {
+        Some((at, k)) if at.elapsed() < SHARED_FOR => Arc::clone(k),
+        _ => {
+            let k = Arc::new(KernelSymbols::load().unwrap_or_default());
+            *slot = Some((Instant::now(), Arc::clone(&k)));
+            k
+        }
+    }
+}
 
 /// Sorted kernel text symbols.
 #[derive(Debug, Default)]

@@ -67,8 +67,8 @@ fn unresolved(kind: FrameKind, module: Option<Arc<str>>, addr: u64) -> Frame {
 pub struct Symbolizer {
     inner: bs::Symbolizer,
     kernel: HashMap<u64, Arc<[Frame]>>,
-    /// Loaded on the first kernel frame.
-    kallsyms: Option<KernelSymbols>,
+    /// Taken from the shared table on the first kernel frame.
+    kallsyms: Option<Arc<KernelSymbols>>,
     user: SymbolCache,
     procs: HashMap<u32, ProcState>,
     /// (open path) → module identity and display path.
@@ -177,9 +177,7 @@ impl Symbolizer {
             .filter(|a| !self.kernel.contains_key(a))
             .collect();
         if !missing.is_empty() {
-            let ksyms = self
-                .kallsyms
-                .get_or_insert_with(|| KernelSymbols::load().unwrap_or_default());
+            let ksyms = self.kallsyms.get_or_insert_with(kallsyms::shared);
             for addr in missing {
                 let frame = match ksyms.lookup(addr) {
                     Some((name, _)) => Frame {

@@ -1,5 +1,6 @@
 /* CPU workload with known hot functions for the kernel tests of kprof-agent.
  * usage: hot SECONDS       run for a time (tests)
+ *        hot SECONDS exec PROGRAM [ARGS...]   then replace itself with PROGRAM (exec tests)
  *        hot -n ROUNDS     run a fixed amount of work and print "wall_s=… cpu_s=…" (benchmark)
  * Spends about 2/3 of its time in burn_alpha and 1/3 in burn_beta (same work per call, called
  * 2:1), both reached from main through run. Built with -O1 -fno-omit-frame-pointer -g. */
@@ -9,6 +10,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 static volatile uint64_t sink;
 
@@ -60,5 +62,10 @@ int main(int argc, char **argv) {
         return 0;
     }
     run(argc > 1 ? atof(argv[1]) : 5.0);
+    if (argc > 3 && strcmp(argv[2], "exec") == 0) {
+        execv(argv[3], argv + 3);
+        perror("execv");
+        return 1;
+    }
     return 0;
 }
