@@ -20,6 +20,8 @@ pub trait StackMerger {
     /// Called once per new process, before its first stack is symbolized. Returns the runtime
     /// display name (e.g. `cpython 3.12.1`) and warnings.
     fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)>;
+    /// Called when a known process `exec`ed, before `on_process` is called for it again.
+    fn on_exec(&mut self, _pid: u32) {}
     /// Merges the captured Python frames into `native` (both innermost first).
     fn merge(&mut self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame>;
 }
@@ -176,7 +178,10 @@ impl Aggregator {
         if execed
             && self.processes.contains_key(&pid)
             && let Some(m) = merger.as_mut()
-            && let Some((runtime, warnings)) = m.on_process(pid)
+            && let Some((runtime, warnings)) = {
+                m.on_exec(pid);
+                m.on_process(pid)
+            }
         {
             if let Some(meta) = self.processes.get_mut(&pid) {
                 meta.runtime = Some(runtime);

@@ -230,6 +230,22 @@ impl Sampler {
             }
         }
 
+        // Python walker entries of processes that exec are dropped in kernel.
+        if program == names::PROG_SAMPLE
+            && let Some(p) = bpf.program_mut(names::PROG_EXEC)
+        {
+            let exec: Result<&mut RawTracePoint, _> = p.try_into();
+            let attached = exec.map_err(|e| one_line(&e)).and_then(|exec| {
+                exec.load().map_err(|e| one_line(&e))?;
+                exec.attach("sched_process_exec").map_err(|e| one_line(&e))
+            });
+            if let Err(e) = attached {
+                warnings.push(format!(
+                    "exec is noticed by user space only (sched_process_exec: {e})"
+                ));
+            }
+        }
+
         let take =
             |bpf: &mut Ebpf, name: &'static str| bpf.take_map(name).ok_or(LoadError::Missing(name));
         let events = RingBuf::try_from(take(&mut bpf, names::MAP_EVENTS)?)?;

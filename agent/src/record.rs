@@ -224,6 +224,9 @@ struct PyMerger<'a> {
 }
 
 impl StackMerger for PyMerger<'_> {
+    fn on_exec(&mut self, pid: u32) {
+        self.py.on_exec(pid);
+    }
     fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
         self.py
             .on_process(self.bpf, pid)

@@ -438,3 +438,44 @@ fn deep_stacks_and_truncation() {
     }
     assert!(failures.is_empty(), "deep stacks failed for {failures:?}");
 }
+
+/// A shell that `exec`s CPython (the usual `sh -c "… ; exec python app.py"` container command):
+/// the process is first seen as `sh`, not Python; after the exec its Python frames are walked
+/// and named, and the runtime is reported.
+#[test]
+fn a_shell_that_execs_python_is_profiled_as_python() {
+    if !kernel_or_skip("a_shell_that_execs_python_is_profiled_as_python") {
+        return;
+    }
+    let interp = harness::interpreters()
+        .into_iter()
+        .rfind(|i| i.pre_args.is_empty() && i.path.to_string_lossy().contains("/.pyenv/"))
+        .or_else(|| harness::interpreters().into_iter().next())
+        .expect("an interpreter");
+    let script = format!(
+        "sleep 0.5; exec {} {} 6",
+        interp.path.display(),
+        harness::script("split.py").display()
+    );
+    let opts = RecordOptions {
+        command: vec!["/bin/sh".into(), "-c".into(), script],
+        duration: Duration::from_secs(8),
+        sample_hz: 199,
+        follow_children: true,
+        python: true,
+        progress: false,
+        ..RecordOptions::default()
+    };
+    let p = record(&opts, &AtomicBool::new(false))
+        .expect("record")
+        .profile;
+    let a = attribute(&p, None);
+    let (line, errs) = judge(&format!("sh -c 'exec {}'", interp.name), &a, 8.0);
+    eprintln!("{line}");
+    assert!(
+        a.runtime.iter().any(|r| r.starts_with("cpython 3.")),
+        "runtime not reported: {:?}",
+        a.runtime
+    );
+    assert!(errs.is_empty(), "{errs:?}");
+}

@@ -26,6 +26,8 @@ pub mod names {
     /// The sampler without it (native and kernel stacks only).
     pub const PROG_SAMPLE_NATIVE: &str = "kprof_sample_native";
     pub const PROG_FORK: &str = "kprof_fork";
+    /// Only in objects built with the CPython walker.
+    pub const PROG_EXEC: &str = "kprof_exec";
     pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
     pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
     pub const MAP_EVENTS: &str = "EVENTS";

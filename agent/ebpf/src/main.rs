@@ -6,7 +6,10 @@
 //! - `kprof_fork` (raw tracepoint `sched_process_fork`): children of a targeted process inherit
 //!   its target slot, so short-lived children are profiled from their first tick. A raw
 //!   tracepoint needs no tracefs (not mounted in pods); the child's pid and tgid are read from
-//!   its `task_struct` at offsets user space took from kernel BTF.
+//!   its `task_struct` at offsets user space took from kernel BTF. A Python parent's walker
+//!   configuration is copied to the child.
+//! - `kprof_exec` (raw tracepoint `sched_process_exec`, with the walker): drops the walker's
+//!   configuration of a process that replaced its image.
 #![no_std]
 #![no_main]
 
@@ -154,12 +157,18 @@ fn sample<const PYTHON: bool>(ctx: PerfEventContext) -> u32 {
             flags |= FLAG_IN_KERNEL;
         }
 
-        let n = bpf_get_stack(
-            ctx.as_ptr(),
-            (*ev).kernel_ips.as_mut_ptr().cast(),
-            (MAX_KERNEL_FRAMES * 8) as u32,
-            0,
-        );
+        // A sample that interrupted user mode has no kernel frames: skip the helper (and its
+        // zeroing of the whole buffer).
+        let n = if flags & FLAG_IN_KERNEL != 0 {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                (*ev).kernel_ips.as_mut_ptr().cast(),
+                (MAX_KERNEL_FRAMES * 8) as u32,
+                0,
+            )
+        } else {
+            0
+        };
         (*ev).kernel_len = if n >= 0 {
             (n as u32) / 8
         } else {
@@ -223,6 +232,19 @@ pub fn kprof_fork(ctx: RawTracePointContext) -> i32 {
     } else {
         bump(Stat::ChildrenDropped);
     }
+    #[cfg(feature = "python")]
+    python::inherit(parent_tgid, pid as u32);
+    0
+}
+
+/// `sched_process_exec`, in the process after its `exec`: the CPython walker's view of its old
+/// image is dropped at once (no walk of the new image with the old addresses).
+#[cfg(feature = "python")]
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn kprof_exec(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: helper without arguments.
+    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    python::forget(tgid);
     0
 }
 

@@ -330,6 +330,23 @@ pub fn collect<C: EbpfContext>(_ctx: &C, tgid: u32, py: &mut PyStack) {
     walk(cfg, frame, py);
 }
 
+/// A forked child runs its parent's interpreter at the same addresses (the address space is
+/// copied): walk it from its first tick, before user space has looked at it.
+#[inline(always)]
+pub fn inherit(parent: u32, child: u32) {
+    // SAFETY: the value is only read during this program run.
+    if let Some(cfg) = unsafe { PY_PROCS.get(&parent) } {
+        let _ = PY_PROCS.insert(&child, cfg, 0);
+    }
+}
+
+/// An `exec` replaced the process's image: its entry no longer describes it (user space
+/// registers it again if the new image is CPython).
+#[inline(always)]
+pub fn forget(tgid: u32) {
+    let _ = PY_PROCS.remove(&tgid);
+}
+
 /// Stand-alone sampler used by the Python kernel tests and the benchmark: for registered Python
 /// processes only, emit the Python stack of the interrupted thread into `PY_TEST_EVENTS`.
 #[perf_event]

@@ -238,6 +238,9 @@ impl TargetWindow {
 struct CachedPython<'a>(&'a PythonSupport);
 
 impl StackMerger for CachedPython<'_> {
+    fn on_exec(&mut self, pid: u32) {
+        self.0.on_exec(pid); // the background watcher detects the new image
+    }
     fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
         self.0.runtime(pid).map(|r| (r.display, r.warnings))
     }

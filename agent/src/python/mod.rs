@@ -132,6 +132,10 @@ impl Inner {
 
 /// How long a process that is not (yet) Python is watched for an `exec` of CPython.
 const WATCH_FOR: Duration = Duration::from_secs(10);
+/// How often the watcher looks at pending processes.
+const WATCH_TICK: Duration = Duration::from_millis(100);
+/// Forked children are looked for every this many ticks.
+const CHILDREN_EVERY: u64 = 10;
 
 /// Python support of the agent.
 pub struct PythonSupport {
@@ -371,6 +375,21 @@ impl PythonSupport {
         lock(&self.inner).infos.get(&pid).cloned()
     }
 
+    /// A process `exec`ed: what was known of its interpreter no longer holds (the kernel
+    /// already dropped its walker entry). It is looked at again, now (`attach`) or by the
+    /// background watcher, which also notices a later `exec` of CPython.
+    pub fn on_exec(&self, pid: u32) {
+        let mut inner = lock(&self.inner);
+        inner.procs.remove(&pid);
+        inner.infos.remove(&pid);
+        if let Some(m) = inner.map.as_mut() {
+            let _ = m.remove(&pid);
+        }
+        drop(inner);
+        lock(&self.cache).forget_pid(pid);
+        self.watch(pid);
+    }
+
     /// Forget a process (exited): drop its map entry and cached code objects.
     pub fn on_exit(&mut self, pid: u32) {
         let mut inner = lock(&self.inner);
@@ -485,8 +504,12 @@ fn unknown_frame(code: u64) -> Frame {
 /// Background retries of pending processes; exits when none is left.
 fn watcher(shared: Arc<Mutex<Inner>>) {
     let mut seen: HashMap<u32, Option<(String, usize)>> = HashMap::new();
+    let mut tick = 0u64;
     loop {
-        std::thread::sleep(Duration::from_millis(25));
+        // Not faster: each look at a pending process reads its maps, and forked children are
+        // registered in kernel at fork (the scan below is the fallback).
+        std::thread::sleep(WATCH_TICK);
+        tick += 1;
         let (pids, parents): (Vec<u32>, Vec<u32>) = {
             let mut inner = lock(&shared);
             let now = Instant::now();
@@ -514,8 +537,14 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
             (inner.pending.keys().copied().collect(), parents)
         };
         // Forked children (multiprocessing workers, pre-fork servers) share their parent's
-        // interpreter layout and TSS key: register them at once, before their first sample
-        // reaches the aggregator.
+        // interpreter layout and TSS key. The kernel copies the parent's walker entry at fork;
+        // this registers them in user space (code objects are read from the child) in case
+        // their first sample is late, once a second.
+        let parents = if tick % CHILDREN_EVERY == 0 {
+            parents
+        } else {
+            Vec::new()
+        };
         for parent in parents {
             for child in children_of(parent) {
                 let mut inner = lock(&shared);
@@ -605,6 +634,10 @@ fn process_signature(pid: u32) -> Option<(String, usize)> {
 
 /// The agent's aggregation hook.
 impl crate::aggregate::StackMerger for PythonSupport {
+    fn on_exec(&mut self, pid: u32) {
+        PythonSupport::on_exec(self, pid);
+    }
+
     fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
         self.attach(pid, Duration::from_secs(2))
             .map(|i| (i.display, i.warnings))
