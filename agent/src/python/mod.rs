@@ -540,7 +540,7 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
         // interpreter layout and TSS key. The kernel copies the parent's walker entry at fork;
         // this registers them in user space (code objects are read from the child) in case
         // their first sample is late, once a second.
-        let parents = if tick % CHILDREN_EVERY == 0 {
+        let parents = if tick.is_multiple_of(CHILDREN_EVERY) {
             parents
         } else {
             Vec::new()
