@@ -100,7 +100,8 @@ pub(crate) fn error_text(body: &[u8]) -> String {
 pub struct Exporter {
     client: Client,
     metrics: StoreMetrics,
-    http: reqwest::Client,
+    /// The client, or why none could be built (then every push fails with that reason).
+    http: Result<reqwest::Client, String>,
     global: Vec<ExporterSpec>,
     /// Profiles pushed (uid → creation time), forgotten once older than [`FRESH_FOR`].
     seen: Mutex<HashMap<String, Timestamp>>,
@@ -112,11 +113,7 @@ impl Exporter {
     /// `global`: exporters every Profile goes to, besides its target's.
     pub fn new(client: Client, metrics: StoreMetrics, global: Vec<ExporterSpec>) -> Self {
         super::cloud::install_tls_provider();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("an HTTP client with the default TLS roots");
+        let http = http_client();
         Self {
             client,
             metrics,
@@ -212,7 +209,11 @@ impl Exporter {
             ExporterKind::Otlp => otlp::request(&x.url, p, &pprof)?,
         };
         let req = reqwest::Request::try_from(req).map_err(|e| ExportError::Http(e.to_string()))?;
-        let mut res = self.http.execute(req).await.map_err(http_error)?;
+        let http = self
+            .http
+            .as_ref()
+            .map_err(|e| ExportError::Http(e.clone()))?;
+        let mut res = http.execute(req).await.map_err(http_error)?;
         let status = res.status();
         let mut body = Vec::new();
         while let Some(chunk) = res.chunk().await.map_err(http_error)? {
@@ -272,6 +273,24 @@ pub fn pyroscope_request(
         )
         .body(Bytes::from(body))
         .map_err(|e| ExportError::Http(e.to_string()))
+}
+
+/// The exporters' HTTP client. Without system CA certificates (a minimal image) https cannot
+/// be verified: the client is then built without roots, so http:// exporters still work and an
+/// https:// push fails with a certificate error, instead of the store failing to start.
+fn http_client() -> Result<reqwest::Client, String> {
+    let builder = || {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+    };
+    builder().build().or_else(|e| {
+        tracing::warn!(error = %e, "no system CA certificates: https exporters will fail (mount /etc/ssl/certs)");
+        builder()
+            .tls_certs_only(Vec::new())
+            .build()
+            .map_err(|e| format!("no HTTP client for exporters: {e}"))
+    })
 }
 
 fn http_error(e: reqwest::Error) -> ExportError {
