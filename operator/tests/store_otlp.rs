@@ -19,22 +19,7 @@ use store_common::*;
 
 /// The cached collector: `$KPROF_OTELCOL`, else any version under `$KPROF_CACHE/otelcol`.
 fn otelcol_binary() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("KPROF_OTELCOL") {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var("KPROF_CACHE").unwrap_or_else(|_| "/var/cache/kprof".into());
-    let mut found: Vec<PathBuf> = std::fs::read_dir(PathBuf::from(cache).join("otelcol"))
-        .ok()?
-        .filter_map(|e| Some(e.ok()?.path().join("bin/otelcol")))
-        .filter(|p| p.is_file())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    cached_binary("KPROF_OTELCOL", "otelcol", "otelcol")
 }
 
 /// A collector on 127.0.0.1, killed on drop. The debug exporter writes to `debug.out`.

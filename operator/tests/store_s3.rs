@@ -30,22 +30,7 @@ const REGION: &str = "us-east-1";
 
 /// The cached MinIO binary: `$KPROF_MINIO`, else any version under `$KPROF_CACHE/minio`.
 fn minio_binary() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("KPROF_MINIO") {
-        return Some(PathBuf::from(p));
-    }
-    let cache = std::env::var("KPROF_CACHE").unwrap_or_else(|_| "/var/cache/kprof".into());
-    let mut found: Vec<PathBuf> = std::fs::read_dir(PathBuf::from(cache).join("minio"))
-        .ok()?
-        .filter_map(|e| Some(e.ok()?.path().join("bin/minio")))
-        .filter(|p| p.is_file())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    cached_binary("KPROF_MINIO", "minio", "minio")
 }
 
 /// A MinIO server on 127.0.0.1, killed on drop.

@@ -317,3 +317,28 @@ pub fn sample_pprof(hot: i64, idle: i64) -> Vec<u8> {
     )
     .encode_gzip()
 }
+
+/// A server binary cached by `e2e/testbed/build-*.sh`: `$ENV_VAR`, else the newest
+/// `$KPROF_CACHE/<dir>/<version>/bin/<name>`.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn cached_binary(env_var: &str, dir: &str, name: &str) -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var(env_var) {
+        return Some(std::path::PathBuf::from(p));
+    }
+    let cache = std::env::var("KPROF_CACHE").unwrap_or_else(|_| "/var/cache/kprof".into());
+    let mut found: Vec<std::path::PathBuf> =
+        std::fs::read_dir(std::path::PathBuf::from(cache).join(dir))
+            .ok()?
+            .filter_map(|e| Some(e.ok()?.path().join("bin").join(name)))
+            .filter(|p| p.is_file())
+            .collect();
+    found.sort();
+    found.pop()
+}
+
+/// A free TCP port on 127.0.0.1.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
