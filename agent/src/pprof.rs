@@ -1,151 +1,16 @@
-//! pprof output: the [`Profile`] encoded as `profile.proto` (gzip).
-//!
-//! The message types below are prost structs written by hand after the field numbers of
-//! `profile.proto` from github.com/google/pprof (Apache-2.0), so no `protoc` is needed at build
-//! time. Only the fields kprof writes are declared; decoders ignore the others.
-use std::{
-    collections::HashMap,
-    io::{Read as _, Write as _},
-    time::UNIX_EPOCH,
-};
-
-use flate2::{Compression, read::GzDecoder, write::GzEncoder};
-use prost::Message;
+//! pprof output: the [`Profile`] encoded as `profile.proto` (gzip); the message types are
+//! `kprof_pprof`'s (shared with the store, which reads them).
+use std::{collections::HashMap, time::UNIX_EPOCH};
 
 use crate::{
     profile::{Frame, FrameKind, Profile},
     symbolize::KERNEL_MODULE,
 };
 
-/// `perftools.profiles.Profile`.
-#[derive(Clone, PartialEq, Message)]
-pub struct PprofProfile {
-    #[prost(message, repeated, tag = "1")]
-    pub sample_type: Vec<ValueType>,
-    #[prost(message, repeated, tag = "2")]
-    pub sample: Vec<Sample>,
-    #[prost(message, repeated, tag = "3")]
-    pub mapping: Vec<Mapping>,
-    #[prost(message, repeated, tag = "4")]
-    pub location: Vec<Location>,
-    #[prost(message, repeated, tag = "5")]
-    pub function: Vec<Function>,
-    #[prost(string, repeated, tag = "6")]
-    pub string_table: Vec<String>,
-    #[prost(int64, tag = "9")]
-    pub time_nanos: i64,
-    #[prost(int64, tag = "10")]
-    pub duration_nanos: i64,
-    #[prost(message, optional, tag = "11")]
-    pub period_type: Option<ValueType>,
-    #[prost(int64, tag = "12")]
-    pub period: i64,
-    #[prost(int64, repeated, tag = "13")]
-    pub comment: Vec<i64>,
-    #[prost(int64, tag = "14")]
-    pub default_sample_type: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct ValueType {
-    #[prost(int64, tag = "1")]
-    pub r#type: i64,
-    #[prost(int64, tag = "2")]
-    pub unit: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Sample {
-    /// Leaf first.
-    #[prost(uint64, repeated, tag = "1")]
-    pub location_id: Vec<u64>,
-    #[prost(int64, repeated, tag = "2")]
-    pub value: Vec<i64>,
-    #[prost(message, repeated, tag = "3")]
-    pub label: Vec<Label>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Label {
-    #[prost(int64, tag = "1")]
-    pub key: i64,
-    #[prost(int64, tag = "2")]
-    pub str: i64,
-    #[prost(int64, tag = "3")]
-    pub num: i64,
-    #[prost(int64, tag = "4")]
-    pub num_unit: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Mapping {
-    #[prost(uint64, tag = "1")]
-    pub id: u64,
-    #[prost(uint64, tag = "2")]
-    pub memory_start: u64,
-    #[prost(uint64, tag = "3")]
-    pub memory_limit: u64,
-    #[prost(uint64, tag = "4")]
-    pub file_offset: u64,
-    #[prost(int64, tag = "5")]
-    pub filename: i64,
-    #[prost(int64, tag = "6")]
-    pub build_id: i64,
-    #[prost(bool, tag = "7")]
-    pub has_functions: bool,
-    #[prost(bool, tag = "8")]
-    pub has_filenames: bool,
-    #[prost(bool, tag = "9")]
-    pub has_line_numbers: bool,
-    #[prost(bool, tag = "10")]
-    pub has_inline_frames: bool,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Location {
-    #[prost(uint64, tag = "1")]
-    pub id: u64,
-    #[prost(uint64, tag = "2")]
-    pub mapping_id: u64,
-    #[prost(uint64, tag = "3")]
-    pub address: u64,
-    /// Innermost (inlined) first, the caller last.
-    #[prost(message, repeated, tag = "4")]
-    pub line: Vec<Line>,
-    #[prost(bool, tag = "5")]
-    pub is_folded: bool,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Line {
-    #[prost(uint64, tag = "1")]
-    pub function_id: u64,
-    #[prost(int64, tag = "2")]
-    pub line: i64,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct Function {
-    #[prost(uint64, tag = "1")]
-    pub id: u64,
-    #[prost(int64, tag = "2")]
-    pub name: i64,
-    #[prost(int64, tag = "3")]
-    pub system_name: i64,
-    #[prost(int64, tag = "4")]
-    pub filename: i64,
-    #[prost(int64, tag = "5")]
-    pub start_line: i64,
-}
-
-/// Errors of pprof encoding and decoding.
-#[derive(Debug, thiserror::Error)]
-pub enum PprofError {
-    #[error("gzip: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("invalid profile.proto: {0}")]
-    Decode(#[from] prost::DecodeError),
-}
+pub use kprof_pprof::{
+    Function, Label, Line, Location, Mapping, PprofError, Profile as PprofProfile, Sample,
+    ValueType,
+};
 
 #[derive(Default)]
 struct Strings {
@@ -332,6 +197,7 @@ pub fn build(profile: &Profile) -> PprofProfile {
                         lines.push(Line {
                             function_id,
                             line: i64::from(f.line),
+                            ..Line::default()
                         });
                     }
                     out.location.push(Location {
@@ -464,48 +330,12 @@ fn module_name(f: &Frame) -> String {
 
 /// Encodes a profile as gzip-compressed `profile.proto` bytes.
 pub fn encode(profile: &Profile) -> Result<Vec<u8>, PprofError> {
-    let msg = build(profile);
-    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
-    gz.write_all(&msg.encode_to_vec())?;
-    Ok(gz.finish()?)
+    Ok(build(profile).encode_gzip())
 }
 
 /// Decodes gzip-compressed (or plain) `profile.proto` bytes.
 pub fn decode(bytes: &[u8]) -> Result<PprofProfile, PprofError> {
-    if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut raw = Vec::new();
-        GzDecoder::new(bytes).read_to_end(&mut raw)?;
-        Ok(PprofProfile::decode(raw.as_slice())?)
-    } else {
-        Ok(PprofProfile::decode(bytes)?)
-    }
-}
-
-impl PprofProfile {
-    /// The string at `i` of the string table ("" when out of range).
-    pub fn string(&self, i: i64) -> &str {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.string_table.get(i))
-            .map_or("", String::as_str)
-    }
-
-    /// Function names of a sample's stack, leaf first (inlined frames expanded).
-    pub fn stack_names(&self, sample: &Sample) -> Vec<String> {
-        let locs: HashMap<u64, &Location> = self.location.iter().map(|l| (l.id, l)).collect();
-        let funcs: HashMap<u64, &Function> = self.function.iter().map(|f| (f.id, f)).collect();
-        let mut names = Vec::new();
-        for id in &sample.location_id {
-            if let Some(loc) = locs.get(id) {
-                for line in &loc.line {
-                    if let Some(f) = funcs.get(&line.function_id) {
-                        names.push(self.string(f.name).to_owned());
-                    }
-                }
-            }
-        }
-        names
-    }
+    PprofProfile::decode_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -516,6 +346,23 @@ mod tests {
     };
 
     use super::*;
+
+    /// Function names of a sample's stack, leaf first (inlined frames expanded).
+    fn stack_names(p: &PprofProfile, sample: &Sample) -> Vec<String> {
+        let locs: HashMap<u64, &Location> = p.location.iter().map(|l| (l.id, l)).collect();
+        let funcs: HashMap<u64, &Function> = p.function.iter().map(|f| (f.id, f)).collect();
+        let mut names = Vec::new();
+        for id in &sample.location_id {
+            if let Some(loc) = locs.get(id) {
+                for line in &loc.line {
+                    if let Some(f) = funcs.get(&line.function_id) {
+                        names.push(p.str(f.name).to_owned());
+                    }
+                }
+            }
+        }
+        names
+    }
     use crate::{
         profile::{ProcessMeta, SampleKey},
         symbolize::{ModuleId, ModuleInfo},
@@ -589,10 +436,10 @@ mod tests {
         assert_eq!(&bytes[..2], &[0x1f, 0x8b], "gzip");
         let d = decode(&bytes).unwrap();
         assert_eq!(d.string_table[0], "");
-        assert_eq!(d.string(d.sample_type[0].r#type), "samples");
-        assert_eq!(d.string(d.sample_type[0].unit), "count");
-        assert_eq!(d.string(d.sample_type[1].r#type), "cpu");
-        assert_eq!(d.string(d.sample_type[1].unit), "nanoseconds");
+        assert_eq!(d.str(d.sample_type[0].r#type), "samples");
+        assert_eq!(d.str(d.sample_type[0].unit), "count");
+        assert_eq!(d.str(d.sample_type[1].r#type), "cpu");
+        assert_eq!(d.str(d.sample_type[1].unit), "nanoseconds");
         assert_eq!(d.period, 1_000_000_000 / 99);
         assert_eq!(d.duration_nanos, 10_000_000_000);
         let total: i64 = d.sample.iter().map(|s| s.value[0]).sum();
@@ -601,7 +448,7 @@ mod tests {
             assert_eq!(s.value[1], s.value[0] * d.period);
         }
         let hot = d.sample.iter().find(|s| s.value[0] == 90).unwrap();
-        assert_eq!(d.stack_names(hot), ["square", "hot_loop", "main"]);
+        assert_eq!(stack_names(&d, hot), ["square", "hot_loop", "main"]);
         assert_eq!(
             hot.location_id.len(),
             2,
@@ -609,37 +456,23 @@ mod tests {
         );
         // Locations and functions are shared across samples.
         assert_eq!(d.function.len(), 4);
-        let main_fn = d
-            .function
-            .iter()
-            .find(|f| d.string(f.name) == "main")
-            .unwrap();
-        assert_eq!(d.string(main_fn.filename), "hot.c");
+        let main_fn = d.function.iter().find(|f| d.str(f.name) == "main").unwrap();
+        assert_eq!(d.str(main_fn.filename), "hot.c");
         assert_eq!(main_fn.start_line, 20);
         // Mappings carry the build id; the kernel has its own mapping.
         let m = d
             .mapping
             .iter()
-            .find(|m| d.string(m.filename) == "/tmp/hot")
+            .find(|m| d.str(m.filename) == "/tmp/hot")
             .unwrap();
-        assert_eq!(d.string(m.build_id), "abcd");
+        assert_eq!(d.str(m.build_id), "abcd");
         assert!(m.memory_start <= 0x1010 && m.memory_limit > 0x1100);
-        assert!(
-            d.mapping
-                .iter()
-                .any(|m| d.string(m.filename) == KERNEL_MODULE)
-        );
+        assert!(d.mapping.iter().any(|m| d.str(m.filename) == KERNEL_MODULE));
         // Labels.
         let labels: Vec<(String, String, i64)> = hot
             .label
             .iter()
-            .map(|l| {
-                (
-                    d.string(l.key).to_owned(),
-                    d.string(l.str).to_owned(),
-                    l.num,
-                )
-            })
+            .map(|l| (d.str(l.key).to_owned(), d.str(l.str).to_owned(), l.num))
             .collect();
         assert!(labels.contains(&("pid".into(), "".into(), 42)));
         assert!(labels.contains(&("thread_name".into(), "hot".into(), 0)));

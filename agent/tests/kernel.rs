@@ -136,14 +136,14 @@ fn samples(p: &PprofProfile) -> Vec<(i64, Vec<String>, i64)> {
             let pid = s
                 .label
                 .iter()
-                .find(|l| p.string(l.key) == "pid")
+                .find(|l| p.str(l.key) == "pid")
                 .map_or(-1, |l| l.num);
             let names = s
                 .location_id
                 .iter()
                 .filter_map(|id| locs.get(id)?.line.last())
                 .filter_map(|line| funcs.get(&line.function_id))
-                .map(|f| p.string(f.name).to_owned())
+                .map(|f| p.str(f.name).to_owned())
                 .collect();
             (pid, names, s.value[0])
         })
@@ -352,7 +352,7 @@ fn syscall_heavy_program_shows_kernel_frames() {
     assert!(
         p.mapping
             .iter()
-            .any(|m| p.string(m.filename) == "[kernel.kallsyms]")
+            .any(|m| p.str(m.filename) == "[kernel.kallsyms]")
     );
 }
 
@@ -543,8 +543,8 @@ fn a_process_that_execs_is_symbolized_from_its_new_image() {
         .sample
         .iter()
         .flat_map(|s| &s.label)
-        .filter(|l| p.string(l.key) == "process_name")
-        .map(|l| p.string(l.str))
+        .filter(|l| p.str(l.key) == "process_name")
+        .map(|l| p.str(l.str))
         .collect();
     assert_eq!(
         names.into_iter().collect::<Vec<_>>(),

@@ -20,8 +20,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
 use super::backend::Digest;
-use super::pprof::PprofError;
 use super::{State, StoreMetrics, otlp};
+use kprof_pprof::PprofError;
 
 /// Why a push failed.
 #[derive(Debug, thiserror::Error)]
