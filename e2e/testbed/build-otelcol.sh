@@ -23,31 +23,11 @@ OTELCOL_VERSION="${OTELCOL_VERSION#v}"
 # The collector's stable modules (confmap providers) are versioned 1.x alongside 0.x.
 OTELCOL_PROVIDERS_VERSION="${OTELCOL_PROVIDERS_VERSION:-1.71.0}"
 OTELCOL_PROVIDERS_VERSION="${OTELCOL_PROVIDERS_VERSION#v}"
-PAR="${KPROF_BUILD_PARALLEL:-2}"
 STAMP="v$OTELCOL_VERSION+providers-v$OTELCOL_PROVIDERS_VERSION"
-
-if [[ -z "${GO:-}" ]]; then
-  if command -v go >/dev/null 2>&1; then GO="$(command -v go)"; else GO=/usr/local/go/bin/go; fi
-fi
-
-VDIR="$KPROF_CACHE/otelcol/v$OTELCOL_VERSION"
-BIN="$VDIR/bin"
-T0=$(date +%s)
-log() { printf '[build-otelcol %4ss] %s\n' "$(( $(date +%s) - T0 ))" "$*"; }
-
-if [[ -x "$BIN/otelcol" && "$(cat "$BIN/.otelcol.version" 2>/dev/null)" == "$STAMP" ]]; then
-  log "otelcol $STAMP already built: $BIN/otelcol (cached)"
-  exit 0
-fi
-[[ -x "$GO" ]] || { echo "build-otelcol: no Go toolchain (set GO=/path/to/go)" >&2; exit 1; }
-
-SCRATCH="$VDIR/.go"
-SRC="$VDIR/.src"
-mkdir -p "$BIN" "$SCRATCH" "$SRC"
-export GOTOOLCHAIN=local
-export GOMODCACHE="$SCRATCH/mod" GOCACHE="$SCRATCH/build" GOPATH="$SCRATCH/path"
-export GOFLAGS="-buildvcs=false -modcacherw -p=$PAR"
-export CGO_ENABLED=0
+. "$(dirname "${BASH_SOURCE[0]}")/go-build-lib.sh"
+gobuild_begin build-otelcol otelcol "$KPROF_CACHE/otelcol/v$OTELCOL_VERSION" "$STAMP"
+SRC="$KPROF_CACHE/otelcol/v$OTELCOL_VERSION/.src"
+mkdir -p "$SRC"
 
 log "ocb v$OTELCOL_VERSION with $("$GO" version); scratch Go caches: $SCRATCH"
 GOBIN="$SCRATCH/bin" nice -n 5 "$GO" install -trimpath "go.opentelemetry.io/collector/cmd/builder@v$OTELCOL_VERSION"
@@ -73,12 +53,4 @@ telemetry:
   import: go.opentelemetry.io/collector/service/telemetry/otelconftelemetry
 EOF
 (cd "$SRC" && nice -n 5 "$SCRATCH/bin/builder" --config manifest.yaml)
-mv -f "$SRC/dist/otelcol" "$BIN/otelcol"
-echo "$STAMP" >"$BIN/.otelcol.version"
-log "built in $(( $(date +%s) - T0 ))s ($(du -h "$BIN/otelcol" | cut -f1))"
-
-if [[ "${KPROF_KEEP_GO_CACHE:-0}" != 1 ]]; then
-  log "removing scratch Go caches and sources ($(du -sh "$SCRATCH" | cut -f1))"
-  rm -rf "$SCRATCH" "$SRC"
-fi
-log "otelcol: $BIN/otelcol"
+gobuild_finish "$SRC/dist/otelcol" "$SRC"
