@@ -67,8 +67,6 @@ fn unresolved(kind: FrameKind, module: Option<Arc<str>>, addr: u64) -> Frame {
 pub struct Symbolizer {
     inner: bs::Symbolizer,
     kernel: HashMap<u64, Arc<[Frame]>>,
-    /// Taken from the shared table on the first kernel frame.
-    kallsyms: Option<Arc<KernelSymbols>>,
     user: SymbolCache,
     procs: HashMap<u32, ProcState>,
     /// (open path) → module identity and display path.
@@ -91,7 +89,6 @@ impl Symbolizer {
                 .enable_demangling(true)
                 .build(),
             kernel: HashMap::new(),
-            kallsyms: None,
             user: SymbolCache::new(1 << 20),
             procs: HashMap::new(),
             modules: HashMap::new(),
@@ -177,7 +174,8 @@ impl Symbolizer {
             .filter(|a| !self.kernel.contains_key(a))
             .collect();
         if !missing.is_empty() {
-            let ksyms = self.kallsyms.get_or_insert_with(kallsyms::shared);
+            // The process-wide table (refreshed every 10 min for modules loaded later).
+            let ksyms = kallsyms::shared();
             for addr in missing {
                 let frame = match ksyms.lookup(addr) {
                     Some((name, _)) => Frame {
