@@ -38,6 +38,9 @@ struct Minio {
     child: Child,
     endpoint: String,
     data: tempfile::TempDir,
+    /// Where the test sees MinIO's drive: under `/proc/<pid>/root` when the drive is a tmpfs
+    /// in MinIO's own mount namespace.
+    drive: PathBuf,
 }
 
 impl Drop for Minio {
@@ -47,15 +50,48 @@ impl Drop for Minio {
     }
 }
 
+/// The command that starts MinIO on `drive`. MinIO refuses writes once its drive's file system
+/// is 99 % full or has under ~1 GiB free, which a build machine's shared disk can be; as root the
+/// drive is therefore a private tmpfs, mounted in a mount namespace of MinIO's own (gone with
+/// the process, invisible to the rest of the machine). Returns whether it is.
+fn drive_command(bin: &PathBuf, drive: &std::path::Path) -> (Command, bool) {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root {
+        eprintln!(
+            "NOTE: not root, so MinIO's drive is on the shared disk (it refuses writes when that is nearly full)"
+        );
+        return (Command::new(bin), false);
+    }
+    let mut command = Command::new("unshare");
+    command
+        .args(["--mount", "--propagation", "private", "--"])
+        .args([
+            "sh",
+            "-c",
+            r#"mount -t tmpfs -o size=4g,mode=0700 kprof-minio "$1" && shift && exec "$@""#,
+        ])
+        .arg("sh")
+        .arg(drive)
+        .arg(bin);
+    (command, true)
+}
+
 impl Minio {
     async fn start(bin: &PathBuf) -> Self {
         let data = tempfile::tempdir().unwrap();
         let (port, console) = (free_port(), free_port());
         let log = std::fs::File::create(data.path().join("minio.log")).unwrap();
-        std::fs::create_dir_all(data.path().join("drive")).unwrap();
-        let child = Command::new(bin)
+        let drive = data.path().join("drive");
+        std::fs::create_dir_all(&drive).unwrap();
+        let (mut command, on_tmpfs) = drive_command(bin, &drive);
+        let child = command
             .arg("server")
-            .arg(data.path().join("drive"))
+            .arg(&drive)
             .args(["--address", &format!("127.0.0.1:{port}")])
             .args(["--console-address", &format!("127.0.0.1:{console}")])
             .arg("--certs-dir")
@@ -72,10 +108,16 @@ impl Minio {
             .stderr(log)
             .spawn()
             .unwrap();
+        let drive = match on_tmpfs {
+            true => PathBuf::from(format!("/proc/{}/root", child.id()))
+                .join(drive.strip_prefix("/").unwrap()),
+            false => drive,
+        };
         let m = Self {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
             data,
+            drive,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -299,12 +341,7 @@ async fn store_on_minio() {
     let mut expected = vec![want(&pprof), want(&svg), want(&orphan)];
     expected.sort();
     assert_eq!(listing, expected);
-    let on_drive = minio
-        .data
-        .path()
-        .join("drive")
-        .join(BUCKET)
-        .join(&want(&pprof).0);
+    let on_drive = minio.drive.join(BUCKET).join(&want(&pprof).0);
     assert!(on_drive.join("xl.meta").is_file(), "{}", on_drive.display());
 
     // Rendering and the by-Profile routes read from S3 too.
