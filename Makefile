@@ -25,12 +25,13 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, a collector
+deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, a collector, CPython 3.14
 	e2e/testbed/install-deps.sh
 	agent/install-toolchain.sh
 	e2e/testbed/build-binaries.sh
 	e2e/testbed/build-s3.sh
 	e2e/testbed/build-otelcol.sh
+	e2e/testbed/build-cpython.sh
 
 .PHONY: test
 # `deps` built MinIO and the collector: their store tests must run, not skip (also when
@@ -47,8 +48,8 @@ test-unit: ## Unit and in-process tests: pure logic, API schema and CEL, store, 
 	$(CARGO) test -p kprof-agent --test cli
 
 .PHONY: test-kernel
-test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.13 workloads
-	KPROF_REQUIRE_KERNEL=1 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_kernel -- --test-threads=1
+test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads
+	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_kernel -- --test-threads=1
 
 .PHONY: test-cluster
 test-cluster: ## Operator, agent and store against the real test bed (started and stopped if not running)

@@ -1,7 +1,8 @@
 //! Kernel tests of the Python support: the real eBPF sampler (`kprof_agent::record`, the same
 //! session as `kprof-agent record`) on this machine's kernel, against every installed CPython
-//! (pyenv 3.8–3.13 with `libpython3.X.so`, the distribution's static `/usr/bin/python3.X`, and a
-//! C program embedding the distribution's shared libpython).
+//! (pyenv 3.8–3.13 with `libpython3.X.so`, a static 3.14 built by `e2e/testbed/build-cpython.sh`,
+//! the distribution's static `/usr/bin/python3.X`, and a C program embedding the distribution's
+//! shared libpython).
 //!
 //! Needs root and the eBPF object; otherwise every test prints `SKIP` with the reason and
 //! passes — unless `KPROF_REQUIRE_KERNEL=1`, which turns a skip into a failure.
@@ -230,9 +231,11 @@ fn attribution_every_version() {
     if !kernel_or_skip("attribution_every_version") {
         return;
     }
+    let interps = harness::interpreters();
+    harness::assert_required_minors(&interps);
     let mut failures = Vec::new();
     let mut report = Vec::new();
-    for interp in harness::interpreters() {
+    for interp in interps {
         let p = record_cmd(&interp, "split.py", &["12"], 12, 499);
         let a = attribute(&p, None);
         let (line, errs) = judge(&interp.name, &a, 5.0);

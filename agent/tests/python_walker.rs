@@ -1,5 +1,6 @@
 //! User-space reference walker against every installed CPython (3.8–3.13 from pyenv, which use
-//! `libpython3.X.so`, and the distribution's statically linked `/usr/bin/python3.X`): offsets,
+//! `libpython3.X.so`, a static 3.14 from `e2e/testbed/build-cpython.sh`, and the distribution's
+//! statically linked `/usr/bin/python3.X`): offsets,
 //! the TSS thread-state lookup the eBPF program does, line tables and names — no eBPF needed.
 //!
 //! `cargo test -p kprof-agent --test python_walker -- --nocapture` (root is not needed when the

@@ -277,17 +277,15 @@ pub fn from_debug_offsets(b: &[u8]) -> Result<(u64, Layout), String> {
             co_linetable: 344,
             co_firstlineno: 352,
             co_code_adaptive: 384,
-            // Not read from the struct for 3.14 (untested here): these are stable since 3.12.
-            bytes_ob_size: usize::MAX,
-            bytes_ob_sval: usize::MAX,
-            unicode_ascii_size: usize::MAX,
+            bytes_ob_size: 600,
+            bytes_ob_sval: 608,
+            unicode_ascii_size: 640,
             shim_owner: 3,
             code_mask: !3,
         },
         _ => return Err(format!("_Py_DebugOffsets layout of CPython {v} is unknown")),
     };
-    let fixed = |pos: usize, dflt: u64| if pos == usize::MAX { dflt } else { g(pos) };
-    let ascii = fixed(p.unicode_ascii_size, 40);
+    let ascii = g(p.unicode_ascii_size);
     let layout = Layout {
         frame_kind: kind::CURRENT_FRAME_OWNER,
         rt_interpreters_head: g(p.interp_head),
@@ -314,8 +312,8 @@ pub fn from_debug_offsets(b: &[u8]) -> Result<(u64, Layout), String> {
         ascii_data: ascii,
         // PyCompactUnicodeObject = PyASCIIObject + utf8_length + utf8.
         compact_data: ascii + 16,
-        bytes_size: fixed(p.bytes_ob_size, 16),
-        bytes_data: fixed(p.bytes_ob_sval, 32),
+        bytes_size: g(p.bytes_ob_size),
+        bytes_data: g(p.bytes_ob_sval),
     };
     // Sanity: every offset must be small; a garbage struct is refused rather than trusted.
     let offs = [
@@ -394,5 +392,57 @@ mod tests {
         assert_eq!(l.compact_data, 56);
         b[0] = b'y';
         assert!(from_debug_offsets(&b).is_err());
+    }
+
+    #[test]
+    fn debug_offsets_parse_314() {
+        // Values stored in a 3.14.7 .PyRuntime (e2e/testbed/build-cpython.sh; objcopy
+        // --only-section=.PyRuntime): the 3.14 struct grew, so every position moved.
+        let mut b = vec![0u8; 1024];
+        b[..8].copy_from_slice(DEBUG_COOKIE);
+        let mut put = |off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        for (off, v) in [
+            (8, 0x030e07f0),
+            (40, 808),
+            (72, 7344),
+            (192, 8),
+            (208, 72),
+            (216, 152),
+            (224, 160),
+            (256, 8),
+            (264, 0),
+            (272, 56),
+            (288, 74),
+            (320, 112),
+            (328, 120),
+            (336, 128),
+            (344, 136),
+            (352, 68),
+            (384, 208),
+            (600, 16),
+            (608, 32),
+            (640, 40),
+        ] {
+            put(off, v);
+        }
+        let (ver, l) = from_debug_offsets(&b).unwrap();
+        assert_eq!(PyVersion::from_hex(ver).to_string(), "3.14.7");
+        assert_eq!(l.rt_interpreters_head, 808);
+        assert_eq!((l.ts_next, l.ts_frame, l.ts_thread_id), (8, 72, 152));
+        assert_eq!(l.ts_native_thread_id, Some(160));
+        assert_eq!((l.frame_back, l.frame_code, l.frame_lasti), (8, 0, 56));
+        assert_eq!(l.frame_owner, Some(74));
+        assert_eq!((l.co_filename, l.co_firstlineno), (112, 68));
+        assert_eq!(l.co_code_adaptive, Some(208));
+        assert_eq!((l.bytes_size, l.bytes_data), (16, 32));
+        assert_eq!((l.ascii_data, l.compact_data), (40, 56));
+        // f_executable is a tagged _PyStackRef from 3.14 on.
+        assert_eq!(l.code_mask, !3);
+        b[16] = 1;
+        assert!(
+            from_debug_offsets(&b)
+                .unwrap_err()
+                .contains("free-threaded")
+        );
     }
 }

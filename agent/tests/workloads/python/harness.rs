@@ -37,58 +37,90 @@ pub fn script(name: &str) -> PathBuf {
     PathBuf::from("/work/main/agent/tests/workloads/python").join(name)
 }
 
-/// Interpreters: `KPROF_PYTHONS` (comma-separated paths) or every pyenv 3.8–3.14 plus the
-/// distribution's `/usr/bin/python3.X`.
+/// Interpreters: `KPROF_PYTHONS` (comma-separated paths), or for each of 3.8–3.14 the newest
+/// pyenv build (else one built by `e2e/testbed/build-cpython.sh`) plus the distribution's
+/// `/usr/bin/python3.X`, and a C program embedding the distribution's libpython.
 pub fn interpreters() -> Vec<Interp> {
+    let plain = |name: String, path: PathBuf| Interp {
+        name,
+        path,
+        pre_args: vec![],
+    };
     if let Ok(list) = std::env::var("KPROF_PYTHONS") {
         return list
             .split(',')
             .filter(|s| !s.is_empty())
-            .map(|p| Interp {
-                name: p.to_string(),
-                path: PathBuf::from(p),
-                pre_args: vec![],
-            })
+            .map(|p| plain(p.to_string(), PathBuf::from(p)))
             .collect();
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let cache = std::env::var("KPROF_CACHE").unwrap_or_else(|_| "/var/cache/kprof".into());
     let mut out = Vec::new();
     for minor in 8..=14 {
-        let pyenv = Path::new(&home).join(".pyenv/versions");
-        if let Ok(rd) = std::fs::read_dir(&pyenv) {
-            let mut dirs: Vec<PathBuf> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    let n = p.file_name().unwrap().to_string_lossy().to_string();
-                    n.starts_with(&format!("3.{minor}."))
-                        && n[format!("3.{minor}.").len()..]
-                            .chars()
-                            .all(|c| c.is_ascii_digit())
-                })
-                .collect();
-            dirs.sort();
-            if let Some(d) = dirs.last() {
-                let exe = d.join(format!("bin/python3.{minor}"));
-                if exe.exists() {
-                    out.push(Interp {
-                        name: format!("pyenv-{}", d.file_name().unwrap().to_string_lossy()),
-                        path: exe,
-                        pre_args: vec![],
-                    });
-                }
-            }
+        if let Some((dir, exe)) = newest_build(&Path::new(&home).join(".pyenv/versions"), minor) {
+            out.push(plain(format!("pyenv-{dir}"), exe));
+        } else if let Some((dir, exe)) = newest_build(&Path::new(&cache).join("cpython"), minor) {
+            out.push(plain(format!("built-{dir}"), exe));
         }
         let sys = PathBuf::from(format!("/usr/bin/python3.{minor}"));
         if sys.exists() {
-            out.push(Interp {
-                name: format!("system-3.{minor}"),
-                path: sys,
-                pre_args: vec![],
-            });
+            out.push(plain(format!("system-3.{minor}"), sys));
         }
     }
     out.extend(embedded());
     out
+}
+
+/// The newest `<root>/3.<minor>.<patch>/bin/python3.<minor>`: its directory name and path.
+fn newest_build(root: &Path, minor: u32) -> Option<(String, PathBuf)> {
+    let prefix = format!("3.{minor}.");
+    let mut builds: Vec<(u32, String, PathBuf)> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let dir = e.file_name().to_string_lossy().to_string();
+            let patch = dir.strip_prefix(&prefix)?.parse().ok()?;
+            let exe = e.path().join(format!("bin/python3.{minor}"));
+            exe.exists().then_some((patch, dir, exe))
+        })
+        .collect();
+    builds.sort();
+    builds.pop().map(|(_, dir, exe)| (dir, exe))
+}
+
+/// Fails unless every minor version listed in `KPROF_REQUIRE_PYTHON_MINORS` (comma-separated,
+/// e.g. `8,9,14`; set by `make test-kernel`) is among `interps`: a version that disappeared
+/// from the machine must not pass as "tested".
+pub fn assert_required_minors(interps: &[Interp]) {
+    let Ok(list) = std::env::var("KPROF_REQUIRE_PYTHON_MINORS") else {
+        return;
+    };
+    let have: Vec<u32> = interps.iter().filter_map(minor_of).collect();
+    let missing: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty() && !m.parse().is_ok_and(|m: u32| have.contains(&m)))
+        .collect();
+    let versions = |minors: Vec<String>| {
+        minors
+            .iter()
+            .map(|m| format!("3.{m}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    assert!(
+        missing.is_empty(),
+        "KPROF_REQUIRE_PYTHON_MINORS: no CPython {} here (found: {}); pyenv or \
+         e2e/testbed/build-cpython.sh provide them",
+        versions(missing.iter().map(|m| m.to_string()).collect()),
+        versions(have.iter().map(|m| m.to_string()).collect()),
+    );
+}
+
+/// The minor version of an interpreter, from its `python3.X` name (None for other names).
+pub fn minor_of(interp: &Interp) -> Option<u32> {
+    let name = interp.path.file_name()?.to_string_lossy().to_string();
+    name.strip_prefix("python3.")?.parse().ok()
 }
 
 /// A C program embedding the distribution's shared `libpython3.X.so` (built on demand with
