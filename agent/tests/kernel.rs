@@ -9,8 +9,8 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::{Mutex, OnceLock},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock},
     thread,
     time::Duration,
 };
@@ -97,31 +97,70 @@ fn workloads() -> &'static Workloads {
     })
 }
 
-fn record(args: &[&str], out: &Path) -> Output {
+/// A kernel test's hold on the machine: the serial lock and the built workloads.
+struct Machine {
+    _serial: MutexGuard<'static, ()>,
+    w: &'static Workloads,
+}
+
+/// The machine for one CPU-measuring kernel test, or None (after saying why) when it must be
+/// skipped.
+fn machine(test: &str) -> Option<Machine> {
+    if !kernel_or_skip(test) {
+        return None;
+    }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    Some(Machine {
+        _serial: serial,
+        w: workloads(),
+    })
+}
+
+/// What one `kprof-agent record` wrote.
+struct Recording {
+    dir: tempfile::TempDir,
+    stdout: String,
+}
+
+impl Recording {
+    fn profile(&self) -> PprofProfile {
+        let out = self.dir.path();
+        let bytes = std::fs::read(out.join("profile.pb.gz")).expect("profile.pb.gz written");
+        let svg = std::fs::metadata(out.join("flamegraph.svg")).expect("flamegraph.svg");
+        assert!(svg.len() > 0, "empty flamegraph.svg");
+        pprof::decode(&bytes).expect("valid pprof")
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let raw = std::fs::read(self.dir.path().join("summary.json")).expect("summary.json");
+        serde_json::from_slice(&raw).expect("summary.json is JSON")
+    }
+}
+
+/// `kprof-agent record --no-python -o DIR ARGS` into a fresh directory; it must succeed.
+fn record(args: &[&str]) -> Recording {
+    let dir = tempfile::tempdir().unwrap();
     let o = Command::new(AGENT)
-        .arg("record")
-        .arg("-o")
-        .arg(out)
+        .args(["record", "--no-python", "-o"])
+        .arg(dir.path())
         .args(args)
         .output()
         .expect("run kprof-agent");
-    eprintln!(
-        "kprof-agent record {args:?}\n--- stdout\n{}--- stderr\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
     );
-    o
+    eprintln!("kprof-agent record {args:?}\n--- stdout\n{stdout}--- stderr\n{stderr}");
+    assert!(o.status.success(), "kprof-agent record failed: {stderr}");
+    Recording { dir, stdout }
 }
 
-fn load(out: &Path) -> PprofProfile {
-    let bytes = std::fs::read(out.join("profile.pb.gz")).expect("profile.pb.gz written");
-    assert!(
-        std::fs::metadata(out.join("flamegraph.svg"))
-            .expect("flamegraph.svg")
-            .len()
-            > 0
-    );
-    pprof::decode(&bytes).expect("valid pprof")
+/// `record` of a command started by the agent, for `secs` at `hz`.
+fn record_command(secs: u32, hz: u32, command: &[&str]) -> Recording {
+    let (d, hz) = (format!("{secs}s"), hz.to_string());
+    let mut args = vec!["-d", d.as_str(), "--hz", hz.as_str(), "--"];
+    args.extend_from_slice(command);
+    record(&args)
 }
 
 /// (pid label, leaf-first function names, count) per sample. Inlined calls are folded into
@@ -187,28 +226,11 @@ fn leaf_share(
 
 #[test]
 fn c_program_hot_functions() {
-    if !kernel_or_skip("c_program_hot_functions") {
+    let Some(m) = machine("c_program_hot_functions") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
-        &[
-            "--no-python",
-            "-d",
-            "10s",
-            "--hz",
-            "199",
-            "--",
-            w.hot_c.to_str().unwrap(),
-            "4",
-        ],
-        out.path(),
-    );
-    assert!(o.status.success());
-    let p = load(out.path());
-    let s = samples(&p);
+    };
+    let r = record_command(10, 199, &[m.w.hot_c.to_str().unwrap(), "4"]);
+    let s = samples(&r.profile());
     let (share, total) = leaf_share(&s, None, |f| f == "burn_alpha" || f == "burn_beta");
     let (alpha, _) = leaf_share(&s, None, |f| f == "burn_alpha");
     eprintln!(
@@ -234,8 +256,7 @@ fn c_program_hot_functions() {
         .all(|(_, n, _)| n.contains(&"main".to_owned()));
     assert!(with_callers, "burn_* stacks must reach main");
     // The top table names them first.
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let first_row = stdout.lines().nth(1).unwrap_or("");
+    let first_row = r.stdout.lines().nth(1).unwrap_or("");
     assert!(
         first_row.contains("burn_alpha") && first_row.contains("hot.c:"),
         "{first_row}"
@@ -244,28 +265,11 @@ fn c_program_hot_functions() {
 
 #[test]
 fn rust_program_hot_functions() {
-    if !kernel_or_skip("rust_program_hot_functions") {
+    let Some(m) = machine("rust_program_hot_functions") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
-        &[
-            "--no-python",
-            "-d",
-            "10s",
-            "--hz",
-            "199",
-            "--",
-            w.hot_rs.to_str().unwrap(),
-            "4",
-        ],
-        out.path(),
-    );
-    assert!(o.status.success());
-    let p = load(out.path());
-    let s = samples(&p);
+    };
+    let r = record_command(10, 199, &[m.w.hot_rs.to_str().unwrap(), "4"]);
+    let s = samples(&r.profile());
     let (share, total) = leaf_share(&s, None, |f| {
         f.ends_with("::checksum_pages") || f.ends_with("::mix_keys")
     });
@@ -290,27 +294,11 @@ fn rust_program_hot_functions() {
 
 #[test]
 fn syscall_heavy_program_shows_kernel_frames() {
-    if !kernel_or_skip("syscall_heavy_program_shows_kernel_frames") {
+    let Some(m) = machine("syscall_heavy_program_shows_kernel_frames") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
-        &[
-            "--no-python",
-            "-d",
-            "10s",
-            "--hz",
-            "199",
-            "--",
-            w.syscalls_c.to_str().unwrap(),
-            "3",
-        ],
-        out.path(),
-    );
-    assert!(o.status.success());
-    let p = load(out.path());
+    };
+    let r = record_command(10, 199, &[m.w.syscalls_c.to_str().unwrap(), "3"]);
+    let p = r.profile();
     let s = samples(&p);
     let total: i64 = s.iter().map(|x| x.2).sum();
     let read_path = |n: &Vec<String>| {
@@ -358,33 +346,19 @@ fn syscall_heavy_program_shows_kernel_frames() {
 
 #[test]
 fn go_tool_pprof_reads_the_profile() {
-    if !kernel_or_skip("go_tool_pprof_reads_the_profile") {
-        return;
-    }
     let go = Path::new("/usr/local/go/bin/go");
     if !go.exists() {
         eprintln!("SKIPPED go_tool_pprof_reads_the_profile: /usr/local/go/bin/go not found");
         return;
     }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
-        &[
-            "--no-python",
-            "-d",
-            "5s",
-            "--",
-            w.hot_c.to_str().unwrap(),
-            "2",
-        ],
-        out.path(),
-    );
-    assert!(o.status.success());
+    let Some(m) = machine("go_tool_pprof_reads_the_profile") else {
+        return;
+    };
+    let r = record_command(5, 99, &[m.w.hot_c.to_str().unwrap(), "2"]);
     let top = Command::new(go)
         .args(["tool", "pprof", "-top"])
-        .arg(out.path().join("profile.pb.gz"))
-        .env("PPROF_TMPDIR", out.path())
+        .arg(r.dir.path().join("profile.pb.gz"))
+        .env("PPROF_TMPDIR", r.dir.path())
         .output()
         .expect("go tool pprof");
     let text = String::from_utf8_lossy(&top.stdout);
@@ -398,24 +372,18 @@ fn go_tool_pprof_reads_the_profile() {
 
 #[test]
 fn untargeted_processes_are_not_in_the_output() {
-    if !kernel_or_skip("untargeted_processes_are_not_in_the_output") {
+    let Some(m) = machine("untargeted_processes_are_not_in_the_output") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let mut bystander = spawn(&w.hot_rs, &["5"]);
-    let mut target = spawn(&w.hot_c, &["5"]);
+    };
+    let mut bystander = spawn(&m.w.hot_rs, &["5"]);
+    let mut target = spawn(&m.w.hot_c, &["5"]);
     thread::sleep(Duration::from_millis(200));
-    let out = tempfile::tempdir().unwrap();
-    let tp = target.id().to_string();
-    let o = record(&["--no-python", "--pid", &tp, "-d", "3s"], out.path());
+    let r = record(&["--pid", &target.id().to_string(), "-d", "3s"]);
     let _ = bystander.kill();
     let _ = target.kill();
     let _ = bystander.wait();
     let _ = target.wait();
-    assert!(o.status.success());
-    let p = load(out.path());
-    let s = samples(&p);
+    let s = samples(&r.profile());
     assert!(!s.is_empty());
     for (pid, names, _) in &s {
         assert_eq!(
@@ -433,34 +401,26 @@ fn untargeted_processes_are_not_in_the_output() {
 
 #[test]
 fn a_process_exiting_mid_window_keeps_its_samples() {
-    if !kernel_or_skip("a_process_exiting_mid_window_keeps_its_samples") {
+    let Some(m) = machine("a_process_exiting_mid_window_keeps_its_samples") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
+    };
     // The short one exits about halfway through the window (loading takes a moment).
-    let mut short = spawn(&w.hot_c, &["2.5"]);
-    let mut long = spawn(&w.hot_rs, &["7"]);
+    let mut short = spawn(&m.w.hot_c, &["2.5"]);
+    let mut long = spawn(&m.w.hot_rs, &["7"]);
     let (sp, lp) = (short.id(), long.id());
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
-        &[
-            "--no-python",
-            "--pid",
-            &sp.to_string(),
-            "--pid",
-            &lp.to_string(),
-            "-d",
-            "5s",
-        ],
-        out.path(),
-    );
+    // (record asserts that the window survives the exit)
+    let r = record(&[
+        "--pid",
+        &sp.to_string(),
+        "--pid",
+        &lp.to_string(),
+        "-d",
+        "5s",
+    ]);
     let _ = short.wait();
     let _ = long.kill();
     let _ = long.wait();
-    assert!(o.status.success(), "the window survives the exit");
-    let p = load(out.path());
-    let s = samples(&p);
+    let s = samples(&r.profile());
     let mut per_pid: HashMap<i64, i64> = HashMap::new();
     for (pid, _, n) in &s {
         *per_pid.entry(*pid).or_default() += n;
@@ -479,23 +439,15 @@ fn a_process_exiting_mid_window_keeps_its_samples() {
 
 #[test]
 fn children_of_a_command_are_followed() {
-    if !kernel_or_skip("children_of_a_command_are_followed") {
+    let Some(m) = machine("children_of_a_command_are_followed") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
+    };
     // `; true` keeps the shell from exec'ing: the workload is a forked child.
-    let script = format!("{} 2; true", w.hot_c.display());
-    let o = record(
-        &["--no-python", "-d", "6s", "--", "/bin/sh", "-c", &script],
-        out.path(),
-    );
-    assert!(o.status.success());
-    let s = samples(&load(out.path()));
+    let script = format!("{} 2; true", m.w.hot_c.display());
+    let r = record_command(6, 99, &["/bin/sh", "-c", &script]);
+    let s = samples(&r.profile());
     let (share, total) = leaf_share(&s, None, |f| f.starts_with("burn_"));
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
+    let summary = r.summary();
     let followed = summary["children_followed"].as_u64().unwrap_or(0);
     eprintln!(
         "children: {total} samples, {:.1}% in burn_*, {followed} followed in kernel",
@@ -510,34 +462,25 @@ fn children_of_a_command_are_followed() {
 /// image, samples after it from the second (the same pid, a new address space).
 #[test]
 fn a_process_that_execs_is_symbolized_from_its_new_image() {
-    if !kernel_or_skip("a_process_that_execs_is_symbolized_from_its_new_image") {
+    let Some(m) = machine("a_process_that_execs_is_symbolized_from_its_new_image") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
+    };
+    let r = record_command(
+        10,
+        199,
         &[
-            "--no-python",
-            "-d",
-            "10s",
-            "--hz",
-            "199",
-            "--",
             // No ASLR: both images load at the same address, so only noticing the exec (not
             // an address outside the known mappings) can tell them apart.
             "setarch",
             "-R",
-            w.hot_c.to_str().unwrap(),
+            m.w.hot_c.to_str().unwrap(),
             "1.5",
             "exec",
-            w.hot_rs.to_str().unwrap(),
+            m.w.hot_rs.to_str().unwrap(),
             "2.5",
         ],
-        out.path(),
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let p = load(out.path());
+    let p = r.profile();
     // The process is named after its last image (it was `setarch`, then `hot`).
     let names: std::collections::BTreeSet<&str> = p
         .sample
@@ -612,29 +555,12 @@ fn missing_capability_is_a_one_line_error() {
 
 #[test]
 fn native_sampler_cost_is_reported() {
-    if !kernel_or_skip("native_sampler_cost_is_reported") {
+    let Some(m) = machine("native_sampler_cost_is_reported") else {
         return;
-    }
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let w = workloads();
-    let out = tempfile::tempdir().unwrap();
-    let o = record(
-        &[
-            "--no-python",
-            "-d",
-            "5s",
-            "--",
-            w.hot_c.to_str().unwrap(),
-            "2",
-        ],
-        out.path(),
-    );
-    assert!(o.status.success());
-    let summary = std::fs::read_to_string(out.path().join("summary.json")).unwrap();
+    };
+    let r = record_command(5, 99, &[m.w.hot_c.to_str().unwrap(), "2"]);
+    let summary = r.summary();
     eprintln!("{summary}");
-    assert!(summary.contains("\"bpf_run_count\":"));
-    assert!(
-        summary.contains("\"dropped\":0"),
-        "no samples dropped at 99 Hz"
-    );
+    assert!(summary["bpf_run_count"].is_u64(), "no bpf_run_count");
+    assert_eq!(summary["dropped"], 0, "no samples dropped at 99 Hz");
 }
