@@ -324,7 +324,9 @@ resolvConf: /etc/resolv.conf
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 imageMinimumGCAge: 87600h
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", nodefs.inodesFree: "1%", imagefs.available: "1%"}
+# absolute floors, not percentages: the test bed shares a large disk that other work fills, and
+# 1 % of it (GBs) would put the node under DiskPressure and evict the pods under test
+evictionHard: {memory.available: "100Mi", nodefs.available: "200Mi", nodefs.inodesFree: "1%", imagefs.available: "200Mi"}
 evictionPressureTransitionPeriod: 30s
 protectKernelDefaults: false
 registerNode: true

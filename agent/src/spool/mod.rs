@@ -342,6 +342,21 @@ mod tests {
         }
     }
 
+    /// The Profile names of the spooled entries, oldest first.
+    fn names(spool: &Spool) -> Vec<String> {
+        let name = |d: &PathBuf| {
+            spool
+                .load(d)
+                .unwrap()
+                .manifest
+                .profile
+                .metadata
+                .name
+                .unwrap()
+        };
+        spool.list().iter().map(name).collect()
+    }
+
     #[test]
     fn round_trip_and_order() {
         let tmp = tempfile::tempdir().unwrap();
@@ -359,20 +374,7 @@ mod tests {
         }
         let list = spool.list();
         assert_eq!(list.len(), 3);
-        let names: Vec<String> = list
-            .iter()
-            .map(|d| {
-                spool
-                    .load(d)
-                    .unwrap()
-                    .manifest
-                    .profile
-                    .metadata
-                    .name
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(names, ["p0", "p1", "p2"], "oldest first");
+        assert_eq!(names(&spool), ["p0", "p1", "p2"], "oldest first");
         let e = spool.load(&list[0]).unwrap();
         assert_eq!(e.manifest.profile.spec.samples, 10);
         assert_eq!(e.manifest.artifacts.len(), 2);
@@ -412,21 +414,7 @@ mod tests {
                 .len();
         }
         assert_eq!(dropped, 2);
-        let names: Vec<String> = spool
-            .list()
-            .iter()
-            .map(|d| {
-                spool
-                    .load(d)
-                    .unwrap()
-                    .manifest
-                    .profile
-                    .metadata
-                    .name
-                    .unwrap()
-            })
-            .collect();
-        assert_eq!(names, ["p2", "p3"]);
+        assert_eq!(names(&spool), ["p2", "p3"]);
 
         // Byte bound: a big entry pushes older ones out but is itself kept.
         let spool = Spool::open(
