@@ -304,6 +304,11 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     }
     if let Some(c) = &child {
         targets::resume(c);
+        // Look for an interpreter now, not at the first drain: its samples carry Python frames
+        // from its first milliseconds, and workers it forks inherit the walker in kernel.
+        if let Some(py) = python.as_mut() {
+            py.on_process(&mut sampler.bpf, c.id());
+        }
     }
     for &pid in &opts.pids {
         let merger = python.as_mut().map(|py| PyMerger {

@@ -348,7 +348,23 @@ fn multiprocessing_workers_are_profiled() {
         for w in &workers {
             let a = attribute(&p, Some(&[*w]));
             let (l, e) = judge(&format!("  worker {w}"), &a, 8.0);
-            line.push_str(&format!("\n      {l}"));
+            // Workers are walked from their first sample (the pool forks them before the
+            // parent's first look; they are adopted when the parent is found): only start-up
+            // and exit may lack Python frames.
+            let (mut all, mut native_only) = (0, 0);
+            for (key, &n) in p.samples.iter().filter(|(k, _)| k.pid == *w) {
+                all += n;
+                if py_frames(&key.stack).is_empty() {
+                    native_only += n;
+                }
+            }
+            let native_pct = 100.0 * native_only as f64 / all.max(1) as f64;
+            line.push_str(&format!("\n      {l} without-python={native_pct:.1}%"));
+            if native_pct > 5.0 {
+                errs.push(format!(
+                    "worker {w}: {native_pct:.1}% of its samples have no Python frames"
+                ));
+            }
             let mut top = a.uncategorized_top.clone();
             top.sort_by_key(|x| std::cmp::Reverse(x.0));
             for (n, s) in top.iter().take(3) {

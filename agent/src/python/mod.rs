@@ -128,6 +128,45 @@ impl Inner {
         map.insert(pid, cfg, 0)
             .map_err(|e| PythonError::Map(names::MAP_PY_PROCS, e.to_string()))
     }
+
+    /// `pid` was found to be CPython: walk it in kernel from now on, and adopt the children it
+    /// forked before (multiprocessing pools start at once, often before the parent's first
+    /// look; the kernel copies the walker entry only at forks made after it).
+    fn ready(&mut self, pid: u32, p: PyProcess, mut info: RuntimeInfo) -> RuntimeInfo {
+        self.pending.remove(&pid);
+        self.procs.insert(pid, p);
+        if info.python_frames
+            && let Err(e) = self.register(pid)
+        {
+            info.python_frames = false;
+            info.warnings
+                .push(format!("python frames unavailable: {e}"));
+        }
+        self.infos.insert(pid, info.clone());
+        if info.python_frames {
+            self.adopt_children(pid);
+        }
+        info
+    }
+
+    /// Register the forked children of `parent` not known yet: they share its interpreter
+    /// layout and TSS key (code objects are read from the child).
+    fn adopt_children(&mut self, parent: u32) {
+        for child in children_of(parent) {
+            if self.procs.contains_key(&child) || self.pending.contains_key(&child) {
+                continue;
+            }
+            let Some(p) = self.procs.get(&parent).and_then(|p| p.forked_child(child)) else {
+                continue;
+            };
+            self.procs.insert(child, p);
+            if self.register(child).is_ok()
+                && let Some(info) = self.infos.get(&parent).cloned()
+            {
+                self.infos.insert(child, info);
+            }
+        }
+    }
 }
 
 /// How long a process that is not (yet) Python is watched for an `exec` of CPython.
@@ -267,6 +306,13 @@ impl PythonSupport {
     /// warning (its native stacks still flow). An interpreter that is still starting is waited
     /// for up to two seconds here, then retried in the background.
     pub fn on_process(&mut self, bpf: &mut aya::Ebpf, pid: u32) -> Option<RuntimeInfo> {
+        {
+            // Already found (looked at early, or adopted as a forked child): no second look.
+            let inner = lock(&self.inner);
+            if inner.procs.contains_key(&pid) {
+                return inner.infos.get(&pid).cloned();
+            }
+        }
         if let Err(e) = self.take_map(bpf) {
             return Some(RuntimeInfo {
                 display: "cpython".into(),
@@ -296,19 +342,8 @@ impl PythonSupport {
                 );
             }
             match a {
-                Attempt::Ready(p, mut info) => {
-                    let mut inner = lock(&self.inner);
-                    inner.pending.remove(&pid);
-                    inner.procs.insert(pid, *p);
-                    if info.python_frames
-                        && let Err(e) = inner.register(pid)
-                    {
-                        info.python_frames = false;
-                        info.warnings
-                            .push(format!("python frames unavailable: {e}"));
-                    }
-                    inner.infos.insert(pid, info.clone());
-                    drop(inner);
+                Attempt::Ready(p, info) => {
+                    let info = lock(&self.inner).ready(pid, *p, info);
                     self.ensure_watcher();
                     return Some(info);
                 }
@@ -546,22 +581,7 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
             Vec::new()
         };
         for parent in parents {
-            for child in children_of(parent) {
-                let mut inner = lock(&shared);
-                if inner.procs.contains_key(&child) || inner.pending.contains_key(&child) {
-                    continue;
-                }
-                let Some(p) = inner.procs.get(&parent).and_then(|p| p.forked_child(child)) else {
-                    continue;
-                };
-                let info = inner.infos.get(&parent).cloned();
-                inner.procs.insert(child, p);
-                if inner.register(child).is_ok()
-                    && let Some(i) = info
-                {
-                    inner.infos.insert(child, i);
-                }
-            }
+            lock(&shared).adopt_children(parent);
         }
         for pid in pids {
             let sig = process_signature(pid);
@@ -574,18 +594,8 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
                     // Initialising: retry on the next tick whatever the signature.
                     seen.remove(&pid);
                 }
-                Attempt::Ready(p, mut info) => {
-                    let mut inner = lock(&shared);
-                    inner.pending.remove(&pid);
-                    inner.procs.insert(pid, *p);
-                    if info.python_frames
-                        && let Err(e) = inner.register(pid)
-                    {
-                        info.python_frames = false;
-                        info.warnings
-                            .push(format!("python frames unavailable: {e}"));
-                    }
-                    inner.infos.insert(pid, info);
+                Attempt::Ready(p, info) => {
+                    lock(&shared).ready(pid, *p, info);
                 }
                 Attempt::Final(info) => {
                     let mut inner = lock(&shared);
