@@ -17,7 +17,7 @@ use aya::{
     sys::{Stats, enable_stats},
     util::online_cpus,
 };
-use kprof_common::{Config, Stat, TargetSlot, names};
+use kprof_common::{Config, Stat, TargetSlot, names, python::PyStat};
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kprof"));
@@ -96,6 +96,8 @@ pub struct Sampler {
     pub targets: BpfHashMap<MapData, u32, TargetSlot>,
     pub cgroups: BpfHashMap<MapData, u64, TargetSlot>,
     stats: PerCpuArray<MapData, u64>,
+    /// The CPython walker's counters (absent from objects built without the walker).
+    py_stats: Option<PerCpuArray<MapData, u64>>,
     _stats_fd: Option<OwnedFd>,
     /// Warnings for the user (e.g. children not followed).
     pub warnings: Vec<String>,
@@ -252,12 +254,16 @@ impl Sampler {
         let targets = BpfHashMap::try_from(take(&mut bpf, names::MAP_TARGET_PIDS)?)?;
         let cgroups = BpfHashMap::try_from(take(&mut bpf, names::MAP_TARGET_CGROUPS)?)?;
         let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_STATS)?)?;
+        let py_stats = bpf
+            .take_map(kprof_common::python::names::MAP_PY_STATS)
+            .and_then(|m| PerCpuArray::try_from(m).ok());
         Ok(Sampler {
             bpf,
             events,
             targets,
             cgroups,
             stats,
+            py_stats,
             _stats_fd: stats_fd,
             warnings,
             follow_children,
@@ -295,6 +301,15 @@ impl Sampler {
     pub fn stat(&self, stat: Stat) -> u64 {
         self.stats
             .get(&(stat as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Sum over CPUs of one CPython walker counter (0 without the walker).
+    pub fn py_stat(&self, stat: PyStat) -> u64 {
+        self.py_stats
+            .as_ref()
+            .and_then(|m| m.get(&(stat as u32), 0).ok())
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }

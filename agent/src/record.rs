@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use kprof_common::Stat;
+use kprof_common::{Stat, python::PyStat};
 
 use crate::{
     aggregate::{Aggregator, StackMerger},
@@ -96,6 +96,8 @@ pub struct SessionStats {
     pub kernel_stack_errors: u64,
     pub user_stack_errors: u64,
     pub children_followed: u64,
+    /// The CPython walker's counters, indexed by `PyStat`.
+    pub python: [u64; PyStat::COUNT as usize],
     pub wall: Duration,
     /// User + system CPU of the agent process over the session.
     pub agent_cpu: Duration,
@@ -154,35 +156,39 @@ impl SessionStats {
     pub fn to_json(&self) -> String {
         let steady = self.steady.unwrap_or_default();
         let (steady_agent, steady_kernel) = steady.us_per_sample();
-        format!(
-            concat!(
-                "{{\"events\":{},\"distinct_stacks\":{},\"dropped\":{},\"targeted\":{},",
-                "\"kernel_stack_errors\":{},\"user_stack_errors\":{},\"children_followed\":{},",
-                "\"wall_s\":{:.3},\"agent_cpu_s\":{:.6},\"loop_cpu_s\":{:.6},\"peak_rss_kib\":{},",
-                "\"bpf_run_count\":{},\"bpf_run_time_ns\":{},\"bpf_ns_per_run\":{:.1},",
-                "\"total_us_per_sample\":{:.3},\"steady_s\":{:.3},\"steady_events\":{},",
-                "\"steady_agent_us_per_sample\":{:.3},\"steady_bpf_us_per_sample\":{:.3}}}"
-            ),
-            self.events,
-            self.distinct_stacks,
-            self.dropped,
-            self.targeted,
-            self.kernel_stack_errors,
-            self.user_stack_errors,
-            self.children_followed,
-            self.wall.as_secs_f64(),
-            self.agent_cpu.as_secs_f64(),
-            self.loop_cpu.as_secs_f64(),
-            self.peak_rss_kib,
-            self.kernel.run_count,
-            self.kernel.run_time.as_nanos(),
-            self.kernel_ns_per_run(),
-            self.total_us_per_sample(),
-            steady.wall.as_secs_f64(),
-            steady.events,
-            steady_agent,
-            steady_kernel,
-        )
+        let round = |v: f64, places: i32| (v * 10f64.powi(places)).round() / 10f64.powi(places);
+        let py = &self.python;
+        serde_json::json!({
+            "events": self.events,
+            "distinct_stacks": self.distinct_stacks,
+            "dropped": self.dropped,
+            "targeted": self.targeted,
+            "kernel_stack_errors": self.kernel_stack_errors,
+            "user_stack_errors": self.user_stack_errors,
+            "children_followed": self.children_followed,
+            "python": {
+                "walks": py[PyStat::Walks as usize],
+                "frames": py[PyStat::Frames as usize],
+                "no_thread_state": py[PyStat::NoThreadState as usize],
+                "thread_state_unreadable": py[PyStat::TsdReadErr as usize],
+                "no_python_frame": py[PyStat::NoFrame as usize],
+                "frame_unreadable": py[PyStat::FrameReadErr as usize],
+                "too_deep": py[PyStat::Truncated as usize],
+            },
+            "wall_s": round(self.wall.as_secs_f64(), 3),
+            "agent_cpu_s": round(self.agent_cpu.as_secs_f64(), 6),
+            "loop_cpu_s": round(self.loop_cpu.as_secs_f64(), 6),
+            "peak_rss_kib": self.peak_rss_kib,
+            "bpf_run_count": self.kernel.run_count,
+            "bpf_run_time_ns": self.kernel.run_time.as_nanos() as u64,
+            "bpf_ns_per_run": round(self.kernel_ns_per_run(), 1),
+            "total_us_per_sample": round(self.total_us_per_sample(), 3),
+            "steady_s": round(steady.wall.as_secs_f64(), 3),
+            "steady_events": steady.events,
+            "steady_agent_us_per_sample": round(steady_agent, 3),
+            "steady_bpf_us_per_sample": round(steady_kernel, 3),
+        })
+        .to_string()
     }
 }
 
@@ -433,6 +439,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         kernel_stack_errors: sampler.stat(Stat::KernelStackErr),
         user_stack_errors: sampler.stat(Stat::UserStackErr),
         children_followed: sampler.stat(Stat::ChildrenFollowed),
+        python: PyStat::ALL.map(|s| sampler.py_stat(s)),
         wall,
         agent_cpu: cpu1.saturating_sub(cpu0),
         loop_cpu: loop_cpu1.saturating_sub(loop_cpu0),

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use kprof_agent::profile::{Frame, FrameKind, Profile};
 use kprof_agent::record::{RecordOptions, record};
+use kprof_common::python::PyStat;
 
 /// `Some(reason)` when kernel tests cannot run here.
 fn skip_reason() -> Option<String> {
@@ -54,6 +55,16 @@ fn record_cmd(
     secs: u64,
     hz: u32,
 ) -> Profile {
+    record_session(interp, script, args, secs, hz).profile
+}
+
+fn record_session(
+    interp: &harness::Interp,
+    script: &str,
+    args: &[&str],
+    secs: u64,
+    hz: u32,
+) -> kprof_agent::record::Recording {
     let mut command = vec![interp.path.to_string_lossy().to_string()];
     command.extend(interp.pre_args.iter().cloned());
     command.push(harness::script(script).to_string_lossy().to_string());
@@ -68,9 +79,7 @@ fn record_cmd(
         ..RecordOptions::default()
     };
     let stop = AtomicBool::new(false);
-    let rec =
-        record(&opts, &stop).unwrap_or_else(|e| panic!("{}: record failed: {e}", interp.name));
-    rec.profile
+    record(&opts, &stop).unwrap_or_else(|e| panic!("{}: record failed: {e}", interp.name))
 }
 
 fn py_frames(stack: &[Frame]) -> Vec<&Frame> {
@@ -236,9 +245,23 @@ fn attribution_every_version() {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for interp in interps {
-        let p = record_cmd(&interp, "split.py", &["12"], 12, 499);
-        let a = attribute(&p, None);
-        let (line, errs) = judge(&interp.name, &a, 5.0);
+        let rec = record_session(&interp, "split.py", &["12"], 12, 499);
+        let a = attribute(&rec.profile, None);
+        let (mut line, mut errs) = judge(&interp.name, &a, 5.0);
+        // The walker's own counters (summary.json, metrics) agree: nearly every sample of this
+        // all-Python process was walked, with several frames each.
+        let py = |s: PyStat| rec.stats.python[s as usize];
+        let walked = py(PyStat::Walks).saturating_sub(
+            py(PyStat::NoThreadState) + py(PyStat::TsdReadErr) + py(PyStat::NoFrame),
+        );
+        let walked_pct = 100.0 * walked as f64 / rec.stats.events.max(1) as f64;
+        line.push_str(&format!(" walked={walked_pct:.1}%"));
+        if walked_pct < 90.0 || py(PyStat::Frames) < 3 * walked {
+            errs.push(format!(
+                "walker counters: {:?} of {} samples",
+                rec.stats.python, rec.stats.events
+            ));
+        }
         eprintln!("{}{line}", if errs.is_empty() { "PASS " } else { "FAIL " });
         if !errs.is_empty() {
             eprintln!("      {errs:?} warnings={:?}", a.warnings);

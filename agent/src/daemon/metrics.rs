@@ -1,6 +1,8 @@
 //! Prometheus metrics of `kprof-agent run` (prefix `kprof_agent`), one process-wide registry.
 use std::sync::{OnceLock, atomic::AtomicU64};
 
+use kprof_common::python::PyStat;
+
 use prometheus_client::{
     encoding::text::encode,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -17,6 +19,9 @@ struct Metrics {
     spool_dropped: Counter,
     targeted_pids: Gauge,
     python_processes: Gauge,
+    python_walks: Family<Vec<(String, String)>, Counter>,
+    python_frames: Counter,
+    python_stack_cuts: Family<Vec<(String, String)>, Counter>,
     errors: Family<Vec<(String, String)>, Counter>,
     stack_errors: Family<Vec<(String, String)>, Counter>,
     children_followed: Counter,
@@ -39,6 +44,9 @@ fn metrics() -> &'static Metrics {
             spool_dropped: Counter::default(),
             targeted_pids: Gauge::default(),
             python_processes: Gauge::default(),
+            python_walks: Family::default(),
+            python_frames: Counter::default(),
+            python_stack_cuts: Family::default(),
             errors: Family::default(),
             stack_errors: Family::default(),
             children_followed: Counter::default(),
@@ -85,6 +93,22 @@ fn metrics() -> &'static Metrics {
             "python_processes",
             "Processes whose Python frames are walked in kernel",
             m.python_processes.clone(),
+        );
+        registry.register(
+            "python_walks",
+            "Samples of Python processes by how the in-kernel walk went (walked, no_thread_state, \
+             thread_state_unreadable, no_python_frame)",
+            m.python_walks.clone(),
+        );
+        registry.register(
+            "python_frames",
+            "Python frames recorded in kernel",
+            m.python_frames.clone(),
+        );
+        registry.register(
+            "python_stack_cuts",
+            "Python stacks cut short, by reason (frame_unreadable, too_deep: marked truncated)",
+            m.python_stack_cuts.clone(),
         );
         registry.register("errors", "Errors by category", m.errors.clone());
         registry.register(
@@ -191,6 +215,36 @@ pub fn set_kernel_totals(kernel_stack_errors: u64, user_stack_errors: u64, child
     advance(&m.children_followed, children);
 }
 
+/// Totals of the CPython walker's kernel counters (running totals, as for the stack errors).
+pub fn set_python_walk_totals(total: impl Fn(PyStat) -> u64) {
+    let m = metrics();
+    let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+    let (none, unreadable, no_frame) = (
+        total(PyStat::NoThreadState),
+        total(PyStat::TsdReadErr),
+        total(PyStat::NoFrame),
+    );
+    let walked = total(PyStat::Walks).saturating_sub(none + unreadable + no_frame);
+    for (outcome, n) in [
+        ("walked", walked),
+        ("no_thread_state", none),
+        ("thread_state_unreadable", unreadable),
+        ("no_python_frame", no_frame),
+    ] {
+        advance(&m.python_walks.get_or_create(&label("outcome", outcome)), n);
+    }
+    advance(&m.python_frames, total(PyStat::Frames));
+    for (reason, n) in [
+        ("frame_unreadable", total(PyStat::FrameReadErr)),
+        ("too_deep", total(PyStat::Truncated)),
+    ] {
+        advance(
+            &m.python_stack_cuts.get_or_create(&label("reason", reason)),
+            n,
+        );
+    }
+}
+
 /// In-kernel run time of the sampler so far (a running total).
 pub fn set_bpf_run_time(total: std::time::Duration) {
     advance_f64(&metrics().bpf_run_seconds, total.as_secs_f64());
@@ -252,5 +306,32 @@ mod tests {
             text.contains("kprof_agent_unresolved_addresses_total"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn python_walks_are_split_by_outcome() {
+        let reading = |s: PyStat| match s {
+            PyStat::Walks => 100,
+            PyStat::NoThreadState => 4,
+            PyStat::TsdReadErr => 1,
+            PyStat::NoFrame => 5,
+            PyStat::Frames => 900,
+            PyStat::FrameReadErr => 2,
+            PyStat::Truncated => 3,
+        };
+        set_python_walk_totals(reading);
+        set_python_walk_totals(reading); // totals, not increments
+        let text = render();
+        for line in [
+            "kprof_agent_python_walks_total{outcome=\"walked\"} 90",
+            "kprof_agent_python_walks_total{outcome=\"no_thread_state\"} 4",
+            "kprof_agent_python_walks_total{outcome=\"thread_state_unreadable\"} 1",
+            "kprof_agent_python_walks_total{outcome=\"no_python_frame\"} 5",
+            "kprof_agent_python_frames_total 900",
+            "kprof_agent_python_stack_cuts_total{reason=\"frame_unreadable\"} 2",
+            "kprof_agent_python_stack_cuts_total{reason=\"too_deep\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 }

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use kprof_common::{SampleEvent, Stat};
+use kprof_common::{SampleEvent, Stat, python::PyStat};
 use kprof_crds::ProfileType;
 use tokio::sync::Notify;
 
@@ -276,14 +276,40 @@ struct Daemon {
     pids: HashMap<u32, String>,
     /// pid → container id of processes first seen in events since the last rescan (forks).
     lazy: HashMap<u32, Option<String>>,
-    /// Running totals of the kernel counters across sampler reloads, and their last reading.
-    stat_total: [u64; Stat::COUNT as usize],
-    stat_last: [u64; Stat::COUNT as usize],
+    /// Running totals of the kernel counters across sampler reloads.
+    stats: RunningTotals<{ Stat::COUNT as usize }>,
+    py_stats: RunningTotals<{ PyStat::COUNT as usize }>,
     lost_reported: u64,
     /// In-kernel run time of the sampler program: running total and last reading.
     bpf_time_total: Duration,
     bpf_time_last: Duration,
     last_scan: Instant,
+}
+
+/// Running totals of kernel counters, which restart from zero when the sampler is reloaded.
+struct RunningTotals<const N: usize> {
+    total: [u64; N],
+    /// The last reading of the current sampler.
+    last: [u64; N],
+}
+
+impl<const N: usize> RunningTotals<N> {
+    fn new() -> Self {
+        Self {
+            total: [0; N],
+            last: [0; N],
+        }
+    }
+
+    fn update(&mut self, i: usize, reading: u64) {
+        self.total[i] += reading.saturating_sub(self.last[i]);
+        self.last[i] = reading;
+    }
+
+    /// A new sampler: its counters start from zero.
+    fn restart(&mut self) {
+        self.last = [0; N];
+    }
 }
 
 /// Runs the sampling thread until `shared.stop` (then flushes every window).
@@ -310,8 +336,8 @@ pub fn run(
         next_slot: 1,
         pids: HashMap::new(),
         lazy: HashMap::new(),
-        stat_total: [0; Stat::COUNT as usize],
-        stat_last: [0; Stat::COUNT as usize],
+        stats: RunningTotals::new(),
+        py_stats: RunningTotals::new(),
         lost_reported: 0,
         bpf_time_total: Duration::ZERO,
         bpf_time_last: Duration::ZERO,
@@ -431,7 +457,8 @@ impl Daemon {
         self.sampler = None;
         self.python = None;
         self.python_taken = false;
-        self.stat_last = [0; Stat::COUNT as usize];
+        self.stats.restart();
+        self.py_stats.restart();
         self.bpf_time_last = Duration::ZERO;
         let mut sampler = Sampler::load(&SamplerConfig {
             sample_hz: u64::from(hz),
@@ -460,17 +487,18 @@ impl Daemon {
     fn read_stats(&mut self) {
         let Some(s) = &self.sampler else { return };
         for stat in Stat::ALL {
-            let i = stat as usize;
-            let v = s.stat(stat);
-            self.stat_total[i] += v.saturating_sub(self.stat_last[i]);
-            self.stat_last[i] = v;
+            self.stats.update(stat as usize, s.stat(stat));
         }
         // Maintained by the kernel only while kernel.bpf_stats_enabled is on.
         let run_time = s.kernel_cost().run_time;
         self.bpf_time_total += run_time.saturating_sub(self.bpf_time_last);
         self.bpf_time_last = run_time;
         metrics::set_bpf_run_time(self.bpf_time_total);
-        let total = |stat: Stat| self.stat_total[stat as usize];
+        for stat in PyStat::ALL {
+            self.py_stats.update(stat as usize, s.py_stat(stat));
+        }
+        metrics::set_python_walk_totals(|stat| self.py_stats.total[stat as usize]);
+        let total = |stat: Stat| self.stats.total[stat as usize];
         let lost = total(Stat::Dropped);
         if lost > self.lost_reported {
             metrics::lost(lost - self.lost_reported);
@@ -485,7 +513,7 @@ impl Daemon {
 
     fn lost_now(&mut self) -> u64 {
         self.read_stats();
-        self.stat_total[Stat::Dropped as usize]
+        self.stats.total[Stat::Dropped as usize]
     }
 
     /// Resolves the plan's containers to pids and brings the kernel map in step.
