@@ -46,23 +46,23 @@ pub fn read_unicode(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<String> 
     if addr == 0 {
         return Ok(String::new());
     }
-    let length = mem.read_i64(addr + 16)?;
+    let length = mem.read_i64(addr.wrapping_add(16))?;
     if !(0..=MAX_STR).contains(&length) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "implausible str length",
         ));
     }
-    let state = mem.read_u32(addr + 32)?;
+    let state = mem.read_u32(addr.wrapping_add(32))?;
     let kind = (state >> 2) & 7;
     let compact = (state >> 5) & 1 == 1;
     let ascii = (state >> 6) & 1 == 1;
     let (data, width) = if compact && ascii {
-        (addr + l.ascii_data, 1)
+        (addr.wrapping_add(l.ascii_data), 1)
     } else if compact {
-        (addr + l.compact_data, kind)
+        (addr.wrapping_add(l.compact_data), kind)
     } else {
-        (mem.read_u64(addr + l.compact_data)?, kind)
+        (mem.read_u64(addr.wrapping_add(l.compact_data))?, kind)
     };
     if !matches!(width, 1 | 2 | 4) {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "bad str kind"));
@@ -88,14 +88,14 @@ pub fn read_bytes(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<Vec<u8>> {
     if addr == 0 {
         return Ok(Vec::new());
     }
-    let size = mem.read_i64(addr + l.bytes_size)?;
+    let size = mem.read_i64(addr.wrapping_add(l.bytes_size))?;
     if !(0..=MAX_TABLE).contains(&size) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "implausible bytes length",
         ));
     }
-    mem.read_vec(addr + l.bytes_data, size as usize)
+    mem.read_vec(addr.wrapping_add(l.bytes_data), size as usize)
 }
 
 /// Module-ish name of a source file: the dotted path below `site-packages`/`dist-packages`/
@@ -141,14 +141,18 @@ impl PyProcess {
     /// Read a code object.
     pub fn read_code(&self, code: u64) -> io::Result<CodeInfo> {
         let l = &self.layout;
-        let name = read_unicode(&self.mem, l, self.mem.read_u64(code + l.co_name)?)?;
+        let field = |off: u64| self.mem.read_u64(code.wrapping_add(off));
+        let name = read_unicode(&self.mem, l, field(l.co_name)?)?;
         let qualname = match l.co_qualname {
-            Some(o) => read_unicode(&self.mem, l, self.mem.read_u64(code + o)?)?,
+            Some(o) => read_unicode(&self.mem, l, field(o)?)?,
             None => name.clone(),
         };
-        let filename = read_unicode(&self.mem, l, self.mem.read_u64(code + l.co_filename)?)?;
-        let firstlineno = self.mem.read_i32(code + l.co_firstlineno)?.max(0) as u32;
-        let table = read_bytes(&self.mem, l, self.mem.read_u64(code + l.co_linetable)?)?;
+        let filename = read_unicode(&self.mem, l, field(l.co_filename)?)?;
+        let firstlineno = self
+            .mem
+            .read_i32(code.wrapping_add(l.co_firstlineno))?
+            .max(0) as u32;
+        let table = read_bytes(&self.mem, l, field(l.co_linetable)?)?;
         let module = module_name(&filename);
         Ok(CodeInfo {
             name,
@@ -177,7 +181,18 @@ impl PyProcess {
 
 #[cfg(test)]
 mod tests {
-    use super::module_name;
+    use super::{ProcMem, module_name, read_bytes, read_unicode};
+
+    #[test]
+    fn a_garbage_pointer_at_the_top_of_memory_is_an_error_not_a_panic() {
+        // A frame freed while it was read can hand over any value as an object pointer.
+        let mem = ProcMem::new(std::process::id());
+        let l = super::super::layout::table(12).unwrap();
+        for addr in [u64::MAX, u64::MAX - 8, u64::MAX - 40] {
+            assert!(read_unicode(&mem, &l, addr).is_err(), "{addr:#x}");
+            assert!(read_bytes(&mem, &l, addr).is_err(), "{addr:#x}");
+        }
+    }
 
     #[test]
     fn module_names() {

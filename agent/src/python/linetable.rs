@@ -103,14 +103,14 @@ fn locations(table: &[u8], first: i64, lasti: i64) -> Option<i64> {
         let this_line = match code {
             15 => None,
             14 => {
-                line += svarint(table, &mut pos)?;
+                line = line.wrapping_add(svarint(table, &mut pos)?);
                 varint(table, &mut pos)?; // end line delta
                 varint(table, &mut pos)?; // column + 1
                 varint(table, &mut pos)?; // end column + 1
                 Some(line)
             }
             13 => {
-                line += svarint(table, &mut pos)?;
+                line = line.wrapping_add(svarint(table, &mut pos)?);
                 Some(line)
             }
             10..=12 => {

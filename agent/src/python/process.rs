@@ -413,17 +413,21 @@ impl PyProcess {
 
     fn tss_lookup_with(&self, fsbase: u64, key: u32, t: &TsdLayout) -> Option<u64> {
         let desc = match t.self_off {
-            Some(o) => self.mem.read_u64(fsbase + o as u64).ok()?,
+            Some(o) => self.mem.read_u64(fsbase.wrapping_add(o as u64)).ok()?,
             None => fsbase,
         };
         let array = if t.indirect {
-            self.mem.read_u64(desc + t.base_off as u64).ok()?
+            self.mem
+                .read_u64(desc.wrapping_add(t.base_off as u64))
+                .ok()?
         } else {
-            desc + t.base_off as u64
+            desc.wrapping_add(t.base_off as u64)
         };
         let v = self
             .mem
-            .read_u64(array + key as u64 * t.key_size as u64 + t.val_off as u64)
+            .read_u64(
+                array.wrapping_add(u64::from(key) * u64::from(t.key_size) + u64::from(t.val_off)),
+            )
             .ok()?;
         (v != 0).then_some(v)
     }
@@ -480,10 +484,10 @@ impl PyProcess {
             if out.len() >= max || iterations > max + 32 {
                 return (out, true);
             }
-            let Ok(back) = self.mem.read_u64(frame + l.frame_back) else {
+            let Ok(back) = self.mem.read_u64(frame.wrapping_add(l.frame_back)) else {
                 break;
             };
-            let Ok(raw) = self.mem.read_u64(frame + l.frame_code) else {
+            let Ok(raw) = self.mem.read_u64(frame.wrapping_add(l.frame_code)) else {
                 break;
             };
             let code = raw & l.code_mask;
@@ -493,7 +497,7 @@ impl PyProcess {
                 kind::FRAME_OBJECT => flags |= PYFRAME_RUN_END,
                 kind::CFRAME_IS_ENTRY => {
                     if let Some(o) = l.frame_owner
-                        && self.mem.read_u8(frame + o).unwrap_or(0) != 0
+                        && self.mem.read_u8(frame.wrapping_add(o)).unwrap_or(0) != 0
                     {
                         flags |= PYFRAME_RUN_END;
                     }
@@ -516,11 +520,17 @@ impl PyProcess {
                 continue;
             }
             let lasti = if l.frame_kind == kind::FRAME_OBJECT {
-                let v = self.mem.read_i32(frame + l.frame_lasti).unwrap_or(-1);
+                let v = self
+                    .mem
+                    .read_i32(frame.wrapping_add(l.frame_lasti))
+                    .unwrap_or(-1);
                 if v < 0 { PY_LASTI_NONE } else { v as u32 }
             } else {
-                let ip = self.mem.read_u64(frame + l.frame_lasti).unwrap_or(0);
-                let base = code + l.co_code_adaptive.unwrap_or(0);
+                let ip = self
+                    .mem
+                    .read_u64(frame.wrapping_add(l.frame_lasti))
+                    .unwrap_or(0);
+                let base = code.wrapping_add(l.co_code_adaptive.unwrap_or(0));
                 if ip < base || ip - base > u32::MAX as u64 {
                     PY_LASTI_NONE
                 } else {
@@ -528,7 +538,7 @@ impl PyProcess {
                 }
             };
             if self.pycode_type != 0 {
-                match self.mem.read_u64(code + 8) {
+                match self.mem.read_u64(code.wrapping_add(8)) {
                     Ok(t) if t == self.pycode_type => {}
                     Ok(_) => flags |= PYFRAME_NOT_CODE,
                     Err(_) => flags |= PYFRAME_CODE_UNREAD,

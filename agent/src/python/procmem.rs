@@ -1,5 +1,9 @@
 //! Reading another process's memory with `process_vm_readv` (never ptrace: the target is not
 //! stopped or modified), and parsing `/proc/<pid>/maps`.
+//!
+//! Pointers read from the target are untrusted (a frame freed mid-read, a torn write): callers
+//! offset them with `wrapping_add`, never `+`, since a wrapped address is simply unmapped and
+//! its read fails, where `+` would panic on overflow.
 
 use std::io;
 
@@ -87,9 +91,9 @@ impl ProcMem {
         let mut chunk = [0u8; 64];
         while out.len() < max {
             // Do not cross a page boundary with one read: the next page may be unmapped.
-            let to_page = 4096 - ((addr as usize + out.len()) % 4096);
+            let to_page = 4096 - ((addr as usize).wrapping_add(out.len()) % 4096);
             let n = chunk.len().min(to_page);
-            self.read(addr + out.len() as u64, &mut chunk[..n])?;
+            self.read(addr.wrapping_add(out.len() as u64), &mut chunk[..n])?;
             if let Some(z) = chunk[..n].iter().position(|&b| b == 0) {
                 out.extend_from_slice(&chunk[..z]);
                 return Ok(String::from_utf8_lossy(&out).into_owned());
