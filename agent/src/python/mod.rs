@@ -414,19 +414,18 @@ impl PythonSupport {
     /// already dropped its walker entry). It is looked at again, now (`attach`) or by the
     /// background watcher, which also notices a later `exec` of CPython.
     pub fn on_exec(&self, pid: u32) {
-        let mut inner = lock(&self.inner);
-        inner.procs.remove(&pid);
-        inner.infos.remove(&pid);
-        if let Some(m) = inner.map.as_mut() {
-            let _ = m.remove(&pid);
-        }
-        drop(inner);
-        lock(&self.cache).forget_pid(pid);
+        self.forget(pid);
         self.watch(pid);
     }
 
-    /// Forget a process (exited): drop its map entry and cached code objects.
+    /// A process exited.
     pub fn on_exit(&mut self, pid: u32) {
+        self.forget(pid);
+    }
+
+    /// Drop all that is known of `pid`: its interpreter, walker entry, pending look and cached
+    /// code objects.
+    fn forget(&self, pid: u32) {
         let mut inner = lock(&self.inner);
         inner.procs.remove(&pid);
         inner.pending.remove(&pid);
