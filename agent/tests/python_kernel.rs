@@ -54,16 +54,6 @@ fn record_cmd(
     args: &[&str],
     secs: u64,
     hz: u32,
-) -> Profile {
-    record_session(interp, script, args, secs, hz).profile
-}
-
-fn record_session(
-    interp: &harness::Interp,
-    script: &str,
-    args: &[&str],
-    secs: u64,
-    hz: u32,
 ) -> kprof_agent::record::Recording {
     let mut command = vec![interp.path.to_string_lossy().to_string()];
     command.extend(interp.pre_args.iter().cloned());
@@ -245,7 +235,7 @@ fn attribution_every_version() {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for interp in interps {
-        let rec = record_session(&interp, "split.py", &["12"], 12, 499);
+        let rec = record_cmd(&interp, "split.py", &["12"], 12, 499);
         let a = attribute(&rec.profile, None);
         let (mut line, mut errs) = judge(&interp.name, &a, 5.0);
         // The walker's own counters (summary.json, metrics) agree: nearly every sample of this
@@ -280,7 +270,7 @@ fn threads_have_their_own_stacks_and_names() {
     let m = harness::markers("threads.py");
     let mut failures = Vec::new();
     for interp in harness::interpreters() {
-        let p = record_cmd(&interp, "threads.py", &["30"], 6, 199);
+        let p = record_cmd(&interp, "threads.py", &["30"], 6, 199).profile;
         // thread → (samples, samples with Python frames, samples with the expected stack)
         let mut by_thread: HashMap<String, (u64, u64, u64)> = HashMap::new();
         for (key, &n) in &p.samples {
@@ -351,7 +341,7 @@ fn multiprocessing_workers_are_profiled() {
     }
     let mut failures = Vec::new();
     for interp in harness::interpreters() {
-        let p = record_cmd(&interp, "split.py", &["8", "--mp", "2"], 9, 299);
+        let p = record_cmd(&interp, "split.py", &["8", "--mp", "2"], 9, 299).profile;
         let mut per_pid: BTreeMap<u32, u64> = BTreeMap::new();
         for (key, &n) in &p.samples {
             if category(&key.stack).is_some() {
@@ -432,7 +422,7 @@ fn deep_stacks_and_truncation() {
     for interp in harness::interpreters() {
         for (depth, expect_truncated) in [(100u32, false), (200, true)] {
             let secs = "30".to_string();
-            let p = record_cmd(&interp, "deep.py", &[&depth.to_string(), &secs], 3, 199);
+            let p = record_cmd(&interp, "deep.py", &[&depth.to_string(), &secs], 3, 199).profile;
             let (mut total, mut good) = (0u64, 0u64);
             for (key, &n) in &p.samples {
                 let py = py_frames(&key.stack);

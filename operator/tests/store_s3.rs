@@ -51,16 +51,13 @@ impl Drop for Minio {
 }
 
 /// The command that starts MinIO on `drive`. MinIO refuses writes once its drive's file system
-/// is 99 % full or has under ~1 GiB free, which a build machine's shared disk can be; as root the
-/// drive is therefore a private tmpfs, mounted in a mount namespace of MinIO's own (gone with
-/// the process, invisible to the rest of the machine). Returns whether it is.
+/// is about 99 % full, which a build machine's big shared disk can be; as root the drive is
+/// therefore a private tmpfs, mounted in a mount namespace of MinIO's own (gone with the
+/// process, invisible to the rest of the machine). Returns whether it is.
 fn drive_command(bin: &PathBuf, drive: &std::path::Path) -> (Command, bool) {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false);
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective user.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     if !root {
         eprintln!(
             "NOTE: not root, so MinIO's drive is on the shared disk (it refuses writes when that is nearly full)"
