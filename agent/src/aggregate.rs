@@ -72,7 +72,8 @@ pub struct AggregateStats {
 /// Aggregates events into a profile.
 pub struct Aggregator {
     symbolizer: Symbolizer,
-    stacks: HashMap<RawKey, (SampleKey, u64)>,
+    /// Per distinct stack: its symbolized key, samples and CPU nanoseconds.
+    stacks: HashMap<RawKey, (SampleKey, u64, u64)>,
     processes: HashMap<u32, ProcessMeta>,
     /// Identity (device, inode) of each process's executable, to notice `exec` when the
     /// samples carry no exec id.
@@ -94,6 +95,17 @@ fn exe_identity(pid: u32) -> Option<(u64, u64)> {
 impl Default for Aggregator {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The CPU nanoseconds one sample stands for: the measured interval since its CPU's previous
+/// clock tick, or the nominal period where that is unknown (the clock's first tick) or not
+/// believable (longer than a re-armed clock can take: 1½ + 1½ periods, with slack).
+pub fn sample_cpu_ns(tick_ns: u64, nominal_period_ns: u64) -> u64 {
+    if tick_ns == 0 || tick_ns > nominal_period_ns.saturating_mul(4) {
+        nominal_period_ns
+    } else {
+        tick_ns
     }
 }
 
@@ -148,21 +160,34 @@ impl Aggregator {
         self.processes.insert(pid, meta);
     }
 
-    /// Adds one ring-buffer record.
-    pub fn add_bytes(&mut self, bytes: &[u8], merger: Option<&mut dyn StackMerger>) {
+    /// Adds one ring-buffer record sampled at a nominal period of `period_ns`; returns the CPU
+    /// nanoseconds it counted (`None` for a malformed record).
+    pub fn add_bytes(
+        &mut self,
+        bytes: &[u8],
+        period_ns: u64,
+        merger: Option<&mut dyn StackMerger>,
+    ) -> Option<u64> {
         if bytes.len() < size_of::<SampleEvent>() {
             self.stats.malformed += 1;
-            return;
+            return None;
         }
         // SAFETY: the record holds a whole `SampleEvent` written by the eBPF program (a
         // plain-integer `#[repr(C)]` type); read_unaligned copies it out of the ring.
         let ev: SampleEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        self.add(&ev, merger);
+        Some(self.add(&ev, period_ns, merger))
     }
 
-    /// Adds one sample.
-    pub fn add(&mut self, ev: &SampleEvent, mut merger: Option<&mut dyn StackMerger>) {
+    /// Adds one sample taken at a nominal period of `period_ns`; returns the CPU nanoseconds it
+    /// stands for.
+    pub fn add(
+        &mut self,
+        ev: &SampleEvent,
+        period_ns: u64,
+        mut merger: Option<&mut dyn StackMerger>,
+    ) -> u64 {
         self.stats.events += 1;
+        let cpu_ns = sample_cpu_ns(ev.tick_ns, period_ns);
         let pid = ev.tgid;
         let execed = if ev.exec_id != 0 {
             // The first sample of a process is its baseline; an exec between the first look
@@ -190,9 +215,10 @@ impl Aggregator {
         }
         let mut raw = RawKey::of(ev);
         raw.generation = self.generation.get(&pid).copied().unwrap_or(0);
-        if let Some((_, count)) = self.stacks.get_mut(&raw) {
+        if let Some((_, count, ns)) = self.stacks.get_mut(&raw) {
             *count += 1;
-            return;
+            *ns += cpu_ns;
+            return cpu_ns;
         }
         if !self.processes.contains_key(&pid) {
             self.see_process(
@@ -221,7 +247,8 @@ impl Aggregator {
             stack: Arc::from(frames),
         };
         self.stats.distinct_stacks += 1;
-        self.stacks.insert(raw, (key, 1));
+        self.stacks.insert(raw, (key, 1, cpu_ns));
+        cpu_ns
     }
 
     /// Starts a new drain round (allows one maps re-read and one exec check per process).
@@ -297,8 +324,8 @@ impl Aggregator {
     /// Builds the profile.
     pub fn finish(&self, sample_hz: u32, start: SystemTime) -> Profile {
         let mut p = Profile::new(sample_hz, start);
-        for (key, count) in self.stacks.values() {
-            p.add(key.clone(), *count);
+        for (key, count, cpu_ns) in self.stacks.values() {
+            p.add_measured(key.clone(), *count, *cpu_ns);
         }
         p.processes = self
             .processes
@@ -318,6 +345,9 @@ impl Aggregator {
 mod tests {
     use super::*;
     use crate::profile::FrameKind;
+
+    /// The nominal period at 99 Hz.
+    const P99: u64 = 1_000_000_000 / 99;
 
     fn event(pid: u32, user: &[u64]) -> Box<SampleEvent> {
         // SAFETY: SampleEvent is plain integers; all-zero is a valid value.
@@ -339,16 +369,16 @@ mod tests {
             ev.exec_id = id;
             ev
         };
-        agg.add(&with_exec(5), None);
-        agg.add(&with_exec(5), None);
+        agg.add(&with_exec(5), P99, None);
+        agg.add(&with_exec(5), P99, None);
         assert_eq!(agg.generation.get(&pid).copied().unwrap_or(0), 0);
         assert_eq!(agg.stats.distinct_stacks, 1);
-        agg.add(&with_exec(6), None); // exec'ed: same addresses now mean other code
+        agg.add(&with_exec(6), P99, None); // exec'ed: same addresses now mean other code
         assert_eq!(agg.generation[&pid], 1);
         assert_eq!(agg.stats.distinct_stacks, 2);
-        agg.add(&with_exec(5), None); // a sample from before the exec, drained late
+        agg.add(&with_exec(5), P99, None); // a sample from before the exec, drained late
         assert_eq!(agg.generation[&pid], 1);
-        agg.add(&with_exec(u32::MAX), None); // older (wrapping), not newer
+        agg.add(&with_exec(u32::MAX), P99, None); // older (wrapping), not newer
         assert_eq!(agg.generation[&pid], 1);
         assert_eq!(agg.stats.events, 5);
     }
@@ -359,9 +389,9 @@ mod tests {
         // A pid that does not exist: frames stay unresolved but are still counted.
         let pid = u32::MAX - 7;
         for _ in 0..5 {
-            agg.add(&event(pid, &[0x1000, 0x2000]), None);
+            agg.add(&event(pid, &[0x1000, 0x2000]), P99, None);
         }
-        agg.add(&event(pid, &[0x1000, 0x3000]), None);
+        agg.add(&event(pid, &[0x1000, 0x3000]), P99, None);
         assert_eq!(agg.stats.events, 6);
         assert_eq!(agg.stats.distinct_stacks, 2);
         let p = agg.finish(99, SystemTime::UNIX_EPOCH);
@@ -380,9 +410,30 @@ mod tests {
     }
 
     #[test]
+    fn cpu_time_is_the_sum_of_measured_intervals() {
+        let mut agg = Aggregator::new();
+        let pid = u32::MAX - 13;
+        // Jittered ticks, a first tick (unknown) and an impossible one (nominal instead).
+        for tick in [6_000_000, 14_000_000, 9_000_000, 0, 1_000_000_000] {
+            let mut ev = event(pid, &[0x1000]);
+            ev.tick_ns = tick;
+            agg.add(&ev, P99, None);
+        }
+        let p = agg.finish(99, SystemTime::UNIX_EPOCH);
+        let (key, count) = p.sorted_samples()[0];
+        assert_eq!(count, 5);
+        assert_eq!(p.cpu_ns_of(key), 29_000_000 + 2 * P99);
+        assert_eq!(
+            sample_cpu_ns(30_000_000, P99),
+            30_000_000,
+            "a re-armed clock's long tick"
+        );
+    }
+
+    #[test]
     fn short_records_are_counted_as_malformed() {
         let mut agg = Aggregator::new();
-        agg.add_bytes(&[0u8; 16], None);
+        assert_eq!(agg.add_bytes(&[0u8; 16], P99, None), None);
         assert_eq!(agg.stats.malformed, 1);
         assert_eq!(agg.stats.events, 0);
     }
@@ -407,7 +458,7 @@ mod tests {
         ev.py.count = 1;
         ev.py.frames[0].code = 0xdead;
         let mut py = FakePython;
-        agg.add(&ev, Some(&mut py));
+        agg.add(&ev, P99, Some(&mut py));
         let p = agg.finish(99, SystemTime::UNIX_EPOCH);
         let (key, _) = p.sorted_samples()[0];
         assert_eq!(key.stack[0].kind, FrameKind::Python);

@@ -68,6 +68,9 @@ pub struct SamplerConfig {
     pub cgroup_filter: bool,
     /// Enable `BPF_ENABLE_STATS` while sampling (in-kernel run time per sample).
     pub bpf_stats: bool,
+    /// Jitter the clock's period so samples cannot lock onto periodic code (`perf.rs`). Off only
+    /// to show what a fixed period does.
+    pub clock_jitter: bool,
 }
 
 impl Default for SamplerConfig {
@@ -77,6 +80,7 @@ impl Default for SamplerConfig {
             follow_children: true,
             cgroup_filter: false,
             bpf_stats: true,
+            clock_jitter: true,
         }
     }
 }
@@ -215,7 +219,7 @@ impl Sampler {
             other => other?,
         };
         let prog_fd = prog.fd().map_err(|e| LoadError::Load(one_line(&e)))?;
-        let clocks = crate::perf::attach(prog_fd, &cpus, cfg.sample_hz)
+        let clocks = crate::perf::attach(prog_fd, &cpus, cfg.sample_hz, cfg.clock_jitter)
             .map_err(|(cpu, source)| LoadError::PerfEvent { cpu, source })?;
 
         let mut follow_children = task.is_some();

@@ -116,6 +116,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         follow_children: !args.no_follow,
         python: !args.no_python,
         progress: true,
+        clock_jitter: true,
     };
     let rec = record::record(&opts, &STOP)?;
     let title = if opts.command.is_empty() {

@@ -1,14 +1,30 @@
-//! The sampling clock: one software cpu-clock perf event per CPU at the target frequency, with
-//! the sampler program attached.
+//! The sampling clock: one software cpu-clock perf event per CPU with the sampler program
+//! attached, its period jittered around 1/Hz so that samples cannot lock onto periodic code.
 //!
-//! Opened here rather than through `aya::programs::PerfEvent::attach` because aya does not
-//! expose `exclude_idle`: without it every tick of an idle CPU runs the program (and on a
-//! mostly idle node those ticks outnumber the targeted ones). With it, the kernel skips the
-//! overflow — and the program — while the CPU runs its idle task.
+//! **Why jitter.** A fixed period sees a loop whose iteration takes about as long as the period at
+//! the same phase sample after sample, for seconds: a 10.3 ms Python loop sampled every 10.1 ms
+//! was off by up to 8 points per function. So a thread re-arms every CPU's clock at random
+//! moments (every 2–10 periods, at least 10 ms apart) with a period drawn uniformly from
+//! ½–1½ × 1/Hz (`PERF_EVENT_IOC_PERIOD`, which also restarts the clock at that moment, so the
+//! phase is new too). The long-run rate stays Hz on average.
+//!
+//! **Why it stays exact.** Each sample carries the nanoseconds since the previous tick of its
+//! CPU's clock (`SampleEvent::tick_ns`, measured in the program, which sees every tick), so CPU
+//! time is the sum of what the samples stand for, not samples × a nominal period.
+//!
+//! Opened here rather than through `aya::programs::PerfEvent::attach` to set the period and keep
+//! the fds for re-arming. The idle task is not excluded: the clock fires in idle anyway, and the
+//! program must see every tick to measure the intervals (it returns after one per-CPU write).
 use std::{
     io,
     mem::size_of,
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError},
+    },
+    thread,
+    time::Duration,
 };
 
 use aya_obj::generated::{PERF_EVENT_IOC_SET_BPF, PERF_FLAG_FD_CLOEXEC, perf_event_attr};
@@ -18,20 +34,66 @@ const PERF_TYPE_SOFTWARE: u32 = 1;
 const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
 /// `_IO('$', 0)`.
 const PERF_EVENT_IOC_ENABLE: u64 = 0x2400;
+/// `_IOW('$', 4, __u64)`.
+const PERF_EVENT_IOC_PERIOD: u64 = 0x4008_2404;
 
-/// The per-CPU events; dropping them detaches the program.
-#[derive(Debug)]
-pub struct CpuClocks {
-    _events: Vec<OwnedFd>,
+/// How the clock's period is drawn and how often it is re-armed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Jitter {
+    /// The nominal period (1/Hz) in nanoseconds.
+    pub period_ns: u64,
 }
 
-/// Opens a cpu-clock event sampling at `hz` on every CPU of `cpus` (all processes, idle
-/// excluded) and attaches `prog` to each.
-pub fn attach(prog: impl AsFd, cpus: &[u32], hz: u64) -> Result<CpuClocks, (u32, io::Error)> {
+impl Jitter {
+    pub fn new(hz: u64) -> Jitter {
+        Jitter {
+            period_ns: 1_000_000_000 / hz.max(1),
+        }
+    }
+
+    /// A period drawn uniformly from ½–1½ × nominal (mean: nominal). The kernel's floor for a
+    /// software clock is 10 µs.
+    pub fn draw_period(&self, rng: &mut fastrand::Rng) -> u64 {
+        let half = self.period_ns / 2;
+        (half + rng.u64(0..=self.period_ns)).max(10_000)
+    }
+
+    /// Time until the next re-arm: 2–10 periods, within 10–50 ms at least, so a high rate does
+    /// not turn into thousands of re-arms (each is an IPI to the CPU) per second.
+    pub fn draw_interval(&self, rng: &mut fastrand::Rng) -> Duration {
+        let lo = (2 * self.period_ns).max(10_000_000);
+        let hi = (10 * self.period_ns).max(50_000_000);
+        Duration::from_nanos(rng.u64(lo..=hi))
+    }
+}
+
+/// The per-CPU events; dropping them stops the re-arming and detaches the program.
+#[derive(Debug)]
+pub struct CpuClocks {
+    _events: Arc<Vec<OwnedFd>>,
+    /// Dropped with the clocks: the re-arming thread sees the channel close and ends.
+    _stop: mpsc::Sender<()>,
+}
+
+/// Opens a cpu-clock event at `hz` on every CPU of `cpus` and attaches `prog` to each; with
+/// `jitter` (the default everywhere) the period is redrawn at random moments.
+pub fn attach(
+    prog: impl AsFd,
+    cpus: &[u32],
+    hz: u64,
+    jitter: bool,
+) -> Result<CpuClocks, (u32, io::Error)> {
     let prog = prog.as_fd().as_raw_fd();
+    let draws = Jitter::new(hz);
+    let mut rng = fastrand::Rng::new();
     let mut events = Vec::with_capacity(cpus.len());
     for &cpu in cpus {
-        let fd = open_cpu_clock(cpu, hz).map_err(|e| (cpu, e))?;
+        let period = if jitter {
+            draws.draw_period(&mut rng)
+        } else {
+            draws.period_ns
+        };
+        let fd = open_cpu_clock(cpu, period).map_err(|e| (cpu, e))?;
         // SAFETY: ioctls on a perf event fd we own, with an int argument (the program fd) and
         // no argument.
         let attached = unsafe {
@@ -43,18 +105,45 @@ pub fn attach(prog: impl AsFd, cpus: &[u32], hz: u64) -> Result<CpuClocks, (u32,
         }
         events.push(fd);
     }
-    Ok(CpuClocks { _events: events })
+    let events = Arc::new(events);
+    let (stop, stopped) = mpsc::channel();
+    if jitter {
+        let fds = Arc::clone(&events);
+        thread::Builder::new()
+            .name("kprof-clock".into())
+            .spawn(move || rearm_until_stopped(&fds, draws, rng, &stopped))
+            .map_err(|e| (cpus.first().copied().unwrap_or(0), e))?;
+    }
+    Ok(CpuClocks {
+        _events: events,
+        _stop: stop,
+    })
 }
 
-fn open_cpu_clock(cpu: u32, hz: u64) -> io::Result<OwnedFd> {
+fn rearm_until_stopped(
+    events: &[OwnedFd],
+    jitter: Jitter,
+    mut rng: fastrand::Rng,
+    stopped: &mpsc::Receiver<()>,
+) {
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(jitter.draw_interval(&mut rng))
+    {
+        for fd in events {
+            let period = jitter.draw_period(&mut rng);
+            // SAFETY: PERF_EVENT_IOC_PERIOD on a perf event fd we hold, with a pointer to a u64
+            // that lives across the call. A failure leaves the previous period: harmless.
+            unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_PERIOD as _, &period) };
+        }
+    }
+}
+
+fn open_cpu_clock(cpu: u32, period_ns: u64) -> io::Result<OwnedFd> {
     // SAFETY: perf_event_attr is plain data; all-zero is its "nothing set" value.
     let mut attr: perf_event_attr = unsafe { std::mem::zeroed() };
     attr.type_ = PERF_TYPE_SOFTWARE;
     attr.size = size_of::<perf_event_attr>() as u32;
     attr.config = PERF_COUNT_SW_CPU_CLOCK;
-    attr.__bindgen_anon_1.sample_freq = hz;
-    attr.set_freq(1);
-    attr.set_exclude_idle(1);
+    attr.__bindgen_anon_1.sample_period = period_ns;
     attr.set_disabled(1); // enabled once the program is attached
     // SAFETY: perf_event_open(2) with a valid attr; pid -1 + cpu = every process on that CPU.
     let fd = unsafe {
@@ -72,4 +161,40 @@ fn open_cpu_clock(cpu: u32, hz: u64) -> io::Result<OwnedFd> {
     }
     // SAFETY: a new fd returned by the kernel, owned from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_average_to_the_rate_and_stay_in_range() {
+        let j = Jitter::new(99);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let n = 100_000u64;
+        let draws: Vec<u64> = (0..n).map(|_| j.draw_period(&mut rng)).collect();
+        let (lo, hi) = (j.period_ns / 2, j.period_ns / 2 * 3 + 1);
+        assert!(draws.iter().all(|&p| (lo..=hi).contains(&p)));
+        let mean = draws.iter().sum::<u64>() as f64 / n as f64;
+        assert!((mean / j.period_ns as f64 - 1.0).abs() < 0.005, "{mean}");
+        // Spread over the whole range, not a few values.
+        let quarter = j.period_ns / 4;
+        assert!(draws.iter().filter(|&&p| p < lo + quarter).count() > n as usize / 5);
+        assert!(draws.iter().filter(|&&p| p > hi - quarter).count() > n as usize / 5);
+    }
+
+    #[test]
+    fn rearm_intervals_span_several_periods_with_a_floor() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let slow = Jitter::new(10); // 100 ms period: 2–10 periods
+        for _ in 0..1000 {
+            let d = slow.draw_interval(&mut rng);
+            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(1000));
+        }
+        let fast = Jitter::new(1000); // 1 ms period: the 10–50 ms floor applies
+        for _ in 0..1000 {
+            let d = fast.draw_interval(&mut rng);
+            assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(50));
+        }
+    }
 }

@@ -114,7 +114,6 @@ pub fn build(profile: &Profile) -> PprofProfile {
         mapping_ids.insert(module, id);
     }
 
-    let period = profile.period_ns();
     let label_keys = LabelKeys::new(&mut st);
     for (key, count) in profile.sorted_samples() {
         let mut loc_ids = Vec::with_capacity(key.stack.len());
@@ -252,7 +251,7 @@ pub fn build(profile: &Profile) -> PprofProfile {
         }
         out.sample.push(Sample {
             location_id: loc_ids,
-            value: vec![count as i64, count as i64 * period],
+            value: vec![count as i64, profile.cpu_ns_of(key) as i64],
             label,
         });
     }

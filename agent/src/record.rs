@@ -70,6 +70,8 @@ pub struct RecordOptions {
     pub python: bool,
     /// Show elapsed time / samples on stderr while recording (when it is a terminal).
     pub progress: bool,
+    /// Jitter the sampling clock (see `perf.rs`); off only to compare with a fixed period.
+    pub clock_jitter: bool,
 }
 
 impl Default for RecordOptions {
@@ -82,6 +84,7 @@ impl Default for RecordOptions {
             follow_children: true,
             python: true,
             progress: true,
+            clock_jitter: true,
         }
     }
 }
@@ -281,6 +284,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             follow_children: opts.follow_children,
             cgroup_filter: false,
             bpf_stats: true,
+            clock_jitter: opts.clock_jitter,
         },
         opts.python,
     )?;
@@ -297,6 +301,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         None
     };
     let mut agg = Aggregator::new();
+    let period_ns = 1_000_000_000 / u64::from(opts.sample_hz.max(1));
 
     let mut child: Option<Child> = None;
     let mut pids = opts.pids.clone();
@@ -356,7 +361,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
-        drain(&mut sampler, &mut agg, python.as_mut());
+        drain(&mut sampler, &mut agg, period_ns, python.as_mut());
 
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
@@ -384,7 +389,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     }
     let wall = start.elapsed();
     let kernel = sampler.kernel_cost();
-    drain(&mut sampler, &mut agg, python.as_mut());
+    drain(&mut sampler, &mut agg, period_ns, python.as_mut());
     let (loop_cpu1, _) = rusage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
         let (t1, cpu1, k1, n1) = mark(&sampler, &agg);
@@ -454,13 +459,22 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     })
 }
 
-fn drain(sampler: &mut Sampler, agg: &mut Aggregator, mut python: Option<&mut PythonSupport>) {
+fn drain(
+    sampler: &mut Sampler,
+    agg: &mut Aggregator,
+    period_ns: u64,
+    mut python: Option<&mut PythonSupport>,
+) {
     let Sampler { events, bpf, .. } = sampler;
     while let Some(item) = events.next() {
         let mut merger = python
             .as_deref_mut()
             .map(|py| PyMerger { py, bpf: &mut *bpf });
-        agg.add_bytes(&item, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+        agg.add_bytes(
+            &item,
+            period_ns,
+            merger.as_mut().map(|m| m as &mut dyn StackMerger),
+        );
     }
     agg.new_round();
 }

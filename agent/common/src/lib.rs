@@ -115,6 +115,10 @@ pub struct SampleEvent {
     pub slot: u32,
     /// `bpf_ktime_get_ns` at the sample.
     pub timestamp_ns: u64,
+    /// Nanoseconds since the previous tick of this CPU's sampling clock: the CPU time the sample
+    /// stands for (the period is jittered, see `agent/src/perf.rs`). 0 when unknown (the
+    /// clock's first tick on this CPU).
+    pub tick_ns: u64,
     /// cgroup v2 id of the thread (0 when unknown).
     pub cgroup_id: u64,
     /// Thread name (`comm`), NUL padded.
@@ -139,7 +143,7 @@ pub struct SampleEvent {
 const _: () = assert!(size_of::<python::PyStack>() == 8 + python::MAX_PY_FRAMES * 16);
 const _: () = assert!(
     size_of::<SampleEvent>()
-        == 64 + 8 * (MAX_KERNEL_FRAMES + MAX_USER_FRAMES) + size_of::<python::PyStack>()
+        == 72 + 8 * (MAX_KERNEL_FRAMES + MAX_USER_FRAMES) + size_of::<python::PyStack>()
 );
 
 #[cfg(feature = "user")]

@@ -1,8 +1,10 @@
 //! kprof eBPF programs.
 //!
-//! - `kprof_sample` (perf_event, software cpu-clock on every CPU): one map lookup decides whether
-//!   the interrupted thread belongs to a target; if so, the sample (kernel stack, user native
-//!   stack, Python frames) is written straight into a ring-buffer slot for user space to aggregate.
+//! - `kprof_sample` (perf_event, software cpu-clock on every CPU, period jittered by user space):
+//!   it notes the tick's time (so a sample knows the CPU time it stands for), then one map lookup
+//!   decides whether the interrupted thread belongs to a target; if so, the sample (kernel stack,
+//!   user native stack, Python frames) is written straight into a ring-buffer slot for user space
+//!   to aggregate.
 //! - `kprof_fork` (raw tracepoint `sched_process_fork`): children of a targeted process inherit
 //!   its target slot, so short-lived children are profiled from their first tick. A raw
 //!   tracepoint needs no tracefs (not mounted in pods); the child's pid and tgid are read from
@@ -62,6 +64,26 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);
 
+/// Per CPU: `bpf_ktime_get_ns` of the sampling clock's previous tick. Every tick passes here,
+/// idle and untargeted ones included, so a sample knows exactly how much CPU time it stands for
+/// although user space keeps changing the clock's period (`agent/src/perf.rs`).
+#[map(name = "LAST_TICK")]
+static LAST_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Records this tick; returns the nanoseconds since the previous one on this CPU (0: none yet).
+#[inline(always)]
+fn tick(now: u64) -> u64 {
+    let Some(last) = LAST_TICK.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, the program is not re-entered on the same CPU.
+    unsafe {
+        let prev = *last;
+        *last = now;
+        if prev == 0 || now < prev { 0 } else { now - prev }
+    }
+}
+
 #[inline(always)]
 fn bump(stat: Stat) {
     if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
@@ -103,6 +125,9 @@ pub fn kprof_sample_native(ctx: PerfEventContext) -> u32 {
 #[inline(always)]
 fn sample<const PYTHON: bool>(ctx: PerfEventContext) -> u32 {
     // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tick_ns = tick(now);
+    // SAFETY: helper without arguments.
     let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == 0 {
@@ -135,7 +160,8 @@ fn sample<const PYTHON: bool>(ctx: PerfEventContext) -> u32 {
         (*ev).tid = pid_tgid as u32;
         (*ev).cpu = bpf_get_smp_processor_id();
         (*ev).slot = slot;
-        (*ev).timestamp_ns = bpf_ktime_get_ns();
+        (*ev).timestamp_ns = now;
+        (*ev).tick_ns = tick_ns;
         (*ev).cgroup_id = if cfg.cgroup_filter != 0 {
             bpf_get_current_cgroup_id()
         } else {

@@ -128,7 +128,7 @@ pub fn filter_pids(p: &Samples, pids: &BTreeSet<u32>) -> Samples {
     out.modules.clone_from(&p.modules);
     for (k, &c) in &p.samples {
         if pids.contains(&k.pid) {
-            out.add(k.clone(), c);
+            out.add_measured(k.clone(), c, p.cpu_ns_of(k));
         }
     }
     out.processes = p
@@ -465,6 +465,7 @@ impl Daemon {
             follow_children: true,
             cgroup_filter: false,
             bpf_stats: false,
+            ..SamplerConfig::default()
         })?;
         for w in &sampler.warnings {
             tracing::warn!("sampler: {w}");
@@ -630,7 +631,7 @@ impl Daemon {
         let Some(mut sampler) = self.sampler.take() else {
             return;
         };
-        let hz = f64::from(self.hz.max(1));
+        let period_ns = 1_000_000_000 / u64::from(self.hz.max(1));
         let mut n = 0u64;
         while let Some(item) = sampler.events.next() {
             let bytes: &[u8] = &item;
@@ -649,10 +650,13 @@ impl Daemon {
                     continue;
                 };
                 let mut m = self.python.as_ref().map(CachedPython);
-                w.agg
-                    .add_bytes(bytes, m.as_mut().map(|m| m as &mut dyn StackMerger));
+                let cpu_ns = w.agg.add_bytes(
+                    bytes,
+                    period_ns,
+                    m.as_mut().map(|m| m as &mut dyn StackMerger),
+                );
                 if let Some(c) = w.containers.get_mut(&cid) {
-                    c.cpu_seconds += 1.0 / hz;
+                    c.cpu_seconds += cpu_ns.unwrap_or(0) as f64 / 1e9;
                     c.pids.insert(tgid);
                 }
                 w.hz_seen.insert(self.hz);

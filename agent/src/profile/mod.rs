@@ -41,7 +41,12 @@ pub struct ProcessMeta {
 /// An aggregated CPU profile.
 #[derive(Clone, Debug)]
 pub struct Profile {
+    /// Samples per stack.
     pub samples: HashMap<SampleKey, u64>,
+    /// CPU nanoseconds per stack: what its samples stand for (the clock's period is jittered, so
+    /// this is measured per sample, not samples × a nominal period).
+    pub cpu_ns: HashMap<SampleKey, u64>,
+    /// The nominal rate (the clock's average).
     pub sample_hz: u32,
     pub start: SystemTime,
     pub duration: Duration,
@@ -58,6 +63,7 @@ impl Profile {
     pub fn new(sample_hz: u32, start: SystemTime) -> Self {
         Profile {
             samples: HashMap::new(),
+            cpu_ns: HashMap::new(),
             sample_hz,
             start,
             duration: Duration::ZERO,
@@ -69,7 +75,15 @@ impl Profile {
         }
     }
 
+    /// Adds `count` samples of `key` at the nominal period each.
     pub fn add(&mut self, key: SampleKey, count: u64) {
+        let cpu_ns = count.saturating_mul(self.period_ns() as u64);
+        self.add_measured(key, count, cpu_ns);
+    }
+
+    /// Adds `count` samples of `key` that stand for `cpu_ns` nanoseconds of CPU.
+    pub fn add_measured(&mut self, key: SampleKey, count: u64, cpu_ns: u64) {
+        *self.cpu_ns.entry(key.clone()).or_default() += cpu_ns;
         *self.samples.entry(key).or_default() += count;
     }
 
@@ -78,7 +92,17 @@ impl Profile {
         self.samples.values().sum()
     }
 
-    /// Nanoseconds of CPU one sample stands for.
+    /// CPU nanoseconds of a stack.
+    pub fn cpu_ns_of(&self, key: &SampleKey) -> u64 {
+        self.cpu_ns.get(key).copied().unwrap_or(0)
+    }
+
+    /// Total CPU nanoseconds.
+    pub fn total_cpu_ns(&self) -> u64 {
+        self.cpu_ns.values().sum()
+    }
+
+    /// Nanoseconds of CPU one sample stands for on average (the nominal period, 1/Hz).
     pub fn period_ns(&self) -> i64 {
         1_000_000_000 / i64::from(self.sample_hz.max(1))
     }
@@ -90,13 +114,13 @@ impl Profile {
         v
     }
 
-    /// Average cores used by the profiled processes: samples ÷ (Hz × seconds).
+    /// Average cores used by the profiled processes: CPU nanoseconds ÷ window nanoseconds.
     pub fn cpu_cores(&self) -> f64 {
         let secs = self.duration.as_secs_f64();
         if secs <= 0.0 {
             return 0.0;
         }
-        self.total() as f64 / (f64::from(self.sample_hz.max(1)) * secs)
+        self.total_cpu_ns() as f64 / 1e9 / secs
     }
 }
 
@@ -113,11 +137,16 @@ mod tests {
             thread: "t".into(),
             stack,
         };
-        p.add(key.clone(), 150);
-        p.add(key, 50);
+        p.add_measured(key.clone(), 150, 1_400_000_000);
+        p.add_measured(key.clone(), 50, 600_000_000);
         p.duration = Duration::from_secs(2);
         assert_eq!(p.total(), 200);
+        assert_eq!(p.cpu_ns_of(&key), 2_000_000_000);
         assert_eq!(p.period_ns(), 10_000_000);
         assert!((p.cpu_cores() - 1.0).abs() < 1e-9);
+        // Without measured intervals a sample stands for the nominal period.
+        let mut q = Profile::new(100, SystemTime::UNIX_EPOCH);
+        q.add(key.clone(), 3);
+        assert_eq!(q.cpu_ns_of(&key), 30_000_000);
     }
 }
