@@ -12,13 +12,16 @@ use std::{
 use kprof_common::{Stat, python::PyStat};
 
 use crate::{
-    aggregate::{Aggregator, StackMerger},
     flamegraph,
-    loader::{KernelCost, LoadError, Sampler, SamplerConfig},
+    loader::{KernelCost, LoadError, SamplerConfig},
+    pipeline::{
+        aggregate::{Aggregator, StackMerger},
+        engine::{Engine, EngineConfig},
+        event::EventKind,
+    },
     pprof,
-    profile::{Frame, Profile},
-    python::PythonSupport,
-    targets::{self, Prune, TargetError},
+    profile::Profile,
+    targets::{self, TargetError},
     top,
 };
 
@@ -224,30 +227,6 @@ fn rusage() -> (Duration, u64) {
     (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64)
 }
 
-struct PyMerger<'a> {
-    py: &'a mut PythonSupport,
-    bpf: &'a mut aya::Ebpf,
-}
-
-impl StackMerger for PyMerger<'_> {
-    fn on_exec(&mut self, pid: u32) {
-        self.py.on_exec(pid);
-    }
-    fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
-        self.py
-            .on_process(self.bpf, pid)
-            .map(|r| (r.display, r.warnings))
-    }
-    fn merge(
-        &mut self,
-        pid: u32,
-        native: Vec<Frame>,
-        py: &kprof_common::python::PyStack,
-    ) -> Vec<Frame> {
-        self.py.merge(pid, native, py)
-    }
-}
-
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -275,27 +254,16 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         .into());
     }
     let (cpu0, _) = rusage();
-    let mut sampler = Sampler::load_with(
-        &SamplerConfig {
+    let mut engine = Engine::start(EngineConfig {
+        sampler: SamplerConfig {
             sample_hz: u64::from(opts.sample_hz),
             follow_children: opts.follow_children,
             cgroup_filter: false,
             bpf_stats: true,
         },
-        opts.python,
-    )?;
-    let mut warnings = sampler.warnings.clone();
-    let mut python = if opts.python && sampler.python_walker {
-        match PythonSupport::new(&mut sampler.bpf) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                warnings.push(format!("python frames disabled: {e}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
+        python: opts.python,
+        python_wait: Some(PYTHON_WAIT),
+    })?;
     let mut agg = Aggregator::new();
 
     let mut child: Option<Child> = None;
@@ -306,23 +274,16 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         child = Some(c);
     }
     for &pid in &pids {
-        sampler.add_pid(pid, 0)?;
+        engine.add_target(pid, 0)?;
     }
     if let Some(c) = &child {
         targets::resume(c);
         // Look for an interpreter now, not at the first drain: its samples carry Python frames
         // from its first milliseconds, and workers it forks inherit the walker in kernel.
-        if let Some(py) = python.as_mut() {
-            py.on_process(&mut sampler.bpf, c.id());
-        }
+        engine.detect(c.id());
     }
     for &pid in &opts.pids {
-        let merger = python.as_mut().map(|py| PyMerger {
-            py,
-            bpf: &mut sampler.bpf,
-        });
-        let mut merger = merger;
-        agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+        see_process(&mut engine, &mut agg, pid);
     }
 
     // Kernel symbols now (start-up cost) rather than at the first kernel frame mid-session.
@@ -334,11 +295,11 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let progress = opts.progress && io::stderr().is_terminal();
     let mut last_housekeeping = Instant::now();
     let mut exit_status = None;
-    let mark = |sampler: &Sampler, agg: &Aggregator| -> Mark {
+    let mark = |engine: &Engine, agg: &Aggregator| -> Mark {
         (
             Instant::now(),
             rusage().0,
-            sampler.kernel_cost().run_time,
+            engine.kernel_cost().run_time,
             agg.total(),
         )
     };
@@ -348,46 +309,43 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         if elapsed >= opts.duration || stop.load(Ordering::Relaxed) {
             break;
         }
-        let timeout = (opts.duration - elapsed).min(DRAIN_INTERVAL);
-        let mut pfd = libc::pollfd {
-            fd: sampler.events_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
-        drain(&mut sampler, &mut agg, python.as_mut());
+        engine.wait((opts.duration - elapsed).min(DRAIN_INTERVAL));
+        drain(&mut engine, &mut agg);
 
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
             if let (Some(c), None) = (child.as_mut(), exit_status) {
                 exit_status = c.try_wait().ok().flatten();
             }
-            let live = housekeeping(&mut sampler, &mut agg, python.as_mut());
+            // Exited processes leave the target map; new children are registered while alive.
+            let live = engine.prune(Engine::is_live_target);
+            for &pid in &live {
+                see_process(&mut engine, &mut agg, pid);
+            }
             if progress {
                 eprint!(
                     "\r\x1b[2Krecording {:>5.1}s / {:.0}s   samples {:>7}   processes {}",
                     start.elapsed().as_secs_f64(),
                     opts.duration.as_secs_f64(),
                     agg.total(),
-                    agg.process_count().max(live),
+                    agg.process_count().max(live.len()),
                 );
                 let _ = io::stderr().flush();
             }
-            if live == 0 {
+            if live.is_empty() {
                 break; // every target exited
             }
             if steady_from.is_none() && start.elapsed() >= STEADY_AFTER {
-                steady_from = Some(mark(&sampler, &agg));
+                steady_from = Some(mark(&engine, &agg));
             }
         }
     }
     let wall = start.elapsed();
-    let kernel = sampler.kernel_cost();
-    drain(&mut sampler, &mut agg, python.as_mut());
+    let kernel = engine.kernel_cost();
+    drain(&mut engine, &mut agg);
     let (loop_cpu1, _) = rusage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
-        let (t1, cpu1, k1, n1) = mark(&sampler, &agg);
+        let (t1, cpu1, k1, n1) = mark(&engine, &agg);
         SteadyCost {
             wall: t1 - t0,
             events: n1 - n0,
@@ -409,19 +367,23 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         }
     }
 
-    let mut profile = agg.finish(opts.sample_hz, wall_start);
+    let mut profile = agg.finish(
+        EventKind::CpuSample,
+        EventKind::CpuSample.profile_kind(opts.sample_hz),
+        wall_start,
+    );
     // Interpreters found later by the background watcher (a child that exec'ed python, an
     // interpreter still initialising at first sight) name their runtime too.
-    if let Some(py) = python.as_ref() {
-        for (pid, meta) in profile.processes.iter_mut() {
-            if meta.runtime.is_none() {
-                meta.runtime = py.runtime(*pid).map(|r| r.display);
-            }
+    for (pid, meta) in profile.processes.iter_mut() {
+        if meta.runtime.is_none() {
+            meta.runtime = engine.runtime(*pid).map(|r| r.display);
         }
     }
+    let counters = engine.counters().clone();
     profile.duration = wall;
     profile.labels.node = hostname();
-    profile.dropped = sampler.stat(Stat::Dropped);
+    profile.dropped = counters.stat(Stat::Dropped);
+    let mut warnings = engine.warnings.clone();
     warnings.append(&mut profile.warnings);
     profile.warnings = warnings;
     if profile.dropped > 0 {
@@ -435,11 +397,11 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         events: agg.stats.events,
         distinct_stacks: agg.stats.distinct_stacks,
         dropped: profile.dropped,
-        targeted: sampler.stat(Stat::Targeted),
-        kernel_stack_errors: sampler.stat(Stat::KernelStackErr),
-        user_stack_errors: sampler.stat(Stat::UserStackErr),
-        children_followed: sampler.stat(Stat::ChildrenFollowed),
-        python: PyStat::ALL.map(|s| sampler.py_stat(s)),
+        targeted: counters.stat(Stat::Targeted),
+        kernel_stack_errors: counters.stat(Stat::KernelStackErr),
+        user_stack_errors: counters.stat(Stat::UserStackErr),
+        children_followed: counters.stat(Stat::ChildrenFollowed),
+        python: counters.python,
         wall,
         agent_cpu: cpu1.saturating_sub(cpu0),
         loop_cpu: loop_cpu1.saturating_sub(loop_cpu0),
@@ -454,48 +416,19 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     })
 }
 
-fn drain(sampler: &mut Sampler, agg: &mut Aggregator, mut python: Option<&mut PythonSupport>) {
-    let Sampler { events, bpf, .. } = sampler;
-    while let Some(item) = events.next() {
-        let mut merger = python
-            .as_deref_mut()
-            .map(|py| PyMerger { py, bpf: &mut *bpf });
-        agg.add_bytes(&item, merger.as_mut().map(|m| m as &mut dyn StackMerger));
-    }
+/// How long `record` waits for an interpreter that is still initialising when it first sees
+/// its process.
+const PYTHON_WAIT: Duration = Duration::from_secs(2);
+
+fn drain(engine: &mut Engine, agg: &mut Aggregator) {
+    engine.drain(|ev, merger| agg.add(ev, merger));
     agg.new_round();
 }
 
-/// Prunes the target map (exited processes; entries the fork follower added) and
-/// registers newly seen child processes. Returns the number of live targeted processes.
-fn housekeeping(
-    sampler: &mut Sampler,
-    agg: &mut Aggregator,
-    mut python: Option<&mut PythonSupport>,
-) -> usize {
-    let mut live = 0;
-    for (id, slot) in sampler.target_pids() {
-        let state = targets::proc_state(id);
-        let (tgid, alive) = (state.map(|s| s.0), state.is_some_and(|s| s.1));
-        match targets::prune_decision(id, slot.inherited != 0, tgid, alive) {
-            Prune::Keep => {
-                live += 1;
-                let mut merger = python.as_deref_mut().map(|py| PyMerger {
-                    py,
-                    bpf: &mut sampler.bpf,
-                });
-                agg.see_process(id, merger.as_mut().map(|m| m as &mut dyn StackMerger));
-            }
-            Prune::Remove => {
-                sampler.remove_pid(id);
-                if let Some(py) = python.as_deref_mut()
-                    && tgid.is_none()
-                {
-                    py.on_exit(id);
-                }
-            }
-        }
-    }
-    live
+/// Registers a process with the aggregation while it is alive (name, maps, runtime).
+fn see_process(engine: &mut Engine, agg: &mut Aggregator, pid: u32) {
+    let mut merger = engine.merger();
+    agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
 }
 
 /// Writes `profile.pb.gz`, `flamegraph.svg` and `summary.json` into `dir`.

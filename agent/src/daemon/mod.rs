@@ -11,7 +11,9 @@
 //! the rest stays in the spool and is sent at the next start.
 pub mod build;
 pub mod metrics;
+pub mod routing;
 pub mod sampler;
+pub mod window;
 
 use std::{
     net::SocketAddr,

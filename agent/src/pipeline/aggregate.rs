@@ -1,5 +1,6 @@
-//! Turns sample events into the aggregated [`Profile`]: each distinct raw stack (addresses) is
-//! symbolized once, when first seen — while its process is alive — and then only counted.
+//! Turns events into aggregated [`Profile`]s, one per event kind: each distinct raw stack
+//! (addresses) is symbolized once, when first seen — while its process is alive — and then
+//! only counted, its events' values summed per (kind, stack, thread).
 use std::{
     collections::{HashMap, HashSet},
     fs,
@@ -8,10 +9,11 @@ use std::{
     time::SystemTime,
 };
 
-use kprof_common::{FLAG_IN_KERNEL, SampleEvent, python::PyStack};
+use kprof_common::python::PyStack;
 
+use super::event::{Event, EventKind, comm_str};
 use crate::{
-    profile::{Frame, ProcessMeta, Profile, SampleKey},
+    profile::{Frame, ProcessMeta, Profile, ProfileKind, SampleKey},
     symbolize::Symbolizer,
 };
 
@@ -26,9 +28,10 @@ pub trait StackMerger {
     fn merge(&mut self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame>;
 }
 
-/// The addresses of one sample: what identifies a distinct stack before symbolization.
+/// The addresses of one event: what identifies a distinct stack before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RawKey {
+    pub kind: EventKind,
     pub pid: u32,
     /// Bumped when the process `exec`s (same pid, new address space).
     pub generation: u32,
@@ -41,18 +44,17 @@ pub struct RawKey {
 }
 
 impl RawKey {
-    pub fn of(ev: &SampleEvent) -> RawKey {
-        let k = (ev.kernel_len as usize).min(ev.kernel_ips.len());
-        let u = (ev.user_len as usize).min(ev.user_ips.len());
-        let p = (ev.py.count as usize).min(ev.py.frames.len());
+    pub fn of(ev: &Event<'_>) -> RawKey {
         RawKey {
+            kind: ev.kind,
             pid: ev.tgid,
             generation: 0,
             thread: ev.comm,
-            in_kernel: ev.flags & FLAG_IN_KERNEL != 0,
-            kernel: ev.kernel_ips[..k].to_vec(),
-            user: ev.user_ips[..u].to_vec(),
-            py: ev.py.frames[..p]
+            in_kernel: ev.in_kernel,
+            kernel: ev.kernel.to_vec(),
+            user: ev.user.to_vec(),
+            py: ev
+                .py_frames()
                 .iter()
                 .map(|f| (f.code, f.lasti, f.flags))
                 .collect(),
@@ -60,19 +62,24 @@ impl RawKey {
     }
 }
 
+/// What the events of one key add up to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Totals {
+    count: u64,
+    value: u64,
+}
+
 /// Counters of the aggregation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AggregateStats {
     pub events: u64,
     pub distinct_stacks: u64,
-    /// Events shorter than a `SampleEvent` (never expected).
-    pub malformed: u64,
 }
 
 /// Aggregates events into a profile.
 pub struct Aggregator {
     symbolizer: Symbolizer,
-    stacks: HashMap<RawKey, (SampleKey, u64)>,
+    stacks: HashMap<RawKey, (SampleKey, Totals)>,
     processes: HashMap<u32, ProcessMeta>,
     /// Identity (device, inode) of each process's executable, to notice `exec` when the
     /// samples carry no exec id.
@@ -91,16 +98,17 @@ fn exe_identity(pid: u32) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
+/// The process's name (`/proc/<pid>/comm`; empty once it exited).
+fn process_name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
 impl Default for Aggregator {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// A NUL-padded `comm` as a string.
-pub fn comm_str(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 impl Aggregator {
@@ -132,9 +140,7 @@ impl Aggregator {
             self.exe.insert(pid, id);
         }
         self.checked_this_round.insert(pid);
-        let name = fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|s| s.trim_end().to_owned())
-            .unwrap_or_default();
+        let name = process_name(pid);
         let mut meta = ProcessMeta {
             name,
             runtime: None,
@@ -148,20 +154,8 @@ impl Aggregator {
         self.processes.insert(pid, meta);
     }
 
-    /// Adds one ring-buffer record.
-    pub fn add_bytes(&mut self, bytes: &[u8], merger: Option<&mut dyn StackMerger>) {
-        if bytes.len() < size_of::<SampleEvent>() {
-            self.stats.malformed += 1;
-            return;
-        }
-        // SAFETY: the record holds a whole `SampleEvent` written by the eBPF program (a
-        // plain-integer `#[repr(C)]` type); read_unaligned copies it out of the ring.
-        let ev: SampleEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        self.add(&ev, merger);
-    }
-
-    /// Adds one sample.
-    pub fn add(&mut self, ev: &SampleEvent, mut merger: Option<&mut dyn StackMerger>) {
+    /// Adds one event.
+    pub fn add(&mut self, ev: &Event<'_>, mut merger: Option<&mut dyn StackMerger>) {
         self.stats.events += 1;
         let pid = ev.tgid;
         let execed = if ev.exec_id != 0 {
@@ -190,8 +184,9 @@ impl Aggregator {
         }
         let mut raw = RawKey::of(ev);
         raw.generation = self.generation.get(&pid).copied().unwrap_or(0);
-        if let Some((_, count)) = self.stacks.get_mut(&raw) {
-            *count += 1;
+        if let Some((_, totals)) = self.stacks.get_mut(&raw) {
+            totals.count += 1;
+            totals.value += ev.value;
             return;
         }
         if !self.processes.contains_key(&pid) {
@@ -206,7 +201,7 @@ impl Aggregator {
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
         let user = match merger {
-            Some(m) if ev.py.count > 0 => m.merge(pid, native, &ev.py),
+            Some(m) if ev.py.count > 0 => m.merge(pid, native, ev.py),
             _ => native,
         };
         frames.extend(user);
@@ -221,7 +216,16 @@ impl Aggregator {
             stack: Arc::from(frames),
         };
         self.stats.distinct_stacks += 1;
-        self.stacks.insert(raw, (key, 1));
+        self.stacks.insert(
+            raw,
+            (
+                key,
+                Totals {
+                    count: 1,
+                    value: ev.value,
+                },
+            ),
+        );
     }
 
     /// Starts a new drain round (allows one maps re-read and one exec check per process).
@@ -268,9 +272,7 @@ impl Aggregator {
         self.symbolizer.forget(pid);
         self.symbolizer.track(pid);
         if let Some(meta) = self.processes.get_mut(&pid) {
-            meta.name = fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|s| s.trim_end().to_owned())
-                .unwrap_or_default();
+            meta.name = process_name(pid);
             meta.runtime = None;
         }
     }
@@ -284,9 +286,14 @@ impl Aggregator {
         }
     }
 
-    /// Total samples so far.
+    /// Total events so far.
     pub fn total(&self) -> u64 {
         self.stats.events
+    }
+
+    /// The kinds of the events seen so far.
+    pub fn kinds(&self) -> std::collections::BTreeSet<EventKind> {
+        self.stacks.keys().map(|k| k.kind).collect()
     }
 
     /// Processes seen so far.
@@ -294,11 +301,13 @@ impl Aggregator {
         self.processes.len()
     }
 
-    /// Builds the profile.
-    pub fn finish(&self, sample_hz: u32, start: SystemTime) -> Profile {
-        let mut p = Profile::new(sample_hz, start);
-        for (key, count) in self.stacks.values() {
-            p.add(key.clone(), *count);
+    /// Builds the profile of the events of one kind, reported as `kind`.
+    pub fn finish(&self, events: EventKind, kind: ProfileKind, start: SystemTime) -> Profile {
+        let mut p = Profile::of_kind(kind, start);
+        for (raw, (key, totals)) in &self.stacks {
+            if raw.kind == events {
+                p.add_value(key.clone(), totals.count, totals.value);
+            }
         }
         p.processes = self
             .processes
@@ -319,25 +328,34 @@ mod tests {
     use super::*;
     use crate::profile::FrameKind;
 
-    fn event(pid: u32, user: &[u64]) -> Box<SampleEvent> {
-        // SAFETY: SampleEvent is plain integers; all-zero is a valid value.
-        let mut ev: Box<SampleEvent> = Box::new(unsafe { std::mem::zeroed() });
-        ev.tgid = pid;
-        ev.tid = pid;
-        ev.comm[..4].copy_from_slice(b"work");
-        ev.user_len = user.len() as u32;
-        ev.user_ips[..user.len()].copy_from_slice(user);
-        ev
+    const PERIOD: u64 = 1_000_000_000 / 99;
+    const CPU: ProfileKind = ProfileKind::Cpu { sample_hz: 99 };
+
+    fn event<'a>(pid: u32, user: &'a [u64]) -> Event<'a> {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"work");
+        Event {
+            kind: EventKind::CpuSample,
+            value: PERIOD,
+            tgid: pid,
+            tid: pid,
+            slot: 0,
+            comm,
+            exec_id: 0,
+            in_kernel: false,
+            kernel: &[],
+            user,
+            py: &PyStack::EMPTY,
+        }
     }
 
     #[test]
     fn a_newer_exec_id_starts_a_new_generation_an_older_one_does_not() {
         let mut agg = Aggregator::new();
         let pid = u32::MAX - 11;
-        let with_exec = |id: u32| {
-            let mut ev = event(pid, &[0x1000]);
-            ev.exec_id = id;
-            ev
+        let with_exec = |id: u32| Event {
+            exec_id: id,
+            ..event(pid, &[0x1000])
         };
         agg.add(&with_exec(5), None);
         agg.add(&with_exec(5), None);
@@ -364,8 +382,9 @@ mod tests {
         agg.add(&event(pid, &[0x1000, 0x3000]), None);
         assert_eq!(agg.stats.events, 6);
         assert_eq!(agg.stats.distinct_stacks, 2);
-        let p = agg.finish(99, SystemTime::UNIX_EPOCH);
+        let p = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
         assert_eq!(p.total(), 6);
+        assert_eq!(p.total_value(), 6 * PERIOD);
         let (key, count) = p
             .sorted_samples()
             .into_iter()
@@ -380,11 +399,29 @@ mod tests {
     }
 
     #[test]
-    fn short_records_are_counted_as_malformed() {
+    fn kinds_are_kept_apart_and_their_values_summed() {
         let mut agg = Aggregator::new();
-        agg.add_bytes(&[0u8; 16], None);
-        assert_eq!(agg.stats.malformed, 1);
-        assert_eq!(agg.stats.events, 0);
+        let pid = u32::MAX - 5;
+        agg.add(&event(pid, &[0x1000]), None);
+        let off = |ns| Event {
+            kind: EventKind::OffCpu,
+            value: ns,
+            ..event(pid, &[0x1000])
+        };
+        agg.add(&off(3_000), None);
+        agg.add(&off(4_000), None);
+        assert_eq!(agg.stats.distinct_stacks, 2, "same stack, two kinds");
+        let kinds: Vec<_> = agg.kinds().into_iter().collect();
+        assert_eq!(kinds, [EventKind::CpuSample, EventKind::OffCpu]);
+        let cpu = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
+        assert_eq!((cpu.total(), cpu.total_value()), (1, PERIOD));
+        let wait = agg.finish(
+            EventKind::OffCpu,
+            ProfileKind::OffCpu,
+            SystemTime::UNIX_EPOCH,
+        );
+        assert_eq!((wait.total(), wait.total_value()), (2, 7_000));
+        assert_eq!(wait.kind, ProfileKind::OffCpu);
     }
 
     struct FakePython;
@@ -403,12 +440,16 @@ mod tests {
     #[test]
     fn python_frames_are_merged() {
         let mut agg = Aggregator::new();
-        let mut ev = event(u32::MAX - 9, &[0x1000]);
-        ev.py.count = 1;
-        ev.py.frames[0].code = 0xdead;
+        let mut stack = PyStack::EMPTY;
+        stack.count = 1;
+        stack.frames[0].code = 0xdead;
+        let ev = Event {
+            py: &stack,
+            ..event(u32::MAX - 9, &[0x1000])
+        };
         let mut py = FakePython;
         agg.add(&ev, Some(&mut py));
-        let p = agg.finish(99, SystemTime::UNIX_EPOCH);
+        let p = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
         let (key, _) = p.sorted_samples()[0];
         assert_eq!(key.stack[0].kind, FrameKind::Python);
         assert_eq!(
