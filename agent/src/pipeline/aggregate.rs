@@ -3,8 +3,6 @@
 //! only counted, its events' values summed per (kind, stack, thread).
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    os::unix::fs::MetadataExt as _,
     sync::Arc,
     time::SystemTime,
 };
@@ -92,19 +90,6 @@ pub struct Aggregator {
     pub warnings: Vec<String>,
 }
 
-fn exe_identity(pid: u32) -> Option<(u64, u64)> {
-    fs::metadata(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
-/// The process's name (`/proc/<pid>/comm`; empty once it exited).
-fn process_name(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_owned())
-        .unwrap_or_default()
-}
-
 impl Default for Aggregator {
     fn default() -> Self {
         Self::new()
@@ -136,11 +121,11 @@ impl Aggregator {
             return;
         }
         self.symbolizer.track(pid);
-        if let Some(id) = exe_identity(pid) {
+        if let Some(id) = crate::proc::exe_identity(pid) {
             self.exe.insert(pid, id);
         }
         self.checked_this_round.insert(pid);
-        let name = process_name(pid);
+        let name = crate::proc::name(pid);
         let mut meta = ProcessMeta {
             name,
             runtime: None,
@@ -254,7 +239,7 @@ impl Aggregator {
 
     /// Without exec ids: a process whose executable changed since it was first seen `exec`ed.
     fn check_exec(&mut self, pid: u32) -> bool {
-        let Some(now) = exe_identity(pid) else {
+        let Some(now) = crate::proc::exe_identity(pid) else {
             return false; // exited: keep what we know
         };
         if self.exe.get(&pid) == Some(&now) {
@@ -272,7 +257,7 @@ impl Aggregator {
         self.symbolizer.forget(pid);
         self.symbolizer.track(pid);
         if let Some(meta) = self.processes.get_mut(&pid) {
-            meta.name = process_name(pid);
+            meta.name = crate::proc::name(pid);
             meta.runtime = None;
         }
     }

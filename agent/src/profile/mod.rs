@@ -1,7 +1,8 @@
 //! The aggregated profile of one kind over one window: symbolized stacks with counts, summed
-//! values and labels. Everything
-//! that is written (pprof, flame graph, top table) is derived from this one model.
+//! values and labels. Everything that is written (pprof, flame graph, top table) is derived
+//! from this one model.
 pub mod frame;
+pub mod module;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -10,8 +11,7 @@ use std::{
 };
 
 pub use frame::{Frame, FrameKind};
-
-use crate::symbolize::ModuleInfo;
+pub use module::{ModuleId, ModuleInfo};
 
 /// What a sample is aggregated by: process, thread name and the stack (innermost first).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -510,7 +510,7 @@ fn unknown_frame(code: u64) -> Frame {
 
 /// Background retries of pending processes; exits when none is left.
 fn watcher(shared: Arc<Mutex<Inner>>) {
-    let mut seen: HashMap<u32, Option<(String, usize)>> = HashMap::new();
+    let mut seen: HashMap<u32, Option<Signature>> = HashMap::new();
     let mut tick = 0u64;
     loop {
         // Not faster: each look at a pending process reads its maps, and forked children are
@@ -603,13 +603,12 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-/// What changes when a process `exec`s or maps a new library: the executable and the number
-/// of mappings.
-fn process_signature(pid: u32) -> Option<(String, usize)> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()?
-        .to_string_lossy()
-        .into_owned();
+/// What changes when a process `exec`s or maps a new library: the executable's identity and
+/// the number of mappings.
+type Signature = ((u64, u64), usize);
+
+fn process_signature(pid: u32) -> Option<Signature> {
+    let exe = crate::proc::exe_identity(pid)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     Some((exe, maps.lines().count()))
 }
