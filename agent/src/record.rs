@@ -104,6 +104,11 @@ pub struct SessionStats {
     pub wall: Duration,
     /// User + system CPU of the agent process over the session.
     pub agent_cpu: Duration,
+    /// CPU of the agent process from its start until sampling started (programs loaded and
+    /// attached, targets in the map): the start-up cost.
+    pub startup_cpu: Duration,
+    /// Wall time from the start of the session until sampling started.
+    pub startup_wall: Duration,
     /// Part of `agent_cpu` spent while sampling (draining, symbolizing new stacks, counting),
     /// without loading the programs and writing the outputs.
     pub loop_cpu: Duration,
@@ -181,6 +186,8 @@ impl SessionStats {
             "wall_s": round(self.wall.as_secs_f64(), 3),
             "agent_cpu_s": round(self.agent_cpu.as_secs_f64(), 6),
             "loop_cpu_s": round(self.loop_cpu.as_secs_f64(), 6),
+            "startup_cpu_s": round(self.startup_cpu.as_secs_f64(), 6),
+            "startup_wall_s": round(self.startup_wall.as_secs_f64(), 3),
             "peak_rss_kib": self.peak_rss_kib,
             "bpf_run_count": self.kernel.run_count,
             "bpf_run_time_ns": self.kernel.run_time.as_nanos() as u64,
@@ -216,17 +223,6 @@ pub fn prepare_output_dir(dir: &Path) -> Result<(), RecordError> {
     Ok(())
 }
 
-fn rusage() -> (Duration, u64) {
-    // SAFETY: getrusage fills a zeroed struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64)
-}
-
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -253,7 +249,8 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         }
         .into());
     }
-    let (cpu0, _) = rusage();
+    let session_start = Instant::now();
+    let (cpu0, _) = crate::proc::self_usage();
     let mut engine = Engine::start(EngineConfig {
         sampler: SamplerConfig {
             sample_hz: u64::from(opts.sample_hz),
@@ -286,19 +283,19 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         see_process(&mut engine, &mut agg, pid);
     }
 
-    // Kernel symbols now (start-up cost) rather than at the first kernel frame mid-session.
-    crate::symbolize::kallsyms::shared();
-
+    // Sampling runs from here. Kernel symbols are read at the first kernel frame.
     let start = Instant::now();
+    let startup_wall = session_start.elapsed();
     let wall_start = SystemTime::now();
-    let (loop_cpu0, _) = rusage();
+    let (loop_cpu0, _) = crate::proc::self_usage();
+    tracing::debug!(cpu = ?loop_cpu0, wall = ?startup_wall, "sampling started");
     let progress = opts.progress && io::stderr().is_terminal();
     let mut last_housekeeping = Instant::now();
     let mut exit_status = None;
     let mark = |engine: &Engine, agg: &Aggregator| -> Mark {
         (
             Instant::now(),
-            rusage().0,
+            crate::proc::self_usage().0,
             engine.kernel_cost().run_time,
             agg.total(),
         )
@@ -343,7 +340,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let wall = start.elapsed();
     let kernel = engine.kernel_cost();
     drain(&mut engine, &mut agg);
-    let (loop_cpu1, _) = rusage();
+    let (loop_cpu1, _) = crate::proc::self_usage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
         let (t1, cpu1, k1, n1) = mark(&engine, &agg);
         SteadyCost {
@@ -392,7 +389,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             profile.dropped
         ));
     }
-    let (cpu1, rss) = rusage();
+    let (cpu1, rss) = crate::proc::self_usage();
     let stats = SessionStats {
         events: agg.stats.events,
         distinct_stacks: agg.stats.distinct_stacks,
@@ -405,6 +402,8 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         wall,
         agent_cpu: cpu1.saturating_sub(cpu0),
         loop_cpu: loop_cpu1.saturating_sub(loop_cpu0),
+        startup_cpu: loop_cpu0,
+        startup_wall,
         peak_rss_kib: rss,
         kernel,
         steady,

@@ -141,7 +141,9 @@ impl Engine {
     fn load(
         cfg: &EngineConfig,
     ) -> Result<(Sampler, Option<PythonSupport>, Vec<String>), LoadError> {
+        let cpu0 = crate::proc::self_usage().0;
         let mut sampler = Sampler::load_with(&cfg.sampler, cfg.python)?;
+        let cpu1 = crate::proc::self_usage().0;
         let mut warnings = sampler.warnings.clone();
         let python = if cfg.python && sampler.python_walker {
             match PythonSupport::new(&mut sampler.bpf) {
@@ -154,6 +156,11 @@ impl Engine {
         } else {
             None
         };
+        tracing::debug!(
+            programs = ?cpu1.saturating_sub(cpu0),
+            python = ?crate::proc::self_usage().0.saturating_sub(cpu1),
+            "engine loaded (CPU)"
+        );
         Ok((sampler, python, warnings))
     }
 
