@@ -74,6 +74,7 @@ images: ## Build the operator and agent images and import them into the test clu
 .PHONY: bench
 bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing)
 	agent/bench/overhead.sh
+	agent/bench/startup.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh
 	$(CARGO) run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000

@@ -2,9 +2,10 @@
 //! aggregation and pprof / flame graph / top-table output.
 //!
 //! One module per job: `loader` (eBPF load/attach), `targets` (which processes), `symbolize`
-//! (addresses → frames), `aggregate` (events → profile), `pprof`, `flamegraph`, `top`,
-//! `record` (a session), `cgroup` (pid → container), `cli` (argument helpers).
-pub mod aggregate;
+//! (addresses → frames), `pipeline` (the engine both drivers run: draining, the event model,
+//! aggregation), `profile` (the model), `pprof`, `flamegraph`, `top`, `record` (one window
+//! written to files), `daemon` (aligned windows per target, to the spool), `cgroup`
+//! (pid → container), `cli` (argument helpers).
 pub mod btf;
 pub mod cgroup;
 pub mod cli;
@@ -12,8 +13,11 @@ pub mod daemon;
 pub mod flamegraph;
 pub mod k8s;
 pub mod loader;
+pub mod metrics;
 pub mod perf;
+pub mod pipeline;
 pub mod pprof;
+pub mod proc;
 pub mod profile;
 pub mod python;
 pub mod record;

@@ -130,7 +130,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
     print!("{}", record::top_table(&rec, args.top));
     let s = &rec.stats;
     eprintln!(
-        "kprof: {} samples ({} dropped) from {} process(es) in {:.1}s at {} Hz; eBPF {:.2} µs/run; agent CPU {:.3}s; peak RSS {} MiB",
+        "kprof: {} samples ({} dropped) from {} process(es) in {:.1}s at {} Hz; eBPF {:.2} µs/run; agent CPU {:.3}s ({:.3}s before sampling); peak RSS {} MiB",
         s.events,
         s.dropped,
         rec.profile.processes.len(),
@@ -138,6 +138,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         opts.sample_hz,
         s.kernel_ns_per_run() / 1000.0,
         s.agent_cpu.as_secs_f64(),
+        s.startup_cpu.as_secs_f64(),
         s.peak_rss_kib / 1024,
     );
     for (pid, p) in &rec.profile.processes {

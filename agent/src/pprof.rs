@@ -38,20 +38,21 @@ impl Strings {
 /// Builds the pprof message of a profile.
 pub fn build(profile: &Profile) -> PprofProfile {
     let mut st = Strings::new();
+    // The sample types are the profile kind's, declared once in `kprof_pprof::types`.
+    let types = profile.kind.pprof_types();
+    let sample_type = types
+        .sample_types
+        .iter()
+        .map(|t| ValueType {
+            r#type: st.id(t.r#type),
+            unit: st.id(t.unit),
+        })
+        .collect();
     let mut out = PprofProfile {
-        sample_type: vec![
-            ValueType {
-                r#type: st.id("samples"),
-                unit: st.id("count"),
-            },
-            ValueType {
-                r#type: st.id("cpu"),
-                unit: st.id("nanoseconds"),
-            },
-        ],
+        sample_type,
         period_type: Some(ValueType {
-            r#type: st.id("cpu"),
-            unit: st.id("nanoseconds"),
+            r#type: st.id(types.period_type.r#type),
+            unit: st.id(types.period_type.unit),
         }),
         period: profile.period_ns(),
         time_nanos: profile
@@ -251,7 +252,7 @@ pub fn build(profile: &Profile) -> PprofProfile {
         }
         out.sample.push(Sample {
             location_id: loc_ids,
-            value: vec![count as i64, profile.cpu_ns_of(key) as i64],
+            value: profile.kind.pprof_values(count, profile.value_of(key)),
             label,
         });
     }

@@ -12,13 +12,16 @@ use std::{
 use kprof_common::{Stat, python::PyStat};
 
 use crate::{
-    aggregate::{Aggregator, StackMerger},
     flamegraph,
-    loader::{KernelCost, LoadError, Sampler, SamplerConfig},
+    loader::{KernelCost, LoadError, SamplerConfig},
+    pipeline::{
+        aggregate::{Aggregator, StackMerger},
+        engine::{Engine, EngineConfig},
+        event::EventKind,
+    },
     pprof,
-    profile::{Frame, Profile},
-    python::PythonSupport,
-    targets::{self, Prune, TargetError},
+    profile::Profile,
+    targets::{self, TargetError},
     top,
 };
 
@@ -104,6 +107,11 @@ pub struct SessionStats {
     pub wall: Duration,
     /// User + system CPU of the agent process over the session.
     pub agent_cpu: Duration,
+    /// CPU of the agent process from its start until sampling started (programs loaded and
+    /// attached, targets in the map): the start-up cost.
+    pub startup_cpu: Duration,
+    /// Wall time from the start of the session until sampling started.
+    pub startup_wall: Duration,
     /// Part of `agent_cpu` spent while sampling (draining, symbolizing new stacks, counting),
     /// without loading the programs and writing the outputs.
     pub loop_cpu: Duration,
@@ -181,6 +189,8 @@ impl SessionStats {
             "wall_s": round(self.wall.as_secs_f64(), 3),
             "agent_cpu_s": round(self.agent_cpu.as_secs_f64(), 6),
             "loop_cpu_s": round(self.loop_cpu.as_secs_f64(), 6),
+            "startup_cpu_s": round(self.startup_cpu.as_secs_f64(), 6),
+            "startup_wall_s": round(self.startup_wall.as_secs_f64(), 3),
             "peak_rss_kib": self.peak_rss_kib,
             "bpf_run_count": self.kernel.run_count,
             "bpf_run_time_ns": self.kernel.run_time.as_nanos() as u64,
@@ -216,41 +226,6 @@ pub fn prepare_output_dir(dir: &Path) -> Result<(), RecordError> {
     Ok(())
 }
 
-fn rusage() -> (Duration, u64) {
-    // SAFETY: getrusage fills a zeroed struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64)
-}
-
-struct PyMerger<'a> {
-    py: &'a mut PythonSupport,
-    bpf: &'a mut aya::Ebpf,
-}
-
-impl StackMerger for PyMerger<'_> {
-    fn on_exec(&mut self, pid: u32) {
-        self.py.on_exec(pid);
-    }
-    fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
-        self.py
-            .on_process(self.bpf, pid)
-            .map(|r| (r.display, r.warnings))
-    }
-    fn merge(
-        &mut self,
-        pid: u32,
-        native: Vec<Frame>,
-        py: &kprof_common::python::PyStack,
-    ) -> Vec<Frame> {
-        self.py.merge(pid, native, py)
-    }
-}
-
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -277,31 +252,20 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         }
         .into());
     }
-    let (cpu0, _) = rusage();
-    let mut sampler = Sampler::load_with(
-        &SamplerConfig {
+    let session_start = Instant::now();
+    let (cpu0, _) = crate::proc::self_usage();
+    let mut engine = Engine::start(EngineConfig {
+        sampler: SamplerConfig {
             sample_hz: u64::from(opts.sample_hz),
             follow_children: opts.follow_children,
             cgroup_filter: false,
             bpf_stats: true,
             clock_jitter: opts.clock_jitter,
         },
-        opts.python,
-    )?;
-    let mut warnings = sampler.warnings.clone();
-    let mut python = if opts.python && sampler.python_walker {
-        match PythonSupport::new(&mut sampler.bpf) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                warnings.push(format!("python frames disabled: {e}"));
-                None
-            }
-        }
-    } else {
-        None
-    };
+        python: opts.python,
+        python_wait: Some(PYTHON_WAIT),
+    })?;
     let mut agg = Aggregator::new();
-    let period_ns = 1_000_000_000 / u64::from(opts.sample_hz.max(1));
 
     let mut child: Option<Child> = None;
     let mut pids = opts.pids.clone();
@@ -311,39 +275,32 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         child = Some(c);
     }
     for &pid in &pids {
-        sampler.add_pid(pid, 0)?;
+        engine.add_target(pid, 0)?;
     }
     if let Some(c) = &child {
         targets::resume(c);
         // Look for an interpreter now, not at the first drain: its samples carry Python frames
         // from its first milliseconds, and workers it forks inherit the walker in kernel.
-        if let Some(py) = python.as_mut() {
-            py.on_process(&mut sampler.bpf, c.id());
-        }
+        engine.detect(c.id());
     }
     for &pid in &opts.pids {
-        let merger = python.as_mut().map(|py| PyMerger {
-            py,
-            bpf: &mut sampler.bpf,
-        });
-        let mut merger = merger;
-        agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+        see_process(&mut engine, &mut agg, pid);
     }
 
-    // Kernel symbols now (start-up cost) rather than at the first kernel frame mid-session.
-    crate::symbolize::kallsyms::shared();
-
+    // Sampling runs from here. Kernel symbols are read at the first kernel frame.
     let start = Instant::now();
+    let startup_wall = session_start.elapsed();
     let wall_start = SystemTime::now();
-    let (loop_cpu0, _) = rusage();
+    let (loop_cpu0, _) = crate::proc::self_usage();
+    tracing::debug!(cpu = ?loop_cpu0, wall = ?startup_wall, "sampling started");
     let progress = opts.progress && io::stderr().is_terminal();
     let mut last_housekeeping = Instant::now();
     let mut exit_status = None;
-    let mark = |sampler: &Sampler, agg: &Aggregator| -> Mark {
+    let mark = |engine: &Engine, agg: &Aggregator| -> Mark {
         (
             Instant::now(),
-            rusage().0,
-            sampler.kernel_cost().run_time,
+            crate::proc::self_usage().0,
+            engine.kernel_cost().run_time,
             agg.total(),
         )
     };
@@ -353,46 +310,43 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         if elapsed >= opts.duration || stop.load(Ordering::Relaxed) {
             break;
         }
-        let timeout = (opts.duration - elapsed).min(DRAIN_INTERVAL);
-        let mut pfd = libc::pollfd {
-            fd: sampler.events_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().max(1) as i32) };
-        drain(&mut sampler, &mut agg, period_ns, python.as_mut());
+        engine.wait((opts.duration - elapsed).min(DRAIN_INTERVAL));
+        drain(&mut engine, &mut agg);
 
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
             if let (Some(c), None) = (child.as_mut(), exit_status) {
                 exit_status = c.try_wait().ok().flatten();
             }
-            let live = housekeeping(&mut sampler, &mut agg, python.as_mut());
+            // Exited processes leave the target map; new children are registered while alive.
+            let live = engine.prune(Engine::is_live_target);
+            for &pid in &live {
+                see_process(&mut engine, &mut agg, pid);
+            }
             if progress {
                 eprint!(
                     "\r\x1b[2Krecording {:>5.1}s / {:.0}s   samples {:>7}   processes {}",
                     start.elapsed().as_secs_f64(),
                     opts.duration.as_secs_f64(),
                     agg.total(),
-                    agg.process_count().max(live),
+                    agg.process_count().max(live.len()),
                 );
                 let _ = io::stderr().flush();
             }
-            if live == 0 {
+            if live.is_empty() {
                 break; // every target exited
             }
             if steady_from.is_none() && start.elapsed() >= STEADY_AFTER {
-                steady_from = Some(mark(&sampler, &agg));
+                steady_from = Some(mark(&engine, &agg));
             }
         }
     }
     let wall = start.elapsed();
-    let kernel = sampler.kernel_cost();
-    drain(&mut sampler, &mut agg, period_ns, python.as_mut());
-    let (loop_cpu1, _) = rusage();
+    let kernel = engine.kernel_cost();
+    drain(&mut engine, &mut agg);
+    let (loop_cpu1, _) = crate::proc::self_usage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
-        let (t1, cpu1, k1, n1) = mark(&sampler, &agg);
+        let (t1, cpu1, k1, n1) = mark(&engine, &agg);
         SteadyCost {
             wall: t1 - t0,
             events: n1 - n0,
@@ -414,19 +368,23 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         }
     }
 
-    let mut profile = agg.finish(opts.sample_hz, wall_start);
+    let mut profile = agg.finish(
+        EventKind::CpuSample,
+        EventKind::CpuSample.profile_kind(opts.sample_hz),
+        wall_start,
+    );
     // Interpreters found later by the background watcher (a child that exec'ed python, an
     // interpreter still initialising at first sight) name their runtime too.
-    if let Some(py) = python.as_ref() {
-        for (pid, meta) in profile.processes.iter_mut() {
-            if meta.runtime.is_none() {
-                meta.runtime = py.runtime(*pid).map(|r| r.display);
-            }
+    for (pid, meta) in profile.processes.iter_mut() {
+        if meta.runtime.is_none() {
+            meta.runtime = engine.runtime(*pid).map(|r| r.display);
         }
     }
+    let counters = engine.counters().clone();
     profile.duration = wall;
     profile.labels.node = hostname();
-    profile.dropped = sampler.stat(Stat::Dropped);
+    profile.dropped = counters.stat(Stat::Dropped);
+    let mut warnings = engine.warnings.clone();
     warnings.append(&mut profile.warnings);
     profile.warnings = warnings;
     if profile.dropped > 0 {
@@ -435,19 +393,21 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             profile.dropped
         ));
     }
-    let (cpu1, rss) = rusage();
+    let (cpu1, rss) = crate::proc::self_usage();
     let stats = SessionStats {
         events: agg.stats.events,
         distinct_stacks: agg.stats.distinct_stacks,
         dropped: profile.dropped,
-        targeted: sampler.stat(Stat::Targeted),
-        kernel_stack_errors: sampler.stat(Stat::KernelStackErr),
-        user_stack_errors: sampler.stat(Stat::UserStackErr),
-        children_followed: sampler.stat(Stat::ChildrenFollowed),
-        python: PyStat::ALL.map(|s| sampler.py_stat(s)),
+        targeted: counters.stat(Stat::Targeted),
+        kernel_stack_errors: counters.stat(Stat::KernelStackErr),
+        user_stack_errors: counters.stat(Stat::UserStackErr),
+        children_followed: counters.stat(Stat::ChildrenFollowed),
+        python: counters.python,
         wall,
         agent_cpu: cpu1.saturating_sub(cpu0),
         loop_cpu: loop_cpu1.saturating_sub(loop_cpu0),
+        startup_cpu: loop_cpu0,
+        startup_wall,
         peak_rss_kib: rss,
         kernel,
         steady,
@@ -459,57 +419,19 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     })
 }
 
-fn drain(
-    sampler: &mut Sampler,
-    agg: &mut Aggregator,
-    period_ns: u64,
-    mut python: Option<&mut PythonSupport>,
-) {
-    let Sampler { events, bpf, .. } = sampler;
-    while let Some(item) = events.next() {
-        let mut merger = python
-            .as_deref_mut()
-            .map(|py| PyMerger { py, bpf: &mut *bpf });
-        agg.add_bytes(
-            &item,
-            period_ns,
-            merger.as_mut().map(|m| m as &mut dyn StackMerger),
-        );
-    }
+/// How long `record` waits for an interpreter that is still initialising when it first sees
+/// its process.
+const PYTHON_WAIT: Duration = Duration::from_secs(2);
+
+fn drain(engine: &mut Engine, agg: &mut Aggregator) {
+    engine.drain(|ev, merger| agg.add(ev, merger));
     agg.new_round();
 }
 
-/// Prunes the target map (exited processes; entries the fork follower added) and
-/// registers newly seen child processes. Returns the number of live targeted processes.
-fn housekeeping(
-    sampler: &mut Sampler,
-    agg: &mut Aggregator,
-    mut python: Option<&mut PythonSupport>,
-) -> usize {
-    let mut live = 0;
-    for (id, slot) in sampler.target_pids() {
-        let state = targets::proc_state(id);
-        let (tgid, alive) = (state.map(|s| s.0), state.is_some_and(|s| s.1));
-        match targets::prune_decision(id, slot.inherited != 0, tgid, alive) {
-            Prune::Keep => {
-                live += 1;
-                let mut merger = python.as_deref_mut().map(|py| PyMerger {
-                    py,
-                    bpf: &mut sampler.bpf,
-                });
-                agg.see_process(id, merger.as_mut().map(|m| m as &mut dyn StackMerger));
-            }
-            Prune::Remove => {
-                sampler.remove_pid(id);
-                if let Some(py) = python.as_deref_mut()
-                    && tgid.is_none()
-                {
-                    py.on_exit(id);
-                }
-            }
-        }
-    }
-    live
+/// Registers a process with the aggregation while it is alive (name, maps, runtime).
+fn see_process(engine: &mut Engine, agg: &mut Aggregator, pid: u32) {
+    let mut merger = engine.merger();
+    agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
 }
 
 /// Writes `profile.pb.gz`, `flamegraph.svg` and `summary.json` into `dir`.

@@ -544,7 +544,7 @@ fn periodic_errors(p: &Profile, truth_file: &std::path::Path) -> (f64, f64, Stri
                 .iter()
                 .find(|n| *f.function == *format!("periodic.{n}"))
         }) {
-            *measured.entry(f).or_default() += p.cpu_ns_of(key) as f64;
+            *measured.entry(f).or_default() += p.value_of(key) as f64;
         }
     }
     let total: f64 = measured.values().sum();
@@ -559,7 +559,7 @@ fn periodic_errors(p: &Profile, truth_file: &std::path::Path) -> (f64, f64, Stri
     let cpu_err = 100.0 * (total - truth_total) / truth_total;
     line.push_str(&format!(
         " all={:.2}s/{} samples",
-        p.total_cpu_ns() as f64 / 1e9,
+        p.total_value() as f64 / 1e9,
         p.total()
     ));
     line.push_str(&format!(

@@ -32,7 +32,7 @@ fn check(interp: &harness::Interp) -> Result<String, String> {
     let m = harness::markers("threads.py");
     let mut support = PythonSupport::without_kernel(0);
     let info = support
-        .attach_user_wait(w.pid, Duration::from_secs(5))
+        .attach(w.pid, Duration::from_secs(5))
         .ok_or_else(|| format!("{}: not detected as Python", interp.name))?;
     if !info.python_frames {
         return Err(format!(
@@ -175,7 +175,7 @@ fn non_python_process_is_not_detected() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let mut s = PythonSupport::without_kernel(0);
-    assert!(s.attach_user(child.id()).is_none());
+    assert!(s.attach(child.id(), Duration::ZERO).is_none());
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -209,7 +209,7 @@ fn unsupported_versions_warn() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let mut s = PythonSupport::without_kernel(0);
-        let info = s.attach_user_wait(child.id(), Duration::from_secs(2));
+        let info = s.attach(child.id(), Duration::from_secs(2));
         let _ = child.kill();
         let _ = child.wait();
         let info = info.unwrap_or_else(|| panic!("python {v} not reported"));

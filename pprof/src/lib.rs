@@ -6,6 +6,8 @@
 //! is declared, so that a profile written by another tool (Go, py-spy, Pyroscope) decodes and
 //! encodes again without losing anything kprof shows.
 
+pub mod types;
+
 use std::io::{Read, Write};
 
 use flate2::{Compression, read::GzDecoder, write::GzEncoder};

@@ -10,8 +10,11 @@
 //! windows (partial Profiles), then the uploader gets `--drain-timeout` to send what it can;
 //! the rest stays in the spool and is sent at the next start.
 pub mod build;
-pub mod metrics;
+/// Kept here for the cluster modules that still name it `daemon::metrics`.
+pub use crate::metrics;
+pub mod routing;
 pub mod sampler;
+pub mod window;
 
 use std::{
     net::SocketAddr,

@@ -1,6 +1,8 @@
-//! The aggregated profile of one window: symbolized stacks with counts and labels. Everything
-//! that is written (pprof, flame graph, top table) is derived from this one model.
+//! The aggregated profile of one kind over one window: symbolized stacks with counts, summed
+//! values and labels. Everything that is written (pprof, flame graph, top table) is derived
+//! from this one model.
 pub mod frame;
+pub mod module;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -9,8 +11,7 @@ use std::{
 };
 
 pub use frame::{Frame, FrameKind};
-
-use crate::symbolize::ModuleInfo;
+pub use module::{ModuleId, ModuleInfo};
 
 /// What a sample is aggregated by: process, thread name and the stack (innermost first).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -38,16 +39,52 @@ pub struct ProcessMeta {
     pub runtime: Option<String>,
 }
 
-/// An aggregated CPU profile.
+/// What a profile measures, with the settings specific to that kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProfileKind {
+    /// On-CPU samples of a clock ticking `sample_hz` times a second.
+    Cpu { sample_hz: u32 },
+    /// Time threads spent off CPU (blocked or waiting), in nanoseconds.
+    OffCpu,
+}
+
+impl ProfileKind {
+    /// The pprof sample types this kind is written with.
+    pub fn pprof_types(self) -> &'static kprof_pprof::types::KindTypes {
+        match self {
+            ProfileKind::Cpu { .. } => &kprof_pprof::types::CPU,
+            // Off-CPU time is wall time spent waiting: reported in wall's units.
+            ProfileKind::OffCpu => &kprof_pprof::types::WALL,
+        }
+    }
+
+    /// The value one event stands for when it carries none of its own (a CPU tick: 1/Hz).
+    pub fn nominal_value(self) -> u64 {
+        match self {
+            ProfileKind::Cpu { sample_hz } => 1_000_000_000 / u64::from(sample_hz.max(1)),
+            ProfileKind::OffCpu => 0,
+        }
+    }
+
+    /// The pprof values of one sample (in [`ProfileKind::pprof_types`] order).
+    pub fn pprof_values(self, count: u64, value: u64) -> Vec<i64> {
+        let (count, value) = (count as i64, value as i64);
+        match self {
+            ProfileKind::Cpu { .. } => vec![count, value],
+            ProfileKind::OffCpu => vec![value, count],
+        }
+    }
+}
+
+/// An aggregated profile of one kind.
 #[derive(Clone, Debug)]
 pub struct Profile {
-    /// Samples per stack.
+    pub kind: ProfileKind,
+    /// Events per key.
     pub samples: HashMap<SampleKey, u64>,
-    /// CPU nanoseconds per stack: what its samples stand for (the clock's period is jittered, so
-    /// this is measured per sample, not samples × a nominal period).
-    pub cpu_ns: HashMap<SampleKey, u64>,
-    /// The nominal rate (the clock's average).
-    pub sample_hz: u32,
+    /// The sum of the events' values per key (nanoseconds for CPU and off-CPU), same keys as
+    /// `samples`.
+    pub values: HashMap<SampleKey, u64>,
     pub start: SystemTime,
     pub duration: Duration,
     pub labels: ProfileLabels,
@@ -60,11 +97,17 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// An empty CPU profile.
     pub fn new(sample_hz: u32, start: SystemTime) -> Self {
+        Self::of_kind(ProfileKind::Cpu { sample_hz }, start)
+    }
+
+    /// An empty profile of any kind.
+    pub fn of_kind(kind: ProfileKind, start: SystemTime) -> Self {
         Profile {
+            kind,
             samples: HashMap::new(),
-            cpu_ns: HashMap::new(),
-            sample_hz,
+            values: HashMap::new(),
             start,
             duration: Duration::ZERO,
             labels: ProfileLabels::default(),
@@ -75,16 +118,35 @@ impl Profile {
         }
     }
 
-    /// Adds `count` samples of `key` at the nominal period each.
+    /// Adds `count` events that carry no value of their own (each stands for the kind's
+    /// nominal value).
     pub fn add(&mut self, key: SampleKey, count: u64) {
-        let cpu_ns = count.saturating_mul(self.period_ns() as u64);
-        self.add_measured(key, count, cpu_ns);
+        let value = count.saturating_mul(self.kind.nominal_value());
+        self.add_value(key, count, value);
     }
 
-    /// Adds `count` samples of `key` that stand for `cpu_ns` nanoseconds of CPU.
-    pub fn add_measured(&mut self, key: SampleKey, count: u64, cpu_ns: u64) {
-        *self.cpu_ns.entry(key.clone()).or_default() += cpu_ns;
+    /// Adds `count` events whose values sum to `value`.
+    pub fn add_value(&mut self, key: SampleKey, count: u64, value: u64) {
+        *self.values.entry(key.clone()).or_default() += value;
         *self.samples.entry(key).or_default() += count;
+    }
+
+    /// The summed value of one key.
+    pub fn value_of(&self, key: &SampleKey) -> u64 {
+        self.values.get(key).copied().unwrap_or(0)
+    }
+
+    /// The summed value of every key.
+    pub fn total_value(&self) -> u64 {
+        self.values.values().sum()
+    }
+
+    /// The sampling rate of a CPU profile (`None` for other kinds).
+    pub fn sample_hz(&self) -> Option<u32> {
+        match self.kind {
+            ProfileKind::Cpu { sample_hz } => Some(sample_hz),
+            ProfileKind::OffCpu => None,
+        }
     }
 
     /// Total number of samples.
@@ -92,19 +154,10 @@ impl Profile {
         self.samples.values().sum()
     }
 
-    /// CPU nanoseconds of a stack.
-    pub fn cpu_ns_of(&self, key: &SampleKey) -> u64 {
-        self.cpu_ns.get(key).copied().unwrap_or(0)
-    }
-
-    /// Total CPU nanoseconds.
-    pub fn total_cpu_ns(&self) -> u64 {
-        self.cpu_ns.values().sum()
-    }
-
-    /// Nanoseconds of CPU one sample stands for on average (the nominal period, 1/Hz).
+    /// The pprof period: what one sampling event stands for (a CPU tick's nanoseconds; 0
+    /// for kinds whose events carry their own values).
     pub fn period_ns(&self) -> i64 {
-        1_000_000_000 / i64::from(self.sample_hz.max(1))
+        self.kind.nominal_value() as i64
     }
 
     /// Samples sorted by key (deterministic output).
@@ -114,13 +167,14 @@ impl Profile {
         v
     }
 
-    /// Average cores used by the profiled processes: CPU nanoseconds ÷ window nanoseconds.
+    /// Average cores used by the profiled processes of a CPU profile: CPU nanoseconds ÷
+    /// wall nanoseconds (0 for other kinds).
     pub fn cpu_cores(&self) -> f64 {
         let secs = self.duration.as_secs_f64();
-        if secs <= 0.0 {
+        if secs <= 0.0 || self.sample_hz().is_none() {
             return 0.0;
         }
-        self.total_cpu_ns() as f64 / 1e9 / secs
+        self.total_value() as f64 / 1e9 / secs
     }
 }
 
@@ -137,16 +191,34 @@ mod tests {
             thread: "t".into(),
             stack,
         };
-        p.add_measured(key.clone(), 150, 1_400_000_000);
-        p.add_measured(key.clone(), 50, 600_000_000);
+        p.add(key.clone(), 150);
+        p.add(key, 50);
         p.duration = Duration::from_secs(2);
         assert_eq!(p.total(), 200);
-        assert_eq!(p.cpu_ns_of(&key), 2_000_000_000);
         assert_eq!(p.period_ns(), 10_000_000);
         assert!((p.cpu_cores() - 1.0).abs() < 1e-9);
-        // Without measured intervals a sample stands for the nominal period.
-        let mut q = Profile::new(100, SystemTime::UNIX_EPOCH);
-        q.add(key.clone(), 3);
-        assert_eq!(q.cpu_ns_of(&key), 30_000_000);
+    }
+
+    #[test]
+    fn values_are_summed_per_key_and_written_in_the_kinds_order() {
+        let mut p = Profile::of_kind(ProfileKind::OffCpu, SystemTime::UNIX_EPOCH);
+        let key = SampleKey {
+            pid: 1,
+            thread: "t".into(),
+            stack: vec![Frame::new(FrameKind::Native, "wait")].into(),
+        };
+        p.add_value(key.clone(), 1, 2_000);
+        p.add_value(key.clone(), 2, 500);
+        assert_eq!(
+            (p.total(), p.value_of(&key), p.total_value()),
+            (3, 2_500, 2_500)
+        );
+        assert_eq!(p.period_ns(), 0);
+        assert_eq!(p.sample_hz(), None);
+        assert_eq!(p.kind.pprof_values(3, 2_500), [2_500, 3]);
+        assert_eq!(p.kind.pprof_types().sample_types[0].r#type, "wall");
+        let cpu = ProfileKind::Cpu { sample_hz: 100 };
+        assert_eq!(cpu.pprof_values(3, 30_000_000), [3, 30_000_000]);
+        assert_eq!(cpu.pprof_types().name, "cpu");
     }
 }

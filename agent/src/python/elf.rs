@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
-use super::procmem::MapEntry;
+use crate::proc::maps::MapEntry;
 
 /// A parsed ELF file: symbols by name (first definition wins, `.symtab` before `.dynsym`),
 /// sections and loadable segments.

@@ -2,7 +2,7 @@
 //! `_Py_DebugOffsets` (read from the start of `_PyRuntime`) for 3.13+.
 //!
 //! Code-object offsets are cross-checked at attach time against `PyCode_Type.tp_members`
-//! (`super::detect`), which the interpreter itself publishes.
+//! (`super::process`), which the interpreter itself publishes.
 
 use kprof_common::python::layout as kind;
 

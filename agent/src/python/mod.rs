@@ -3,7 +3,7 @@
 //!
 //! * [`PythonSupport::new`] writes the kernel configuration (the offset of
 //!   `task_struct->thread.fsbase`, from BTF) into `PY_GLOBAL`.
-//! * [`PythonSupport::on_process`] detects CPython in a process (executable or
+//! * [`PythonSupport::detect`] detects CPython in a process (executable or
 //!   `libpython3.X.so`), its version, `_PyRuntime`, the struct offsets (a table for 3.8–3.12,
 //!   `_Py_DebugOffsets` for 3.13+, code-object offsets checked against `PyCode_Type.tp_members`),
 //!   the gilstate TSS key and the libc TSD layout — validated against the live thread list — and
@@ -264,24 +264,14 @@ impl PythonSupport {
             0,
         )
         .map_err(|e| PythonError::Map(names::MAP_PY_GLOBAL, e.to_string()))?;
-        let s = Self::without_kernel(fsbase_off);
-        s.take_map(bpf)?;
-        Ok(s)
-    }
-
-    fn take_map(&self, bpf: &mut aya::Ebpf) -> Result<(), PythonError> {
-        let mut inner = lock(&self.inner);
-        if inner.map.is_some() {
-            return Ok(());
-        }
         let map = bpf
             .take_map(names::MAP_PY_PROCS)
             .ok_or(PythonError::MissingMap(names::MAP_PY_PROCS))?;
-        inner.map = Some(
-            ProcMap::try_from(map)
-                .map_err(|e| PythonError::Map(names::MAP_PY_PROCS, e.to_string()))?,
-        );
-        Ok(())
+        let map = ProcMap::try_from(map)
+            .map_err(|e| PythonError::Map(names::MAP_PY_PROCS, e.to_string()))?;
+        let s = Self::without_kernel(fsbase_off);
+        lock(&s.inner).map = Some(map);
+        Ok(s)
     }
 
     /// User-space only (no eBPF object): detection, the reference walker, symbolization and
@@ -299,28 +289,21 @@ impl PythonSupport {
         self.fsbase_off
     }
 
-    /// Detect CPython in `pid` and register it for in-kernel walking.
+    /// Detect CPython in `pid` and register it for in-kernel walking, unless that was done
+    /// already (looked at early, or adopted as a forked child).
     ///
     /// `None` when the process is not Python (it is still watched for a few seconds, in case it
     /// is about to `exec` CPython). An unsupported interpreter gives a `RuntimeInfo` with a
     /// warning (its native stacks still flow). An interpreter that is still starting is waited
-    /// for up to two seconds here, then retried in the background.
-    pub fn on_process(&mut self, bpf: &mut aya::Ebpf, pid: u32) -> Option<RuntimeInfo> {
+    /// for up to `max_wait` here, then retried in the background.
+    pub fn detect(&mut self, pid: u32, max_wait: Duration) -> Option<RuntimeInfo> {
         {
-            // Already found (looked at early, or adopted as a forked child): no second look.
             let inner = lock(&self.inner);
             if inner.procs.contains_key(&pid) {
                 return inner.infos.get(&pid).cloned();
             }
         }
-        if let Err(e) = self.take_map(bpf) {
-            return Some(RuntimeInfo {
-                display: "cpython".into(),
-                python_frames: false,
-                warnings: vec![format!("python frames unavailable: {e}")],
-            });
-        }
-        self.attach(pid, Duration::from_secs(2))
+        self.attach(pid, max_wait)
     }
 
     /// Detection and registration (in `PY_PROCS` when the map is present), waiting at most
@@ -392,16 +375,6 @@ impl PythonSupport {
             .name("kprof-py-watch".into())
             .spawn(move || watcher(shared))
             .ok();
-    }
-
-    /// User-space detection only, without waiting (for tests and tools).
-    pub fn attach_user(&mut self, pid: u32) -> Option<RuntimeInfo> {
-        self.attach(pid, Duration::ZERO)
-    }
-
-    /// [`PythonSupport::attach`] without registration semantics change; kept for tests.
-    pub fn attach_user_wait(&mut self, pid: u32, max_wait: Duration) -> Option<RuntimeInfo> {
-        self.attach(pid, max_wait)
     }
 
     /// What is known about `pid`'s runtime (also for processes detected later in the
@@ -537,7 +510,7 @@ fn unknown_frame(code: u64) -> Frame {
 
 /// Background retries of pending processes; exits when none is left.
 fn watcher(shared: Arc<Mutex<Inner>>) {
-    let mut seen: HashMap<u32, Option<(String, usize)>> = HashMap::new();
+    let mut seen: HashMap<u32, Option<Signature>> = HashMap::new();
     let mut tick = 0u64;
     loop {
         // Not faster: each look at a pending process reads its maps, and forked children are
@@ -630,29 +603,12 @@ fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
-/// What changes when a process `exec`s or maps a new library: the executable and the number
-/// of mappings.
-fn process_signature(pid: u32) -> Option<(String, usize)> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-        .ok()?
-        .to_string_lossy()
-        .into_owned();
+/// What changes when a process `exec`s or maps a new library: the executable's identity and
+/// the number of mappings.
+type Signature = ((u64, u64), usize);
+
+fn process_signature(pid: u32) -> Option<Signature> {
+    let exe = crate::proc::exe_identity(pid)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     Some((exe, maps.lines().count()))
-}
-
-/// The agent's aggregation hook.
-impl crate::aggregate::StackMerger for PythonSupport {
-    fn on_exec(&mut self, pid: u32) {
-        PythonSupport::on_exec(self, pid);
-    }
-
-    fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
-        self.attach(pid, Duration::from_secs(2))
-            .map(|i| (i.display, i.warnings))
-    }
-
-    fn merge(&mut self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame> {
-        PythonSupport::merge(self, pid, native, py)
-    }
 }

@@ -11,7 +11,8 @@ use kprof_common::python::{
 
 use super::elf::ElfInfo;
 use super::layout::{self, Layout, PyVersion};
-use super::procmem::{MapEntry, ProcMem, proc_root_path, read_maps};
+use super::procmem::{ProcMem, proc_root_path};
+use crate::proc::maps::{MapEntry, read_maps};
 
 /// Why a process could not be set up for Python walking.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -104,63 +104,6 @@ impl ProcMem {
     }
 }
 
-/// One line of `/proc/<pid>/maps`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapEntry {
-    pub start: u64,
-    pub end: u64,
-    pub perms: String,
-    pub offset: u64,
-    pub inode: u64,
-    /// Path (empty for anonymous mappings; `[heap]`, `[stack]` … for special ones).
-    pub path: String,
-}
-
-impl MapEntry {
-    pub fn is_exec(&self) -> bool {
-        self.perms.as_bytes().get(2) == Some(&b'x')
-    }
-}
-
-/// Parse the text of a maps file.
-pub fn parse_maps(text: &str) -> Vec<MapEntry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
-            (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
-            continue;
-        };
-        let path = it.next().unwrap_or("").trim_start().to_string();
-        let Some((s, e)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end), Ok(offset)) = (
-            u64::from_str_radix(s, 16),
-            u64::from_str_radix(e, 16),
-            u64::from_str_radix(off, 16),
-        ) else {
-            continue;
-        };
-        out.push(MapEntry {
-            start,
-            end,
-            perms: perms.to_string(),
-            offset,
-            inode: inode.parse().unwrap_or(0),
-            path,
-        });
-    }
-    out
-}
-
-pub fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
-    Ok(parse_maps(&std::fs::read_to_string(format!(
-        "/proc/{pid}/maps"
-    ))?))
-}
-
 /// Path under which a file mapped by `pid` can be opened from here, across mount namespaces.
 pub fn proc_root_path(pid: u32, path: &str) -> String {
     format!("/proc/{pid}/root{path}")
@@ -169,24 +112,6 @@ pub fn proc_root_path(pid: u32, path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_maps_lines() {
-        let text = "55d0c8a00000-55d0c8a01000 r--p 00000000 fe:01 1234   /usr/bin/python3.11\n\
-                    7f00-8f00 rw-p 00000000 00:00 0 \n\
-                    7fff0000-7fff1000 r-xp 00001000 fe:01 99  /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 (deleted)\n";
-        let m = parse_maps(text);
-        assert_eq!(m.len(), 3);
-        assert_eq!(m[0].start, 0x55d0c8a00000);
-        assert_eq!(m[0].path, "/usr/bin/python3.11");
-        assert_eq!(m[1].path, "");
-        assert!(m[2].is_exec());
-        assert_eq!(m[2].offset, 0x1000);
-        assert!(
-            m[2].path
-                .starts_with("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0")
-        );
-    }
 
     #[test]
     fn reads_own_memory() {

@@ -2,34 +2,7 @@
 //! one, else path) and file offset, so the same library in many processes is resolved once.
 use std::{collections::HashMap, sync::Arc};
 
-use crate::profile::Frame;
-
-/// Identity of a module: its GNU build id (hex) when present, else its path.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ModuleId {
-    BuildId(Arc<str>),
-    Path(Arc<str>),
-}
-
-impl ModuleId {
-    /// Hex-encodes a build id.
-    pub fn from_build_id(bytes: &[u8]) -> Self {
-        use std::fmt::Write as _;
-        let mut s = String::with_capacity(bytes.len() * 2);
-        for b in bytes {
-            let _ = write!(s, "{b:02x}");
-        }
-        ModuleId::BuildId(s.into())
-    }
-
-    /// The build id, hex encoded, if this identity is one.
-    pub fn build_id(&self) -> Option<&str> {
-        match self {
-            ModuleId::BuildId(b) => Some(b),
-            ModuleId::Path(_) => None,
-        }
-    }
-}
+use crate::profile::{Frame, ModuleId};
 
 /// Counters of a cache, for the end-of-run report.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

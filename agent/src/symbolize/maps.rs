@@ -1,55 +1,7 @@
-//! `/proc/<pid>/maps` parsing and address → (mapping, file offset) translation.
+//! Address → (mapping, file offset) translation over a process's executable mappings.
 use std::{fs, io, path::Path};
 
-/// One line of `/proc/<pid>/maps`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapEntry {
-    pub start: u64,
-    pub end: u64,
-    /// Offset in the file of `start`.
-    pub offset: u64,
-    pub executable: bool,
-    pub inode: u64,
-    /// The path, or a pseudo name like `[vdso]`; empty for anonymous memory.
-    pub path: String,
-}
-
-impl MapEntry {
-    /// A file-backed mapping (an absolute path, not `[heap]`, `[vdso]` or anonymous memory).
-    pub fn is_file(&self) -> bool {
-        self.path.starts_with('/') && self.inode != 0
-    }
-
-    /// The file offset that `addr` (inside this mapping) corresponds to.
-    pub fn file_offset(&self, addr: u64) -> u64 {
-        addr - self.start + self.offset
-    }
-}
-
-/// Parses the text of a `maps` file. Malformed lines are skipped.
-pub fn parse_maps(text: &str) -> Vec<MapEntry> {
-    text.lines().filter_map(parse_line).collect()
-}
-
-fn parse_line(line: &str) -> Option<MapEntry> {
-    // 7f0e2c000000-7f0e2c021000 r-xp 00001000 08:01 1234   /usr/lib/libc.so.6
-    let mut it = line.splitn(6, ' ');
-    let range = it.next()?;
-    let perms = it.next()?;
-    let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-    let _dev = it.next()?;
-    let inode = it.next()?.parse().ok()?;
-    let path = it.next().unwrap_or("").trim_start().to_owned();
-    let (start, end) = range.split_once('-')?;
-    Some(MapEntry {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset,
-        executable: perms.as_bytes().get(2) == Some(&b'x'),
-        inode,
-        path,
-    })
-}
+pub use crate::proc::maps::{MapEntry, parse_maps};
 
 /// The executable mappings of one process, sorted by address.
 #[derive(Clone, Debug, Default)]
@@ -59,7 +11,7 @@ pub struct ProcessMaps {
 
 impl ProcessMaps {
     pub fn new(mut entries: Vec<MapEntry>) -> Self {
-        entries.retain(|e| e.executable);
+        entries.retain(MapEntry::is_exec);
         entries.sort_by_key(|e| e.start);
         ProcessMaps { entries }
     }
@@ -117,11 +69,5 @@ garbage line
         assert!(maps.find(0x5581d8a00010).is_none(), "non-executable");
         assert!(maps.find(0x7f3c1c1bd000).is_none(), "end is exclusive");
         assert!(maps.find(1).is_none());
-    }
-
-    #[test]
-    fn paths_with_spaces_and_deleted_marker_survive() {
-        let m = parse_maps("1000-2000 r-xp 00000000 08:01 7 /opt/my app/bin (deleted)\n");
-        assert_eq!(m[0].path, "/opt/my app/bin (deleted)");
     }
 }

@@ -12,10 +12,7 @@ use std::{
     collections::HashMap,
     fs,
     path::{Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
 };
 
 use blazesym::symbolize::{
@@ -23,7 +20,8 @@ use blazesym::symbolize::{
     source::{Elf, Source},
 };
 
-pub use cache::{CacheStats, ModuleId, SymbolCache};
+pub use crate::profile::{ModuleId, ModuleInfo};
+pub use cache::{CacheStats, SymbolCache};
 pub use kallsyms::KernelSymbols;
 pub use maps::{MapEntry, ProcessMaps};
 
@@ -31,14 +29,6 @@ use crate::profile::{Frame, FrameKind};
 
 /// Module name used for kernel frames.
 pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
-
-/// A file-backed module seen in some process (for pprof mappings).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModuleInfo {
-    /// Path as the process sees it (`/proc/<pid>/maps`).
-    pub path: Arc<str>,
-    pub id: ModuleId,
-}
 
 #[derive(Debug)]
 struct ProcState {
@@ -49,17 +39,8 @@ struct ProcState {
     refreshed: bool,
 }
 
-/// Distinct addresses that could not be symbolized, process-wide (an agent metric).
-static UNRESOLVED: AtomicU64 = AtomicU64::new(0);
-
-/// Distinct addresses that could not be symbolized so far (each is counted once, when first
-/// looked up; later samples hit the cache).
-pub fn unresolved_addresses() -> u64 {
-    UNRESOLVED.load(Ordering::Relaxed)
-}
-
 fn unresolved(kind: FrameKind, module: Option<Arc<str>>, addr: u64) -> Frame {
-    UNRESOLVED.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::unresolved_address();
     Frame::unresolved(kind, module, addr)
 }
 

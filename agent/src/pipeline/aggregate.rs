@@ -1,17 +1,17 @@
-//! Turns sample events into the aggregated [`Profile`]: each distinct raw stack (addresses) is
-//! symbolized once, when first seen — while its process is alive — and then only counted.
+//! Turns events into aggregated [`Profile`]s, one per event kind: each distinct raw stack
+//! (addresses) is symbolized once, when first seen — while its process is alive — and then
+//! only counted, its events' values summed per (kind, stack, thread).
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    os::unix::fs::MetadataExt as _,
     sync::Arc,
     time::SystemTime,
 };
 
-use kprof_common::{FLAG_IN_KERNEL, SampleEvent, python::PyStack};
+use kprof_common::python::PyStack;
 
+use super::event::{Event, EventKind, comm_str};
 use crate::{
-    profile::{Frame, ProcessMeta, Profile, SampleKey},
+    profile::{Frame, ProcessMeta, Profile, ProfileKind, SampleKey},
     symbolize::Symbolizer,
 };
 
@@ -26,9 +26,10 @@ pub trait StackMerger {
     fn merge(&mut self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame>;
 }
 
-/// The addresses of one sample: what identifies a distinct stack before symbolization.
+/// The addresses of one event: what identifies a distinct stack before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RawKey {
+    pub kind: EventKind,
     pub pid: u32,
     /// Bumped when the process `exec`s (same pid, new address space).
     pub generation: u32,
@@ -41,18 +42,17 @@ pub struct RawKey {
 }
 
 impl RawKey {
-    pub fn of(ev: &SampleEvent) -> RawKey {
-        let k = (ev.kernel_len as usize).min(ev.kernel_ips.len());
-        let u = (ev.user_len as usize).min(ev.user_ips.len());
-        let p = (ev.py.count as usize).min(ev.py.frames.len());
+    pub fn of(ev: &Event<'_>) -> RawKey {
         RawKey {
+            kind: ev.kind,
             pid: ev.tgid,
             generation: 0,
             thread: ev.comm,
-            in_kernel: ev.flags & FLAG_IN_KERNEL != 0,
-            kernel: ev.kernel_ips[..k].to_vec(),
-            user: ev.user_ips[..u].to_vec(),
-            py: ev.py.frames[..p]
+            in_kernel: ev.in_kernel,
+            kernel: ev.kernel.to_vec(),
+            user: ev.user.to_vec(),
+            py: ev
+                .py_frames()
                 .iter()
                 .map(|f| (f.code, f.lasti, f.flags))
                 .collect(),
@@ -60,20 +60,24 @@ impl RawKey {
     }
 }
 
+/// What the events of one key add up to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Totals {
+    count: u64,
+    value: u64,
+}
+
 /// Counters of the aggregation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AggregateStats {
     pub events: u64,
     pub distinct_stacks: u64,
-    /// Events shorter than a `SampleEvent` (never expected).
-    pub malformed: u64,
 }
 
 /// Aggregates events into a profile.
 pub struct Aggregator {
     symbolizer: Symbolizer,
-    /// Per distinct stack: its symbolized key, samples and CPU nanoseconds.
-    stacks: HashMap<RawKey, (SampleKey, u64, u64)>,
+    stacks: HashMap<RawKey, (SampleKey, Totals)>,
     processes: HashMap<u32, ProcessMeta>,
     /// Identity (device, inode) of each process's executable, to notice `exec` when the
     /// samples carry no exec id.
@@ -86,33 +90,10 @@ pub struct Aggregator {
     pub warnings: Vec<String>,
 }
 
-fn exe_identity(pid: u32) -> Option<(u64, u64)> {
-    fs::metadata(format!("/proc/{pid}/exe"))
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
 impl Default for Aggregator {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// The CPU nanoseconds one sample stands for: the measured interval since its CPU's previous
-/// clock tick, or the nominal period where that is unknown (the clock's first tick) or not
-/// believable (longer than a re-armed clock can take: 1½ + 1½ periods, with slack).
-pub fn sample_cpu_ns(tick_ns: u64, nominal_period_ns: u64) -> u64 {
-    if tick_ns == 0 || tick_ns > nominal_period_ns.saturating_mul(4) {
-        nominal_period_ns
-    } else {
-        tick_ns
-    }
-}
-
-/// A NUL-padded `comm` as a string.
-pub fn comm_str(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
 impl Aggregator {
@@ -140,13 +121,11 @@ impl Aggregator {
             return;
         }
         self.symbolizer.track(pid);
-        if let Some(id) = exe_identity(pid) {
+        if let Some(id) = crate::proc::exe_identity(pid) {
             self.exe.insert(pid, id);
         }
         self.checked_this_round.insert(pid);
-        let name = fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|s| s.trim_end().to_owned())
-            .unwrap_or_default();
+        let name = crate::proc::name(pid);
         let mut meta = ProcessMeta {
             name,
             runtime: None,
@@ -160,34 +139,9 @@ impl Aggregator {
         self.processes.insert(pid, meta);
     }
 
-    /// Adds one ring-buffer record sampled at a nominal period of `period_ns`; returns the CPU
-    /// nanoseconds it counted (`None` for a malformed record).
-    pub fn add_bytes(
-        &mut self,
-        bytes: &[u8],
-        period_ns: u64,
-        merger: Option<&mut dyn StackMerger>,
-    ) -> Option<u64> {
-        if bytes.len() < size_of::<SampleEvent>() {
-            self.stats.malformed += 1;
-            return None;
-        }
-        // SAFETY: the record holds a whole `SampleEvent` written by the eBPF program (a
-        // plain-integer `#[repr(C)]` type); read_unaligned copies it out of the ring.
-        let ev: SampleEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        Some(self.add(&ev, period_ns, merger))
-    }
-
-    /// Adds one sample taken at a nominal period of `period_ns`; returns the CPU nanoseconds it
-    /// stands for.
-    pub fn add(
-        &mut self,
-        ev: &SampleEvent,
-        period_ns: u64,
-        mut merger: Option<&mut dyn StackMerger>,
-    ) -> u64 {
+    /// Adds one event.
+    pub fn add(&mut self, ev: &Event<'_>, mut merger: Option<&mut dyn StackMerger>) {
         self.stats.events += 1;
-        let cpu_ns = sample_cpu_ns(ev.tick_ns, period_ns);
         let pid = ev.tgid;
         let execed = if ev.exec_id != 0 {
             // The first sample of a process is its baseline; an exec between the first look
@@ -215,10 +169,10 @@ impl Aggregator {
         }
         let mut raw = RawKey::of(ev);
         raw.generation = self.generation.get(&pid).copied().unwrap_or(0);
-        if let Some((_, count, ns)) = self.stacks.get_mut(&raw) {
-            *count += 1;
-            *ns += cpu_ns;
-            return cpu_ns;
+        if let Some((_, totals)) = self.stacks.get_mut(&raw) {
+            totals.count += 1;
+            totals.value += ev.value;
+            return;
         }
         if !self.processes.contains_key(&pid) {
             self.see_process(
@@ -232,7 +186,7 @@ impl Aggregator {
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
         let user = match merger {
-            Some(m) if ev.py.count > 0 => m.merge(pid, native, &ev.py),
+            Some(m) if ev.py.count > 0 => m.merge(pid, native, ev.py),
             _ => native,
         };
         frames.extend(user);
@@ -247,8 +201,16 @@ impl Aggregator {
             stack: Arc::from(frames),
         };
         self.stats.distinct_stacks += 1;
-        self.stacks.insert(raw, (key, 1, cpu_ns));
-        cpu_ns
+        self.stacks.insert(
+            raw,
+            (
+                key,
+                Totals {
+                    count: 1,
+                    value: ev.value,
+                },
+            ),
+        );
     }
 
     /// Starts a new drain round (allows one maps re-read and one exec check per process).
@@ -277,7 +239,7 @@ impl Aggregator {
 
     /// Without exec ids: a process whose executable changed since it was first seen `exec`ed.
     fn check_exec(&mut self, pid: u32) -> bool {
-        let Some(now) = exe_identity(pid) else {
+        let Some(now) = crate::proc::exe_identity(pid) else {
             return false; // exited: keep what we know
         };
         if self.exe.get(&pid) == Some(&now) {
@@ -295,9 +257,7 @@ impl Aggregator {
         self.symbolizer.forget(pid);
         self.symbolizer.track(pid);
         if let Some(meta) = self.processes.get_mut(&pid) {
-            meta.name = fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|s| s.trim_end().to_owned())
-                .unwrap_or_default();
+            meta.name = crate::proc::name(pid);
             meta.runtime = None;
         }
     }
@@ -311,9 +271,14 @@ impl Aggregator {
         }
     }
 
-    /// Total samples so far.
+    /// Total events so far.
     pub fn total(&self) -> u64 {
         self.stats.events
+    }
+
+    /// The kinds of the events seen so far.
+    pub fn kinds(&self) -> std::collections::BTreeSet<EventKind> {
+        self.stacks.keys().map(|k| k.kind).collect()
     }
 
     /// Processes seen so far.
@@ -321,11 +286,13 @@ impl Aggregator {
         self.processes.len()
     }
 
-    /// Builds the profile.
-    pub fn finish(&self, sample_hz: u32, start: SystemTime) -> Profile {
-        let mut p = Profile::new(sample_hz, start);
-        for (key, count, cpu_ns) in self.stacks.values() {
-            p.add_measured(key.clone(), *count, *cpu_ns);
+    /// Builds the profile of the events of one kind, reported as `kind`.
+    pub fn finish(&self, events: EventKind, kind: ProfileKind, start: SystemTime) -> Profile {
+        let mut p = Profile::of_kind(kind, start);
+        for (raw, (key, totals)) in &self.stacks {
+            if raw.kind == events {
+                p.add_value(key.clone(), totals.count, totals.value);
+            }
         }
         p.processes = self
             .processes
@@ -346,39 +313,45 @@ mod tests {
     use super::*;
     use crate::profile::FrameKind;
 
-    /// The nominal period at 99 Hz.
-    const P99: u64 = 1_000_000_000 / 99;
+    const PERIOD: u64 = 1_000_000_000 / 99;
+    const CPU: ProfileKind = ProfileKind::Cpu { sample_hz: 99 };
 
-    fn event(pid: u32, user: &[u64]) -> Box<SampleEvent> {
-        // SAFETY: SampleEvent is plain integers; all-zero is a valid value.
-        let mut ev: Box<SampleEvent> = Box::new(unsafe { std::mem::zeroed() });
-        ev.tgid = pid;
-        ev.tid = pid;
-        ev.comm[..4].copy_from_slice(b"work");
-        ev.user_len = user.len() as u32;
-        ev.user_ips[..user.len()].copy_from_slice(user);
-        ev
+    fn event<'a>(pid: u32, user: &'a [u64]) -> Event<'a> {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"work");
+        Event {
+            kind: EventKind::CpuSample,
+            value: PERIOD,
+            tgid: pid,
+            tid: pid,
+            slot: 0,
+            comm,
+            exec_id: 0,
+            in_kernel: false,
+            kernel: &[],
+            user,
+            py: &PyStack::EMPTY,
+        }
     }
 
     #[test]
     fn a_newer_exec_id_starts_a_new_generation_an_older_one_does_not() {
         let mut agg = Aggregator::new();
         let pid = u32::MAX - 11;
-        let with_exec = |id: u32| {
-            let mut ev = event(pid, &[0x1000]);
-            ev.exec_id = id;
-            ev
+        let with_exec = |id: u32| Event {
+            exec_id: id,
+            ..event(pid, &[0x1000])
         };
-        agg.add(&with_exec(5), P99, None);
-        agg.add(&with_exec(5), P99, None);
+        agg.add(&with_exec(5), None);
+        agg.add(&with_exec(5), None);
         assert_eq!(agg.generation.get(&pid).copied().unwrap_or(0), 0);
         assert_eq!(agg.stats.distinct_stacks, 1);
-        agg.add(&with_exec(6), P99, None); // exec'ed: same addresses now mean other code
+        agg.add(&with_exec(6), None); // exec'ed: same addresses now mean other code
         assert_eq!(agg.generation[&pid], 1);
         assert_eq!(agg.stats.distinct_stacks, 2);
-        agg.add(&with_exec(5), P99, None); // a sample from before the exec, drained late
+        agg.add(&with_exec(5), None); // a sample from before the exec, drained late
         assert_eq!(agg.generation[&pid], 1);
-        agg.add(&with_exec(u32::MAX), P99, None); // older (wrapping), not newer
+        agg.add(&with_exec(u32::MAX), None); // older (wrapping), not newer
         assert_eq!(agg.generation[&pid], 1);
         assert_eq!(agg.stats.events, 5);
     }
@@ -389,13 +362,14 @@ mod tests {
         // A pid that does not exist: frames stay unresolved but are still counted.
         let pid = u32::MAX - 7;
         for _ in 0..5 {
-            agg.add(&event(pid, &[0x1000, 0x2000]), P99, None);
+            agg.add(&event(pid, &[0x1000, 0x2000]), None);
         }
-        agg.add(&event(pid, &[0x1000, 0x3000]), P99, None);
+        agg.add(&event(pid, &[0x1000, 0x3000]), None);
         assert_eq!(agg.stats.events, 6);
         assert_eq!(agg.stats.distinct_stacks, 2);
-        let p = agg.finish(99, SystemTime::UNIX_EPOCH);
+        let p = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
         assert_eq!(p.total(), 6);
+        assert_eq!(p.total_value(), 6 * PERIOD);
         let (key, count) = p
             .sorted_samples()
             .into_iter()
@@ -410,32 +384,29 @@ mod tests {
     }
 
     #[test]
-    fn cpu_time_is_the_sum_of_measured_intervals() {
+    fn kinds_are_kept_apart_and_their_values_summed() {
         let mut agg = Aggregator::new();
-        let pid = u32::MAX - 13;
-        // Jittered ticks, a first tick (unknown) and an impossible one (nominal instead).
-        for tick in [6_000_000, 14_000_000, 9_000_000, 0, 1_000_000_000] {
-            let mut ev = event(pid, &[0x1000]);
-            ev.tick_ns = tick;
-            agg.add(&ev, P99, None);
-        }
-        let p = agg.finish(99, SystemTime::UNIX_EPOCH);
-        let (key, count) = p.sorted_samples()[0];
-        assert_eq!(count, 5);
-        assert_eq!(p.cpu_ns_of(key), 29_000_000 + 2 * P99);
-        assert_eq!(
-            sample_cpu_ns(30_000_000, P99),
-            30_000_000,
-            "a re-armed clock's long tick"
+        let pid = u32::MAX - 5;
+        agg.add(&event(pid, &[0x1000]), None);
+        let off = |ns| Event {
+            kind: EventKind::OffCpu,
+            value: ns,
+            ..event(pid, &[0x1000])
+        };
+        agg.add(&off(3_000), None);
+        agg.add(&off(4_000), None);
+        assert_eq!(agg.stats.distinct_stacks, 2, "same stack, two kinds");
+        let kinds: Vec<_> = agg.kinds().into_iter().collect();
+        assert_eq!(kinds, [EventKind::CpuSample, EventKind::OffCpu]);
+        let cpu = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
+        assert_eq!((cpu.total(), cpu.total_value()), (1, PERIOD));
+        let wait = agg.finish(
+            EventKind::OffCpu,
+            ProfileKind::OffCpu,
+            SystemTime::UNIX_EPOCH,
         );
-    }
-
-    #[test]
-    fn short_records_are_counted_as_malformed() {
-        let mut agg = Aggregator::new();
-        assert_eq!(agg.add_bytes(&[0u8; 16], P99, None), None);
-        assert_eq!(agg.stats.malformed, 1);
-        assert_eq!(agg.stats.events, 0);
+        assert_eq!((wait.total(), wait.total_value()), (2, 7_000));
+        assert_eq!(wait.kind, ProfileKind::OffCpu);
     }
 
     struct FakePython;
@@ -454,12 +425,16 @@ mod tests {
     #[test]
     fn python_frames_are_merged() {
         let mut agg = Aggregator::new();
-        let mut ev = event(u32::MAX - 9, &[0x1000]);
-        ev.py.count = 1;
-        ev.py.frames[0].code = 0xdead;
+        let mut stack = PyStack::EMPTY;
+        stack.count = 1;
+        stack.frames[0].code = 0xdead;
+        let ev = Event {
+            py: &stack,
+            ..event(u32::MAX - 9, &[0x1000])
+        };
         let mut py = FakePython;
-        agg.add(&ev, P99, Some(&mut py));
-        let p = agg.finish(99, SystemTime::UNIX_EPOCH);
+        agg.add(&ev, Some(&mut py));
+        let p = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
         let (key, _) = p.sorted_samples()[0];
         assert_eq!(key.stack[0].kind, FrameKind::Python);
         assert_eq!(

@@ -1,4 +1,5 @@
-//! Prometheus metrics of `kprof-agent run` (prefix `kprof_agent`), one process-wide registry.
+//! Prometheus metrics of the agent (prefix `kprof_agent`), one process-wide registry. A leaf:
+//! every layer may count here; it imports nothing of the agent but `proc` (its own CPU time).
 use std::sync::{OnceLock, atomic::AtomicU64};
 
 use kprof_common::python::PyStat;
@@ -253,26 +254,16 @@ pub fn set_bpf_run_time(total: std::time::Duration) {
 /// The text exposition of every metric.
 pub fn render() -> String {
     let m = metrics();
-    advance(
-        &m.unresolved_addresses,
-        crate::symbolize::unresolved_addresses(),
-    );
-    advance_f64(&m.cpu_seconds, process_cpu_seconds());
+    advance_f64(&m.cpu_seconds, crate::proc::self_usage().0.as_secs_f64());
     let mut s = String::new();
     let _ = encode(&mut s, &metrics().registry);
     s
 }
 
-/// User + system CPU time of this process.
-fn process_cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the zeroed struct we pass.
-    let ru = unsafe {
-        let mut ru: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
-        ru
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
+/// A code address that could not be symbolized (each distinct one is counted once, when first
+/// looked up; later samples hit the cache).
+pub fn unresolved_address() {
+    metrics().unresolved_addresses.inc();
 }
 
 #[cfg(test)]

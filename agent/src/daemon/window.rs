@@ -1,0 +1,502 @@
+//! Pure: the open windows of the node's targets. Events go to the aggregation of every window
+//! that selects their container; windows are aligned to multiples of the target's `window` since
+//! the epoch, so windows of different pods and nodes line up (the first one is shortened, or
+//! lengthened by one window when less than half a window is left). A closed window gives one
+//! profile per (container, event kind). No kernel, no cluster: unit-tested with synthetic events.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use crate::{
+    k8s::{ContainerKey, TargetKey, TargetPlan},
+    pipeline::{
+        aggregate::{Aggregator, StackMerger},
+        event::{Event, EventKind},
+    },
+    profile::Profile,
+};
+
+/// The end of the window that starts at `now`: the next multiple of `window` since the epoch,
+/// one window later when less than half a window is left.
+pub fn aligned_window_end(now: SystemTime, window: Duration) -> SystemTime {
+    let w = window.as_millis().max(1);
+    let t = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let mut end = (t / w + 1) * w;
+    if end - t < w / 2 {
+        end += w;
+    }
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(end).unwrap_or(u64::MAX))
+}
+
+/// Keeps the samples of some pids (one container) out of a window's profile.
+pub fn filter_pids(p: &Profile, pids: &BTreeSet<u32>) -> Profile {
+    let mut out = Profile::of_kind(p.kind, p.start);
+    out.duration = p.duration;
+    out.labels = p.labels.clone();
+    out.dropped = p.dropped;
+    out.modules.clone_from(&p.modules);
+    for (k, &c) in &p.samples {
+        if pids.contains(&k.pid) {
+            out.add_value(k.clone(), c, p.value_of(k));
+        }
+    }
+    out.processes = p
+        .processes
+        .iter()
+        .filter(|(pid, _)| pids.contains(pid))
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    out.warnings = p
+        .warnings
+        .iter()
+        .filter(
+            |w| match w.strip_prefix("pid ").and_then(|r| r.split_once(':')) {
+                Some((pid, _)) => pid.parse().is_ok_and(|pid: u32| pids.contains(&pid)),
+                None => true,
+            },
+        )
+        .cloned()
+        .collect();
+    out
+}
+
+/// One container inside a target's window.
+struct ContainerWindow {
+    key: ContainerKey,
+    pids: BTreeSet<u32>,
+    /// Summed event values per kind (CPU nanoseconds for CPU samples).
+    values: BTreeMap<EventKind, u64>,
+}
+
+/// One target's open window.
+struct TargetWindow {
+    plan: TargetPlan,
+    start: SystemTime,
+    end: SystemTime,
+    agg: Aggregator,
+    /// container id → window state (containers that left stay until the window closes).
+    containers: BTreeMap<String, ContainerWindow>,
+    lost_at_start: u64,
+    hz_seen: BTreeSet<u32>,
+}
+
+impl TargetWindow {
+    fn new(plan: &TargetPlan, start: SystemTime, end: SystemTime, lost: u64) -> Self {
+        let mut w = TargetWindow {
+            plan: plan.clone(),
+            start,
+            end,
+            agg: Aggregator::new(),
+            containers: BTreeMap::new(),
+            lost_at_start: lost,
+            hz_seen: BTreeSet::new(),
+        };
+        w.set_containers(plan);
+        w
+    }
+
+    fn set_containers(&mut self, plan: &TargetPlan) {
+        for c in &plan.containers {
+            self.containers
+                .entry(c.id.id.clone())
+                .or_insert_with(|| ContainerWindow {
+                    key: c.clone(),
+                    pids: BTreeSet::new(),
+                    values: BTreeMap::new(),
+                });
+        }
+        self.plan = plan.clone();
+    }
+}
+
+/// A closed window of one target.
+#[derive(Debug)]
+pub struct ClosedWindow {
+    pub plan: TargetPlan,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    /// Node-wide lost-event count when the window opened.
+    pub lost_at_start: u64,
+    /// The CPU sampling rates events arrived at.
+    pub hz_seen: BTreeSet<u32>,
+    pub containers: Vec<ClosedContainer>,
+}
+
+/// One container of a closed window.
+#[derive(Debug)]
+pub struct ClosedContainer {
+    pub key: ContainerKey,
+    /// The processes that had events.
+    pub pids: BTreeSet<u32>,
+    /// Summed event values per kind.
+    pub values: BTreeMap<EventKind, u64>,
+    /// One profile per event kind seen in the window (empty ones included).
+    pub profiles: BTreeMap<EventKind, Profile>,
+}
+
+/// The open windows, one per target.
+#[derive(Default)]
+pub struct Windows {
+    open: BTreeMap<TargetKey, TargetWindow>,
+}
+
+impl Windows {
+    /// Targets whose window must close before `wanted` applies: gone, or with new settings.
+    pub fn stale(&self, wanted: &BTreeMap<TargetKey, TargetPlan>) -> Vec<TargetKey> {
+        self.open
+            .iter()
+            .filter(|(k, w)| wanted.get(*k).is_none_or(|p| p.settings != w.plan.settings))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Opens a window for each new target (from `now`); others take the plan's containers.
+    /// Returns the targets opened.
+    pub fn apply(
+        &mut self,
+        wanted: &BTreeMap<TargetKey, TargetPlan>,
+        now: SystemTime,
+        lost: u64,
+    ) -> Vec<TargetKey> {
+        let mut opened = Vec::new();
+        for (k, p) in wanted {
+            match self.open.get_mut(k) {
+                Some(w) => w.set_containers(p),
+                None => {
+                    let end = aligned_window_end(now, p.settings.window);
+                    self.open
+                        .insert(k.clone(), TargetWindow::new(p, now, end, lost));
+                    opened.push(k.clone());
+                }
+            }
+        }
+        opened
+    }
+
+    /// Adds one event of a process of container `cid` to the windows of `targets`.
+    pub fn add(
+        &mut self,
+        targets: &[TargetKey],
+        cid: &str,
+        ev: &Event<'_>,
+        sample_hz: u32,
+        mut merger: Option<&mut dyn StackMerger>,
+    ) {
+        for t in targets {
+            let Some(w) = self.open.get_mut(t) else {
+                continue;
+            };
+            w.agg.add(
+                ev,
+                merger.as_mut().map(|m| &mut **m as &mut dyn StackMerger),
+            );
+            if let Some(c) = w.containers.get_mut(cid) {
+                *c.values.entry(ev.kind).or_default() += ev.value;
+                c.pids.insert(ev.tgid);
+            }
+            if ev.kind == EventKind::CpuSample {
+                w.hz_seen.insert(sample_hz);
+            }
+        }
+    }
+
+    /// Registers a process with the windows of `targets` while it is alive (names, maps).
+    pub fn see_process(
+        &mut self,
+        targets: &[TargetKey],
+        pid: u32,
+        mut merger: Option<&mut dyn StackMerger>,
+    ) {
+        for t in targets {
+            if let Some(w) = self.open.get_mut(t) {
+                w.agg.see_process(
+                    pid,
+                    merger.as_mut().map(|m| &mut **m as &mut dyn StackMerger),
+                );
+            }
+        }
+    }
+
+    /// After each drain: one maps re-read and exec check per process and round.
+    pub fn new_round(&mut self) {
+        for w in self.open.values_mut() {
+            w.agg.new_round();
+        }
+    }
+
+    /// Targets whose window ends at or before `now`.
+    pub fn due(&self, now: SystemTime) -> Vec<TargetKey> {
+        self.open
+            .iter()
+            .filter(|(_, w)| now >= w.end)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Every open target.
+    pub fn keys(&self) -> Vec<TargetKey> {
+        self.open.keys().cloned().collect()
+    }
+
+    /// Closes a target's window: at its aligned end when `reopen` (the next window starts
+    /// there, keeping the symbol caches), else at `now` (a partial window). `sample_hz`: the
+    /// CPU rate now, used when no CPU sample arrived.
+    pub fn close(
+        &mut self,
+        key: &TargetKey,
+        now: SystemTime,
+        reopen: bool,
+        lost: u64,
+        sample_hz: u32,
+    ) -> Option<ClosedWindow> {
+        let mut w = self.open.remove(key)?;
+        let end = if reopen { w.end } else { now };
+        let hz = w.hz_seen.iter().copied().max().unwrap_or(sample_hz);
+        let mut kinds = w.agg.kinds();
+        kinds.insert(EventKind::CpuSample);
+        let whole: Vec<(EventKind, Profile)> = kinds
+            .into_iter()
+            .map(|kind| {
+                let mut p = w.agg.finish(kind, kind.profile_kind(hz), w.start);
+                p.duration = end.duration_since(w.start).unwrap_or_default();
+                (kind, p)
+            })
+            .collect();
+        let containers = w
+            .containers
+            .values()
+            .map(|c| ClosedContainer {
+                key: c.key.clone(),
+                pids: c.pids.clone(),
+                values: c.values.clone(),
+                profiles: whole
+                    .iter()
+                    .map(|(kind, p)| (*kind, filter_pids(p, &c.pids)))
+                    .collect(),
+            })
+            .collect();
+        if reopen {
+            let next_end = aligned_window_end(end, w.plan.settings.window);
+            let mut next = TargetWindow::new(&w.plan, end, next_end, lost);
+            // Keep the symbol caches from one window to the next.
+            std::mem::swap(next.agg.symbolizer(), w.agg.symbolizer());
+            self.open.insert(key.clone(), next);
+        }
+        Some(ClosedWindow {
+            plan: w.plan,
+            start: w.start,
+            end,
+            lost_at_start: w.lost_at_start,
+            hz_seen: w.hz_seen,
+            containers,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kprof_common::python::PyStack;
+    use kprof_crds::ProfileType;
+
+    use super::*;
+    use crate::{
+        daemon::routing::Routing,
+        k8s::{ContainerId, TargetSettings},
+        profile::{Frame, FrameKind, ProfileKind, SampleKey},
+    };
+
+    #[test]
+    fn windows_align_to_the_epoch() {
+        let w = Duration::from_secs(10);
+        let t = |s: u64, ms: u64| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms);
+        assert_eq!(aligned_window_end(t(100, 0), w), t(110, 0));
+        assert_eq!(aligned_window_end(t(103, 0), w), t(110, 0));
+        // Less than half a window left: one more window.
+        assert_eq!(aligned_window_end(t(106, 0), w), t(120, 0));
+        assert_eq!(aligned_window_end(t(110, 0), w), t(120, 0));
+    }
+
+    #[test]
+    fn samples_split_by_container_pids() {
+        let mut p = Profile::new(99, UNIX_EPOCH);
+        let st: Arc<[Frame]> = vec![Frame::new(FrameKind::Native, "f")].into();
+        for pid in [1, 2, 3] {
+            p.add(
+                SampleKey {
+                    pid,
+                    thread: "t".into(),
+                    stack: st.clone(),
+                },
+                u64::from(pid),
+            );
+        }
+        p.warnings = vec![
+            "pid 2: python too new".into(),
+            "pid 3: x".into(),
+            "global".into(),
+        ];
+        let only: BTreeSet<u32> = [1, 2].into();
+        let f = filter_pids(&p, &only);
+        assert_eq!(f.total(), 3);
+        assert_eq!(f.total_value(), 3 * (1_000_000_000 / 99));
+        assert_eq!(f.warnings, ["pid 2: python too new", "global"]);
+    }
+
+    fn container(pod: &str) -> ContainerKey {
+        ContainerKey {
+            namespace: "shop".into(),
+            pod: pod.into(),
+            pod_uid: format!("uid-{pod}"),
+            container: "app".into(),
+            id: ContainerId {
+                runtime: "containerd".into(),
+                id: format!("cid-{pod}"),
+            },
+        }
+    }
+
+    fn plan(name: &str, pods: &[&str]) -> TargetPlan {
+        TargetPlan {
+            key: TargetKey {
+                namespace: "shop".into(),
+                name: name.into(),
+                uid: format!("uid-{name}"),
+            },
+            settings: TargetSettings {
+                window: Duration::from_secs(10),
+                sample_hz: 100,
+                profile_types: vec![ProfileType::Cpu],
+            },
+            containers: pods.iter().map(|p| container(p)).collect(),
+        }
+    }
+
+    /// A synthetic event of a process that does not exist (frames stay unresolved).
+    fn event(kind: EventKind, value: u64, pid: u32, slot: u32, user: &[u64]) -> Event<'_> {
+        Event {
+            kind,
+            value,
+            tgid: pid,
+            tid: pid,
+            slot,
+            comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
+            exec_id: 0,
+            in_kernel: false,
+            kernel: &[],
+            user,
+            py: &PyStack::EMPTY,
+        }
+    }
+
+    #[test]
+    fn events_of_two_kinds_become_aligned_windows_with_one_profile_per_container_and_kind() {
+        const TICK: u64 = 10_000_000; // 100 Hz
+        let (pid_a, pid_b) = (u32::MAX - 21, u32::MAX - 22);
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000); // a window boundary
+        let wanted: BTreeMap<TargetKey, TargetPlan> =
+            [plan("api", &["a", "b"]), plan("a-only", &["a"])]
+                .into_iter()
+                .map(|p| (p.key.clone(), p))
+                .collect();
+        let mut routing = Routing::default();
+        routing.set_plan(&wanted);
+        let mut windows = Windows::default();
+        assert_eq!(windows.apply(&wanted, t0, 0).len(), 2);
+        assert!(windows.stale(&wanted).is_empty());
+
+        // pid a is known from a scan; pid b only by the slot the fork follower gave it.
+        routing.set_pids([(pid_a, "cid-a".to_owned())].into());
+        let slot_b = routing.slot_of("cid-b");
+        let mut feed = |ev: Event<'_>| {
+            let cid = routing
+                .container_of_event(ev.tgid, ev.slot, |_| None)
+                .expect("routed");
+            windows.add(routing.targets_of(&cid), &cid, &ev, 100, None);
+        };
+        for _ in 0..3 {
+            feed(event(EventKind::CpuSample, TICK, pid_a, 0, &[0x1000]));
+        }
+        feed(event(EventKind::CpuSample, TICK, pid_b, slot_b, &[0x2000]));
+        feed(event(EventKind::OffCpu, 7_000, pid_a, 0, &[0x1000]));
+        feed(event(EventKind::OffCpu, 5_000, pid_a, 0, &[0x1000]));
+        // An event of a container no target selects goes nowhere.
+        assert!(
+            routing
+                .container_of_event(7, 999, |_| Some("cid-x".into()))
+                .is_none()
+        );
+
+        assert!(windows.due(t0 + Duration::from_secs(9)).is_empty());
+        let due = windows.due(t0 + Duration::from_secs(10));
+        assert_eq!(
+            due.len(),
+            2,
+            "both targets' windows end on the same boundary"
+        );
+
+        let api = wanted.keys().find(|k| k.name == "api").unwrap().clone();
+        let closed = windows
+            .close(&api, t0 + Duration::from_secs(10), true, 4, 100)
+            .unwrap();
+        assert_eq!(
+            (closed.start, closed.end),
+            (t0, t0 + Duration::from_secs(10))
+        );
+        assert_eq!(closed.hz_seen, [100].into());
+        let [a, b] = &closed.containers[..] else {
+            panic!("two containers: {:?}", closed.containers);
+        };
+        assert_eq!((a.key.pod.as_str(), b.key.pod.as_str()), ("a", "b"));
+        assert_eq!(a.pids, [pid_a].into());
+        assert_eq!(b.pids, [pid_b].into());
+
+        let cpu_a = &a.profiles[&EventKind::CpuSample];
+        assert_eq!(cpu_a.kind, ProfileKind::Cpu { sample_hz: 100 });
+        assert_eq!((cpu_a.total(), cpu_a.total_value()), (3, 3 * TICK));
+        assert!(
+            (cpu_a.cpu_cores() - 0.003).abs() < 1e-9,
+            "3 ticks of 10 ms in 10 s"
+        );
+        let off_a = &a.profiles[&EventKind::OffCpu];
+        assert_eq!(off_a.kind, ProfileKind::OffCpu);
+        assert_eq!((off_a.total(), off_a.total_value()), (2, 12_000));
+        assert_eq!(a.values[&EventKind::OffCpu], 12_000);
+        assert_eq!(a.values[&EventKind::CpuSample], 3 * TICK);
+
+        let cpu_b = &b.profiles[&EventKind::CpuSample];
+        assert_eq!((cpu_b.total(), cpu_b.total_value()), (1, TICK));
+        assert_eq!(
+            b.profiles[&EventKind::OffCpu].total(),
+            0,
+            "no off-CPU events of b"
+        );
+
+        // The next window of the same target starts where this one ended.
+        let next = windows
+            .close(&api, t0 + Duration::from_secs(12), false, 4, 100)
+            .unwrap();
+        assert_eq!(next.start, t0 + Duration::from_secs(10));
+        assert_eq!(
+            next.containers[0].profiles[&EventKind::CpuSample].total(),
+            0
+        );
+
+        // The other target saw only container a.
+        let other = wanted.keys().find(|k| k.name == "a-only").unwrap().clone();
+        let closed = windows
+            .close(&other, t0 + Duration::from_secs(10), false, 4, 100)
+            .unwrap();
+        assert_eq!(closed.containers.len(), 1);
+        assert_eq!(
+            closed.containers[0].profiles[&EventKind::CpuSample].total(),
+            3
+        );
+        assert!(windows.keys().is_empty());
+    }
+}

@@ -1,0 +1,301 @@
+//! The one engine both drivers (`record`, the node daemon) run: it owns the eBPF programs, the
+//! runtimes (Python), ring-buffer draining and decoding, the target map and the kernel
+//! counters. Drivers decide *which* processes are targets and where each event goes.
+use std::time::Duration;
+
+use kprof_common::{Stat, TargetSlot, python::PyStat};
+
+use super::{
+    aggregate::StackMerger,
+    event::{Event, read_cpu_sample},
+};
+use crate::{
+    loader::{KernelCost, LoadError, Sampler, SamplerConfig},
+    profile::Frame,
+    python::{PythonSupport, RuntimeInfo},
+    targets,
+};
+
+/// What the engine runs.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    pub sampler: SamplerConfig,
+    /// Walk and resolve Python frames.
+    pub python: bool,
+    /// How long a new target that is an initialising interpreter is waited for (it is looked at
+    /// again in the background after that). `None`: processes first seen in events are not
+    /// examined at all, only those made targets (the daemon's thread must not block).
+    pub python_wait: Option<Duration>,
+}
+
+/// Kernel counters summed over the life of the engine (they restart from zero in kernel when
+/// the programs are reloaded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Indexed by [`Stat`].
+    pub stats: [u64; Stat::COUNT as usize],
+    /// Indexed by [`PyStat`].
+    pub python: [u64; PyStat::COUNT as usize],
+    /// In-kernel run time of the sampler program (only counted while `bpf_stats` is on).
+    pub bpf_run_time: Duration,
+    /// The readings of the current programs, subtracted from the next ones.
+    last_stats: [u64; Stat::COUNT as usize],
+    last_python: [u64; PyStat::COUNT as usize],
+    last_run_time: Duration,
+}
+
+impl Counters {
+    pub fn stat(&self, s: Stat) -> u64 {
+        self.stats[s as usize]
+    }
+
+    fn read(&mut self, sampler: &Sampler) {
+        for s in Stat::ALL {
+            let now = sampler.stat(s);
+            self.stats[s as usize] += now.saturating_sub(self.last_stats[s as usize]);
+            self.last_stats[s as usize] = now;
+        }
+        for s in PyStat::ALL {
+            let now = sampler.py_stat(s);
+            self.python[s as usize] += now.saturating_sub(self.last_python[s as usize]);
+            self.last_python[s as usize] = now;
+        }
+        let now = sampler.kernel_cost().run_time;
+        self.bpf_run_time += now.saturating_sub(self.last_run_time);
+        self.last_run_time = now;
+    }
+
+    /// New programs: their counters start from zero.
+    fn restart(&mut self) {
+        self.last_stats = [0; Stat::COUNT as usize];
+        self.last_python = [0; PyStat::COUNT as usize];
+        self.last_run_time = Duration::ZERO;
+    }
+}
+
+/// The Python support as the aggregation's stack merger (the only adapter).
+pub struct PythonMerger<'a> {
+    py: &'a mut PythonSupport,
+    /// See [`EngineConfig::python_wait`].
+    wait: Option<Duration>,
+}
+
+impl StackMerger for PythonMerger<'_> {
+    fn on_exec(&mut self, pid: u32) {
+        self.py.on_exec(pid); // the background watcher looks at the new image
+    }
+
+    fn on_process(&mut self, pid: u32) -> Option<(String, Vec<String>)> {
+        let info = match self.wait {
+            Some(wait) => self.py.detect(pid, wait),
+            None => self.py.runtime(pid),
+        };
+        info.map(|r| (r.display, r.warnings))
+    }
+
+    fn merge(
+        &mut self,
+        pid: u32,
+        native: Vec<Frame>,
+        py: &kprof_common::python::PyStack,
+    ) -> Vec<Frame> {
+        self.py.merge(pid, native, py)
+    }
+}
+
+/// A process in the target map, as seen by [`Engine::prune`].
+#[derive(Clone, Copy, Debug)]
+pub struct TargetState {
+    pub pid: u32,
+    pub slot: TargetSlot,
+    /// `Some((tgid, alive))` while `/proc/<pid>` exists.
+    pub proc: Option<(u32, bool)>,
+}
+
+/// The loaded programs and the runtimes.
+pub struct Engine {
+    cfg: EngineConfig,
+    sampler: Sampler,
+    python: Option<PythonSupport>,
+    counters: Counters,
+    /// Set-up warnings for the user (children not followed, Python frames disabled, ...).
+    pub warnings: Vec<String>,
+    /// Records too short to be an event (never expected).
+    pub malformed: u64,
+}
+
+impl Engine {
+    /// Loads and attaches the programs and sets up the runtimes.
+    pub fn start(cfg: EngineConfig) -> Result<Engine, LoadError> {
+        let (sampler, python, warnings) = Self::load(&cfg)?;
+        Ok(Engine {
+            cfg,
+            sampler,
+            python,
+            counters: Counters::default(),
+            warnings,
+            malformed: 0,
+        })
+    }
+
+    fn load(
+        cfg: &EngineConfig,
+    ) -> Result<(Sampler, Option<PythonSupport>, Vec<String>), LoadError> {
+        let cpu0 = crate::proc::self_usage().0;
+        let mut sampler = Sampler::load_with(&cfg.sampler, cfg.python)?;
+        let cpu1 = crate::proc::self_usage().0;
+        let mut warnings = sampler.warnings.clone();
+        let python = if cfg.python && sampler.python_walker {
+            match PythonSupport::new(&mut sampler.bpf) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warnings.push(format!("python frames disabled: {e}"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        tracing::debug!(
+            programs = ?cpu1.saturating_sub(cpu0),
+            python = ?crate::proc::self_usage().0.saturating_sub(cpu1),
+            "engine loaded (CPU)"
+        );
+        Ok((sampler, python, warnings))
+    }
+
+    /// Reloads the programs at another sampling rate (targets must be added again); the
+    /// counters carry on. The old programs are detached first: one sampler per node.
+    pub fn restart(mut self, sample_hz: u64) -> Result<Engine, LoadError> {
+        self.counters.read(&self.sampler);
+        let mut counters = self.counters.clone();
+        counters.restart();
+        let mut cfg = self.cfg;
+        cfg.sampler.sample_hz = sample_hz;
+        drop(self);
+        let mut engine = Engine::start(cfg)?;
+        engine.counters = counters;
+        Ok(engine)
+    }
+
+    /// The CPU sampling rate.
+    pub fn sample_hz(&self) -> u32 {
+        u32::try_from(self.cfg.sampler.sample_hz).unwrap_or(u32::MAX)
+    }
+
+    /// Nanoseconds of CPU one sample stands for.
+    pub fn cpu_period_ns(&self) -> u64 {
+        1_000_000_000 / self.cfg.sampler.sample_hz.max(1)
+    }
+
+    /// Makes `pid` (all its threads) a target, attributed to `slot`.
+    pub fn add_target(&mut self, pid: u32, slot: u32) -> Result<(), LoadError> {
+        self.sampler.add_pid(pid, slot)
+    }
+
+    /// Looks for an interpreter in `pid` at once, so that its samples carry Python frames
+    /// from the start and the workers it forks inherit the walker in kernel.
+    pub fn detect(&mut self, pid: u32) -> Option<RuntimeInfo> {
+        let wait = self.cfg.python_wait.unwrap_or(Duration::ZERO);
+        self.python.as_mut().and_then(|py| py.detect(pid, wait))
+    }
+
+    /// The stack merger of the runtimes, for aggregation outside [`Engine::drain`].
+    pub fn merger(&mut self) -> Option<PythonMerger<'_>> {
+        let wait = self.cfg.python_wait;
+        self.python.as_mut().map(|py| PythonMerger { py, wait })
+    }
+
+    /// What is known about the runtime of `pid`.
+    pub fn runtime(&self, pid: u32) -> Option<RuntimeInfo> {
+        self.python.as_ref().and_then(|py| py.runtime(pid))
+    }
+
+    /// Processes with a detected interpreter.
+    pub fn python_processes(&self) -> usize {
+        self.python.as_ref().map_or(0, PythonSupport::process_count)
+    }
+
+    /// Waits up to `timeout` for events (the programs never wake the reader: this bounds the
+    /// agent's fixed cost per second).
+    pub fn wait(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.sampler.events_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().clamp(1, 60_000) as i32) };
+    }
+
+    /// Decodes every pending record and hands each event, with the stack merger, to `sink`.
+    /// Returns the number of events.
+    pub fn drain(&mut self, mut sink: impl FnMut(&Event<'_>, Option<&mut dyn StackMerger>)) -> u64 {
+        let period = self.cpu_period_ns();
+        let wait = self.cfg.python_wait;
+        let Engine {
+            sampler,
+            python,
+            malformed,
+            ..
+        } = self;
+        let mut merger = python.as_mut().map(|py| PythonMerger { py, wait });
+        let mut n = 0;
+        while let Some(item) = sampler.events.next() {
+            let Some(record) = read_cpu_sample(&item) else {
+                *malformed += 1;
+                continue;
+            };
+            n += 1;
+            let ev = Event::cpu_sample(&record, period);
+            sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+        }
+        n
+    }
+
+    /// Walks the target map: entries `keep` refuses are removed (and their runtime state
+    /// dropped when the process is gone). Returns the pids kept.
+    pub fn prune(&mut self, mut keep: impl FnMut(&TargetState) -> bool) -> Vec<u32> {
+        let mut kept = Vec::new();
+        for (pid, slot) in self.sampler.target_pids() {
+            let state = TargetState {
+                pid,
+                slot,
+                proc: targets::proc_state(pid),
+            };
+            if keep(&state) {
+                kept.push(pid);
+                continue;
+            }
+            self.sampler.remove_pid(pid);
+            if state.proc.is_none()
+                && let Some(py) = self.python.as_mut()
+            {
+                py.on_exit(pid);
+            }
+        }
+        kept
+    }
+
+    /// The default pruning rule: exited processes go, and so do the fork follower's entries
+    /// for threads.
+    pub fn is_live_target(t: &TargetState) -> bool {
+        targets::prune_decision(
+            t.pid,
+            t.slot.inherited != 0,
+            t.proc.map(|s| s.0),
+            t.proc.is_some_and(|s| s.1),
+        ) == targets::Prune::Keep
+    }
+
+    /// Reads the kernel counters and returns their totals.
+    pub fn counters(&mut self) -> &Counters {
+        self.counters.read(&self.sampler);
+        &self.counters
+    }
+
+    /// Run count and run time of the sampler program of the current load.
+    pub fn kernel_cost(&self) -> KernelCost {
+        self.sampler.kernel_cost()
+    }
+}

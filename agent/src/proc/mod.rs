@@ -1,0 +1,46 @@
+//! What the agent reads of a process under `/proc/<pid>`: its mappings ([`maps`]), its name
+//! and the identity of its executable.
+pub mod maps;
+
+use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
+
+/// The process's name (`/proc/<pid>/comm`; empty once it exited).
+pub fn name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// Identity (device, inode) of the process's executable: it changes when the process `exec`s
+/// another program. `None` once the process exited.
+pub fn exe_identity(pid: u32) -> Option<(u64, u64)> {
+    fs::metadata(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// This process's CPU time (user + system) and peak RSS in KiB.
+pub fn self_usage() -> (Duration, u64) {
+    // SAFETY: getrusage fills a zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    (tv(ru.ru_utime) + tv(ru.ru_stime), ru.ru_maxrss as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_name_and_executable() {
+        let me = std::process::id();
+        assert!(!name(me).is_empty());
+        assert!(exe_identity(me).is_some());
+        assert_eq!(exe_identity(u32::MAX - 3), None);
+        assert_eq!(name(u32::MAX - 3), "");
+    }
+}
