@@ -10,16 +10,15 @@ use std::{
 };
 
 use kprof_common::{Stat, python::PyStat};
+use kprof_pprof::views;
 
 use crate::{
     aggregate::{Aggregator, StackMerger},
-    flamegraph,
     loader::{KernelCost, LoadError, Sampler, SamplerConfig},
     pprof,
     profile::{Frame, Profile},
     python::PythonSupport,
     targets::{self, Prune, TargetError},
-    top,
 };
 
 /// How often the ring buffer is drained (the eBPF side never wakes the reader). Each wake-up
@@ -502,10 +501,11 @@ fn housekeeping(
 pub fn write_outputs(rec: &Recording, dir: &Path, title: &str) -> Result<(), RecordError> {
     let werr = |path: PathBuf| move |source| RecordError::Write { path, source };
     let pb = dir.join("profile.pb.gz");
-    fs::write(&pb, pprof::encode(&rec.profile)?).map_err(werr(pb.clone()))?;
+    let pprof = pprof::build(&rec.profile);
+    fs::write(&pb, pprof.encode_gzip()).map_err(werr(pb.clone()))?;
     let svg = dir.join("flamegraph.svg");
-    let file = fs::File::create(&svg).map_err(werr(svg.clone()))?;
-    flamegraph::render(&rec.profile, title, io::BufWriter::new(file)).map_err(werr(svg.clone()))?;
+    let stacks = views::Stacks::from_profile(&pprof, 0);
+    fs::write(&svg, views::flamegraph_svg(&stacks, title)).map_err(werr(svg.clone()))?;
     let summary = dir.join("summary.json");
     fs::write(&summary, rec.stats.to_json()).map_err(werr(summary.clone()))?;
     Ok(())
@@ -513,5 +513,6 @@ pub fn write_outputs(rec: &Recording, dir: &Path, title: &str) -> Result<(), Rec
 
 /// The top table text of a recording.
 pub fn top_table(rec: &Recording, limit: usize) -> String {
-    top::render(&top::top(&rec.profile), limit)
+    let stacks = views::Stacks::from_profile(&pprof::build(&rec.profile), 0);
+    views::TopReport::new(&stacks, limit).table()
 }

@@ -24,8 +24,8 @@ use kprof_crds::{Phase, Profile, ProfilingTarget, ProfilingTargetStatus};
 use kprof_e2e::{TestNamespace, poll_until, random_suffix, wait_for};
 use kprof_operator::{
     AGENT_NAME, Operator, OperatorConfig,
-    agent::build::daemonset_nodes,
     metrics::{ControllerLabels, Metrics},
+    reconcile::daemonset::build::daemonset_nodes,
 };
 use kube::{
     Api, Client, CustomResourceExt, ResourceExt,

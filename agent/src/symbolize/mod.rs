@@ -30,7 +30,7 @@ pub use maps::{MapEntry, ProcessMaps};
 use crate::profile::{Frame, FrameKind};
 
 /// Module name used for kernel frames.
-pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
+pub const KERNEL_MODULE: &str = kprof_pprof::mappings::KERNEL;
 
 /// A file-backed module seen in some process (for pprof mappings).
 #[derive(Clone, Debug, PartialEq, Eq)]

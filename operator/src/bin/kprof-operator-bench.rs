@@ -31,7 +31,9 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kprof_crds::{Phase, Profile, ProfilingTarget};
-use kprof_operator::{AGENT_NAME, Operator, OperatorConfig, agent::build::daemonset_nodes};
+use kprof_operator::{
+    AGENT_NAME, Operator, OperatorConfig, reconcile::daemonset::build::daemonset_nodes,
+};
 use kube::{
     Api, Client, CustomResourceExt, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
