@@ -78,7 +78,7 @@ bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, a
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh
 	$(CARGO) run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000
-	. e2e/testbed/env.sh && e2e/testbed/up.sh && $(CARGO) run --release -p kprof-operator --bin kprof-operator-bench
+	. e2e/testbed/env.sh && e2e/testbed/up.sh && $(CARGO) run --release -p kprof-e2e --bin kprof-operator-bench
 
 .PHONY: demo
 demo: ## The main job: the user journey on a local cluster (see README)

@@ -1,28 +1,20 @@
 //! Command-line value parsers.
 use std::time::Duration;
 
-/// Parses `10s`, `500ms`, `2m`, `1h` or a plain number of seconds (`2.5`).
+use kprof_crds::GoDuration;
+
+/// Parses a positive duration in the notation of the kprof API (`GoDuration`: `10s`, `500ms`,
+/// `2m`, `1h30m`), so that the command line and the ProfilingTarget read durations alike.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
+    let d = s
         .trim()
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?} (examples: 10s, 500ms, 2m)"))?;
-    if !v.is_finite() || v <= 0.0 {
+        .parse::<GoDuration>()
+        .and_then(|d| d.to_std())
+        .map_err(|e| format!("invalid duration: {e}"))?;
+    if d.is_zero() {
         return Err(format!("duration must be positive, got {s:?}"));
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    Ok(d)
 }
 
 /// Parses a sampling frequency in 1..=1000 Hz.
@@ -47,7 +39,12 @@ mod tests {
         assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(
+            parse_duration("1.5").is_err(),
+            "a unit is required, as in the API"
+        );
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("-1s").is_err());

@@ -1,59 +1,32 @@
-//! pprof output: the [`Profile`] encoded as `profile.proto` (gzip); the message types are
-//! `kprof_pprof`'s (shared with the store, which reads them).
+//! pprof output: the [`Profile`] encoded as `profile.proto` (gzip). The messages, the table
+//! interning and the views (top, flame graph) are `kprof_pprof`'s, shared with the store.
 use std::{collections::HashMap, time::UNIX_EPOCH};
 
-use crate::{
-    profile::{Frame, FrameKind, Profile},
-    symbolize::KERNEL_MODULE,
+use kprof_pprof::{
+    builder::{Builder, MappingSpec},
+    labels, mappings,
 };
+
+use crate::profile::{Frame, FrameKind, Profile};
 
 pub use kprof_pprof::{
     Function, Label, Line, Location, Mapping, PprofError, Profile as PprofProfile, Sample,
     ValueType,
 };
 
-#[derive(Default)]
-struct Strings {
-    table: Vec<String>,
-    index: HashMap<String, i64>,
-}
-
-impl Strings {
-    fn new() -> Self {
-        let mut s = Strings::default();
-        s.id(""); // string_table[0] must be ""
-        s
-    }
-    fn id(&mut self, s: &str) -> i64 {
-        if let Some(&i) = self.index.get(s) {
-            return i;
-        }
-        let i = self.table.len() as i64;
-        self.table.push(s.to_owned());
-        self.index.insert(s.to_owned(), i);
-        i
-    }
-}
-
 /// Builds the pprof message of a profile.
 pub fn build(profile: &Profile) -> PprofProfile {
-    let mut st = Strings::new();
+    let mut b = Builder::new();
     // The sample types are the profile kind's, declared once in `kprof_pprof::types`.
     let types = profile.kind.pprof_types();
     let sample_type = types
         .sample_types
         .iter()
-        .map(|t| ValueType {
-            r#type: st.id(t.r#type),
-            unit: st.id(t.unit),
-        })
+        .map(|t| b.value_type(t.r#type, t.unit))
         .collect();
     let mut out = PprofProfile {
         sample_type,
-        period_type: Some(ValueType {
-            r#type: st.id(types.period_type.r#type),
-            unit: st.id(types.period_type.unit),
-        }),
+        period_type: Some(b.value_type(types.period_type.r#type, types.period_type.unit)),
         period: profile.period_ns(),
         time_nanos: profile
             .start
@@ -66,21 +39,24 @@ pub fn build(profile: &Profile) -> PprofProfile {
     };
 
     // Mappings: one per module (kernel, each ELF file, pseudo mappings), ids from 1.
-    let mut mapping_ids: HashMap<String, u64> = HashMap::new();
-    let mut mapping_range: HashMap<u64, (u64, u64)> = HashMap::new();
     let build_ids: HashMap<&str, &str> = profile
         .modules
         .iter()
         .filter_map(|m| m.id.build_id().map(|b| (&*m.path, b)))
         .collect();
-    let mut functions: HashMap<(String, String, FrameKind), u64> = HashMap::new();
-    let mut locations: HashMap<LocKey, u64> = HashMap::new();
+    let mapping = |b: &mut Builder, module: &str| {
+        b.mapping(MappingSpec {
+            filename: module,
+            build_id: build_ids.get(module).copied().unwrap_or(""),
+            ..Default::default()
+        })
+    };
 
     // Mapping order: tools treat the first mapping as the main binary. Native modules by the
     // number of samples they appear in (executables before shared objects on ties), kernel last.
-    let mut weight: HashMap<String, u64> = HashMap::new();
+    let mut weight: HashMap<&str, u64> = HashMap::new();
     for (key, count) in &profile.samples {
-        let mut seen: Vec<String> = Vec::new();
+        let mut seen: Vec<&str> = Vec::new();
         for f in key.stack.iter() {
             let m = module_name(f);
             if !seen.contains(&m) {
@@ -91,31 +67,19 @@ pub fn build(profile: &Profile) -> PprofProfile {
             *weight.entry(m).or_default() += count;
         }
     }
-    let mut order: Vec<(String, u64)> = weight.into_iter().collect();
+    let mut order: Vec<(&str, u64)> = weight.into_iter().collect();
     order.sort_by(|(a, wa), (b, wb)| {
-        let rank = |m: &str| (m == KERNEL_MODULE, m.contains(".so"));
+        let rank = |m: &str| (m == mappings::KERNEL, m.contains(".so"));
         rank(a)
             .cmp(&rank(b))
             .then(wb.cmp(wa))
             .then_with(|| a.cmp(b))
     });
     for (module, _) in order {
-        let id = out.mapping.len() as u64 + 1;
-        let build_id = build_ids.get(module.as_str()).copied().unwrap_or("");
-        out.mapping.push(Mapping {
-            id,
-            filename: st.id(&module),
-            build_id: st.id(build_id),
-            has_functions: true,
-            has_filenames: true,
-            has_line_numbers: true,
-            has_inline_frames: true,
-            ..Default::default()
-        });
-        mapping_ids.insert(module, id);
+        mapping(&mut b, module);
     }
 
-    let label_keys = LabelKeys::new(&mut st);
+    let label_keys = LabelKeys::new(&mut b);
     for (key, count) in profile.sorted_samples() {
         let mut loc_ids = Vec::with_capacity(key.stack.len());
         // Group inlined frames with their caller into one location (pprof's inline model).
@@ -131,87 +95,22 @@ pub fn build(profile: &Profile) -> PprofProfile {
             }
             let group = &key.stack[i..=j];
             let head = &group[0];
-            let module = module_name(head);
-            let mapping_id = match mapping_ids.get(&module) {
-                Some(&id) => id,
-                None => {
-                    let id = out.mapping.len() as u64 + 1;
-                    let build_id = build_ids.get(module.as_str()).copied().unwrap_or("");
-                    out.mapping.push(Mapping {
-                        id,
-                        filename: st.id(&module),
-                        build_id: st.id(build_id),
-                        has_functions: true,
-                        has_filenames: true,
-                        has_line_numbers: true,
-                        has_inline_frames: true,
-                        ..Default::default()
-                    });
-                    mapping_ids.insert(module.clone(), id);
-                    id
-                }
-            };
-            let range = mapping_range.entry(mapping_id).or_insert((u64::MAX, 0));
-            range.0 = range.0.min(head.address);
-            range.1 = range.1.max(head.address.saturating_add(1));
-
-            let lk = LocKey {
-                mapping_id,
-                address: head.address,
-                lines: group
-                    .iter()
-                    .map(|f| {
-                        (
-                            f.function.to_string(),
-                            f.file.as_deref().unwrap_or("").to_owned(),
-                            f.line,
-                            f.kind,
-                        )
-                    })
-                    .collect(),
-            };
-            let loc_id = match locations.get(&lk) {
-                Some(&id) => id,
-                None => {
-                    let id = out.location.len() as u64 + 1;
-                    let mut lines = Vec::with_capacity(group.len());
-                    for f in group {
-                        let file = f.file.as_deref().unwrap_or("").to_owned();
-                        let fkey = (f.function.to_string(), file.clone(), f.kind);
-                        let function_id = match functions.get(&fkey) {
-                            Some(&id) => id,
-                            None => {
-                                let fid = out.function.len() as u64 + 1;
-                                let name = st.id(&f.function);
-                                out.function.push(Function {
-                                    id: fid,
-                                    name,
-                                    system_name: name,
-                                    filename: st.id(&file),
-                                    start_line: 0,
-                                });
-                                functions.insert(fkey, fid);
-                                fid
-                            }
-                        };
-                        lines.push(Line {
-                            function_id,
-                            line: i64::from(f.line),
-                            ..Line::default()
-                        });
+            let mapping_id = mapping(&mut b, module_name(head));
+            b.cover(mapping_id, head.address);
+            let lines = group
+                .iter()
+                .map(|f| {
+                    let file = f.file.as_deref().unwrap_or("");
+                    // Start lines are set below, once every line of the function is known.
+                    let function_id = b.function(&f.function, &f.function, file, 0);
+                    Line {
+                        function_id,
+                        line: i64::from(f.line),
+                        ..Line::default()
                     }
-                    out.location.push(Location {
-                        id,
-                        mapping_id,
-                        address: head.address,
-                        line: lines,
-                        is_folded: false,
-                    });
-                    locations.insert(lk, id);
-                    id
-                }
-            };
-            loc_ids.push(loc_id);
+                })
+                .collect();
+            loc_ids.push(b.location(mapping_id, head.address, lines, false));
             i = j + 1;
         }
         let mut label = vec![
@@ -222,7 +121,7 @@ pub fn build(profile: &Profile) -> PprofProfile {
             },
             Label {
                 key: label_keys.thread,
-                str: st.id(&key.thread),
+                str: b.string(&key.thread),
                 ..Default::default()
             },
         ];
@@ -231,7 +130,7 @@ pub fn build(profile: &Profile) -> PprofProfile {
         {
             label.push(Label {
                 key: label_keys.process,
-                str: st.id(&p.name),
+                str: b.string(&p.name),
                 ..Default::default()
             });
         }
@@ -245,7 +144,7 @@ pub fn build(profile: &Profile) -> PprofProfile {
             if !v.is_empty() {
                 label.push(Label {
                     key: k,
-                    str: st.id(v),
+                    str: b.string(v),
                     ..Default::default()
                 });
             }
@@ -256,9 +155,9 @@ pub fn build(profile: &Profile) -> PprofProfile {
             label,
         });
     }
-    // Min/max function start lines per function (from the lines seen): a useful approximation.
+    // A function's start line: the smallest line seen in it (a useful approximation).
     let mut start: HashMap<u64, i64> = HashMap::new();
-    for loc in &out.location {
+    for loc in b.locations() {
         for l in &loc.line {
             if l.line > 0 {
                 let e = start.entry(l.function_id).or_insert(l.line);
@@ -266,34 +165,18 @@ pub fn build(profile: &Profile) -> PprofProfile {
             }
         }
     }
-    for f in &mut out.function {
+    for f in b.functions_mut() {
         f.start_line = start.get(&f.id).copied().unwrap_or(0);
     }
-    for m in &mut out.mapping {
-        if let Some(&(lo, hi)) = mapping_range.get(&m.id)
-            && lo <= hi
-        {
-            m.memory_start = lo;
-            m.memory_limit = hi;
-        }
-    }
     for w in &profile.warnings {
-        let c = st.id(w);
+        let c = b.string(w);
         out.comment.push(c);
     }
     if profile.dropped > 0 {
-        let c = st.id(&format!("dropped samples: {}", profile.dropped));
+        let c = b.string(&format!("dropped samples: {}", profile.dropped));
         out.comment.push(c);
     }
-    out.string_table = st.table;
-    out
-}
-
-#[derive(PartialEq, Eq, Hash)]
-struct LocKey {
-    mapping_id: u64,
-    address: u64,
-    lines: Vec<(String, String, u32, FrameKind)>,
+    b.finish(out)
 }
 
 struct LabelKeys {
@@ -307,24 +190,25 @@ struct LabelKeys {
 }
 
 impl LabelKeys {
-    fn new(st: &mut Strings) -> Self {
+    fn new(b: &mut Builder) -> Self {
         LabelKeys {
-            pid: st.id("pid"),
-            thread: st.id("thread_name"),
-            process: st.id("process_name"),
-            namespace: st.id("namespace"),
-            pod: st.id("pod"),
-            container: st.id("container"),
-            node: st.id("node"),
+            pid: b.string(labels::PID),
+            thread: b.string(labels::THREAD_NAME),
+            process: b.string(labels::PROCESS_NAME),
+            namespace: b.string(labels::NAMESPACE),
+            pod: b.string(labels::POD),
+            container: b.string(labels::CONTAINER),
+            node: b.string(labels::NODE),
         }
     }
 }
 
-fn module_name(f: &Frame) -> String {
+/// The mapping a frame belongs to.
+fn module_name(f: &Frame) -> &str {
     match (f.kind, &f.module) {
-        (FrameKind::Kernel, _) => KERNEL_MODULE.to_owned(),
-        (FrameKind::Python, m) => m.as_deref().unwrap_or("[python]").to_owned(),
-        (FrameKind::Native, m) => m.as_deref().unwrap_or("[unknown]").to_owned(),
+        (FrameKind::Kernel, _) => mappings::KERNEL,
+        (FrameKind::Python, m) => m.as_deref().unwrap_or(mappings::PYTHON),
+        (FrameKind::Native, m) => m.as_deref().unwrap_or("[unknown]"),
     }
 }
 
@@ -365,7 +249,7 @@ mod tests {
     }
     use crate::{
         profile::{ProcessMeta, SampleKey},
-        symbolize::{ModuleId, ModuleInfo},
+        symbolize::{KERNEL_MODULE, ModuleId, ModuleInfo},
     };
 
     fn sample_profile() -> Profile {

@@ -10,9 +10,9 @@ use std::{
 };
 
 use kprof_common::{Stat, python::PyStat};
+use kprof_pprof::views;
 
 use crate::{
-    flamegraph,
     loader::{KernelCost, LoadError, SamplerConfig},
     pipeline::{
         aggregate::{Aggregator, StackMerger},
@@ -22,7 +22,6 @@ use crate::{
     pprof,
     profile::Profile,
     targets::{self, TargetError},
-    top,
 };
 
 /// How often the ring buffer is drained (the eBPF side never wakes the reader). Each wake-up
@@ -438,10 +437,11 @@ fn see_process(engine: &mut Engine, agg: &mut Aggregator, pid: u32) {
 pub fn write_outputs(rec: &Recording, dir: &Path, title: &str) -> Result<(), RecordError> {
     let werr = |path: PathBuf| move |source| RecordError::Write { path, source };
     let pb = dir.join("profile.pb.gz");
-    fs::write(&pb, pprof::encode(&rec.profile)?).map_err(werr(pb.clone()))?;
+    let pprof = pprof::build(&rec.profile);
+    fs::write(&pb, pprof.encode_gzip()).map_err(werr(pb.clone()))?;
     let svg = dir.join("flamegraph.svg");
-    let file = fs::File::create(&svg).map_err(werr(svg.clone()))?;
-    flamegraph::render(&rec.profile, title, io::BufWriter::new(file)).map_err(werr(svg.clone()))?;
+    let stacks = views::Stacks::from_profile(&pprof, 0);
+    fs::write(&svg, views::flamegraph_svg(&stacks, title)).map_err(werr(svg.clone()))?;
     let summary = dir.join("summary.json");
     fs::write(&summary, rec.stats.to_json()).map_err(werr(summary.clone()))?;
     Ok(())
@@ -449,5 +449,6 @@ pub fn write_outputs(rec: &Recording, dir: &Path, title: &str) -> Result<(), Rec
 
 /// The top table text of a recording.
 pub fn top_table(rec: &Recording, limit: usize) -> String {
-    top::render(&top::top(&rec.profile), limit)
+    let stacks = views::Stacks::from_profile(&pprof::build(&rec.profile), 0);
+    views::TopReport::new(&stacks, limit).table()
 }

@@ -4,7 +4,9 @@
 
 mod duration;
 mod profile;
+pub mod selection;
 mod selector;
+pub mod store_api;
 mod target;
 #[cfg(feature = "validate")]
 pub mod validate;
@@ -14,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, GoDuration};
 pub use profile::{ArtifactRef, Artifacts, Profile, ProfileSpec, TopFunction};
-pub use selector::selector_matches;
 pub use target::{
     Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,
     Retention,

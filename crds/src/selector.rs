@@ -1,23 +1,30 @@
-//! Label selector matching, as the API server does it, for the operator and the agent that both
-//! decide which pods a ProfilingTarget selects.
-
-use std::collections::BTreeMap;
+//! Label selectors as the API server reads them, for [`crate::selection`].
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::core::{Selector, SelectorExt};
+use kube::core::Selector;
 
-/// Whether `labels` satisfy `selector` (kube's matcher, Kubernetes semantics). An empty selector
-/// matches nothing here: kprof never profiles a whole namespace by accident (the schema refuses
-/// empty selectors too). A selector with an unknown operator matches nothing.
-pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    Selector::try_from(selector.clone()).is_ok_and(|s| !s.selects_all() && s.matches(labels))
+/// The selector (kube's matcher, Kubernetes semantics), or None when it matches nothing here:
+/// an empty selector (kprof never profiles a whole namespace by accident; the schema refuses
+/// empty selectors too) or one with an unknown operator.
+pub(crate) fn parse(selector: &LabelSelector) -> Option<Selector> {
+    Selector::try_from(selector.clone())
+        .ok()
+        .filter(|s| !s.selects_all())
 }
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
+    use std::collections::BTreeMap;
+
+    use kube::core::SelectorExt;
+
     use super::*;
+
+    fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+        parse(selector).is_some_and(|s| s.matches(labels))
+    }
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs

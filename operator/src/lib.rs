@@ -2,11 +2,11 @@
 //!
 //! It reconciles [`ProfilingTarget`](kprof_crds::ProfilingTarget)s and schedules the node agent:
 //!
-//! * [`target`]: one reconciler per target, a pipeline of one module per step:
+//! * [`reconcile::target`]: one reconciler per target, a pipeline of one module per step:
 //!   `read` (pods of the target's own namespace, from the shared pod cache) → `validate` (pure)
 //!   → `build` (pure: desired status, retention plan) → `apply` (delete expired Profiles) →
 //!   `status` (server-side apply of the status subresource).
-//! * [`agent`]: a second, cluster-wide reconciler that owns the single agent DaemonSet: its node
+//! * [`reconcile::daemonset`]: a second, cluster-wide reconciler that owns the single agent DaemonSet: its node
 //!   affinity covers exactly the nodes that run selected pods of active targets, and it is
 //!   deleted when no target is active.
 //! * [`leader`]: a `coordination.k8s.io` Lease so that only one replica runs the controllers.
@@ -16,17 +16,16 @@
 
 #![forbid(unsafe_code)]
 
-pub mod agent;
 pub mod config;
 pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod plugin;
+pub mod reconcile;
 pub mod run;
 pub mod selector;
 pub mod store;
-pub mod target;
 
 pub use config::OperatorConfig;
 pub use error::{Error, Result};

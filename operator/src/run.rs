@@ -30,11 +30,13 @@ use tokio::sync::{Notify, oneshot, watch};
 
 use crate::{
     AGENT_NAME, CONTROLLER_NAME, Error, OperatorConfig, Result,
-    agent::AgentScheduler,
     http::Health,
     leader::LeaseLock,
     metrics::Metrics,
-    target::{self, Context, Guarded, MatchIndex, read::Caches},
+    reconcile::{
+        daemonset::AgentScheduler,
+        target::{self, Context, Guarded, MatchIndex, read::Caches},
+    },
 };
 
 /// At most this many targets are reconciled at the same time.

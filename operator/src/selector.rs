@@ -1,61 +1,48 @@
-//! Label selectors: the checks the CRD schema cannot make, and matching pods.
-
-use std::collections::BTreeMap;
+//! Label selectors: the checks the CRD schema cannot make (matching pods is
+//! `kprof_crds::selection`'s).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::core::{Selector, SelectorExt};
+use kube::core::Selector;
 
-/// A checked label selector, ready to match label sets.
-#[derive(Clone, Debug)]
-pub struct PodSelector(Selector);
-
-impl PodSelector {
-    /// Check `sel` as the API server checks a selector in a Deployment (operators, values, keys),
-    /// with messages that name the offending part.
-    pub fn new(sel: &LabelSelector) -> Result<Self, String> {
-        for (k, v) in sel.match_labels.iter().flatten() {
-            check_key(k).map_err(|e| format!("matchLabels key {k:?}: {e}"))?;
-            check_value(v).map_err(|e| format!("matchLabels[{k:?}] value {v:?}: {e}"))?;
-        }
-        for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
-            let at = format!("matchExpressions[{i}] (key {:?})", req.key);
-            check_key(&req.key).map_err(|e| format!("{at}: {e}"))?;
-            let values = req.values.as_deref().unwrap_or_default();
-            match req.operator.as_str() {
-                "In" | "NotIn" if values.is_empty() => {
-                    return Err(format!(
-                        "{at}: operator {} needs at least one value",
-                        req.operator
-                    ));
-                }
-                "In" | "NotIn" => {
-                    for v in values {
-                        check_value(v).map_err(|e| format!("{at}: value {v:?}: {e}"))?;
-                    }
-                }
-                "Exists" | "DoesNotExist" if !values.is_empty() => {
-                    return Err(format!("{at}: operator {} takes no values", req.operator));
-                }
-                "Exists" | "DoesNotExist" => {}
-                other => {
-                    return Err(format!(
-                        "{at}: unknown operator {other:?} (use In, NotIn, Exists or DoesNotExist)"
-                    ));
+/// Check `sel` as the API server checks a selector in a Deployment (operators, values, keys),
+/// with messages that name the offending part. Matching is `kprof_crds::selection`'s.
+pub fn check(sel: &LabelSelector) -> Result<(), String> {
+    for (k, v) in sel.match_labels.iter().flatten() {
+        check_key(k).map_err(|e| format!("matchLabels key {k:?}: {e}"))?;
+        check_value(v).map_err(|e| format!("matchLabels[{k:?}] value {v:?}: {e}"))?;
+    }
+    for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
+        let at = format!("matchExpressions[{i}] (key {:?})", req.key);
+        check_key(&req.key).map_err(|e| format!("{at}: {e}"))?;
+        let values = req.values.as_deref().unwrap_or_default();
+        match req.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                return Err(format!(
+                    "{at}: operator {} needs at least one value",
+                    req.operator
+                ));
+            }
+            "In" | "NotIn" => {
+                for v in values {
+                    check_value(v).map_err(|e| format!("{at}: value {v:?}: {e}"))?;
                 }
             }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                return Err(format!("{at}: operator {} takes no values", req.operator));
+            }
+            "Exists" | "DoesNotExist" => {}
+            other => {
+                return Err(format!(
+                    "{at}: unknown operator {other:?} (use In, NotIn, Exists or DoesNotExist)"
+                ));
+            }
         }
-        let selector = Selector::try_from(sel.clone()).map_err(|e| e.0)?;
-        if selector.selects_all() {
-            return Err("the selector is empty and would select every pod".into());
-        }
-        Ok(Self(selector))
     }
-
-    /// Whether a pod with these labels is selected.
-    pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
-        static EMPTY: BTreeMap<String, String> = BTreeMap::new();
-        self.0.matches(labels.unwrap_or(&EMPTY))
+    let selector = Selector::try_from(sel.clone()).map_err(|e| e.0)?;
+    if selector.selects_all() {
+        return Err("the selector is empty and would select every pod".into());
     }
+    Ok(())
 }
 
 fn is_name_char(c: char) -> bool {
@@ -146,26 +133,6 @@ mod tests {
         serde_yaml::from_str(yaml).unwrap()
     }
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn match_labels_and_expressions() {
-        let s = PodSelector::new(&sel(
-            "matchLabels: {app: checkout}\nmatchExpressions: [{key: tier, operator: NotIn, values: [canary]}]",
-        ))
-        .unwrap();
-        assert!(s.matches(Some(&labels(&[("app", "checkout")]))));
-        assert!(s.matches(Some(&labels(&[("app", "checkout"), ("tier", "main")]))));
-        assert!(!s.matches(Some(&labels(&[("app", "checkout"), ("tier", "canary")]))));
-        assert!(!s.matches(Some(&labels(&[("app", "cart")]))));
-        assert!(!s.matches(None));
-    }
-
     #[test]
     fn what_the_schema_cannot_check_is_refused_with_a_reason() {
         let cases = [
@@ -187,10 +154,10 @@ mod tests {
             ("{}", "select every pod"),
         ];
         for (yaml, want) in cases {
-            let err = PodSelector::new(&sel(yaml)).unwrap_err();
+            let err = check(&sel(yaml)).unwrap_err();
             assert!(err.contains(want), "{yaml}: {err}");
         }
-        assert!(PodSelector::new(&sel("matchLabels: {example.com/app: x}")).is_ok());
+        assert!(check(&sel("matchLabels: {example.com/app: x}")).is_ok());
     }
 
     #[test]

@@ -6,12 +6,34 @@
 //! is declared, so that a profile written by another tool (Go, py-spy, Pyroscope) decodes and
 //! encodes again without losing anything kprof shows.
 
+pub mod builder;
+pub mod merge;
 pub mod types;
+pub mod views;
 
 use std::io::{Read, Write};
 
 use flate2::{Compression, read::GzDecoder, write::GzEncoder};
 pub use prost::Message;
+
+/// Sample label keys kprof writes (and the views read).
+pub mod labels {
+    pub const PID: &str = "pid";
+    pub const THREAD_NAME: &str = "thread_name";
+    pub const PROCESS_NAME: &str = "process_name";
+    pub const NAMESPACE: &str = "namespace";
+    pub const POD: &str = "pod";
+    pub const CONTAINER: &str = "container";
+    pub const NODE: &str = "node";
+}
+
+/// Mapping file names that are not files: the views mark their frames.
+pub mod mappings {
+    /// Kernel frames (the name perf uses).
+    pub const KERNEL: &str = "[kernel.kallsyms]";
+    /// Python frames without a module of their own.
+    pub const PYTHON: &str = "[python]";
+}
 
 /// Refuse to inflate a profile to more than this (a zip bomb guard): 512 MiB.
 pub const MAX_DECODED_BYTES: u64 = 512 << 20;

@@ -10,13 +10,13 @@ use kprof_crds::{Profile, ProfileSpec, ProfileType, ProfilingTarget, TopFunction
 use kube::Resource as _;
 use sha2::{Digest as _, Sha256};
 
+use kprof_pprof::views::{self, Stacks};
+
 use crate::{
-    flamegraph,
     k8s::{ContainerKey, TargetKey},
     pprof,
     profile::Profile as Samples,
     spool::{ArtifactKind, NewArtifact},
-    top,
 };
 
 /// Rows kept in `topFunctions`.
@@ -126,21 +126,21 @@ fn round1(x: f64) -> f64 {
 /// Builds the Profile object (artifact references are filled in by the uploader).
 pub fn build_profile(w: &WindowOutput) -> Profile {
     let name = profile_name(&w.target, &w.container, w.profile_type, w.window_start);
-    let rows = top::top(&w.samples);
+    let rows = Stacks::from_profile(&pprof::build(&w.samples), 0).top();
     let total = w.samples.total();
     let top = rows
         .first()
         .filter(|_| total > 0)
-        .map(|r| format!("{} {:.1}%", r.function, r.self_pct))
+        .map(|r| format!("{} {:.1}%", r.function, r.self_percent))
         .unwrap_or_default();
     let top_functions = rows
         .iter()
         .take(TOP_FUNCTIONS)
         .map(|r| TopFunction {
             function: r.function.to_string(),
-            location: (!r.location.is_empty()).then(|| r.location.clone()),
-            self_percent: round1(r.self_pct),
-            total_percent: round1(r.total_pct),
+            location: r.location.clone(),
+            self_percent: round1(r.self_percent),
+            total_percent: round1(r.total_percent),
         })
         .collect();
     let threads: BTreeSet<&str> = w.samples.samples.keys().map(|k| &*k.thread).collect();
@@ -198,8 +198,7 @@ pub fn build_artifacts(w: &WindowOutput) -> Result<Vec<NewArtifact>, pprof::Ppro
     if w.samples.total() == 0 {
         return Ok(Vec::new());
     }
-    let pb = pprof::encode(&w.samples)?;
-    let mut svg = Vec::new();
+    let pprof = pprof::build(&w.samples);
     let title = format!(
         "kprof {} {}/{}/{} {}",
         w.profile_type,
@@ -208,17 +207,16 @@ pub fn build_artifacts(w: &WindowOutput) -> Result<Vec<NewArtifact>, pprof::Ppro
         w.container.container,
         time(w.window_start).0.strftime("%Y-%m-%dT%H:%M:%SZ")
     );
-    let mut out = vec![NewArtifact {
-        kind: ArtifactKind::Pprof,
-        bytes: pb,
-    }];
-    match flamegraph::render(&w.samples, &title, &mut svg) {
-        Ok(()) => out.push(NewArtifact {
+    let out = vec![
+        NewArtifact {
+            kind: ArtifactKind::Pprof,
+            bytes: pprof.encode_gzip(),
+        },
+        NewArtifact {
             kind: ArtifactKind::Flamegraph,
-            bytes: svg,
-        }),
-        Err(e) => tracing::warn!(error = %e, "flame graph not rendered"),
-    }
+            bytes: views::flamegraph_svg(&Stacks::from_profile(&pprof, 0), &title),
+        },
+    ];
     Ok(out)
 }
 

@@ -2,16 +2,16 @@
 //! ProfilingTargets select (pure, [`plan`]), the watches that feed it ([`watch`]) and the
 //! pid → container resolution on the host ([`resolve`]).
 //!
-//! A target selects pods of its own namespace only (`selector_matches` on the pod labels),
-//! optionally only the named containers, and only containers that are running (their
-//! `containerID` is known).
+//! Which pods and containers a target selects is `kprof_crds::selection`'s rule (shared with the
+//! operator); of those, the agent profiles the containers that are running (their `containerID`
+//! is known).
 pub mod resolve;
 pub mod watch;
 
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use kprof_crds::{Phase, ProfileType, ProfilingTarget, selector_matches};
+use kprof_crds::{Phase, ProfileType, ProfilingTarget, selection::PodSelection};
 use kube::ResourceExt as _;
 
 /// A container id as the runtime reports it in `status.containerStatuses[].containerID`.
@@ -78,23 +78,6 @@ pub fn target_active(t: &ProfilingTarget) -> bool {
     )
 }
 
-/// Whether `target` selects `pod`: same namespace, labels matched by the selector, pod not
-/// terminating.
-pub fn target_selects_pod(target: &ProfilingTarget, pod: &Pod) -> bool {
-    if target.namespace().is_none() || target.namespace() != pod.namespace() {
-        return false;
-    }
-    if pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    selector_matches(&target.spec.selector, pod.labels())
-}
-
-/// Whether the target's `containers` list (empty: every container) includes `name`.
-pub fn container_selected(target: &ProfilingTarget, name: &str) -> bool {
-    target.spec.containers.is_empty() || target.spec.containers.iter().any(|c| c == name)
-}
-
 /// Identity of a target (stable across updates of its spec).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetKey {
@@ -159,16 +142,17 @@ pub fn plan(targets: &[ProfilingTarget], pods: &[Pod]) -> Vec<TargetPlan> {
         let (Some(namespace), Some(uid)) = (t.namespace(), t.uid()) else {
             continue;
         };
+        let selection = PodSelection::of(t);
         let mut containers: Vec<ContainerKey> = pods
             .iter()
-            .filter(|p| target_selects_pod(t, p))
+            .filter(|p| selection.selects(p))
             .flat_map(|p| {
                 let pod = p.name_any();
                 let pod_uid = p.uid().unwrap_or_default();
                 let namespace = namespace.clone();
                 running_containers(p)
                     .into_iter()
-                    .filter(|c| container_selected(t, &c.name))
+                    .filter(|c| selection.container_selected(&c.name))
                     .map(move |c| ContainerKey {
                         namespace: namespace.clone(),
                         pod: pod.clone(),
@@ -220,11 +204,15 @@ mod tests {
                 })
             })
             .collect();
+        let specs: Vec<serde_json::Value> = containers
+            .iter()
+            .map(|(n, _)| serde_json::json!({"name": n}))
+            .collect();
         let labels: BTreeMap<_, _> = labels.iter().map(|(k, v)| (*k, *v)).collect();
         serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels},
-            "spec": {"nodeName": "n1", "containers": []},
+            "spec": {"nodeName": "n1", "containers": specs},
             "status": {"containerStatuses": statuses}
         }))
         .unwrap()
@@ -316,6 +304,15 @@ mod tests {
         assert_eq!(plan[0].containers.len(), 1);
         assert_eq!(plan[0].containers[0].container, "sidecar");
         assert_eq!(containers_by_id(&plan).len(), 1);
+
+        // The shared rule: a terminating pod is not selected.
+        let mut leaving = pods[0].clone();
+        leaving.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert!(kprof_crds::selection::is_leaving(&leaving));
+        assert!(super::plan(&targets, &[leaving]).is_empty());
     }
 
     #[test]

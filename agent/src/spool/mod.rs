@@ -17,8 +17,8 @@ use std::{
 };
 
 use kprof_crds::Profile;
+use kprof_crds::store_api::Digest;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 /// Errors of the spool.
 #[derive(Debug, thiserror::Error)]
@@ -104,17 +104,6 @@ impl Entry {
     }
 }
 
-/// `sha256:<hex>` of bytes.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    let d = Sha256::digest(bytes);
-    let mut s = String::with_capacity(7 + 64);
-    s.push_str("sha256:");
-    for b in d {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
-}
-
 /// Bounds of the spool.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -197,7 +186,7 @@ impl Spool {
                 kind: a.kind,
                 file: a.kind.file_name().to_owned(),
                 content_type: a.kind.content_type().to_owned(),
-                digest: sha256_digest(&a.bytes),
+                digest: Digest::of(&a.bytes).to_string(),
                 size: a.bytes.len() as u64,
             });
         }
@@ -381,7 +370,7 @@ mod tests {
         let a = &e.manifest.artifacts[0];
         assert_eq!(a.kind, ArtifactKind::Pprof);
         assert_eq!(a.size, 2);
-        assert_eq!(a.digest, sha256_digest(b"pb"));
+        assert_eq!(a.digest, Digest::of(b"pb").to_string());
         assert_eq!(fs::read(e.artifact_path(a)).unwrap(), b"pb");
         spool.remove(&list[0]).unwrap();
         spool.remove(&list[0]).unwrap(); // idempotent
@@ -430,13 +419,5 @@ mod tests {
             .unwrap();
         assert_eq!(out.dropped.len(), 2);
         assert_eq!(spool.depth(), 1);
-    }
-
-    #[test]
-    fn digest_format() {
-        assert_eq!(
-            sha256_digest(b""),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
     }
 }

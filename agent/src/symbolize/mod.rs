@@ -28,7 +28,7 @@ pub use maps::{MapEntry, ProcessMaps};
 use crate::profile::{Frame, FrameKind};
 
 /// Module name used for kernel frames.
-pub const KERNEL_MODULE: &str = "[kernel.kallsyms]";
+pub const KERNEL_MODULE: &str = kprof_pprof::mappings::KERNEL;
 
 #[derive(Debug)]
 struct ProcState {

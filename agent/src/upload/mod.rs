@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use kprof_crds::{ArtifactRef, Profile};
+use kprof_crds::{ArtifactRef, Profile, store_api};
 use kube::{Api, Client, api::PostParams};
 use tokio::sync::{Notify, watch};
 
@@ -83,11 +83,6 @@ pub struct Uploader {
     sink: ArtifactSink,
 }
 
-/// The store URL of an artifact.
-pub fn store_url(base: &str, digest: &str) -> String {
-    format!("{}/v1/artifacts/{digest}", base.trim_end_matches('/'))
-}
-
 impl Uploader {
     pub fn new(client: Client, sink: ArtifactSink) -> Uploader {
         let http = reqwest::Client::builder()
@@ -147,12 +142,12 @@ impl Uploader {
                         path: token_file.clone(),
                         source,
                     })?;
-                let target = store_url(url, &a.digest);
+                let target = store_api::artifact_url(url, &a.digest);
                 let resp = self
                     .http
                     .put(&target)
                     .bearer_auth(token.trim())
-                    .header("X-Kprof-Namespace", namespace)
+                    .header(store_api::NAMESPACE_HEADER, namespace)
                     .header("Content-Type", &a.content_type)
                     .body(body)
                     .send()
@@ -526,7 +521,7 @@ mod tests {
     #[test]
     fn urls_and_categories() {
         assert_eq!(
-            store_url("http://store:8080/", "sha256:ab"),
+            store_api::artifact_url("http://store:8080/", "sha256:ab"),
             "http://store:8080/v1/artifacts/sha256:ab"
         );
         assert!(UploadError::StoreAuth(401).retryable());

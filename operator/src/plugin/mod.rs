@@ -17,9 +17,11 @@ use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use crate::store::analysis::{self, Stacks, TopReport};
-use crate::store::backend::Digest;
-use crate::store::pprof;
+use kprof_crds::store_api::Digest;
+use kprof_pprof::{
+    self as pprof,
+    views::{self, Stacks, TopReport},
+};
 
 /// kubectl kprof: profiles of your pods (top, flame graphs, diffs, merges).
 #[derive(Parser, Debug)]
@@ -170,7 +172,7 @@ pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
         }
         Command::Flamegraph { profile, output } => {
             let (p, stacks) = k.stacks(profile).await?;
-            let svg = analysis::flamegraph_svg(
+            let svg = views::flamegraph_svg(
                 &stacks,
                 &format!(
                     "{}/{profile}: {} of {}/{}",
@@ -194,14 +196,14 @@ pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
             let (_, after) = k.stacks(b).await?;
             write(
                 output,
-                &analysis::diff_svg(&before, &after, &format!("{a} → {b}")),
+                &views::diff_svg(&before, &after, &format!("{a} → {b}")),
             )?;
             writeln!(
                 out,
                 "{:>8} {:>8} {:>8}  FUNCTION (self %, grew most first)",
                 "BEFORE", "AFTER", "DELTA"
             )?;
-            for g in analysis::growth(&before, &after).iter().take(*limit) {
+            for g in views::growth(&before, &after).iter().take(*limit) {
                 writeln!(
                     out,
                     "{:>7.2}% {:>7.2}% {:>+7.2}%  {}",
@@ -235,7 +237,7 @@ pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
                         .with_context(|| format!("decoding {n}"))?,
                 );
             }
-            let merged = pprof::merge(&decoded)?;
+            let merged = pprof::merge::merge(&decoded)?;
             write(output, &merged.encode_gzip())?;
             let idx = merged
                 .value_index(k.cli.sample_index.as_deref())
@@ -245,7 +247,7 @@ pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
             if let Some(f) = flamegraph {
                 write(
                     f,
-                    &analysis::flamegraph_svg(
+                    &views::flamegraph_svg(
                         &stacks,
                         &format!("{}: merge of {} profiles", k.ns, names.len()),
                     ),
@@ -398,7 +400,7 @@ impl Kprof<'_> {
                     r.url
                 )
             })?;
-        let bytes = self.store_get(&format!("/v1/artifacts/{d}")).await?;
+        let bytes = self.store_get(&d.path()).await?;
         let got = Digest::of(&bytes);
         if got != d {
             bail!("artifact of {name} does not match its digest: expected {d}, got {got}");

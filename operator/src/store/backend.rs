@@ -10,43 +10,11 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+pub use kprof_crds::store_api::Digest;
+
 use super::StoreError;
 
 const PREFIX: &str = "artifacts/sha256";
-
-/// A validated `sha256:<64 lowercase hex>` content digest.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(String);
-
-impl Digest {
-    /// Parse `sha256:<hex>` (64 hex digits; upper case is accepted and normalised).
-    pub fn parse(s: &str) -> Option<Self> {
-        let hex = s.strip_prefix("sha256:")?;
-        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-            .then(|| Self(hex.to_ascii_lowercase()))
-    }
-
-    /// The digest of `bytes`.
-    pub fn of(bytes: &[u8]) -> Self {
-        let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-        Self(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
-    }
-
-    /// The digest at the end of an artifact URL (`.../v1/artifacts/sha256:<hex>`).
-    pub fn from_url(url: &str) -> Option<Self> {
-        Self::parse(url.rsplit('/').next()?)
-    }
-
-    pub fn hex(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for Digest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "sha256:{}", self.0)
-    }
-}
 
 /// An object kept in the store.
 #[derive(Clone, Debug)]
@@ -174,32 +142,5 @@ pub fn sniff_content_type(bytes: &[u8]) -> &'static str {
         "application/json"
     } else {
         "application/octet-stream"
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn digests() {
-        let d = Digest::of(b"abc");
-        assert_eq!(
-            d.to_string(),
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(
-            Digest::parse(&d.to_string().to_uppercase().replace("SHA256", "sha256")),
-            Some(d.clone())
-        );
-        assert_eq!(Digest::parse("sha256:abc"), None);
-        assert_eq!(
-            Digest::parse("md5:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
-            None
-        );
-        assert_eq!(
-            Digest::from_url(&format!("http://x:8090/v1/artifacts/{d}")),
-            Some(d)
-        );
     }
 }

@@ -14,7 +14,6 @@
 //! Start it with [`serve`], or [`Store::bind`] + [`BoundStore::run`] when the caller needs the
 //! bound address first (tests: listen on `127.0.0.1:0`).
 
-pub mod analysis;
 pub mod auth;
 pub mod backend;
 mod cloud;
@@ -40,8 +39,7 @@ pub use metrics::StoreMetrics;
 pub const DEFAULT_PORT: u16 = 8090;
 /// Name of the Service in front of the store.
 pub const SERVICE_NAME: &str = "kprof-store";
-/// Header an uploader sets to the namespace of the Profile the artifact belongs to.
-pub const NAMESPACE_HEADER: &str = "x-kprof-namespace";
+pub use kprof_crds::store_api::NAMESPACE_HEADER;
 
 /// The store's command line, flattened into `kprof-operator run`.
 #[derive(clap::Args, Clone, Debug)]

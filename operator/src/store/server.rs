@@ -13,10 +13,12 @@ use kprof_crds::Profile;
 use kube::Api;
 use serde_json::json;
 
-use super::analysis::{self, Stacks, TopReport};
 use super::auth::AuthOutcome;
 use super::backend::{Digest, sniff_content_type};
 use super::pprof;
+use kprof_crds::store_api;
+use kprof_pprof::views::{self, Stacks, TopReport};
+
 use super::{NAMESPACE_HEADER, State, web};
 
 type St = AxState<Arc<State>>;
@@ -24,7 +26,7 @@ type St = AxState<Arc<State>>;
 pub(crate) fn router(state: Arc<State>) -> Router {
     Router::new()
         .route(
-            "/v1/artifacts/{digest}",
+            store_api::ARTIFACT_ROUTE,
             get(get_artifact).put(put_artifact),
         )
         .route("/v1/profiles/{ns}/{name}/pprof", get(profile_pprof))
@@ -183,7 +185,7 @@ async fn put_artifact(
             format!("digest mismatch: the URL names {digest} but the body is {actual}"),
         );
     }
-    let url = format!("{}/v1/artifacts/{digest}", st.config.public_url);
+    let url = digest.url(&st.config.public_url);
     let size = bytes.len();
     let status = match st.artifacts.exists(&digest).await {
         Ok(true) => {
@@ -379,7 +381,7 @@ async fn profile_flamegraph(
     }
     match load_stacks(&st, &ns, &name, sample_index.as_deref()).await {
         Ok((p, stacks)) => {
-            let svg = analysis::flamegraph_svg(&stacks, &title(&ns, &name, &p));
+            let svg = views::flamegraph_svg(&stacks, &title(&ns, &name, &p));
             st.metrics.read("flamegraph", svg.len());
             bytes_response("image/svg+xml", None, Bytes::from(svg))
         }
@@ -440,7 +442,7 @@ async fn diff_svg(AxState(st): St, RawQuery(q): RawQuery) -> Response {
         Ok(s) => s.1,
         Err(r) => return r,
     };
-    let svg = analysis::diff_svg(
+    let svg = views::diff_svg(
         &before,
         &after,
         &format!("{}/{} → {}/{}", a.0, a.1, b.0, b.1),

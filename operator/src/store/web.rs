@@ -13,8 +13,8 @@ use kube::Api;
 use kube::api::ListParams;
 
 use super::State;
-use super::analysis::{self, TopReport, html_escape as esc};
 use super::server::{load_stacks, query_get, query_pairs, split_ref};
+use kprof_pprof::views::{self, TopReport, html_escape as esc};
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}\
 td,th{border-bottom:1px solid #ddd;padding:.25em .6em;text-align:left;font-size:.9em}th{background:#f4f4f4}\
@@ -244,7 +244,7 @@ pub(crate) async fn diff_page(AxState(st): AxState<Arc<State>>, RawQuery(q): Raw
         enc(&a),
         enc(&b_ref)
     );
-    for g in analysis::growth(&before, &after).iter().take(20) {
+    for g in views::growth(&before, &after).iter().take(20) {
         let _ = write!(
             b,
             "<tr><td>{}</td><td class=\"num\">{:.2}</td><td class=\"num\">{:.2}</td><td class=\"num\">{:+.2}</td></tr>",

@@ -16,7 +16,7 @@ use kprof_crds::{Phase, Profile, ProfilingTarget, ProfilingTargetStatus};
 use kube::ResourceExt;
 
 use super::validate::ValidTarget;
-use crate::agent::build::daemonset_nodes;
+use crate::reconcile::daemonset::build::daemonset_nodes;
 
 /// Condition types the operator sets on every target.
 pub mod conditions {
@@ -31,19 +31,15 @@ pub mod conditions {
 /// How many Profile names `status.recentProfiles` lists.
 pub const RECENT_PROFILES: usize = 5;
 
-/// A pod the target selects: scheduled to a node and not finished.
+/// A pod the target selects, scheduled to a node.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SelectedPod {
     pub name: String,
     pub node: String,
 }
 
-/// The node a pod is bound to, when it is scheduled and has not finished (Succeeded/Failed).
+/// The node a pod is bound to, when it is scheduled.
 pub fn scheduled_node(pod: &Pod) -> Option<&str> {
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) {
-        return None;
-    }
     pod.spec
         .as_ref()?
         .node_name
@@ -51,14 +47,12 @@ pub fn scheduled_node(pod: &Pod) -> Option<&str> {
         .filter(|n| !n.is_empty())
 }
 
-/// The pods of `namespace` that `valid` selects (sorted by name). Pods of any other namespace
-/// are never selected, whatever their labels.
-pub fn select_pods(valid: &ValidTarget, namespace: &str, pods: &[Arc<Pod>]) -> Vec<SelectedPod> {
+/// The scheduled pods `valid` selects (sorted by name); which pods a target selects is
+/// `kprof_crds::selection`'s rule, shared with the agent.
+pub fn select_pods(valid: &ValidTarget, pods: &[Arc<Pod>]) -> Vec<SelectedPod> {
     let mut out: Vec<SelectedPod> = pods
         .iter()
-        .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
-        .filter(|p| valid.selector.matches(p.metadata.labels.as_ref()))
-        .filter(|p| has_selected_container(valid, p))
+        .filter(|p| valid.selection.selects(p))
         .filter_map(|p| {
             Some(SelectedPod {
                 name: p.name_any(),
@@ -68,15 +62,6 @@ pub fn select_pods(valid: &ValidTarget, namespace: &str, pods: &[Arc<Pod>]) -> V
         .collect();
     out.sort();
     out
-}
-
-fn has_selected_container(valid: &ValidTarget, pod: &Pod) -> bool {
-    valid.containers.is_empty()
-        || pod.spec.as_ref().is_some_and(|s| {
-            s.containers
-                .iter()
-                .any(|c| valid.containers.contains(&c.name))
-        })
 }
 
 /// The phase of a target and its start time (set the first time it runs, then kept).
@@ -411,7 +396,7 @@ pub fn requeue_after(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::{
+    use crate::reconcile::target::{
         fixtures::{agent_ds, pod, profile, target, ts},
         validate::validate,
     };
@@ -468,7 +453,7 @@ mod tests {
                 "Running",
             ),
         ];
-        let sel = select_pods(&v, "shop", &pods);
+        let sel = select_pods(&v, &pods);
         assert_eq!(
             sel,
             vec![
@@ -482,6 +467,20 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn terminating_pods_are_not_selected() {
+        // The rule shared with the agent (kprof_crds::selection): a pod being deleted is
+        // neither profiled nor counted.
+        let t = target("t", "shop", "selector: {matchLabels: {app: checkout}}");
+        let v = validate(&t).unwrap();
+        let running = pod("shop", "a", &[("app", "checkout")], Some("n"), "Running");
+        let mut leaving = (*running).clone();
+        leaving.metadata.deletion_timestamp = Some(Time(ts("2026-01-01T00:00:00Z")));
+        assert_eq!(select_pods(&v, &[running]).len(), 1);
+        assert!(kprof_crds::selection::is_leaving(&leaving));
+        assert!(select_pods(&v, &[Arc::new(leaving)]).is_empty());
     }
 
     #[test]
@@ -500,7 +499,7 @@ mod tests {
             "Running",
         )];
         assert!(
-            select_pods(&v, "shop", &pods).is_empty(),
+            select_pods(&v, &pods).is_empty(),
             "fixture pods only have container `main`"
         );
     }

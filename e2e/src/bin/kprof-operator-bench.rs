@@ -1,4 +1,5 @@
-//! `kprof-operator-bench`: the operator at scale against a real API server (`make bench`).
+//! `kprof-operator-bench`: the operator at scale against a real API server (`make bench`); it
+//! lives with the test bed because it needs a cluster and shares the e2e set-up.
 //!
 //! Creates `--targets` ProfilingTargets over `--pods` pod objects bound to `--nodes` made-up
 //! node names (Node objects are created, tainted and unschedulable, so nothing else lands there
@@ -23,17 +24,17 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt, stream};
-use k8s_openapi::{
-    api::{
-        apps::v1::DaemonSet,
-        core::v1::{Namespace, Node, Pod},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Namespace, Node, Pod},
 };
-use kprof_crds::{Phase, Profile, ProfilingTarget};
-use kprof_operator::{AGENT_NAME, Operator, OperatorConfig, agent::build::daemonset_nodes};
+use kprof_crds::{Phase, ProfilingTarget};
+use kprof_e2e::operator::install_crds;
+use kprof_operator::{
+    AGENT_NAME, Operator, OperatorConfig, reconcile::daemonset::build::daemonset_nodes,
+};
 use kube::{
-    Api, Client, CustomResourceExt, ResourceExt,
+    Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
@@ -151,34 +152,6 @@ fn classify(method: &http::Method, uri: &http::Uri) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-
-async fn install_crds(client: &Client) -> Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in [ProfilingTarget::crd(), Profile::crd()] {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("kprof-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        let established = |c: &CustomResourceDefinition| {
-            c.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !established(&crds.get(&name).await?) {
-            ensure!(Instant::now() < deadline, "CRD {name} not established");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
-}
 
 fn suffix() -> String {
     let nanos = std::time::SystemTime::now()
@@ -407,7 +380,7 @@ async fn main() -> Result<()> {
         .with_layer(&CountLayer(counts.clone()))
         .build();
 
-    install_crds(&observer).await?;
+    install_crds(&observer, "kprof-bench").await?;
     let w = create_world(&observer, &args).await?;
     println!(
         "kprof-operator-bench: {} targets, {} pods, {} nodes, {} namespaces (run {})",

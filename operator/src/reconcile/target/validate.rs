@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use kprof_crds::{ProfileType, ProfilingTarget};
 
-use crate::{Error, Result, selector::PodSelector};
+use kprof_crds::selection::PodSelection;
+
+use crate::{Error, Result, selector};
 
 /// A target whose spec has been checked, with the parsed values the later steps use.
 #[derive(Clone, Debug)]
 pub struct ValidTarget {
-    pub selector: PodSelector,
-    pub containers: Vec<String>,
+    /// Which pods it selects (the rule shared with the agent).
+    pub selection: PodSelection,
     pub profile_types: Vec<ProfileType>,
     pub window: Duration,
     pub duration: Option<Duration>,
@@ -23,7 +25,7 @@ pub struct ValidTarget {
 /// Check `target.spec`; the error message tells the user what to change.
 pub fn validate(target: &ProfilingTarget) -> Result<ValidTarget> {
     let spec = &target.spec;
-    let selector = PodSelector::new(&spec.selector)
+    selector::check(&spec.selector)
         .map_err(|e| Error::InvalidSpec(format!("spec.selector: {e}")))?;
     let mut seen = std::collections::BTreeSet::new();
     for c in &spec.containers {
@@ -63,8 +65,7 @@ pub fn validate(target: &ProfilingTarget) -> Result<ValidTarget> {
         ));
     }
     Ok(ValidTarget {
-        selector,
-        containers: spec.containers.clone(),
+        selection: PodSelection::of(target),
         profile_types: spec.profile_types.clone(),
         window,
         duration,
@@ -86,7 +87,7 @@ fn is_dns_label(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::fixtures::target;
+    use crate::reconcile::target::fixtures::target;
 
     #[test]
     fn a_good_target_is_valid() {

@@ -19,7 +19,7 @@ use k8s_openapi::{
     api::{apps::v1::DaemonSet, core::v1::Pod},
     jiff::Timestamp,
 };
-use kprof_crds::{Profile, ProfilingTarget, labels};
+use kprof_crds::{Profile, ProfilingTarget, labels, selection::PodSelection};
 use kube::{
     Api, Client, Resource, ResourceExt,
     core::DeserializeGuard,
@@ -31,7 +31,7 @@ use kube::{
 };
 use tokio::sync::Notify;
 
-use crate::{Error, Result, error::backoff, metrics::Metrics, selector::PodSelector};
+use crate::{Error, Result, error::backoff, metrics::Metrics};
 
 /// The object the controller works on: a target, or what is left of one that does not parse.
 pub type Guarded = DeserializeGuard<ProfilingTarget>;
@@ -193,7 +193,7 @@ async fn reconcile_target(target: &ProfilingTarget, ctx: &Context) -> Result<Act
     let valid = validate::validate(target);
     // 3. build
     let selected = match &valid {
-        Ok(v) => build::select_pods(v, &ns, &observed.pods),
+        Ok(v) => build::select_pods(v, &observed.pods),
         Err(_) => Vec::new(),
     };
     ctx.matched.set(
@@ -326,8 +326,7 @@ pub fn pod_mapper(
             .filter(|g| {
                 let key = key_of(g.as_ref());
                 let selects = match &g.0 {
-                    Ok(t) => PodSelector::new(&t.spec.selector)
-                        .is_ok_and(|s| s.matches(pod.metadata.labels.as_ref())),
+                    Ok(t) => PodSelection::of(t).selects(&pod),
                     Err(_) => false,
                 };
                 selects || matched.contains(&key, &pod_name)
@@ -362,7 +361,7 @@ mod tests {
     use kube::runtime::{reflector, watcher};
 
     use super::*;
-    use crate::target::fixtures::{pod, profile, target};
+    use crate::reconcile::target::fixtures::{pod, profile, target};
 
     fn store_of(targets: Vec<ProfilingTarget>) -> Store<Guarded> {
         let (reader, mut writer) = reflector::store::<Guarded>();

@@ -1,26 +1,39 @@
-//! What users look at: the top table, flame graphs and differential flame graphs, computed from
-//! a pprof [`Profile`]. Shared by the store (rendering on read, the web page) and `kubectl-kprof`.
+//! What users look at, derived from a pprof [`Profile`]: the top table, folded stacks, flame
+//! graphs and differential flame graphs. The agent (`record`, the Profile objects), the store
+//! (rendering on read, the web page) and `kubectl kprof` all draw them from here, so the same
+//! profile gives the same picture everywhere.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use inferno::flamegraph::{self, Options};
 use serde::{Deserialize, Serialize};
 
-use super::pprof::Profile;
+use crate::{Profile, labels, mappings};
 
-/// One frame: function name and, when known, `file:line`.
+/// One frame: function name, `file:line` when known, and the file of its mapping.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Frame {
     pub function: String,
     pub file: String,
     pub line: i64,
+    /// The mapping's file name (a binary, [`mappings::KERNEL`], [`mappings::PYTHON`]) or "".
+    pub module: String,
 }
 
-/// The stacks of a profile (root first) with their value for one sample type.
+/// One sample: the process it came from (when labelled), its frames root first, its value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stack {
+    /// `name (pid)` from the `process_name` and `pid` labels.
+    pub process: Option<String>,
+    pub frames: Vec<Frame>,
+    pub value: i64,
+}
+
+/// The stacks of a profile with their value for one sample type.
 #[derive(Clone, Debug, Default)]
 pub struct Stacks {
-    pub stacks: Vec<(Vec<Frame>, i64)>,
+    pub stacks: Vec<Stack>,
     pub total: i64,
     /// `type/unit` of the value, e.g. `cpu/nanoseconds`.
     pub unit: String,
@@ -31,6 +44,11 @@ impl Stacks {
     pub fn from_profile(p: &Profile, value_index: usize) -> Self {
         let functions: HashMap<u64, _> = p.function.iter().map(|f| (f.id, f)).collect();
         let locations: HashMap<u64, _> = p.location.iter().map(|l| (l.id, l)).collect();
+        let modules: HashMap<u64, &str> = p
+            .mapping
+            .iter()
+            .map(|m| (m.id, p.str(m.filename)))
+            .collect();
         let mut out = Stacks {
             unit: p
                 .sample_types()
@@ -49,11 +67,13 @@ impl Stacks {
                 let Some(loc) = locations.get(id) else {
                     continue;
                 };
+                let module = modules.get(&loc.mapping_id).copied().unwrap_or("");
                 if loc.line.is_empty() {
                     frames.push(Frame {
                         function: format!("0x{:x}", loc.address),
                         file: String::new(),
                         line: 0,
+                        module: module.to_owned(),
                     });
                 }
                 for l in &loc.line {
@@ -64,120 +84,131 @@ impl Stacks {
                             } else {
                                 p.str(f.system_name)
                             };
-                            (name.to_string(), p.str(f.filename).to_string())
+                            (name.to_owned(), p.str(f.filename).to_owned())
                         }
-                        None => ("?".to_string(), String::new()),
+                        None => ("?".to_owned(), String::new()),
                     };
                     frames.push(Frame {
                         function,
                         file,
                         line: l.line,
+                        module: module.to_owned(),
                     });
                 }
             }
             frames.reverse(); // leaf first in pprof, root first here
             out.total = out.total.saturating_add(value);
-            out.stacks.push((frames, value));
+            out.stacks.push(Stack {
+                process: process(p, s),
+                frames,
+                value,
+            });
         }
         out
     }
 
-    /// Folded stacks (`root;caller;leaf count`), the input format of inferno / flamegraph.pl.
+    /// Folded stacks (`process;root;…;leaf count`), sorted, one line per distinct stack: the
+    /// input format of inferno / flamegraph.pl. Kernel frames end in `_[k]`, Python frames carry
+    /// `(file:line)` (one box per line, as py-spy draws them).
     pub fn folded(&self) -> Vec<String> {
-        let mut agg: HashMap<String, i64> = HashMap::new();
-        for (frames, v) in &self.stacks {
-            let key = frames
-                .iter()
-                .map(|f| sanitize(&f.function))
-                .collect::<Vec<_>>()
-                .join(";");
-            let key = if key.is_empty() {
-                "[unknown]".to_string()
+        let mut agg: BTreeMap<String, i64> = BTreeMap::new();
+        for s in &self.stacks {
+            let mut parts: Vec<String> = Vec::with_capacity(s.frames.len() + 1);
+            parts.extend(s.process.as_deref().map(sanitize));
+            parts.extend(s.frames.iter().map(folded_frame));
+            let key = if parts.is_empty() {
+                "[unknown]".to_owned()
             } else {
-                key
+                parts.join(";")
             };
-            *agg.entry(key).or_default() += v;
+            *agg.entry(key).or_default() += s.value;
         }
-        let mut lines: Vec<String> = agg.into_iter().map(|(k, v)| format!("{k} {v}")).collect();
-        lines.sort();
-        lines
+        agg.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
     }
 
-    /// Self and total value per function, hottest (by self) first.
+    /// Self and total value per function (name and file), hottest (by self) first. A function
+    /// counts once per stack in `total` (recursion); its location is its smallest line seen (a
+    /// stable place near its start), else its mapping's file.
     pub fn top(&self) -> Vec<TopRow> {
-        struct Acc {
+        #[derive(Default)]
+        struct Acc<'a> {
             self_: i64,
             total: i64,
-            lines: HashMap<(String, i64), i64>,
+            line: i64,
+            module: &'a str,
         }
-        let mut acc: HashMap<&str, Acc> = HashMap::new();
-        for (frames, v) in &self.stacks {
-            let mut seen: HashSet<&str> = HashSet::new();
-            for (i, f) in frames.iter().enumerate() {
-                let e = acc.entry(f.function.as_str()).or_insert_with(|| Acc {
-                    self_: 0,
-                    total: 0,
-                    lines: HashMap::new(),
-                });
-                if seen.insert(f.function.as_str()) {
-                    e.total += v;
+        let mut acc: HashMap<(&str, &str), Acc> = HashMap::new();
+        for s in &self.stacks {
+            let mut seen: HashSet<(&str, &str)> = HashSet::new();
+            for (i, f) in s.frames.iter().enumerate() {
+                let key = (f.function.as_str(), f.file.as_str());
+                let e = acc.entry(key).or_default();
+                if seen.insert(key) {
+                    e.total += s.value;
                 }
-                if i + 1 == frames.len() {
-                    e.self_ += v;
+                if i + 1 == s.frames.len() {
+                    e.self_ += s.value;
                 }
-                *e.lines.entry((f.file.clone(), f.line)).or_default() += v;
+                if f.line > 0 && (e.line == 0 || f.line < e.line) {
+                    e.line = f.line;
+                }
+                if e.module.is_empty() {
+                    e.module = &f.module;
+                }
             }
         }
         let total = self.total.max(1) as f64;
         let mut rows: Vec<TopRow> = acc
             .into_iter()
-            .map(|(function, a)| {
-                let ((file, line), _) = a
-                    .lines
-                    .into_iter()
-                    .max_by_key(|(k, v)| (*v, std::cmp::Reverse(k.clone())))
-                    .unwrap_or_default();
-                let location = match (file.is_empty(), line) {
-                    (true, _) => None,
-                    (false, 0) => Some(file),
+            .map(|((function, file), a)| TopRow {
+                function: function.to_owned(),
+                location: match (file.is_empty(), a.line) {
+                    (true, _) => (!a.module.is_empty()).then(|| a.module.to_owned()),
+                    (false, 0) => Some(file.to_owned()),
                     (false, l) => Some(format!("{file}:{l}")),
-                };
-                TopRow {
-                    function: function.to_string(),
-                    location,
-                    self_value: a.self_,
-                    total_value: a.total,
-                    self_percent: round2(a.self_ as f64 * 100.0 / total),
-                    total_percent: round2(a.total as f64 * 100.0 / total),
-                }
+                },
+                self_value: a.self_,
+                total_value: a.total,
+                self_percent: round2(a.self_ as f64 * 100.0 / total),
+                total_percent: round2(a.total as f64 * 100.0 / total),
             })
             .collect();
         rows.sort_by(|a, b| {
             b.self_value
                 .cmp(&a.self_value)
                 .then(b.total_value.cmp(&a.total_value))
-                .then(a.function.cmp(&b.function))
+                .then_with(|| a.function.cmp(&b.function))
+                .then_with(|| a.location.cmp(&b.location))
         });
         rows
     }
+}
+
+/// `name (pid)` of a sample from its labels (`?` when the name is missing).
+fn process(p: &Profile, s: &crate::Sample) -> Option<String> {
+    let label = |key: &str| s.label.iter().find(|l| p.str(l.key) == key);
+    let pid = label(labels::PID)?.num;
+    let name = label(labels::PROCESS_NAME).map_or("?", |l| p.str(l.str));
+    Some(format!("{name} ({pid})"))
+}
+
+fn folded_frame(f: &Frame) -> String {
+    let mut s = sanitize(&f.function);
+    if f.module == mappings::KERNEL {
+        s.push_str("_[k]");
+    } else if f.module == mappings::PYTHON && f.line > 0 && !f.file.is_empty() {
+        s.push_str(&sanitize(&format!(" ({}:{})", f.file, f.line)));
+    }
+    s
 }
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Folded-stack frames cannot contain `;` (frame separator) or line breaks; a trailing number
-/// after a space would be read as the count, so spaces become `_` only where needed.
+/// `;` separates frames and line breaks separate stacks in the folded format.
 fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c == ';' || c == '\n' || c == '\r' {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect()
+    name.replace(';', ":").replace(['\n', '\r'], " ")
 }
 
 /// One row of a top table.
@@ -193,7 +224,7 @@ pub struct TopRow {
     pub total_percent: f64,
 }
 
-/// The JSON document `GET /v1/profiles/{ns}/{name}/top` answers.
+/// A top table: the JSON document `GET /v1/profiles/{ns}/{name}/top` answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TopReport {
@@ -203,6 +234,7 @@ pub struct TopReport {
 }
 
 impl TopReport {
+    /// The first `limit` rows of `stacks`' top table.
     pub fn new(stacks: &Stacks, limit: usize) -> Self {
         let mut rows = stacks.top();
         rows.truncate(limit);
@@ -213,7 +245,7 @@ impl TopReport {
         }
     }
 
-    /// A fixed-width text table, as `kubectl kprof top` prints it.
+    /// A fixed-width text table, as `kprof-agent record` and `kubectl kprof top` print it.
     pub fn table(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
@@ -238,7 +270,7 @@ impl TopReport {
 
 fn ellipsize(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
-        s.to_string()
+        s.to_owned()
     } else {
         let keep: String = s.chars().take(max - 1).collect();
         format!("{keep}…")
@@ -249,14 +281,15 @@ fn ellipsize(s: &str, max: usize) -> String {
 pub fn flamegraph_svg(stacks: &Stacks, title: &str) -> Vec<u8> {
     let lines = stacks.folded();
     let mut opts = Options::default();
-    opts.title = title.to_string();
+    opts.title = title.to_owned();
     opts.subtitle = Some(format!("{} {}", stacks.total, stacks.unit));
     opts.count_name = stacks
         .unit
         .rsplit('/')
         .next()
+        .filter(|u| !u.is_empty())
         .unwrap_or("samples")
-        .to_string();
+        .to_owned();
     render(&mut opts, &lines)
 }
 
@@ -295,10 +328,10 @@ pub fn diff_svg(before: &Stacks, after: &Stacks, title: &str) -> Vec<u8> {
         return empty_svg(title);
     }
     let text = String::from_utf8_lossy(&diff);
-    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let lines: Vec<String> = text.lines().map(str::to_owned).collect();
     let mut opts = Options::default();
-    opts.title = title.to_string();
-    opts.subtitle = Some("red: grew, blue: shrank (after vs before, normalised)".to_string());
+    opts.title = title.to_owned();
+    opts.subtitle = Some("red: grew, blue: shrank (after vs before, normalised)".to_owned());
     render(&mut opts, &lines)
 }
 
@@ -314,16 +347,14 @@ pub struct Growth {
 
 /// Functions whose self share grew most from `before` to `after`, biggest growth first.
 pub fn growth(before: &Stacks, after: &Stacks) -> Vec<Growth> {
-    let a: HashMap<String, f64> = before
-        .top()
-        .into_iter()
-        .map(|r| (r.function, r.self_percent))
-        .collect();
-    let b: HashMap<String, f64> = after
-        .top()
-        .into_iter()
-        .map(|r| (r.function, r.self_percent))
-        .collect();
+    let self_shares = |s: &Stacks| {
+        let mut m: HashMap<String, f64> = HashMap::new();
+        for r in s.top() {
+            *m.entry(r.function).or_default() += r.self_percent;
+        }
+        m
+    };
+    let (a, b) = (self_shares(before), self_shares(after));
     let names: HashSet<&String> = a.keys().chain(b.keys()).collect();
     let mut rows: Vec<Growth> = names
         .into_iter()
@@ -367,8 +398,12 @@ pub fn html_escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::pprof::synthetic;
     use super::*;
+    use crate::{
+        Label, Line, Sample,
+        builder::{Builder, MappingSpec},
+        merge::synthetic,
+    };
 
     fn stacks() -> Stacks {
         let p = synthetic(
@@ -383,6 +418,78 @@ mod tests {
         Stacks::from_profile(&p, 0)
     }
 
+    /// A profile as the agent writes it: process labels, a kernel frame, a Python frame, a
+    /// native frame without debug info, recursion.
+    fn agent_like() -> Profile {
+        let mut b = Builder::new();
+        let kernel = b.mapping(MappingSpec {
+            filename: mappings::KERNEL,
+            ..Default::default()
+        });
+        let python = b.mapping(MappingSpec {
+            filename: mappings::PYTHON,
+            ..Default::default()
+        });
+        let libc = b.mapping(MappingSpec {
+            filename: "/usr/lib/libc.so.6",
+            ..Default::default()
+        });
+        let loc = |b: &mut Builder, m, name: &str, file: &str, line| {
+            let function_id = b.function(name, name, file, 0);
+            b.location(
+                m,
+                0,
+                vec![Line {
+                    function_id,
+                    line,
+                    column: 0,
+                }],
+                false,
+            )
+        };
+        let sys = loc(&mut b, kernel, "do_syscall_64", "", 0);
+        let read = loc(&mut b, libc, "read", "", 0);
+        let fib9 = loc(&mut b, python, "fib", "app.py", 9);
+        let fib7 = loc(&mut b, python, "fib", "app.py", 7);
+        let main = loc(&mut b, python, "a;b", "app.py", 20);
+        let (pid, name) = (b.string(labels::PID), b.string(labels::PROCESS_NAME));
+        let app = b.string("app");
+        let label = vec![
+            Label {
+                key: pid,
+                num: 7,
+                ..Default::default()
+            },
+            Label {
+                key: name,
+                str: app,
+                ..Default::default()
+            },
+        ];
+        let ty = b.value_type("samples", "count");
+        b.finish(Profile {
+            sample_type: vec![ty],
+            sample: vec![
+                Sample {
+                    location_id: vec![sys, read, fib9, fib7, main],
+                    value: vec![3],
+                    label: label.clone(),
+                },
+                Sample {
+                    location_id: vec![fib9, main],
+                    value: vec![1],
+                    label,
+                },
+                Sample {
+                    location_id: vec![main],
+                    value: vec![1],
+                    label: vec![],
+                },
+            ],
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn top_self_and_total() {
         let t = stacks().top();
@@ -393,6 +500,51 @@ mod tests {
         let main = t.iter().find(|r| r.function == "main").unwrap();
         assert_eq!((main.self_percent, main.total_percent), (0.0, 100.0));
         assert_eq!(t[0].location.as_deref(), Some("app.py:12"));
+        let self_sum: f64 = t.iter().map(|r| r.self_percent).sum();
+        assert!((self_sum - 100.0).abs() < 1e-9, "self sums to 100%");
+    }
+
+    #[test]
+    fn top_counts_recursion_once_and_locates_by_smallest_line_or_module() {
+        let t = Stacks::from_profile(&agent_like(), 0).top();
+        let fib = t.iter().find(|r| r.function == "fib").unwrap();
+        assert_eq!(
+            (fib.self_value, fib.total_value),
+            (1, 4),
+            "recursion counts once"
+        );
+        assert_eq!(
+            fib.location.as_deref(),
+            Some("app.py:7"),
+            "smallest line seen"
+        );
+        let read = t.iter().find(|r| r.function == "read").unwrap();
+        assert_eq!(read.location.as_deref(), Some("/usr/lib/libc.so.6"));
+        assert_eq!(t[0].function, "do_syscall_64");
+        let table = TopReport::new(&Stacks::from_profile(&agent_like(), 0), 10).table();
+        assert!(table.lines().next().unwrap().contains("SELF%"), "{table}");
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .unwrap()
+                .starts_with(" 60.00%  60.00%  do_syscall_64 "),
+            "{table}"
+        );
+        assert!(table.ends_with("total 5 (samples/count)\n"), "{table}");
+    }
+
+    #[test]
+    fn folded_marks_processes_kernel_and_python_lines() {
+        let s = Stacks::from_profile(&agent_like(), 0);
+        assert_eq!(
+            s.folded(),
+            vec![
+                "a:b (app.py:20) 1",
+                "app (7);a:b (app.py:20);fib (app.py:7);fib (app.py:9);read;do_syscall_64_[k] 3",
+                "app (7);a:b (app.py:20);fib (app.py:9) 1",
+            ]
+        );
     }
 
     #[test]
@@ -409,7 +561,7 @@ mod tests {
         let svg = String::from_utf8(flamegraph_svg(&s, "t")).unwrap();
         assert!(svg.contains("<svg") && svg.contains("app.work"));
         let empty = String::from_utf8(flamegraph_svg(&Stacks::default(), "none")).unwrap();
-        assert!(empty.contains("no samples"));
+        assert!(empty.contains("no samples") && empty.contains("none"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use k8s_openapi::{
 use kprof_crds::{Profile, ProfilingTarget};
 use serde_json::json;
 
-use crate::{agent::build::desired_daemonset, config::OperatorConfig};
+use crate::{config::OperatorConfig, reconcile::daemonset::build::desired_daemonset};
 
 pub fn ts(s: &str) -> Timestamp {
     s.parse().unwrap()

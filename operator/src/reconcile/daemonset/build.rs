@@ -24,7 +24,7 @@ use kube::ResourceExt;
 use crate::{
     AGENT_NAME, CONTROLLER_NAME, MANAGED_BY_LABEL,
     config::AgentConfig,
-    target::{
+    reconcile::target::{
         build::{is_active, select_pods},
         validate::validate,
     },
@@ -55,7 +55,7 @@ pub fn active_nodes<'a>(
         let Some(pods) = by_ns.get(ns.as_str()) else {
             continue;
         };
-        nodes.extend(select_pods(&valid, &ns, pods).into_iter().map(|p| p.node));
+        nodes.extend(select_pods(&valid, pods).into_iter().map(|p| p.node));
     }
     nodes
 }
@@ -290,7 +290,7 @@ mod tests {
     use super::*;
     use crate::{
         config::OperatorConfig,
-        target::fixtures::{pod, target, ts},
+        reconcile::target::fixtures::{pod, target, ts},
     };
 
     fn set(v: &[&str]) -> BTreeSet<String> {

@@ -1,0 +1,4 @@
+//! The operator's two controllers.
+
+pub mod daemonset;
+pub mod target;
