@@ -120,6 +120,14 @@ pub struct StoreArgs {
         value_parser = exporter::parse_global
     )]
     pub store_export: Vec<kprof_crds::Exporter>,
+    /// URL prefixes a ProfilingTarget's exporters must start with (repeatable or
+    /// comma-separated); none: any URL (the global exporters are always allowed).
+    #[arg(
+        long = "store-export-allow",
+        env = "KPROF_STORE_EXPORT_ALLOW",
+        value_delimiter = ','
+    )]
+    pub store_export_allow: Vec<String>,
 }
 
 /// Parse a Go duration (`90s`, `5m`, `1h30m`).
@@ -180,6 +188,8 @@ pub struct StoreConfig {
     pub exporters: bool,
     /// Exporters every Profile goes to.
     pub global_exporters: Vec<kprof_crds::Exporter>,
+    /// URL prefixes targets' exporters must start with; empty: any.
+    pub export_allow: Vec<String>,
 }
 
 impl StoreConfig {
@@ -214,6 +224,7 @@ impl StoreConfig {
             token_cache_ttl: Duration::from_secs(60),
             exporters: true,
             global_exporters: args.store_export.clone(),
+            export_allow: args.store_export_allow.clone(),
         }
     }
 
@@ -232,6 +243,7 @@ impl StoreConfig {
             token_cache_ttl: Duration::from_secs(60),
             exporters: false,
             global_exporters: Vec::new(),
+            export_allow: Vec::new(),
         }
     }
 }
@@ -295,7 +307,8 @@ impl Store {
                 client.clone(),
                 metrics.clone(),
                 config.global_exporters.clone(),
-            ))
+            )
+            .with_allow_list(config.export_allow.clone()))
         });
         Ok(Self {
             state: State {
