@@ -695,3 +695,151 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     Ok(())
 }
+
+/// POST a Profile to the API server with a bearer token only; (status, body).
+fn create_profile_as(token: &str, ns: &str, p: &Profile) -> Result<(u16, String)> {
+    let pki = kprof_e2e::state_dir().join("pki");
+    let port = std::env::var("KPROF_APISERVER_PORT").unwrap_or_else(|_| "6443".into());
+    let mut p = serde_json::to_value(p)?;
+    p["apiVersion"] = "kprof.io/v1alpha1".into();
+    p["kind"] = "Profile".into();
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}", "--cacert"])
+        .arg(pki.join("ca.crt"))
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .args(["-H", "Content-Type: application/json", "-d", &p.to_string()])
+        .arg(format!(
+            "https://127.0.0.1:{port}/apis/kprof.io/v1alpha1/namespaces/{ns}/profiles"
+        ))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_writes_profiles_only_for_its_own_node() -> Result<()> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{PolicyRule, Role};
+    let tb = require_cluster!(Ok(()));
+    apply_crds()?;
+    let ns = TestNamespace::new(&tb.client, "kprof-agent-node").await?;
+    let n = ns.name().to_string();
+    // The chart's policy, rendered for a release in this namespace (its agent is n/kprof-agent).
+    let release = format!("e2e-{n}");
+    let out = Command::new(kprof_e2e::k8s_bin_dir().join("helm"))
+        .args(["template", &release])
+        .arg(kprof_e2e::testbed_dir().join("../../charts/kprof"))
+        .args(["-n", &n, "--show-only", "templates/admission.yaml"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = format!("{release}-kprof-agent-own-node");
+    let _cluster_objects = ClusterObjects(vec![
+        ("validatingadmissionpolicybinding", policy.clone()),
+        ("validatingadmissionpolicy", policy.clone()),
+    ]);
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), &out.stdout)?;
+    let out = kubectl().args(["apply", "-f"]).arg(file.path()).output()?;
+    ensure!(
+        out.status.success(),
+        "applying the policy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The agent's ServiceAccount may create Profiles here; its token is bound to a pod on this
+    // node, as a DaemonSet pod's token is.
+    let sas: Api<ServiceAccount> = Api::namespaced(tb.client.clone(), &n);
+    let mut sa = ServiceAccount::default();
+    sa.metadata.name = Some("kprof-agent".into());
+    sas.create(&PostParams::default(), &sa).await?;
+    let mut role = Role::default();
+    role.metadata.name = Some("write-profiles".into());
+    role.rules = Some(vec![PolicyRule {
+        api_groups: Some(vec!["kprof.io".into()]),
+        resources: Some(vec!["profiles".into()]),
+        verbs: vec!["create".into(), "get".into()],
+        ..Default::default()
+    }]);
+    Api::<Role>::namespaced(tb.client.clone(), &n)
+        .create(&PostParams::default(), &role)
+        .await?;
+    let mut rb = RoleBinding {
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: "write-profiles".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "kprof-agent".into(),
+            namespace: Some(n.clone()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    rb.metadata.name = Some("write-profiles".into());
+    Api::<RoleBinding>::namespaced(tb.client.clone(), &n)
+        .create(&PostParams::default(), &rb)
+        .await?;
+    let pod = anchor_pod(&tb.client, &n).await?;
+    let tr = TokenRequest {
+        spec: TokenRequestSpec {
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let bound = sas
+        .create_token_request("kprof-agent", &PostParams::default(), &tr)
+        .await?
+        .status
+        .context("no token")?
+        .token;
+    let unbound = token(&tb.client, &n, "kprof-agent").await?;
+
+    let d = Digest::of(b"x");
+    let p = |name: &str, node: &str| profile(name, node, "http://x/v1/artifacts/", &d, 1);
+    // The policy takes a moment to be enforced: retry until the other node's Profile is refused.
+    let mut refused = (0, String::new());
+    for i in 0..60 {
+        refused = create_profile_as(&bound, &n, &p(&format!("other-{i}"), "some-other-node"))?;
+        if refused.0 == 403 || refused.0 == 422 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "Profile of another node with the agent's pod-bound token: {} {}",
+        refused.0, refused.1
+    );
+    assert!(
+        (refused.0 == 403 || refused.0 == 422)
+            && refused
+                .1
+                .contains("may not write a Profile of node some-other-node"),
+        "{refused:?}"
+    );
+    let (s, body) = create_profile_as(&bound, &n, &p("own", &tb.node))?;
+    assert_eq!(s, 201, "its own node: {body}");
+    let (s, body) = create_profile_as(&unbound, &n, &p("unbound", &tb.node))?;
+    assert!(
+        (s == 403 || s == 422) && body.contains("bound to its pod"),
+        "a token not bound to a pod: {s} {body}"
+    );
+    println!("own node: 201; a token not bound to a pod: {s}");
+    Ok(())
+}
