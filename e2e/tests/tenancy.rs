@@ -571,7 +571,10 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
     // ... and not in B: 403 from the API server.
     let (ok, _, err) = run(plugin(&viewer, &b, &["top", "p1"])).await;
     println!("viewer in B: {err}");
-    assert!(!ok && err.contains("403"), "{err}");
+    assert!(
+        !ok && err.contains("403") && err.contains("not allowed"),
+        "{err}"
+    );
     let (ok, _, err) = raw_as(&viewer, &format!("{API}/namespaces/{b}/profiles/p1/pprof"));
     assert!(
         !ok && err.contains("Forbidden"),
@@ -643,7 +646,12 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         format!("{API}/namespaces/{a}/profiles/p1/top"),
         format!("{API}/namespaces/{a}/profiles/p1/ui"),
         format!("{API}/namespaces/{a}/profiles/p2/diff?base={a}/p1"),
+    ];
+    // What the store served before: no longer on either port.
+    let former = [
         format!("/v1/artifacts/{d}"),
+        format!("/v1/profiles/{a}/p1/pprof"),
+        format!("/ui/profiles/{a}/p1"),
         "/".to_string(),
     ];
     let certs = tempfile::tempdir()?;
@@ -676,6 +684,12 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
             s == 401 || s == 404,
             "API port, front proxy naming nobody {path}: {s}"
         );
+    }
+    for path in &former {
+        let s = curl_status(&format!("http://{}:{upload_port}{path}", tb.node_ip), &[])?;
+        assert_eq!(s, 403, "upload port {path}");
+        let s = curl_status(&format!("https://{}:{api_port}{path}", tb.node_ip), &[])?;
+        assert!(s == 401 || s == 404, "API port {path}: {s}");
     }
     // The same front-proxy certificate naming a user is believed (the check is not vacuous).
     let s = curl_status(
@@ -812,7 +826,8 @@ async fn an_agent_writes_profiles_only_for_its_own_node() -> Result<()> {
     let unbound = token(&tb.client, &n, "kprof-agent").await?;
 
     let d = Digest::of(b"x");
-    let p = |name: &str, node: &str| profile(name, node, "http://x/v1/artifacts/", &d, 1);
+    let url = format!("http://kprof-store.{n}.svc:8090/v1/artifacts/{d}");
+    let p = |name: &str, node: &str| profile(name, node, &url, &d, 1);
     // The policy takes a moment to be enforced: retry until the other node's Profile is refused.
     let mut refused = (0, String::new());
     for i in 0..60 {

@@ -304,7 +304,7 @@ impl Kprof<'_> {
         let api: Api<Profile> = Api::namespaced(self.client.clone(), &self.ns);
         api.get(name).await.map_err(|e| match &e {
             kube::Error::Api(s) if s.code == 403 => anyhow!(
-                "not allowed to read Profile {}/{name}: {}",
+                "not allowed to read Profile {}/{name} (403 from the API server): {}",
                 self.ns,
                 s.message
             ),

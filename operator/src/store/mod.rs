@@ -303,12 +303,14 @@ impl Store {
             metrics.tokenreviews.clone(),
         );
         let exporter = config.exporters.then(|| {
-            Arc::new(exporter::Exporter::new(
-                client.clone(),
-                metrics.clone(),
-                config.global_exporters.clone(),
+            Arc::new(
+                exporter::Exporter::new(
+                    client.clone(),
+                    metrics.clone(),
+                    config.global_exporters.clone(),
+                )
+                .with_allow_list(config.export_allow.clone()),
             )
-            .with_allow_list(config.export_allow.clone()))
         });
         Ok(Self {
             state: State {
