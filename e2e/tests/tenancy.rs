@@ -109,11 +109,12 @@ fn apply_crds() -> Result<()> {
 /// A hostNetwork pod that only sleeps: its IP is the node IP, and the API server's service proxy
 /// only proxies to endpoint addresses whose `targetRef` is a Pod with that IP ("Address has no
 /// target ref" otherwise). The store itself runs in the test process on the host.
-async fn anchor_pod(client: &Client, ns: &str) -> Result<Pod> {
+async fn anchor_pod(client: &Client, ns: &str, service_account: &str) -> Result<Pod> {
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "kprof-store-anchor"},
         "spec": {"hostNetwork": true, "restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
+            "serviceAccountName": service_account, "automountServiceAccountToken": false,
             "containers": [{"name": "sleep", "image": TEST_PYTHON_IMAGE, "imagePullPolicy": "Never",
                 "command": ["python3", "-c", "import time; time.sleep(3600)"]}]}
     }))?;
@@ -447,7 +448,7 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         let _ = stopped.await;
     }));
     let upload_addr = format!("127.0.0.1:{upload_port}");
-    let anchor = anchor_pod(&tb.client, &sns).await?;
+    let anchor = anchor_pod(&tb.client, &sns, "default").await?;
     service(
         &tb.client,
         &sns,
@@ -803,7 +804,7 @@ async fn an_agent_writes_profiles_only_for_its_own_node() -> Result<()> {
     Api::<RoleBinding>::namespaced(tb.client.clone(), &n)
         .create(&PostParams::default(), &rb)
         .await?;
-    let pod = anchor_pod(&tb.client, &n).await?;
+    let pod = anchor_pod(&tb.client, &n, "kprof-agent").await?;
     let tr = TokenRequest {
         spec: TokenRequestSpec {
             expiration_seconds: Some(600),
