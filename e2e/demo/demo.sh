@@ -77,6 +77,11 @@ kubectl kprof top -n "$NS" "$newest" | head -n 20
 kubectl kprof flamegraph -n "$NS" "$newest" -o "$OUT/flamegraph.svg"
 echo
 echo "Flame graph of $newest: $OUT/flamegraph.svg (open it in a browser: search and zoom work)"
+echo
+# Profile data is served through the Kubernetes API: whoever may view $NS reads it, nobody else.
+echo "\$ kubectl get apiservice v1alpha1.data.kprof.io"
+kubectl get apiservice v1alpha1.data.kprof.io
+kubectl kprof open -n "$NS" "$newest"
 cat <<MSG
 
 Clean up:

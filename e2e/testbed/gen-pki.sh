@@ -19,7 +19,15 @@ if [[ ! -f ca.key ]]; then
     -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
 fi
 
-# mkcert NAME SUBJECT KIND(server|client|both) [SAN...]
+# The aggregation layer's own CA: the API server proxies to aggregated APIs (kprof's
+# data.kprof.io) with a client certificate from it, which they verify.
+if [[ ! -f front-proxy-ca.key ]]; then
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout front-proxy-ca.key -out front-proxy-ca.crt -days "$DAYS" \
+    -subj "/CN=kprof-testbed-front-proxy-ca" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+fi
+
+# mkcert NAME SUBJECT KIND(server|client|both) [SAN...]  (signed by $SIGNER, default ca)
 mkcert() {
   local name="$1" subj="$2" kind="$3"; shift 3
   [[ -f "$name.crt" && -f "$name.key" ]] && return 0
@@ -37,7 +45,8 @@ mkcert() {
     [[ -n "$san" ]] && echo "$san"
   } >"$name.ext"
   openssl req -new -newkey rsa:2048 -nodes -keyout "$name.key" -out "$name.csr" -subj "$subj" 2>/dev/null
-  openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -out "$name.crt" \
+  local ca="${SIGNER:-ca}"
+  openssl x509 -req -in "$name.csr" -CA "$ca.crt" -CAkey "$ca.key" -CAcreateserial -out "$name.crt" \
     -days "$DAYS" -extfile "$name.ext" 2>/dev/null
   rm -f "$name.csr" "$name.ext"
 }
@@ -51,6 +60,7 @@ mkcert kubelet "/O=system:nodes/CN=system:node:$NODE" client
 mkcert admin "/O=system:masters/CN=kprof-testbed-admin" client
 mkcert controller-manager "/CN=system:kube-controller-manager" client
 mkcert scheduler "/CN=system:kube-scheduler" client
+SIGNER=front-proxy-ca mkcert front-proxy-client "/CN=front-proxy-client" client
 
 if [[ ! -f sa.key ]]; then
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
@@ -87,4 +97,4 @@ kubeconfig controller-manager.kubeconfig system:kube-controller-manager controll
 kubeconfig scheduler.kubeconfig system:kube-scheduler scheduler
 kubeconfig kubelet.kubeconfig "system:node:$NODE" kubelet
 chmod 600 ./*.key ./*.kubeconfig
-chmod 644 ca.crt
+chmod 644 ca.crt front-proxy-ca.crt

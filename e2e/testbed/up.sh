@@ -99,7 +99,9 @@ fail_with_log() { # name
 all=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 (( NO_NODE )) || all+=(containerd kubelet)
 running=0; for n in "${all[@]}"; do pid_alive "$n" && running=$((running + 1)); done
-if (( running == ${#all[@]} )) && api_ready && { (( NO_NODE )) || node_ready; }; then
+# An API server started by an older up.sh has no aggregation layer: restart it with one.
+aggregation_on() { tr '\0' ' ' <"/proc/$(cat "$PIDS/kube-apiserver.pid")/cmdline" 2>/dev/null | grep -q -- --requestheader-client-ca-file; }
+if (( running == ${#all[@]} )) && api_ready && aggregation_on && { (( NO_NODE )) || node_ready; }; then
   log "test bed already running and healthy (node $NODE_NAME)"
   (( NO_NODE )) || kc get nodes -o wide
   echo "export KUBECONFIG=$KUBECONFIG"
@@ -135,6 +137,8 @@ start etcd "$B/etcd" --name kprof-testbed --data-dir "$S/etcd" \
 wait_for "etcd /health" 60 curl -fsS -m 2 http://127.0.0.1:2379/health -o /dev/null || fail_with_log etcd
 
 # --- kube-apiserver --------------------------------------------------------------------------
+# The aggregation layer (front-proxy flags) serves kprof's data.kprof.io APIService; without
+# kube-proxy, --enable-aggregator-routing makes it dial an endpoint IP rather than the ClusterIP.
 start kube-apiserver "$B/kube-apiserver" \
   --etcd-servers=http://127.0.0.1:2379 \
   --bind-address=0.0.0.0 --secure-port="$PORT" --advertise-address="$NODE_IP" \
@@ -150,7 +154,13 @@ start kube-apiserver "$B/kube-apiserver" \
   --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
   --kubelet-certificate-authority="$PKI/ca.crt" \
   --kubelet-preferred-address-types=Hostname,InternalIP \
-  --enable-bootstrap-token-auth=false --profiling=false --v=1
+  --enable-bootstrap-token-auth=false --profiling=false \
+  --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" \
+  --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
+  --proxy-client-cert-file="$PKI/front-proxy-client.crt" --proxy-client-key-file="$PKI/front-proxy-client.key" \
+  --enable-aggregator-routing=true --v=1
 wait_for "kube-apiserver /readyz" 120 api_ready || fail_with_log kube-apiserver
 
 # --- controller manager and scheduler ----------------------------------------------------------

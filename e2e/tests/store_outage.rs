@@ -166,7 +166,11 @@ async fn fetch_artifact(store: &str, what: &str, a: Option<&ArtifactRef>) -> Res
         a.url,
         a.digest
     );
-    let (status, bytes) = http_get_bytes(store, &format!("/v1/artifacts/{}", a.digest)).await?;
+    let (status, bytes) = http_get_bytes(
+        store,
+        &format!("/apis/data.kprof.io/v1alpha1/artifacts/{}", a.digest),
+    )
+    .await?;
     ensure!(
         status == 200,
         "{what} {}: store answered {status}",

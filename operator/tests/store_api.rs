@@ -27,7 +27,8 @@ async fn upload_dedup_and_read() {
     assert_eq!(status, StatusCode::OK, "{body}");
     // Positive TokenReviews are cached.
     assert_eq!(s.api.lock().unwrap().tokenreviews, 1);
-    let (status, headers, bytes) = get(&s.url(&format!("/v1/artifacts/{d}"))).await;
+    let (status, headers, bytes) =
+        get(&s.url(&format!("/apis/data.kprof.io/v1alpha1/artifacts/{d}"))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(bytes.as_ref(), pprof.as_slice());
     assert_eq!(headers["content-type"], "application/gzip");
@@ -40,7 +41,11 @@ async fn upload_dedup_and_read() {
             .join(d.hex())
             .is_file()
     );
-    let (status, _, _) = get(&s.url(&format!("/v1/artifacts/{}", Digest::of(b"nope")))).await;
+    let (status, _, _) = get(&s.url(&format!(
+        "/apis/data.kprof.io/v1alpha1/artifacts/{}",
+        Digest::of(b"nope")
+    )))
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, _, metrics) = get(&s.url("/metrics")).await;
     let metrics = String::from_utf8_lossy(&metrics);
@@ -103,7 +108,8 @@ async fn digest_mismatch_and_bad_names() {
     );
     let (status, _, _) = put(&s.url("/v1/artifacts/sha256:1234"), b"x", Some(AGENT_TOKEN)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let (status, _, _) = get(&s.url("/v1/artifacts/..%2F..%2Fetc%2Fpasswd")).await;
+    let (status, _, _) =
+        get(&s.url("/apis/data.kprof.io/v1alpha1/artifacts/..%2F..%2Fetc%2Fpasswd")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
@@ -133,8 +139,10 @@ async fn flamegraph_top_and_pprof_by_profile() {
     s.add_profile("shop", "checkout-cpu-1", Some(&pprof), None);
 
     // No SVG was uploaded: rendered on read from the pprof.
-    let (status, headers, svg) =
-        get(&s.url("/v1/profiles/shop/checkout-cpu-1/flamegraph.svg")).await;
+    let (status, headers, svg) = get(
+        &s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-1/flamegraph")
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&svg));
     assert_eq!(headers["content-type"], "image/svg+xml");
     let svg = String::from_utf8(svg.to_vec()).unwrap();
@@ -144,7 +152,10 @@ async fn flamegraph_top_and_pprof_by_profile() {
             && svg.contains("shop/checkout-cpu-1")
     );
 
-    let (status, _, top) = get(&s.url("/v1/profiles/shop/checkout-cpu-1/top?limit=3")).await;
+    let (status, _, top) = get(
+        &s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-1/top?limit=3")
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
     assert_eq!(top["rows"].as_array().unwrap().len(), 3);
@@ -154,7 +165,9 @@ async fn flamegraph_top_and_pprof_by_profile() {
     let pct = top["rows"][0]["selfPercent"].as_f64().unwrap();
     assert!((pct - 60.0 / 83.0 * 100.0).abs() < 0.01, "{pct}");
 
-    let (status, _, got) = get(&s.url("/v1/profiles/shop/checkout-cpu-1/pprof")).await;
+    let (status, _, got) =
+        get(&s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-1/pprof"))
+            .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got.as_ref(), pprof.as_slice());
 
@@ -165,10 +178,14 @@ async fn flamegraph_top_and_pprof_by_profile() {
         StatusCode::CREATED
     );
     s.add_profile("shop", "checkout-cpu-2", Some(&pprof), Some(&uploaded));
-    let (_, _, svg) = get(&s.url("/v1/profiles/shop/checkout-cpu-2/flamegraph.svg")).await;
+    let (_, _, svg) = get(
+        &s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-2/flamegraph")
+    )
+    .await;
     assert_eq!(svg.as_ref(), uploaded.as_slice());
 
-    let (status, _, _) = get(&s.url("/v1/profiles/shop/missing/top")).await;
+    let (status, _, _) =
+        get(&s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/missing/top")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // Diff and the web pages.
@@ -179,27 +196,34 @@ async fn flamegraph_top_and_pprof_by_profile() {
     );
     s.add_profile("shop", "checkout-cpu-3", Some(&pprof2), None);
     let (status, _, diff) =
-        get(&s.url("/v1/diff.svg?a=shop/checkout-cpu-1&b=shop/checkout-cpu-3")).await;
+        get(&s.url(
+            "/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-3/diff?base=shop/checkout-cpu-1",
+        )).await;
     assert_eq!(status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&diff).contains("selectors.select"));
-    let (_, _, index) = get(&s.url("/")).await;
+    let (_, _, index) = get(&s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles")).await;
     let index = String::from_utf8_lossy(&index);
     assert!(
-        index.contains("ui/profiles/shop/checkout-cpu-3") && index.contains("action=\"ui/diff\""),
+        index.contains("href=\"profiles/checkout-cpu-3/ui\"")
+            && index.contains("action=\"profiles\""),
         "{index}"
     );
-    let (_, _, page) = get(&s.url("/ui/profiles/shop/checkout-cpu-1")).await;
+    let (_, _, page) =
+        get(&s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-1/ui"))
+            .await;
     let page = String::from_utf8_lossy(&page);
     assert!(
-        page.contains("data=\"../../../v1/profiles/shop/checkout-cpu-1/flamegraph.svg\"")
-            && page.contains("checkout.compute_total"),
+        page.contains("data=\"flamegraph\"") && page.contains("checkout.compute_total"),
         "{page}"
     );
     let (_, _, page) =
-        get(&s.url("/ui/diff?a=shop%2Fcheckout-cpu-1&b=shop%2Fcheckout-cpu-3")).await;
+        get(&s.url(
+        "/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles?a=shop%2Fcheckout-cpu-1&b=shop%2Fcheckout-cpu-3",
+    )).await;
     let page = String::from_utf8_lossy(&page);
     assert!(
-        page.contains("selectors.select") && page.contains("diff.svg?a=shop%2Fcheckout-cpu-1"),
+        page.contains("selectors.select")
+            && page.contains("../shop/profiles/checkout-cpu-3/diff?base=shop%2Fcheckout-cpu-1"),
         "{page}"
     );
 }
@@ -232,15 +256,21 @@ async fn garbage_collection_keeps_referenced_and_young_artifacts() {
         .unwrap();
     assert_eq!(r.deleted, vec![Digest::of(&orphan)]);
     assert_eq!(
-        get(&s.url(&format!("/v1/artifacts/{}", Digest::of(&orphan))))
-            .await
-            .0,
+        get(&s.url(&format!(
+            "/apis/data.kprof.io/v1alpha1/artifacts/{}",
+            Digest::of(&orphan)
+        )))
+        .await
+        .0,
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        get(&s.url(&format!("/v1/artifacts/{}", Digest::of(&kept))))
-            .await
-            .0,
+        get(&s.url(&format!(
+            "/apis/data.kprof.io/v1alpha1/artifacts/{}",
+            Digest::of(&kept)
+        )))
+        .await
+        .0,
         StatusCode::OK
     );
 
@@ -263,7 +293,8 @@ async fn go_tool_pprof_reads_served_and_merged_profiles() {
     let pprof = sample_pprof(60, 20);
     s.upload(&pprof, Some(AGENT_TOKEN)).await;
     s.add_profile("shop", "p1", Some(&pprof), None);
-    let (_, _, served) = get(&s.url("/v1/profiles/shop/p1/pprof")).await;
+    let (_, _, served) =
+        get(&s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/p1/pprof")).await;
     let merged = store::pprof::merge(&[
         store::pprof::Profile::decode_bytes(&served).unwrap(),
         store::pprof::Profile::decode_bytes(&sample_pprof(10, 70)).unwrap(),

@@ -305,7 +305,11 @@ async fn store_on_minio() {
 
     // Read back byte-identical.
     for a in [&pprof, &svg, &orphan] {
-        let (status, headers, got) = get(&format!("{base}/v1/artifacts/{}", Digest::of(a))).await;
+        let (status, headers, got) = get(&format!(
+            "{base}/apis/data.kprof.io/v1alpha1/artifacts/{}",
+            Digest::of(a)
+        ))
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(got.as_ref(), a.as_slice());
         assert_eq!(headers["etag"], format!("\"{}\"", Digest::of(a)));
@@ -343,7 +347,10 @@ async fn store_on_minio() {
 
     // Rendering and the by-Profile routes read from S3 too.
     api.add_profile("shop", "p1", Some(&pprof), Some(&svg));
-    let (status, _, top) = get(&format!("{base}/v1/profiles/shop/p1/top?limit=1")).await;
+    let (status, _, top) = get(&format!(
+        "{base}/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/p1/top?limit=1"
+    ))
+    .await;
     assert_eq!(status, StatusCode::OK);
     let top: serde_json::Value = serde_json::from_slice(&top).unwrap();
     assert_eq!(top["rows"][0]["function"], "checkout.compute_total");
@@ -361,17 +368,27 @@ async fn store_on_minio() {
     let mut expected = vec![want(&pprof), want(&svg)];
     expected.sort();
     assert_eq!(bucket_listing().await, expected);
-    let (status, _, _) = get(&format!("{base}/v1/artifacts/{}", Digest::of(&orphan))).await;
+    let (status, _, _) = get(&format!(
+        "{base}/apis/data.kprof.io/v1alpha1/artifacts/{}",
+        Digest::of(&orphan)
+    ))
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // A new store process on the same URL serves what the first one stored.
     drop(stop);
     let (base2, _stop2) = start_store(&url, api.client.clone()).await;
     assert_ne!(base, base2);
-    let (status, _, got) = get(&format!("{base2}/v1/profiles/shop/p1/pprof")).await;
+    let (status, _, got) = get(&format!(
+        "{base2}/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/p1/pprof"
+    ))
+    .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(got.as_ref(), pprof.as_slice());
-    let (status, _, got) = get(&format!("{base2}/v1/profiles/shop/p1/flamegraph.svg")).await;
+    let (status, _, got) = get(&format!(
+        "{base2}/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/p1/flamegraph"
+    ))
+    .await;
     assert_eq!((status, got.as_ref()), (StatusCode::OK, svg.as_slice()));
     let d = Digest::of(&pprof);
     let (status, _, _) = put(

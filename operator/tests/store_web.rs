@@ -174,17 +174,17 @@ async fn web_page_renders_the_flame_graph_in_chromium() {
     let shots = [
         (
             "profile",
-            s.url("/ui/profiles/shop/checkout-cpu-1"),
+            s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-1/ui"),
             flame_share as fn(&[[u8; 3]]) -> f64,
             0.02,
         ),
         (
             "diff",
-            s.url("/ui/diff?a=shop%2Fcheckout-cpu-1&b=shop%2Fcheckout-cpu-2"),
+            s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles?a=shop%2Fcheckout-cpu-1&b=shop%2Fcheckout-cpu-2"),
             diff_share,
             0.01,
         ),
-        ("index", s.url("/"), flame_share, -1.0),
+        ("index", s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles"), flame_share, -1.0),
     ];
     for (name, url, measure, min_share) in shots {
         let png = out_dir.join(format!("store-web-{name}.png"));

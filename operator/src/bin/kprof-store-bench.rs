@@ -204,9 +204,11 @@ async fn main() -> anyhow::Result<()> {
                     break;
                 }
                 let (d, _) = &payloads[i % payloads.len()];
-                let req = http::Request::get(format!("http://{addr}/v1/artifacts/{d}"))
-                    .body(Full::new(Bytes::new()))
-                    .unwrap();
+                let req = http::Request::get(format!(
+                    "http://{addr}/apis/data.kprof.io/v1alpha1/artifacts/{d}"
+                ))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
                 let res = http.request(req).await.expect("read");
                 assert_eq!(res.status(), http::StatusCode::OK);
                 let n = res
@@ -242,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < renders {
                 let req = http::Request::get(format!(
-                    "http://{addr}/v1/profiles/bench/bench/flamegraph.svg"
+                    "http://{addr}/apis/data.kprof.io/v1alpha1/namespaces/bench/profiles/bench/flamegraph"
                 ))
                 .body(Full::new(Bytes::new()))
                 .unwrap();

@@ -1,10 +1,10 @@
 //! `kubectl kprof`: read profiles with the user's own credentials.
 //!
-//! The Profile object is read first through the API (so RBAC on `profiles` applies), then its
-//! artifacts are fetched by digest from the store through the API server's service proxy
-//! (`/api/v1/namespaces/<store ns>/services/http:kprof-store:8090/proxy/v1/artifacts/…`, so RBAC
-//! on `services/proxy` in the store's namespace applies) and checked against the digest. Top
-//! tables, flame graphs, diffs and merges are computed locally from the pprof.
+//! The Profile object is read first through the API (RBAC on `profiles.kprof.io`), then its pprof
+//! through kprof's aggregated API (`/apis/data.kprof.io/v1alpha1/namespaces/<ns>/profiles/<name>/pprof`:
+//! the API server checks RBAC on `profiles/pprof` in that namespace, which the built-in `view`
+//! role has) and checked against the Profile's digest. Top tables, flame graphs, diffs and merges
+//! are computed locally from the pprof, so each Profile a command reads is authorized on its own.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
+use crate::store::access::{API_PREFIX, GROUP, READ_SUBRESOURCE};
 use kprof_crds::store_api::Digest;
 use kprof_pprof::{
     self as pprof,
@@ -42,22 +43,6 @@ pub struct Cli {
     /// Impersonate this group (like kubectl --as-group; repeatable).
     #[arg(long = "as-group", global = true)]
     pub as_group: Vec<String>,
-    /// Namespace the kprof store (the operator) runs in.
-    #[arg(
-        long,
-        global = true,
-        default_value = "kprof-system",
-        env = "KPROF_STORE_NAMESPACE"
-    )]
-    pub store_namespace: String,
-    /// The store's Service as `name:port`.
-    #[arg(
-        long,
-        global = true,
-        default_value = "kprof-store:8090",
-        env = "KPROF_STORE_SERVICE"
-    )]
-    pub store_service: String,
     /// Which sample value to use (index or type name such as `samples`, `cpu`); default: the
     /// profile's default.
     #[arg(long, global = true)]
@@ -120,7 +105,7 @@ pub enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
-    /// Print how to open the store's web page (through `kubectl proxy`).
+    /// Print how to open the web page of a namespace or profile (through `kubectl proxy`).
     Open {
         /// A profile to open directly.
         profile: Option<String>,
@@ -256,9 +241,12 @@ pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
             write!(out, "{}", TopReport::new(&stacks, *limit).table())?;
         }
         Command::Open { profile } => {
-            let base = format!("http://127.0.0.1:8001{}/", k.proxy_base());
+            let base = format!(
+                "http://127.0.0.1:8001{API_PREFIX}/namespaces/{}/profiles",
+                k.ns
+            );
             let url = match profile {
-                Some(p) => format!("{base}ui/profiles/{}/{p}", k.ns),
+                Some(p) => format!("{base}/{p}/ui"),
                 None => base,
             };
             writeln!(
@@ -314,25 +302,11 @@ struct Kprof<'a> {
 }
 
 impl Kprof<'_> {
-    /// `/api/v1/namespaces/<ns>/services/http:<name>:<port>/proxy`.
-    fn proxy_base(&self) -> String {
-        let svc = &self.cli.store_service;
-        let svc = if svc.starts_with("http:") || svc.starts_with("https:") {
-            svc.clone()
-        } else {
-            format!("http:{svc}")
-        };
-        format!(
-            "/api/v1/namespaces/{}/services/{svc}/proxy",
-            self.cli.store_namespace
-        )
-    }
-
     async fn profile(&self, name: &str) -> Result<Profile> {
         let api: Api<Profile> = Api::namespaced(self.client.clone(), &self.ns);
         api.get(name).await.map_err(|e| match &e {
             kube::Error::Api(s) if s.code == 403 => anyhow!(
-                "not allowed to read Profile {}/{name}: {}",
+                "not allowed to read Profile {}/{name} (403 from the API server): {}",
                 self.ns,
                 s.message
             ),
@@ -341,9 +315,9 @@ impl Kprof<'_> {
         })
     }
 
-    /// GET a store path through the API server's service proxy.
-    async fn store_get(&self, path: &str) -> Result<Vec<u8>> {
-        let uri = format!("{}{path}", self.proxy_base());
+    /// GET a path of kprof's aggregated API with the user's credentials.
+    async fn api_get(&self, path: &str) -> Result<Vec<u8>> {
+        let uri = format!("{API_PREFIX}{path}");
         let req = http::Request::get(&uri).body(kube::client::Body::empty())?;
         let res = self
             .client
@@ -371,19 +345,23 @@ impl Kprof<'_> {
             .unwrap_or_else(|| text.trim().to_string());
         match status.as_u16() {
             401 | 403 => bail!(
-                "the API server refused access to the kprof store ({status}): {msg}\n\
-                 Reading artifacts needs `get` on `services/proxy` in namespace {} (service {}).",
-                self.cli.store_namespace,
-                self.cli.store_service
+                "not allowed to read the profile data ({status}): {msg}\n\
+                 Reading it needs `get` on `profiles/{READ_SUBRESOURCE}` in API group {GROUP} in \
+                 namespace {} (the built-in view, edit and admin roles include it).",
+                self.ns
             ),
-            503 | 502 => {
-                bail!("the kprof store is not reachable through the API server ({status}): {msg}")
-            }
-            _ => bail!("store answered {status} for {path}: {msg}"),
+            404 if msg.contains("the server could not find the requested resource") => bail!(
+                "the kprof API ({GROUP}) is not served: is kprof installed? (kubectl get apiservice v1alpha1.{GROUP})"
+            ),
+            503 | 502 => bail!(
+                "the kprof API is not available ({status}): {msg}\n\
+                 See `kubectl get apiservice v1alpha1.{GROUP}` and the operator's pods."
+            ),
+            _ => bail!("{uri}: {status}: {msg}"),
         }
     }
 
-    /// The pprof bytes of a Profile, fetched by digest and verified.
+    /// The pprof bytes of a Profile, checked against its digest.
     async fn pprof_bytes(&self, p: &Profile) -> Result<Vec<u8>> {
         let name = p.metadata.name.clone().unwrap_or_default();
         let r = p
@@ -400,7 +378,9 @@ impl Kprof<'_> {
                     r.url
                 )
             })?;
-        let bytes = self.store_get(&d.path()).await?;
+        let bytes = self
+            .api_get(&format!("/namespaces/{}/profiles/{name}/pprof", self.ns))
+            .await?;
         let got = Digest::of(&bytes);
         if got != d {
             bail!("artifact of {name} does not match its digest: expected {d}, got {got}");

@@ -40,6 +40,9 @@ pub enum ExportError {
     Rejected { rejected: i64, message: String },
 }
 
+/// Profiles pushed at the same time; the watch waits for a free slot.
+pub const MAX_CONCURRENT_PUSHES: usize = 8;
+
 /// Exporters' answers are small; a larger one is cut (and then judged by its status only).
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
 
@@ -105,6 +108,9 @@ pub struct Exporter {
     global: Vec<ExporterSpec>,
     /// Profiles pushed (uid → creation time), forgotten once older than [`FRESH_FOR`].
     seen: Mutex<HashMap<String, Timestamp>>,
+    /// URL prefixes a target's exporter must start with; empty: any.
+    allow: Vec<String>,
+    pushes: Arc<tokio::sync::Semaphore>,
 }
 
 const BOUNDARY: &str = "kprof-boundary-6a1f0c3e9b";
@@ -120,7 +126,20 @@ impl Exporter {
             http,
             global,
             seen: Mutex::new(HashMap::new()),
+            allow: Vec::new(),
+            pushes: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PUSHES)),
         }
+    }
+
+    /// Only push to targets' exporters whose URL starts with one of `prefixes` (empty: any).
+    pub fn with_allow_list(mut self, prefixes: Vec<String>) -> Self {
+        self.allow = prefixes;
+        self
+    }
+
+    /// Whether a target may name `url` as an exporter.
+    pub fn allowed(&self, url: &str) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|p| url.starts_with(p.as_str()))
     }
 
     /// Watch Profiles and push the new ones, until the task is dropped.
@@ -151,8 +170,14 @@ impl Exporter {
                     seen.retain(|_, c| *c >= cutoff);
                 }
             }
+            let Ok(slot) = self.pushes.clone().acquire_owned().await else {
+                return;
+            };
             let (this, state) = (self.clone(), state.clone());
-            tokio::spawn(async move { this.export(&state, &p).await });
+            tokio::spawn(async move {
+                this.export(&state, &p).await;
+                drop(slot);
+            });
         }
     }
 
@@ -168,6 +193,13 @@ impl Exporter {
                 return;
             }
         };
+        let (target_exporters, refused): (Vec<_>, Vec<_>) = target_exporters
+            .into_iter()
+            .partition(|x| self.allowed(&x.url));
+        for x in &refused {
+            self.metrics.error("export_not_allowed");
+            tracing::warn!(exporter = %x.url, profile = ?p.metadata.name, namespace = %ns, "exporter URL not in the allow-list (--store-export-allow): not pushed");
+        }
         let exporters = exporters_for(&target_exporters, &self.global);
         if exporters.is_empty() {
             return;
@@ -281,6 +313,8 @@ pub fn pyroscope_request(
 fn http_client() -> Result<reqwest::Client, String> {
     let builder = || {
         reqwest::Client::builder()
+            // A redirect could send the push anywhere the operator can reach.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
     };
@@ -336,6 +370,23 @@ mod tests {
             (ExporterKind::Otlp, ExporterKind::Pyroscope)
         );
         assert!(exporters_for(&[], &[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn allow_list_by_url_prefix() {
+        let client = {
+            let svc = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::empty()))
+            });
+            kube::Client::new(svc, "default")
+        };
+        let any = Exporter::new(client.clone(), StoreMetrics::default(), Vec::new());
+        assert!(any.allowed("http://169.254.169.254/latest"));
+        let only = Exporter::new(client, StoreMetrics::default(), Vec::new())
+            .with_allow_list(vec!["https://pyroscope.example.com/".into()]);
+        assert!(only.allowed("https://pyroscope.example.com/tenant-a"));
+        assert!(!only.allowed("https://pyroscope.example.com.evil.io/"));
+        assert!(!only.allowed("http://169.254.169.254/latest"));
     }
 
     #[test]

@@ -14,10 +14,13 @@
 //! Start it with [`serve`], or [`Store::bind`] + [`BoundStore::run`] when the caller needs the
 //! bound address first (tests: listen on `127.0.0.1:0`).
 
+pub mod access;
+mod api;
 pub mod auth;
 pub mod backend;
 mod cloud;
 pub mod exporter;
+pub mod frontproxy;
 pub mod gc;
 pub mod metrics;
 pub mod otlp;
@@ -35,8 +38,10 @@ use std::time::Duration;
 pub use backend::{Artifacts, Digest};
 pub use metrics::StoreMetrics;
 
-/// Default port of the store (and of the `kprof-store` Service).
+/// Default port of the store's upload listener (and of the `kprof-store` Service).
 pub const DEFAULT_PORT: u16 = 8090;
+/// Default port of the aggregated API (TLS; the `kprof-api` Service the APIService names).
+pub const DEFAULT_API_PORT: u16 = 8443;
 /// Name of the Service in front of the store.
 pub const SERVICE_NAME: &str = "kprof-store";
 pub use kprof_crds::store_api::NAMESPACE_HEADER;
@@ -51,6 +56,27 @@ pub struct StoreArgs {
         default_value = "0.0.0.0:8090"
     )]
     pub store_listen: SocketAddr,
+    /// Address of the aggregated API `data.kprof.io` (TLS), through which users read.
+    #[arg(
+        long = "store-api-listen",
+        env = "KPROF_STORE_API_LISTEN",
+        default_value = "0.0.0.0:8443"
+    )]
+    pub store_api_listen: SocketAddr,
+    /// Serving certificate of the aggregated API (PEM; its CA is the APIService's caBundle).
+    #[arg(
+        long = "store-tls-cert-file",
+        env = "KPROF_STORE_TLS_CERT_FILE",
+        default_value = "/etc/kprof-tls/tls.crt"
+    )]
+    pub store_tls_cert_file: PathBuf,
+    /// Private key of that certificate (PEM).
+    #[arg(
+        long = "store-tls-key-file",
+        env = "KPROF_STORE_TLS_KEY_FILE",
+        default_value = "/etc/kprof-tls/tls.key"
+    )]
+    pub store_tls_key_file: PathBuf,
     /// Directory for artifacts (a PVC or emptyDir), used unless --store-url is given.
     #[arg(
         long = "store-dir",
@@ -92,6 +118,14 @@ pub struct StoreArgs {
         value_parser = exporter::parse_global
     )]
     pub store_export: Vec<kprof_crds::Exporter>,
+    /// URL prefixes a ProfilingTarget's exporters must start with (repeatable or
+    /// comma-separated); none: any URL (the global exporters are always allowed).
+    #[arg(
+        long = "store-export-allow",
+        env = "KPROF_STORE_EXPORT_ALLOW",
+        value_delimiter = ','
+    )]
+    pub store_export_allow: Vec<String>,
 }
 
 /// Parse a Go duration (`90s`, `5m`, `1h30m`).
@@ -112,10 +146,32 @@ pub enum Backend {
     Url(String),
 }
 
+/// Who may read, and where.
+#[derive(Clone, Debug)]
+pub enum Readers {
+    /// Reads are served only on the TLS listener of the aggregated API, to requests the API
+    /// server's front proxy makes for a user (see `frontproxy`); the upload listener refuses
+    /// them. What `kprof-operator run` does.
+    FrontProxy(ApiListener),
+    /// Everyone who reaches the upload listener may read there too: only for in-process tests
+    /// and the benchmark on 127.0.0.1 (no command line option selects it).
+    Unauthenticated,
+}
+
+/// The aggregated API's listener.
+#[derive(Clone, Debug)]
+pub struct ApiListener {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
 /// Everything the store needs to run.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
+    /// The upload listener.
     pub listen: SocketAddr,
+    pub readers: Readers,
     pub backend: Backend,
     pub max_upload_bytes: u64,
     pub allowed_uploaders: Vec<String>,
@@ -130,6 +186,8 @@ pub struct StoreConfig {
     pub exporters: bool,
     /// Exporters every Profile goes to.
     pub global_exporters: Vec<kprof_crds::Exporter>,
+    /// URL prefixes targets' exporters must start with; empty: any.
+    pub export_allow: Vec<String>,
 }
 
 impl StoreConfig {
@@ -142,6 +200,11 @@ impl StoreConfig {
         };
         Self {
             listen: args.store_listen,
+            readers: Readers::FrontProxy(ApiListener {
+                listen: args.store_api_listen,
+                cert_file: args.store_tls_cert_file.clone(),
+                key_file: args.store_tls_key_file.clone(),
+            }),
             backend: match &args.store_url {
                 Some(u) => Backend::Url(u.clone()),
                 None => Backend::Dir(args.store_dir.clone()),
@@ -159,13 +222,16 @@ impl StoreConfig {
             token_cache_ttl: Duration::from_secs(60),
             exporters: true,
             global_exporters: args.store_export.clone(),
+            export_allow: args.store_export_allow.clone(),
         }
     }
 
-    /// A configuration for tests and the benchmark: a directory store on `listen`.
+    /// A configuration for tests and the benchmark: a directory store on `listen` that serves
+    /// reads to anyone ([`Readers::Unauthenticated`]).
     pub fn for_dir(dir: impl Into<PathBuf>, listen: SocketAddr, allowed_uploader: &str) -> Self {
         Self {
             listen,
+            readers: Readers::Unauthenticated,
             backend: Backend::Dir(dir.into()),
             max_upload_bytes: 64 << 20,
             allowed_uploaders: vec![allowed_uploader.to_string()],
@@ -175,6 +241,7 @@ impl StoreConfig {
             token_cache_ttl: Duration::from_secs(60),
             exporters: false,
             global_exporters: Vec::new(),
+            export_allow: Vec::new(),
         }
     }
 }
@@ -200,6 +267,8 @@ pub(crate) struct State {
     pub client: kube::Client,
     pub metrics: StoreMetrics,
     pub exporter: Option<Arc<exporter::Exporter>>,
+    /// The API server's request-header settings ([`Readers::FrontProxy`]).
+    pub front_proxy: Option<Arc<frontproxy::FrontProxy>>,
 }
 
 /// A store, configured but not yet listening.
@@ -211,6 +280,7 @@ pub struct Store {
 pub struct BoundStore {
     state: Arc<State>,
     listener: tokio::net::TcpListener,
+    api: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
 }
 
 impl Store {
@@ -231,11 +301,14 @@ impl Store {
             metrics.tokenreviews.clone(),
         );
         let exporter = config.exporters.then(|| {
-            Arc::new(exporter::Exporter::new(
-                client.clone(),
-                metrics.clone(),
-                config.global_exporters.clone(),
-            ))
+            Arc::new(
+                exporter::Exporter::new(
+                    client.clone(),
+                    metrics.clone(),
+                    config.global_exporters.clone(),
+                )
+                .with_allow_list(config.export_allow.clone()),
+            )
         });
         Ok(Self {
             state: State {
@@ -245,13 +318,24 @@ impl Store {
                 client,
                 metrics,
                 exporter,
+                front_proxy: None,
             },
         })
     }
 
-    /// Bind the listen address.
+    /// Bind the listen addresses; with [`Readers::FrontProxy`], read the API server's
+    /// request-header settings and the serving certificate first.
     pub async fn bind(self) -> Result<BoundStore, StoreError> {
         let mut state = self.state;
+        let api = match &state.config.readers {
+            Readers::Unauthenticated => None,
+            Readers::FrontProxy(l) => {
+                let fp = frontproxy::FrontProxy::from_cluster(&state.client).await?;
+                let tls = Arc::new(fp.tls_config(&l.cert_file, &l.key_file)?);
+                state.front_proxy = Some(Arc::new(fp));
+                Some((tokio::net::TcpListener::bind(l.listen).await?, tls))
+            }
+        };
         let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
         if state.config.public_url.is_empty() {
             state.config.public_url = format!("http://{}", listener.local_addr()?);
@@ -259,6 +343,7 @@ impl Store {
         Ok(BoundStore {
             state: Arc::new(state),
             listener,
+            api,
         })
     }
 }
@@ -269,6 +354,11 @@ impl BoundStore {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The aggregated API's address, with [`Readers::FrontProxy`].
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Serve until `shutdown` completes (in-flight requests finish first); garbage collection
@@ -285,11 +375,36 @@ impl BoundStore {
             .exporter
             .clone()
             .map(|x| tokio::spawn(x.run(state.clone())));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let api = self.api.map(|(listener, tls)| {
+            let fp = state
+                .front_proxy
+                .clone()
+                .expect("bind() sets the front proxy with the API listener");
+            tracing::info!(addr = ?listener.local_addr().ok(), "aggregated API {} listening (TLS)", access::API_PREFIX);
+            tokio::spawn(api::serve_tls(
+                listener,
+                tls,
+                fp,
+                server::api_router(state.clone()),
+                stopped(),
+            ))
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            stop_tx.send_replace(true);
+        });
         let router = server::router(state.clone());
         let result = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(stopped())
             .await;
-        for task in [gc, exporter].into_iter().flatten() {
+        for task in [gc, exporter, api].into_iter().flatten() {
             task.abort();
         }
         result.map_err(StoreError::Io)

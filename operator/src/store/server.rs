@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State as AxState};
+use axum::extract::{DefaultBodyLimit, Path, State as AxState};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 use kprof_crds::Profile;
@@ -14,35 +14,53 @@ use kube::Api;
 use serde_json::json;
 
 use super::auth::AuthOutcome;
-use super::backend::{Digest, sniff_content_type};
+use super::backend::Digest;
 use super::pprof;
 use kprof_crds::store_api;
-use kprof_pprof::views::{self, Stacks, TopReport};
+use kprof_pprof::views::Stacks;
 
-use super::{NAMESPACE_HEADER, State, web};
+use super::{NAMESPACE_HEADER, Readers, State, api};
 
 type St = AxState<Arc<State>>;
 
+/// The upload listener: agents' `PUT`s, metrics and health. With [`Readers::FrontProxy`] every
+/// other request is refused here (reads go through the Kubernetes API); with
+/// [`Readers::Unauthenticated`] the read routes are served on this listener too.
 pub(crate) fn router(state: Arc<State>) -> Router {
-    Router::new()
+    let uploads = Router::new()
         .route(
             store_api::ARTIFACT_ROUTE,
-            get(get_artifact).put(put_artifact),
+            put(put_artifact).fallback(refuse_read),
         )
-        .route("/v1/profiles/{ns}/{name}/pprof", get(profile_pprof))
-        .route(
-            "/v1/profiles/{ns}/{name}/flamegraph.svg",
-            get(profile_flamegraph),
-        )
-        .route("/v1/profiles/{ns}/{name}/top", get(profile_top))
-        .route("/v1/diff.svg", get(diff_svg))
-        .route("/", get(web::index))
-        .route("/ui/profiles/{ns}/{name}", get(web::profile_page))
-        .route("/ui/diff", get(web::diff_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::disable())
+        .layer(DefaultBodyLimit::disable());
+    let router = match state.config.readers {
+        Readers::FrontProxy(_) => uploads.fallback(refuse_read),
+        Readers::Unauthenticated => uploads
+            .merge(api::discovery())
+            .merge(api::routes(state.clone())),
+    };
+    router.with_state(state)
+}
+
+/// The aggregated API's listener (TLS, [`Readers::FrontProxy`]).
+pub(crate) fn api_router(state: Arc<State>) -> Router {
+    Router::new()
+        .merge(api::discovery())
+        .merge(api::routes(state.clone()))
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
+}
+
+async fn refuse_read() -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this port takes uploads only: read profiles through the Kubernetes API ({})",
+            super::access::API_PREFIX
+        ),
+    )
 }
 
 /// A plain-text error answer.
@@ -224,7 +242,11 @@ async fn put_artifact(
     )
 }
 
-fn bytes_response(content_type: &str, digest: Option<&Digest>, bytes: Bytes) -> Response {
+pub(crate) fn bytes_response(
+    content_type: &str,
+    digest: Option<&Digest>,
+    bytes: Bytes,
+) -> Response {
     let mut r = Response::new(Body::from(bytes));
     let h = r.headers_mut();
     h.insert(
@@ -232,6 +254,18 @@ fn bytes_response(content_type: &str, digest: Option<&Digest>, bytes: Bytes) -> 
         HeaderValue::from_str(content_type)
             .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
+    // The API server's origin (or `kubectl proxy`'s) carries the user's credentials: keep the
+    // browser from sniffing, and SVG scripts (inferno's search and zoom) in a sandbox.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if content_type.starts_with("image/svg") {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox allow-scripts"),
+        );
+    }
     if let Some(d) = digest {
         if let Ok(v) = HeaderValue::from_str(&format!("\"{d}\"")) {
             h.insert(header::ETAG, v);
@@ -242,23 +276,6 @@ fn bytes_response(content_type: &str, digest: Option<&Digest>, bytes: Bytes) -> 
         );
     }
     r
-}
-
-async fn get_artifact(AxState(st): St, Path(digest): Path<String>) -> Response {
-    let Some(digest) = Digest::parse(&digest) else {
-        return error(StatusCode::BAD_REQUEST, "expected sha256:<64 hex digits>");
-    };
-    match st.artifacts.get(&digest).await {
-        Ok(Some(b)) => {
-            st.metrics.read("artifact", b.len());
-            bytes_response(sniff_content_type(&b), Some(&digest), b)
-        }
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no artifact {digest}")),
-        Err(e) => {
-            st.metrics.error("get");
-            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        }
-    }
 }
 
 /// The Profile `ns/name`, read with the store's own credentials.
@@ -335,60 +352,6 @@ pub(crate) async fn load_stacks(
     Ok((p, Stacks::from_profile(&prof, idx)))
 }
 
-async fn profile_pprof(AxState(st): St, Path((ns, name)): Path<(String, String)>) -> Response {
-    let p = match load_profile(&st, &ns, &name).await {
-        Ok(p) => p,
-        Err(r) => return r,
-    };
-    match load_pprof_bytes(&st, &p).await {
-        Ok((d, b)) => {
-            st.metrics.read("pprof", b.len());
-            let mut r = bytes_response("application/gzip", Some(&d), b);
-            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}.pb.gz\""))
-            {
-                r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
-            }
-            r
-        }
-        Err(r) => r,
-    }
-}
-
-async fn profile_flamegraph(
-    AxState(st): St,
-    Path((ns, name)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    let q = query_pairs(&q);
-    let sample_index = query_get(&q, "sampleIndex");
-    if sample_index.is_none() {
-        // An uploaded SVG wins when it is there.
-        let p = match load_profile(&st, &ns, &name).await {
-            Ok(p) => p,
-            Err(r) => return r,
-        };
-        if let Some(d) = p
-            .spec
-            .artifacts
-            .flamegraph
-            .as_ref()
-            .and_then(|r| Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)))
-            && let Ok(Some(b)) = st.artifacts.get(&d).await
-        {
-            st.metrics.read("flamegraph", b.len());
-            return bytes_response("image/svg+xml", Some(&d), b);
-        }
-    }
-    match load_stacks(&st, &ns, &name, sample_index.as_deref()).await {
-        Ok((p, stacks)) => {
-            let svg = views::flamegraph_svg(&stacks, &title(&ns, &name, &p));
-            st.metrics.read("flamegraph", svg.len());
-            bytes_response("image/svg+xml", None, Bytes::from(svg))
-        }
-        Err(r) => r,
-    }
-}
-
 pub(crate) fn title(ns: &str, name: &str, p: &Profile) -> String {
     format!(
         "{ns}/{name}: {} of {}/{} ({})",
@@ -396,59 +359,11 @@ pub(crate) fn title(ns: &str, name: &str, p: &Profile) -> String {
     )
 }
 
-async fn profile_top(
-    AxState(st): St,
-    Path((ns, name)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    let q = query_pairs(&q);
-    let limit = query_get(&q, "limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(50usize);
-    match load_stacks(&st, &ns, &name, query_get(&q, "sampleIndex").as_deref()).await {
-        Ok((_, stacks)) => {
-            let body =
-                serde_json::to_string(&TopReport::new(&stacks, limit)).expect("serializable");
-            st.metrics.read("top", body.len());
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-        }
-        Err(r) => r,
-    }
-}
-
 /// Split `ns/name`.
 pub(crate) fn split_ref(s: &str) -> Option<(String, String)> {
     let (ns, name) = s.split_once('/')?;
     (is_dns_label(ns) && !name.is_empty() && !name.contains('/'))
         .then(|| (ns.to_string(), name.to_string()))
-}
-
-async fn diff_svg(AxState(st): St, RawQuery(q): RawQuery) -> Response {
-    let q = query_pairs(&q);
-    let (Some(a), Some(b)) = (
-        query_get(&q, "a").as_deref().and_then(split_ref),
-        query_get(&q, "b").as_deref().and_then(split_ref),
-    ) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "expected ?a=<namespace>/<profile>&b=<namespace>/<profile>",
-        );
-    };
-    let before = match load_stacks(&st, &a.0, &a.1, None).await {
-        Ok(s) => s.1,
-        Err(r) => return r,
-    };
-    let after = match load_stacks(&st, &b.0, &b.1, None).await {
-        Ok(s) => s.1,
-        Err(r) => return r,
-    };
-    let svg = views::diff_svg(
-        &before,
-        &after,
-        &format!("{}/{} → {}/{}", a.0, a.1, b.0, b.1),
-    );
-    st.metrics.read("diff", svg.len());
-    bytes_response("image/svg+xml", None, Bytes::from(svg))
 }
 
 async fn metrics(AxState(st): St) -> Response {

@@ -1,11 +1,12 @@
 //! The store's web page: server-rendered HTML, no script of its own (the flame graphs are
-//! inferno's SVGs, which carry their own search and zoom). Every link is relative so that the
-//! page works unchanged behind the API server's service proxy
-//! (`/api/v1/namespaces/<ns>/services/http:kprof-store:8090/proxy/`).
+//! inferno's SVGs, which carry their own search and zoom). One namespace per page, served by the
+//! aggregated API (`/apis/data.kprof.io/v1alpha1/namespaces/<ns>/profiles`), so the API server
+//! decides who sees it; every link is relative so that it works the same through `kubectl proxy`.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::extract::{Path, RawQuery, State as AxState};
 use axum::response::{Html, IntoResponse, Response};
 use kprof_crds::{Profile, ProfilingTarget};
@@ -13,6 +14,8 @@ use kube::Api;
 use kube::api::ListParams;
 
 use super::State;
+use super::access::Reader;
+use super::api::check_read;
 use super::server::{load_stacks, query_get, query_pairs, split_ref};
 use kprof_pprof::views::{self, TopReport, html_escape as esc};
 
@@ -41,27 +44,29 @@ fn age(p: &Profile) -> String {
         .unwrap_or_default()
 }
 
-/// `/`: targets and profiles, newest first; `?namespace=` and `?target=` filter.
-pub(crate) async fn index(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Response {
+/// `…/namespaces/{ns}/profiles`: the namespace's targets and profiles, newest first (`?target=`
+/// filters); with `?a=&b=`, the diff of those two.
+pub(crate) async fn index(
+    AxState(st): AxState<Arc<State>>,
+    Extension(reader): Extension<Reader>,
+    Path(ns): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Response {
     let q = query_pairs(&q);
-    let ns = query_get(&q, "namespace");
+    if let (Some(a), Some(b)) = (query_get(&q, "a"), query_get(&q, "b")) {
+        return diff_page(&st, &reader, &a, &b).await;
+    }
     let target = query_get(&q, "target");
-    let (targets, profiles): (Api<ProfilingTarget>, Api<Profile>) = match &ns {
-        Some(n) => (
-            Api::namespaced(st.client.clone(), n),
-            Api::namespaced(st.client.clone(), n),
-        ),
-        None => (Api::all(st.client.clone()), Api::all(st.client.clone())),
-    };
+    let targets: Api<ProfilingTarget> = Api::namespaced(st.client.clone(), &ns);
+    let profiles: Api<Profile> = Api::namespaced(st.client.clone(), &ns);
     let mut lp = ListParams::default();
     if let Some(t) = &target {
         lp = lp.labels(&format!("{}={t}", kprof_crds::labels::TARGET));
     }
-    let mut b = String::from("<h1>kprof profiles</h1>");
+    let mut b = format!("<h1>kprof profiles in {}</h1>", esc(&ns));
     let _ = write!(
         b,
-        "<form class=\"filter\" method=\"get\" action=\"./\">namespace <input name=\"namespace\" value=\"{}\"> target <input name=\"target\" value=\"{}\"><button>filter</button></form>",
-        esc(ns.as_deref().unwrap_or("")),
+        "<form class=\"filter\" method=\"get\" action=\"profiles\">target <input name=\"target\" value=\"{}\"><button>filter</button></form>",
         esc(target.as_deref().unwrap_or(""))
     );
     match targets.list(&ListParams::default()).await {
@@ -79,9 +84,8 @@ pub(crate) async fn index(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuer
                     t.spec.profile_types.iter().map(|p| p.to_string()).collect();
                 let _ = write!(
                     b,
-                    "<tr><td>{}</td><td><a href=\"./?namespace={}&amp;target={}\">{}</a></td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                    "<tr><td>{}</td><td><a href=\"profiles?target={}\">{}</a></td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
                     esc(&tns),
-                    enc(&tns),
                     enc(&name),
                     esc(&name),
                     esc(&status.phase.map(|p| format!("{p:?}")).unwrap_or_default()),
@@ -112,7 +116,7 @@ pub(crate) async fn index(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuer
             });
             let shown = items.len().min(500);
             let _ = write!(b, "<h2>Profiles ({} shown of {})</h2>", shown, items.len());
-            b.push_str("<form method=\"get\" action=\"ui/diff\"><p>Pick a <b>before</b> (a) and an <b>after</b> (b) profile, then <button>diff</button></p>");
+            b.push_str("<form method=\"get\" action=\"profiles\"><p>Pick a <b>before</b> (a) and an <b>after</b> (b) profile, then <button>diff</button></p>");
             b.push_str("<table><tr><th>a</th><th>b</th><th>namespace</th><th>name</th><th>target</th><th>pod/container</th><th>type</th><th>window end</th><th>samples</th><th>top</th></tr>");
             for p in items.iter().take(shown) {
                 let pns = p.metadata.namespace.clone().unwrap_or_default();
@@ -120,9 +124,8 @@ pub(crate) async fn index(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuer
                 let r = esc(&format!("{pns}/{name}"));
                 let _ = write!(
                     b,
-                    "<tr><td><input type=\"radio\" name=\"a\" value=\"{r}\"></td><td><input type=\"radio\" name=\"b\" value=\"{r}\"></td><td>{}</td><td><a href=\"ui/profiles/{}/{}\">{}</a></td><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
+                    "<tr><td><input type=\"radio\" name=\"a\" value=\"{r}\"></td><td><input type=\"radio\" name=\"b\" value=\"{r}\"></td><td>{}</td><td><a href=\"profiles/{}/ui\">{}</a></td><td>{}</td><td>{}/{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td>{}</td></tr>",
                     esc(&pns),
-                    enc(&pns),
                     enc(&name),
                     esc(&name),
                     esc(&p.spec.target),
@@ -163,7 +166,7 @@ fn top_table(b: &mut String, report: &TopReport) {
     b.push_str("</table>");
 }
 
-/// `/ui/profiles/{ns}/{name}`: summary, interactive flame graph, top table.
+/// `…/namespaces/{ns}/profiles/{name}/ui`: summary, interactive flame graph, top table.
 pub(crate) async fn profile_page(
     AxState(st): AxState<Arc<State>>,
     Path((ns, name)): Path<(String, String)>,
@@ -174,7 +177,7 @@ pub(crate) async fn profile_page(
     };
     let s = &p.spec;
     let mut b = format!(
-        "<p><a href=\"../../../\">all profiles</a></p><h1>{}/{}</h1>",
+        "<p><a href=\"../../profiles\">all profiles of the namespace</a></p><h1>{}/{}</h1>",
         esc(&ns),
         esc(&name)
     );
@@ -200,49 +203,49 @@ pub(crate) async fn profile_page(
     for w in &s.warnings {
         let _ = write!(b, "<p class=\"warn\">⚠ {}</p>", esc(w));
     }
-    let base = format!("../../../v1/profiles/{}/{}", enc(&ns), enc(&name));
+    // Relative to `…/profiles/{name}/ui`: the sibling subresources.
     let _ = write!(
         b,
-        "<p>Download: <a href=\"{base}/pprof\">pprof</a> · <a href=\"{base}/flamegraph.svg\">flame graph</a> · <a href=\"{base}/top\">top (JSON)</a>. \
-Click a frame to zoom, Ctrl-F to search.</p><object id=\"flamegraph\" type=\"image/svg+xml\" data=\"{base}/flamegraph.svg\"></object><h2>Top functions</h2>"
+        "<p>Download: <a href=\"pprof\">pprof</a> · <a href=\"flamegraph\">flame graph</a> · <a href=\"top\">top (JSON)</a>. \
+Click a frame to zoom, Ctrl-F to search.</p><object id=\"flamegraph\" type=\"image/svg+xml\" data=\"flamegraph\"></object><h2>Top functions</h2>"
     );
     top_table(&mut b, &TopReport::new(&stacks, 30));
     st.metrics.read("page", b.len());
     page(&format!("{ns}/{name}"), &b)
 }
 
-/// `/ui/diff?a=ns/name&b=ns/name`: differential flame graph and the functions that grew most.
-pub(crate) async fn diff_page(AxState(st): AxState<Arc<State>>, RawQuery(q): RawQuery) -> Response {
-    let q = query_pairs(&q);
-    let (Some(a), Some(b_ref)) = (query_get(&q, "a"), query_get(&q, "b")) else {
-        return page(
-            "diff",
-            "<p><a href=\"../\">all profiles</a></p><p>Pick two profiles (a: before, b: after) on the list.</p>",
-        );
-    };
-    let (Some(ra), Some(rb)) = (split_ref(&a), split_ref(&b_ref)) else {
+/// The diff of `a` (before) and `b` (after), both `ns/name`, each checked for `reader`: the
+/// namespace of the page says nothing about theirs.
+async fn diff_page(st: &State, reader: &Reader, a: &str, b_ref: &str) -> Response {
+    let (Some(ra), Some(rb)) = (split_ref(a), split_ref(b_ref)) else {
         return page("diff", "<p>a and b must be namespace/name.</p>");
     };
-    let before = match load_stacks(&st, &ra.0, &ra.1, None).await {
+    for (ns, name) in [&ra, &rb] {
+        if let Err(r) = check_read(st, reader, ns, name).await {
+            return r;
+        }
+    }
+    let before = match load_stacks(st, &ra.0, &ra.1, None).await {
         Ok(x) => x.1,
         Err(r) => return r,
     };
-    let after = match load_stacks(&st, &rb.0, &rb.1, None).await {
+    let after = match load_stacks(st, &rb.0, &rb.1, None).await {
         Ok(x) => x.1,
         Err(r) => return r,
     };
     let mut b = format!(
-        "<p><a href=\"../\">all profiles</a></p><h1>{} → {}</h1>",
-        esc(&a),
-        esc(&b_ref)
+        "<p><a href=\"profiles\">all profiles of the namespace</a></p><h1>{} → {}</h1>",
+        esc(a),
+        esc(b_ref)
     );
     let _ = write!(
         b,
         "<p>The shape is <i>b</i>'s; red frames grew, blue ones shrank (normalised to the same total).</p>\
-<object id=\"flamegraph\" type=\"image/svg+xml\" data=\"../v1/diff.svg?a={}&amp;b={}\"></object><h2>Grew most (self %)</h2>\
+<object id=\"flamegraph\" type=\"image/svg+xml\" data=\"../{}/profiles/{}/diff?base={}\"></object><h2>Grew most (self %)</h2>\
 <table><tr><th>function</th><th>a</th><th>b</th><th>Δ</th></tr>",
-        enc(&a),
-        enc(&b_ref)
+        enc(&rb.0),
+        enc(&rb.1),
+        enc(a)
     );
     for g in views::growth(&before, &after).iter().take(20) {
         let _ = write!(

@@ -14,7 +14,8 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kprof_crds::{ArtifactRef, Artifacts, Profile, ProfileSpec, ProfileType};
-use kprof_operator::store::{self, Digest, StoreConfig, StoreMetrics};
+pub use kprof_operator::store::Digest;
+use kprof_operator::store::{self, StoreConfig, StoreMetrics};
 use serde_json::json;
 
 pub const AGENT: &str = "system:serviceaccount:kprof-system:kprof-agent";
@@ -26,6 +27,11 @@ pub const OTHER_TOKEN: &str = "other-token";
 pub struct FakeApi {
     pub profiles: Vec<Profile>,
     pub tokenreviews: usize,
+    /// `kube-system/extension-apiserver-authentication` data (the front proxy's CA and names).
+    pub auth_configmap: serde_json::Value,
+    /// (user, namespace) pairs a SubjectAccessReview for reading profiles allows.
+    pub readers: Vec<(String, String)>,
+    pub subjectaccessreviews: usize,
 }
 
 pub type Shared = Arc<Mutex<FakeApi>>;
@@ -69,6 +75,41 @@ async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube:
             respond(
                 StatusCode::CREATED,
                 json!({"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview","metadata":{},"spec":v["spec"],"status":status}),
+            )
+        }
+        (
+            Method::GET,
+            [
+                "api",
+                "v1",
+                "namespaces",
+                "kube-system",
+                "configmaps",
+                "extension-apiserver-authentication",
+            ],
+        ) => {
+            let data = api.lock().unwrap().auth_configmap.clone();
+            respond(
+                StatusCode::OK,
+                json!({"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"extension-apiserver-authentication","namespace":"kube-system"},"data":data}),
+            )
+        }
+        (Method::POST, ["apis", "authorization.k8s.io", "v1", "subjectaccessreviews"]) => {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let spec = &v["spec"];
+            let ra = &spec["resourceAttributes"];
+            let mut api = api.lock().unwrap();
+            api.subjectaccessreviews += 1;
+            let allowed = ra["group"] == "data.kprof.io"
+                && ra["resource"] == "profiles"
+                && ra["subresource"] == "pprof"
+                && ra["verb"] == "get"
+                && api.readers.iter().any(|(u, ns)| {
+                    spec["user"].as_str() == Some(u) && ra["namespace"].as_str() == Some(ns)
+                });
+            respond(
+                StatusCode::CREATED,
+                json!({"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","metadata":{},"spec":spec,"status":{"allowed":allowed}}),
             )
         }
         (Method::GET, ["apis", "kprof.io", "v1alpha1", "profiles"])
@@ -149,6 +190,8 @@ pub struct TestStore {
     pub api: Shared,
     pub metrics: StoreMetrics,
     pub client: kube::Client,
+    /// The aggregated API's TLS listener ([`store::Readers::FrontProxy`]).
+    pub api_addr: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -162,8 +205,12 @@ impl Drop for TestStore {
 
 impl TestStore {
     pub async fn start(max_upload: u64) -> Self {
+        Self::start_with(max_upload, store::Readers::Unauthenticated, Arc::default()).await
+    }
+
+    /// A store whose readers are `readers`, against the fake API server `api`.
+    pub async fn start_with(max_upload: u64, readers: store::Readers, api: Shared) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let api: Shared = Arc::default();
         let client = fake_client(api.clone());
         let mut config = StoreConfig::for_dir(
             dir.path().join("store"),
@@ -171,6 +218,7 @@ impl TestStore {
             AGENT,
         );
         config.max_upload_bytes = max_upload;
+        config.readers = readers;
         let metrics = StoreMetrics::default();
         let bound = store::Store::new(config, client.clone(), metrics.clone())
             .unwrap()
@@ -178,6 +226,7 @@ impl TestStore {
             .await
             .unwrap();
         let addr = bound.local_addr();
+        let api_addr = bound.api_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(bound.run(async move {
             let _ = rx.await;
@@ -188,6 +237,7 @@ impl TestStore {
             api,
             metrics,
             client,
+            api_addr,
             stop: Some(tx),
         }
     }
@@ -290,6 +340,28 @@ pub async fn put(
 
 pub async fn get(url: &str) -> (StatusCode, http::HeaderMap, Bytes) {
     request(Method::GET, url, b"", None).await
+}
+
+/// GET with extra headers; (status, headers, body as text).
+pub async fn request_with(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut b = Request::builder().method(Method::GET).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let res = http()
+        .request(b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// A realistic pprof: a Python service with a hot path.
