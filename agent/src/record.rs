@@ -286,12 +286,15 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         see_process(&mut engine, &mut agg, pid);
     }
 
-    // Sampling runs from here. Kernel symbols are read at the first kernel frame.
+    // Sampling runs from here.
     let start = Instant::now();
     let startup_wall = session_start.elapsed();
     let wall_start = SystemTime::now();
     let (loop_cpu0, _) = crate::proc::self_usage();
     tracing::debug!(cpu = ?loop_cpu0, wall = ?startup_wall, "sampling started");
+    // Kernel symbols while the first samples collect in the ring, not before sampling (start-up)
+    // nor at the first kernel frame mid-session (the steady-state cost and peak RSS).
+    crate::symbolize::kallsyms::shared();
     let progress = opts.progress && io::stderr().is_terminal();
     let mut last_housekeeping = Instant::now();
     let mut exit_status = None;

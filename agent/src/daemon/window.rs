@@ -301,7 +301,6 @@ impl Windows {
 mod tests {
     use std::sync::Arc;
 
-    use kprof_common::python::PyStack;
     use kprof_crds::ProfileType;
 
     use super::*;
@@ -378,19 +377,16 @@ mod tests {
     }
 
     /// A synthetic event of a process that does not exist (frames stay unresolved).
-    fn event(kind: EventKind, value: u64, pid: u32, slot: u32, user: &[u64]) -> Event<'_> {
+    fn event(
+        kind: EventKind,
+        value: u64,
+        pid: u32,
+        slot: u32,
+        user: &'static [u64],
+    ) -> Event<'static> {
         Event {
-            kind,
-            value,
-            tgid: pid,
-            tid: pid,
             slot,
-            comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
-            exec_id: 0,
-            in_kernel: false,
-            kernel: &[],
-            user,
-            py: &PyStack::EMPTY,
+            ..Event::synthetic(kind, value, pid, user)
         }
     }
 

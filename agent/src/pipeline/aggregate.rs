@@ -316,22 +316,8 @@ mod tests {
     const PERIOD: u64 = 1_000_000_000 / 99;
     const CPU: ProfileKind = ProfileKind::Cpu { sample_hz: 99 };
 
-    fn event<'a>(pid: u32, user: &'a [u64]) -> Event<'a> {
-        let mut comm = [0u8; 16];
-        comm[..4].copy_from_slice(b"work");
-        Event {
-            kind: EventKind::CpuSample,
-            value: PERIOD,
-            tgid: pid,
-            tid: pid,
-            slot: 0,
-            comm,
-            exec_id: 0,
-            in_kernel: false,
-            kernel: &[],
-            user,
-            py: &PyStack::EMPTY,
-        }
+    fn event(pid: u32, user: &'static [u64]) -> Event<'static> {
+        Event::synthetic(EventKind::CpuSample, PERIOD, pid, user)
     }
 
     #[test]
@@ -379,8 +365,8 @@ mod tests {
         assert_eq!(key.stack.len(), 2);
         assert_eq!(key.stack[0].kind, FrameKind::Native);
         assert_eq!(&*key.stack[0].function, "[unknown]+0x1000");
-        assert_eq!(&*key.thread, "work");
-        assert_eq!(p.processes[&pid].name, "work", "comm as fallback name");
+        assert_eq!(&*key.thread, "worker");
+        assert_eq!(p.processes[&pid].name, "worker", "comm as fallback name");
     }
 
     #[test]

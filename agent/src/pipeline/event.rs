@@ -89,18 +89,36 @@ pub fn sample_cpu_ns(tick_ns: u64, nominal_period_ns: u64) -> u64 {
     }
 }
 
+impl Event<'static> {
+    /// A synthetic event of thread `worker` of `pid` with native frames only (for tests of the
+    /// pipeline without a kernel).
+    pub fn synthetic(kind: EventKind, value: u64, pid: u32, user: &'static [u64]) -> Self {
+        Event {
+            kind,
+            value,
+            tgid: pid,
+            tid: pid,
+            slot: 0,
+            comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
+            exec_id: 0,
+            in_kernel: false,
+            kernel: &[],
+            user,
+            py: &PyStack::EMPTY,
+        }
+    }
+}
+
 /// Copies a CPU sample record out of the ring buffer (`None` when it is too short, which the
 /// kernel never writes).
-pub fn read_cpu_sample(bytes: &[u8]) -> Option<Box<SampleEvent>> {
+pub fn read_cpu_sample(bytes: &[u8]) -> Option<SampleEvent> {
     if bytes.len() < size_of::<SampleEvent>() {
         return None;
     }
     // SAFETY: the record holds a whole `SampleEvent` written by the eBPF program (a
     // plain-integer `#[repr(C)]` type, valid for any bits); read_unaligned copies it out of
     // the ring.
-    Some(Box::new(unsafe {
-        std::ptr::read_unaligned(bytes.as_ptr().cast())
-    }))
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 /// A NUL-padded `comm` as a string.
@@ -135,7 +153,7 @@ mod tests {
         assert!(e.py_frames().is_empty());
         assert!(read_cpu_sample(&bytes[..16]).is_none());
         // A measured tick interval is the value; an unknown or impossible one is the period.
-        let mut ticked = copy.clone();
+        let mut ticked = copy;
         ticked.tick_ns = 14_000_000;
         assert_eq!(Event::cpu_sample(&ticked, 10_101_010).value, 14_000_000);
         ticked.tick_ns = 1_000_000_000;
