@@ -107,7 +107,7 @@ pub struct Sampler {
     pub warnings: Vec<String>,
     pub follow_children: bool,
     /// The per-CPU sampling events (closing them detaches the program).
-    _clocks: crate::perf::CpuClocks,
+    clocks: crate::perf::CpuClocks,
     /// The CPython walker runs in kernel (the Python sampler program was accepted).
     pub python_walker: bool,
     program: &'static str,
@@ -271,7 +271,7 @@ impl Sampler {
             _stats_fd: stats_fd,
             warnings,
             follow_children,
-            _clocks: clocks,
+            clocks,
             python_walker: program == names::PROG_SAMPLE,
             program,
         })
@@ -328,6 +328,11 @@ impl Sampler {
             },
             None => KernelCost::default(),
         }
+    }
+
+    /// Redraws the sampling clock's period when it is due (see `perf.rs`).
+    pub fn rearm_clocks(&mut self) {
+        self.clocks.rearm_if_due(std::time::Instant::now());
     }
 
     /// File descriptor of the ring buffer, for poll(2).

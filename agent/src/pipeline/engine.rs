@@ -231,6 +231,7 @@ impl Engine {
     /// Decodes every pending record and hands each event, with the stack merger, to `sink`.
     /// Returns the number of events.
     pub fn drain(&mut self, mut sink: impl FnMut(&Event<'_>, Option<&mut dyn StackMerger>)) -> u64 {
+        self.sampler.rearm_clocks();
         let period = self.cpu_period_ns();
         let wait = self.cfg.python_wait;
         let Engine {
