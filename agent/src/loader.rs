@@ -341,13 +341,13 @@ impl Sampler {
     }
 }
 
-/// Ring buffer bytes: one second of samples with every CPU busy in a target (4× the 250 ms
-/// drain interval), a power of two within 1–64 MiB. User space maps the data pages twice, so
-/// this is also about half of the ring's share of the agent's RSS.
+/// Ring buffer bytes: one second of the largest records with every CPU busy in a target (4× the
+/// 250 ms drain interval), a power of two within 1–64 MiB. User space maps the data pages
+/// twice, so this is also about half of the ring's share of the agent's RSS.
 pub fn ring_size(cpus: usize, hz: u64) -> u32 {
     let want = (cpus as u64)
         .saturating_mul(hz)
-        .saturating_mul(size_of::<kprof_common::SampleEvent>() as u64);
+        .saturating_mul(kprof_common::MAX_EVENT_BYTES as u64);
     want.clamp(1 << 20, 64 << 20).next_power_of_two() as u32
 }
 

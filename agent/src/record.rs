@@ -17,7 +17,7 @@ use crate::{
     pipeline::{
         aggregate::{Aggregator, StackMerger},
         engine::{Engine, EngineConfig},
-        event::EventKind,
+        event::{EventKind, profile_kind},
     },
     pprof,
     profile::Profile,
@@ -372,7 +372,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
 
     let mut profile = agg.finish(
         EventKind::CpuSample,
-        EventKind::CpuSample.profile_kind(opts.sample_hz),
+        profile_kind(EventKind::CpuSample, opts.sample_hz),
         wall_start,
     );
     // Interpreters found later by the background watcher (a child that exec'ed python, an

@@ -1,5 +1,5 @@
-//! The kernel/user-space ABI of the kprof sampler: map keys and values, the sample event and the
-//! statistics counters. Every type is `#[repr(C)]`, has no `bool` and no implicit padding, and its
+//! The kernel/user-space ABI of the kprof sampler: map keys and values, the event records and
+//! the statistics counters. Every type is `#[repr(C)]`, has no `bool` and no implicit padding, and its
 //! size is checked at compile time so both sides agree byte for byte.
 #![no_std]
 
@@ -35,11 +35,11 @@ pub mod names {
     pub const GLOBAL_CONFIG: &str = "KPROF_CONFIG";
 }
 
-/// `SampleEvent::flags` bit: the kernel stack could not be read (`bpf_get_stack` failed).
+/// `EventHeader::flags` bit: the kernel stack could not be read (`bpf_get_stack` failed).
 pub const FLAG_KERNEL_STACK_ERR: u32 = 1;
-/// `SampleEvent::flags` bit: the user stack could not be read.
+/// `EventHeader::flags` bit: the user stack could not be read.
 pub const FLAG_USER_STACK_ERR: u32 = 1 << 1;
-/// `SampleEvent::flags` bit: the sample interrupted kernel mode (kernel frames present).
+/// `EventHeader::flags` bit: the sample interrupted kernel mode (kernel frames present).
 pub const FLAG_IN_KERNEL: u32 = 1 << 2;
 
 /// Counters kept per CPU in the `STATS` array (index = discriminant). Never reuse an index.
@@ -104,47 +104,119 @@ pub struct TargetSlot {
 }
 const _: () = assert!(size_of::<TargetSlot>() == 8);
 
-/// One CPU sample of a targeted thread, streamed through the `EVENTS` ring buffer.
+/// What a record of the `EVENTS` ring buffer is ([`EventHeader::kind`]). A new profile type adds
+/// a kind here, the kernel source that writes it and the user-space source that reads it.
+/// Never reuse a value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A tick of the CPU sampling clock in a targeted thread; value: the nanoseconds since the
+    /// previous tick of that CPU's clock (the CPU time the sample stands for; 0 when unknown,
+    /// the clock's first tick). The period is jittered, see `agent/src/perf.rs`.
+    CpuSample = 1,
+    /// A thread that was off CPU; value: the nanoseconds it was off. (No kernel source yet.)
+    OffCpu = 2,
+}
+
+impl EventKind {
+    /// The kind of a record's `kind` field (`None`: a kind this agent does not know).
+    pub fn from_u32(kind: u32) -> Option<EventKind> {
+        match kind {
+            1 => Some(EventKind::CpuSample),
+            2 => Some(EventKind::OffCpu),
+            _ => None,
+        }
+    }
+}
+
+/// The fixed head of every `EVENTS` record. The stacks follow it, packed, in this order:
+/// `py_count` [`python::PyFrame`]s, `kernel_len` kernel return addresses (u64), `user_len` user
+/// return addresses (u64), so a record is as long as its stacks ([`event_len`]), not
+/// [`MAX_EVENT_BYTES`]. Every part is a multiple of 8 bytes, so each starts 8-aligned.
 #[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SampleEvent {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`].
+    pub kind: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
     pub tgid: u32,
     pub tid: u32,
     pub cpu: u32,
     /// Target slot the process matched.
     pub slot: u32,
-    /// `bpf_ktime_get_ns` at the sample.
+    /// `bpf_ktime_get_ns` at the event.
     pub timestamp_ns: u64,
-    /// Nanoseconds since the previous tick of this CPU's sampling clock: the CPU time the sample
-    /// stands for (the period is jittered, see `agent/src/perf.rs`). 0 when unknown (the
-    /// clock's first tick on this CPU).
-    pub tick_ns: u64,
+    /// What the event stands for, in the unit of its kind (see [`EventKind`]).
+    pub value: u64,
     /// cgroup v2 id of the thread (0 when unknown).
     pub cgroup_id: u64,
     /// Thread name (`comm`), NUL padded.
     pub comm: [u8; 16],
-    /// Valid entries in `kernel_ips`.
-    pub kernel_len: u32,
-    /// Valid entries in `user_ips`.
-    pub user_len: u32,
-    /// `FLAG_*` bits.
-    pub flags: u32,
     /// Low 32 bits of the thread's `self_exec_id` (0 when not read): it changes when the
-    /// process `exec`s, so user space knows which image a sample's addresses belong to
+    /// process `exec`s, so user space knows which image a record's addresses belong to
     /// without checking `/proc` on every drain.
     pub exec_id: u32,
-    /// Kernel return addresses, innermost first.
-    pub kernel_ips: [u64; MAX_KERNEL_FRAMES],
-    /// User return addresses, innermost first (frame-pointer walk by the kernel).
-    pub user_ips: [u64; MAX_USER_FRAMES],
-    /// Python frames of the thread (count 0 for non-Python processes).
-    pub py: python::PyStack,
+    /// Kernel return addresses that follow, innermost first.
+    pub kernel_len: u32,
+    /// User return addresses that follow, innermost first (frame-pointer walk by the kernel).
+    pub user_len: u32,
+    pub _pad: u32,
+    /// Python frames that follow, innermost first (0 for non-Python processes). With
+    /// `py_truncated` this is the head of a [`python::PyStack`]: the walker writes in place.
+    pub py_count: u32,
+    /// Non-zero when the Python chain was deeper than [`python::MAX_PY_FRAMES`].
+    pub py_truncated: u32,
 }
-const _: () = assert!(size_of::<python::PyStack>() == 8 + python::MAX_PY_FRAMES * 16);
+const _: () = assert!(size_of::<EventHeader>() == 88);
+const _: () = assert!(size_of::<EventHeader>() % 8 == 0);
+
+/// The largest record: a header with every stack full.
+pub const MAX_EVENT_BYTES: usize = size_of::<EventHeader>()
+    + python::MAX_PY_FRAMES * size_of::<python::PyFrame>()
+    + 8 * (MAX_KERNEL_FRAMES + MAX_USER_FRAMES);
+
+/// The kernel's per-CPU assembly buffer for one record (the `EVENT_BUF` map): the header, then
+/// room for every stack at its largest. The walker writes a [`python::PyStack`] in place at
+/// `header.py_count` (the stack's `count` and `truncated` are the header's last two fields and
+/// its frames follow the header); the native stacks are then written right after the Python
+/// frames actually found, and the first [`event_len`] bytes are the record.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EventBuf {
+    pub header: EventHeader,
+    pub py_frames: [python::PyFrame; python::MAX_PY_FRAMES],
+    pub ips: [u64; MAX_KERNEL_FRAMES + MAX_USER_FRAMES],
+}
+const _: () = assert!(size_of::<EventBuf>() == MAX_EVENT_BYTES);
 const _: () = assert!(
-    size_of::<SampleEvent>()
-        == 72 + 8 * (MAX_KERNEL_FRAMES + MAX_USER_FRAMES) + size_of::<python::PyStack>()
+    core::mem::offset_of!(EventHeader, py_count) + 8 == size_of::<EventHeader>()
+        && core::mem::offset_of!(EventHeader, py_truncated)
+            == core::mem::offset_of!(EventHeader, py_count) + 4
+        && core::mem::offset_of!(python::PyStack, frames) == 8
+        && core::mem::offset_of!(EventBuf, py_frames) == size_of::<EventHeader>()
 );
+
+/// The length of a record with these stacks (counts beyond the maxima are clamped).
+pub const fn event_len(py_count: usize, kernel_len: usize, user_len: usize) -> usize {
+    let py = if py_count < python::MAX_PY_FRAMES {
+        py_count
+    } else {
+        python::MAX_PY_FRAMES
+    };
+    let k = if kernel_len < MAX_KERNEL_FRAMES {
+        kernel_len
+    } else {
+        MAX_KERNEL_FRAMES
+    };
+    let u = if user_len < MAX_USER_FRAMES {
+        user_len
+    } else {
+        MAX_USER_FRAMES
+    };
+    size_of::<EventHeader>() + py * size_of::<python::PyFrame>() + 8 * (k + u)
+}
+const _: () = assert!(event_len(usize::MAX, usize::MAX, usize::MAX) == MAX_EVENT_BYTES);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -152,4 +224,5 @@ mod pod {
     // padding (checked by the size assertions above).
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TargetSlot {}
+    unsafe impl aya::Pod for super::EventHeader {}
 }

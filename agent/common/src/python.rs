@@ -95,6 +95,15 @@ impl PyStack {
     }
 }
 
+/// A borrowed Python stack as user space reads it from a record: the frames captured, innermost
+/// first, and whether outer ones are missing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PyFrames<'a> {
+    pub frames: &'a [PyFrame],
+    /// The chain was deeper than [`MAX_PY_FRAMES`]: the outermost frames are missing.
+    pub truncated: bool,
+}
+
 impl Default for PyStack {
     fn default() -> Self {
         Self::EMPTY

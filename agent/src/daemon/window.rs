@@ -12,7 +12,7 @@ use crate::{
     k8s::{ContainerKey, TargetKey, TargetPlan},
     pipeline::{
         aggregate::{Aggregator, StackMerger},
-        event::{Event, EventKind},
+        event::{Event, EventKind, profile_kind},
     },
     profile::Profile,
 };
@@ -261,7 +261,7 @@ impl Windows {
         let whole: Vec<(EventKind, Profile)> = kinds
             .into_iter()
             .map(|kind| {
-                let mut p = w.agg.finish(kind, kind.profile_kind(hz), w.start);
+                let mut p = w.agg.finish(kind, profile_kind(kind, hz), w.start);
                 p.duration = end.duration_since(w.start).unwrap_or_default();
                 (kind, p)
             })

@@ -7,7 +7,7 @@ use std::{
     time::SystemTime,
 };
 
-use kprof_common::python::PyStack;
+use kprof_common::python::PyFrames;
 
 use super::event::{Event, EventKind, comm_str};
 use crate::{
@@ -23,7 +23,7 @@ pub trait StackMerger {
     /// Called when a known process `exec`ed, before `on_process` is called for it again.
     fn on_exec(&mut self, _pid: u32) {}
     /// Merges the captured Python frames into `native` (both innermost first).
-    fn merge(&mut self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame>;
+    fn merge(&mut self, pid: u32, native: Vec<Frame>, py: PyFrames<'_>) -> Vec<Frame>;
 }
 
 /// The addresses of one event: what identifies a distinct stack before symbolization.
@@ -52,7 +52,8 @@ impl RawKey {
             kernel: ev.kernel.to_vec(),
             user: ev.user.to_vec(),
             py: ev
-                .py_frames()
+                .py
+                .frames
                 .iter()
                 .map(|f| (f.code, f.lasti, f.flags))
                 .collect(),
@@ -186,7 +187,7 @@ impl Aggregator {
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
         let user = match merger {
-            Some(m) if ev.py.count > 0 => m.merge(pid, native, ev.py),
+            Some(m) if !ev.py.frames.is_empty() => m.merge(pid, native, ev.py),
             _ => native,
         };
         frames.extend(user);
@@ -400,8 +401,8 @@ mod tests {
         fn on_process(&mut self, _pid: u32) -> Option<(String, Vec<String>)> {
             Some(("cpython 3.12.1".into(), vec!["note".into()]))
         }
-        fn merge(&mut self, _pid: u32, mut native: Vec<Frame>, py: &PyStack) -> Vec<Frame> {
-            for _ in 0..py.count {
+        fn merge(&mut self, _pid: u32, mut native: Vec<Frame>, py: PyFrames<'_>) -> Vec<Frame> {
+            for _ in py.frames {
                 native.insert(0, Frame::python("handler", "app.py", 3));
             }
             native
@@ -411,11 +412,15 @@ mod tests {
     #[test]
     fn python_frames_are_merged() {
         let mut agg = Aggregator::new();
-        let mut stack = PyStack::EMPTY;
-        stack.count = 1;
-        stack.frames[0].code = 0xdead;
+        let frames = [kprof_common::python::PyFrame {
+            code: 0xdead,
+            ..Default::default()
+        }];
         let ev = Event {
-            py: &stack,
+            py: PyFrames {
+                frames: &frames,
+                truncated: false,
+            },
             ..event(u32::MAX - 9, &[0x1000])
         };
         let mut py = FakePython;

@@ -7,7 +7,7 @@ use kprof_common::{Stat, TargetSlot, python::PyStat};
 
 use super::{
     aggregate::StackMerger,
-    event::{Event, read_cpu_sample},
+    event::{Decoder, Event},
 };
 use crate::{
     loader::{KernelCost, LoadError, Sampler, SamplerConfig},
@@ -97,7 +97,7 @@ impl StackMerger for PythonMerger<'_> {
         &mut self,
         pid: u32,
         native: Vec<Frame>,
-        py: &kprof_common::python::PyStack,
+        py: kprof_common::python::PyFrames<'_>,
     ) -> Vec<Frame> {
         self.py.merge(pid, native, py)
     }
@@ -120,8 +120,9 @@ pub struct Engine {
     counters: Counters,
     /// Set-up warnings for the user (children not followed, Python frames disabled, ...).
     pub warnings: Vec<String>,
-    /// Records too short to be an event (never expected).
+    /// Records that did not decode (never expected; counted, not trusted).
     pub malformed: u64,
+    decoder: Decoder,
 }
 
 impl Engine {
@@ -135,6 +136,7 @@ impl Engine {
             counters: Counters::default(),
             warnings,
             malformed: 0,
+            decoder: Decoder::default(),
         })
     }
 
@@ -238,18 +240,19 @@ impl Engine {
             sampler,
             python,
             malformed,
+            decoder,
             ..
         } = self;
         let mut merger = python.as_mut().map(|py| PythonMerger { py, wait });
         let mut n = 0;
         while let Some(item) = sampler.events.next() {
-            let Some(record) = read_cpu_sample(&item) else {
-                *malformed += 1;
-                continue;
-            };
-            n += 1;
-            let ev = Event::cpu_sample(&record, period);
-            sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+            match decoder.decode(&item, period) {
+                Ok(ev) => {
+                    n += 1;
+                    sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+                }
+                Err(_) => *malformed += 1,
+            }
         }
         n
     }

@@ -1,29 +1,22 @@
 //! The one event model of the pipeline: what a kernel event is, the value it carries and its
 //! stacks. Every event source decodes into an [`Event`]; aggregation and windows only see
 //! this type.
-use kprof_common::{FLAG_IN_KERNEL, SampleEvent, python::PyStack};
+pub use kprof_common::EventKind;
+use kprof_common::{
+    EventHeader, FLAG_IN_KERNEL, MAX_KERNEL_FRAMES, MAX_USER_FRAMES,
+    python::{MAX_PY_FRAMES, PyFrame, PyFrames},
+};
 
 use crate::profile::ProfileKind;
 
-/// What an event is. Adding a profile type adds a kind here, its kernel and user-space
-/// sources, and the [`ProfileKind`] its values are reported as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EventKind {
-    /// A tick of the CPU sampling clock in a targeted thread; value: the CPU nanoseconds the
-    /// sample stands for.
-    CpuSample,
-    /// A thread that was off CPU; value: the nanoseconds it was off. (No kernel source yet.)
-    OffCpu,
-}
-
-impl EventKind {
-    /// The profile kind this event's values are reported in. `sample_hz` is the rate of the CPU
-    /// sampler (CPU samples only).
-    pub fn profile_kind(self, sample_hz: u32) -> ProfileKind {
-        match self {
-            EventKind::CpuSample => ProfileKind::Cpu { sample_hz },
-            EventKind::OffCpu => ProfileKind::OffCpu,
-        }
+/// The profile kind an event's values are reported in. `sample_hz` is the rate of the CPU
+/// sampler (CPU samples only). Adding a profile type adds its [`EventKind`] (in
+/// `kprof-common`, the kernel's and user space's one definition), its kernel and user-space
+/// sources, and its arm here.
+pub fn profile_kind(kind: EventKind, sample_hz: u32) -> ProfileKind {
+    match kind {
+        EventKind::CpuSample => ProfileKind::Cpu { sample_hz },
+        EventKind::OffCpu => ProfileKind::OffCpu,
     }
 }
 
@@ -47,34 +40,7 @@ pub struct Event<'a> {
     pub kernel: &'a [u64],
     /// User return addresses, innermost first.
     pub user: &'a [u64],
-    pub py: &'a PyStack,
-}
-
-impl<'a> Event<'a> {
-    /// The event of one CPU sample record taken at a nominal period of `period_ns`.
-    pub fn cpu_sample(ev: &'a SampleEvent, period_ns: u64) -> Self {
-        let k = (ev.kernel_len as usize).min(ev.kernel_ips.len());
-        let u = (ev.user_len as usize).min(ev.user_ips.len());
-        Event {
-            kind: EventKind::CpuSample,
-            value: sample_cpu_ns(ev.tick_ns, period_ns),
-            tgid: ev.tgid,
-            tid: ev.tid,
-            slot: ev.slot,
-            comm: ev.comm,
-            exec_id: ev.exec_id,
-            in_kernel: ev.flags & FLAG_IN_KERNEL != 0,
-            kernel: &ev.kernel_ips[..k],
-            user: &ev.user_ips[..u],
-            py: &ev.py,
-        }
-    }
-
-    /// The Python frames that were captured.
-    pub fn py_frames(&self) -> &'a [kprof_common::python::PyFrame] {
-        let n = (self.py.count as usize).min(self.py.frames.len());
-        &self.py.frames[..n]
-    }
+    pub py: PyFrames<'a>,
 }
 
 /// The CPU nanoseconds one sample stands for: the measured interval since its CPU's previous
@@ -104,21 +70,89 @@ impl Event<'static> {
             in_kernel: false,
             kernel: &[],
             user,
-            py: &PyStack::EMPTY,
+            py: PyFrames::default(),
         }
     }
 }
 
-/// Copies a CPU sample record out of the ring buffer (`None` when it is too short, which the
-/// kernel never writes).
-pub fn read_cpu_sample(bytes: &[u8]) -> Option<SampleEvent> {
-    if bytes.len() < size_of::<SampleEvent>() {
-        return None;
+/// Why a ring-buffer record could not be decoded (the kernel writes none of these; each is
+/// counted, never trusted).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("record of unknown kind {0}")]
+    UnknownKind(u32),
+    #[error("record of {len} bytes does not hold the {want} its stack counts say")]
+    Lengths { len: usize, want: usize },
+}
+
+/// Decodes ring-buffer records into [`Event`]s. A record is copied into a reused 8-aligned
+/// buffer (the ring is read while the kernel writes on, and its records need not stay put), so
+/// the stacks are slices of it: no allocation per event.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    words: Vec<u64>,
+}
+
+impl Decoder {
+    /// The event of one record. CPU samples take `cpu_period_ns` (the clock's nominal period)
+    /// where the measured tick interval is unknown or not believable ([`sample_cpu_ns`]).
+    pub fn decode(&mut self, record: &[u8], cpu_period_ns: u64) -> Result<Event<'_>, DecodeError> {
+        const HEAD: usize = size_of::<EventHeader>();
+        if record.len() < HEAD {
+            return Err(DecodeError::Short(record.len()));
+        }
+        // SAFETY: EventHeader is plain integers (any bits are valid); read_unaligned copies it.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let kind = EventKind::from_u32(h.kind).ok_or(DecodeError::UnknownKind(h.kind))?;
+        let (py, k, u) = (
+            h.py_count as usize,
+            h.kernel_len as usize,
+            h.user_len as usize,
+        );
+        let want = kprof_common::event_len(py, k, u);
+        if py > MAX_PY_FRAMES || k > MAX_KERNEL_FRAMES || u > MAX_USER_FRAMES || record.len() < want
+        {
+            return Err(DecodeError::Lengths {
+                len: record.len(),
+                want,
+            });
+        }
+        let body = &record[HEAD..want];
+        self.words.clear();
+        self.words.extend(
+            body.chunks_exact(8)
+                .map(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes"))),
+        );
+        let py_words = py * size_of::<PyFrame>() / 8;
+        let (py_words, ips) = self.words.split_at(py_words);
+        let (kernel, user) = ips.split_at(k);
+        // SAFETY: PyFrame is #[repr(C)] {u64, u32, u32}: 16 bytes, 8-aligned, valid for any
+        // bits; `py_words` holds exactly `py` of them, in the layout the kernel wrote.
+        let py_frames: &[PyFrame] =
+            unsafe { std::slice::from_raw_parts(py_words.as_ptr().cast(), py) };
+        let value = match kind {
+            EventKind::CpuSample => sample_cpu_ns(h.value, cpu_period_ns),
+            _ => h.value,
+        };
+        Ok(Event {
+            kind,
+            value,
+            tgid: h.tgid,
+            tid: h.tid,
+            slot: h.slot,
+            comm: h.comm,
+            exec_id: h.exec_id,
+            in_kernel: h.flags & FLAG_IN_KERNEL != 0,
+            kernel,
+            user,
+            py: PyFrames {
+                frames: py_frames,
+                truncated: h.py_truncated != 0,
+            },
+        })
     }
-    // SAFETY: the record holds a whole `SampleEvent` written by the eBPF program (a
-    // plain-integer `#[repr(C)]` type, valid for any bits); read_unaligned copies it out of
-    // the ring.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 /// A NUL-padded `comm` as a string.
@@ -131,40 +165,130 @@ pub fn comm_str(comm: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_cpu_sample_record_decodes_to_its_used_frames() {
-        // SAFETY: SampleEvent is plain integers; all-zero is a valid value.
-        let mut ev: Box<SampleEvent> = Box::new(unsafe { std::mem::zeroed() });
-        ev.tgid = 7;
-        ev.user_len = 2;
-        ev.user_ips[..2].copy_from_slice(&[0x10, 0x20]);
-        ev.kernel_len = 500; // never trusted beyond the array
-        ev.flags = FLAG_IN_KERNEL;
-        let bytes: &[u8] = bytemuck_bytes(&ev);
-        let copy = read_cpu_sample(bytes).unwrap();
-        let e = Event::cpu_sample(&copy, 10_101_010);
-        assert_eq!(
-            (e.kind, e.value, e.tgid),
-            (EventKind::CpuSample, 10_101_010, 7)
-        );
-        assert_eq!(e.user, [0x10, 0x20]);
-        assert_eq!(e.kernel.len(), kprof_common::MAX_KERNEL_FRAMES);
-        assert!(e.in_kernel);
-        assert!(e.py_frames().is_empty());
-        assert!(read_cpu_sample(&bytes[..16]).is_none());
-        // A measured tick interval is the value; an unknown or impossible one is the period.
-        let mut ticked = copy;
-        ticked.tick_ns = 14_000_000;
-        assert_eq!(Event::cpu_sample(&ticked, 10_101_010).value, 14_000_000);
-        ticked.tick_ns = 1_000_000_000;
-        assert_eq!(Event::cpu_sample(&ticked, 10_101_010).value, 10_101_010);
-        assert_eq!(comm_str(b"py\0\0"), "py");
+    /// A record as the kernel lays it out, assembled by hand.
+    fn record(h: EventHeader, py: &[(u64, u32, u32)], kernel: &[u64], user: &[u64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let fields32 = [h.kind, h.flags, h.tgid, h.tid, h.cpu, h.slot];
+        fields32.iter().for_each(|f| out.extend(f.to_ne_bytes()));
+        [h.timestamp_ns, h.value, h.cgroup_id]
+            .iter()
+            .for_each(|f| out.extend(f.to_ne_bytes()));
+        out.extend(h.comm);
+        let tail = [
+            h.exec_id,
+            h.kernel_len,
+            h.user_len,
+            0,
+            h.py_count,
+            h.py_truncated,
+        ];
+        tail.iter().for_each(|f| out.extend(f.to_ne_bytes()));
+        assert_eq!(out.len(), 88);
+        for &(code, lasti, flags) in py {
+            out.extend(code.to_ne_bytes());
+            out.extend(lasti.to_ne_bytes());
+            out.extend(flags.to_ne_bytes());
+        }
+        kernel
+            .iter()
+            .chain(user)
+            .for_each(|ip| out.extend(ip.to_ne_bytes()));
+        out
     }
 
-    fn bytemuck_bytes(ev: &SampleEvent) -> &[u8] {
-        // SAFETY: a plain-integer struct without padding viewed as bytes.
-        unsafe {
-            std::slice::from_raw_parts((ev as *const SampleEvent).cast(), size_of::<SampleEvent>())
+    fn header(kind: EventKind, value: u64, py: u32, k: u32, u: u32) -> EventHeader {
+        EventHeader {
+            kind: kind as u32,
+            value,
+            tgid: 7,
+            tid: 8,
+            flags: FLAG_IN_KERNEL,
+            comm: *b"py\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            py_count: py,
+            kernel_len: k,
+            user_len: u,
+            py_truncated: 1,
+            ..EventHeader::default()
         }
+    }
+
+    #[test]
+    fn a_record_decodes_to_its_packed_stacks() {
+        let bytes = record(
+            header(EventKind::CpuSample, 14_000_000, 2, 1, 3),
+            &[(0xc0de, 4, 1), (0xbeef, 6, 0)],
+            &[0xffff_0001],
+            &[0x10, 0x20, 0x30],
+        );
+        assert_eq!(bytes.len(), 88 + 32 + 8 + 24);
+        let mut d = Decoder::default();
+        let e = d.decode(&bytes, 10_101_010).unwrap();
+        assert_eq!(
+            (e.kind, e.value, e.tgid, e.tid),
+            (EventKind::CpuSample, 14_000_000, 7, 8)
+        );
+        assert_eq!(e.kernel, [0xffff_0001]);
+        assert_eq!(e.user, [0x10, 0x20, 0x30]);
+        assert!(e.in_kernel && e.py.truncated);
+        let py: Vec<_> =
+            e.py.frames
+                .iter()
+                .map(|f| (f.code, f.lasti, f.flags))
+                .collect();
+        assert_eq!(py, [(0xc0de, 4, 1), (0xbeef, 6, 0)]);
+        assert_eq!(comm_str(&e.comm), "py");
+        // The ring may hand out a record padded to 8 bytes: the tail is ignored.
+        let mut padded = bytes.clone();
+        padded.extend([0; 8]);
+        assert_eq!(d.decode(&padded, 1).unwrap().user, [0x10, 0x20, 0x30]);
+    }
+
+    #[test]
+    fn a_cpu_samples_value_is_the_measured_tick_unless_unknown_or_impossible() {
+        let mut d = Decoder::default();
+        let period = 10_101_010;
+        let value = |d: &mut Decoder, kind, v| {
+            d.decode(&record(header(kind, v, 0, 0, 0), &[], &[], &[]), period)
+                .unwrap()
+                .value
+        };
+        assert_eq!(value(&mut d, EventKind::CpuSample, 14_000_000), 14_000_000);
+        assert_eq!(value(&mut d, EventKind::CpuSample, 0), period);
+        assert_eq!(value(&mut d, EventKind::CpuSample, 1_000_000_000), period);
+        // Other kinds carry their value as it is.
+        assert_eq!(
+            value(&mut d, EventKind::OffCpu, 1_000_000_000),
+            1_000_000_000
+        );
+    }
+
+    #[test]
+    fn bad_records_are_refused_not_trusted() {
+        let mut d = Decoder::default();
+        let ok = record(
+            header(EventKind::CpuSample, 1, 1, 2, 2),
+            &[(1, 0, 0)],
+            &[1, 2],
+            &[3, 4],
+        );
+        assert_eq!(d.decode(&ok[..40], 1).unwrap_err(), DecodeError::Short(40));
+        let short = &ok[..ok.len() - 8];
+        assert!(matches!(
+            d.decode(short, 1).unwrap_err(),
+            DecodeError::Lengths { .. }
+        ));
+        let mut unknown = ok.clone();
+        unknown[..4].copy_from_slice(&99u32.to_ne_bytes());
+        assert_eq!(
+            d.decode(&unknown, 1).unwrap_err(),
+            DecodeError::UnknownKind(99)
+        );
+        // Counts beyond the kernel's maxima are refused even when the bytes are there.
+        let huge = header(EventKind::CpuSample, 1, 0, 500, 0);
+        let bytes = record(huge, &[], &vec![0; 500], &[]);
+        assert!(matches!(
+            d.decode(&bytes, 1).unwrap_err(),
+            DecodeError::Lengths { .. }
+        ));
     }
 }

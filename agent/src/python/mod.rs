@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kprof_common::python::{
-    PYFRAME_NOT_CODE, PyFrame, PyGlobalConfig, PyProcConfig, PyStack, names,
+    PYFRAME_NOT_CODE, PyFrame, PyFrames, PyGlobalConfig, PyProcConfig, names,
 };
 
 use crate::profile::frame::{Frame, FrameKind};
@@ -450,43 +450,14 @@ impl PythonSupport {
         f
     }
 
-    /// Read the code objects of a captured stack into the cache now, while the process is
-    /// alive (cheap when they are cached: one lookup per frame). Call it for every event as it
-    /// is taken from the ring buffer when symbolization may lag behind: a process that exits
-    /// before its stacks are symbolized otherwise shows `<unknown python frame>`.
-    pub fn prefetch(&self, pid: u32, py: &PyStack) {
-        let inner = lock(&self.inner);
-        let Some(proc_) = inner.procs.get(&pid) else {
-            return;
-        };
-        let mut cache = lock(&self.cache);
-        for f in py.frames() {
-            if f.flags & PYFRAME_NOT_CODE != 0 || cache.get_mut((pid, f.code)).is_some() {
-                continue;
-            }
-            if let Ok(info) = proc_.read_code(f.code) {
-                cache.insert((pid, f.code), info);
-            }
-        }
-    }
-
-    /// Symbolize every frame of a captured stack (innermost first), dropping non-code frames.
-    pub fn symbolize_stack(&mut self, pid: u32, py: &PyStack) -> Vec<Frame> {
-        py.frames()
-            .iter()
-            .filter(|f| f.flags & PYFRAME_NOT_CODE == 0)
-            .map(|f| self.resolve(pid, f))
-            .collect()
-    }
-
     /// Splice the Python frames of a sample into its native stack (both innermost first). See
     /// [`merge::merge_stacks`].
-    pub fn merge(&self, pid: u32, native: Vec<Frame>, py: &PyStack) -> Vec<Frame> {
-        if py.count == 0 {
+    pub fn merge(&self, pid: u32, native: Vec<Frame>, py: PyFrames<'_>) -> Vec<Frame> {
+        if py.frames.is_empty() {
             return native;
         }
         let frames: Vec<(Frame, u32)> = py
-            .frames()
+            .frames
             .iter()
             .filter(|f| f.flags & PYFRAME_NOT_CODE == 0)
             .map(|f| (self.resolve(pid, f), f.flags))
@@ -495,7 +466,7 @@ impl PythonSupport {
             .procs
             .get(&pid)
             .map(merge::InterpreterId::of);
-        merge::merge_stacks(native, frames, py.truncated != 0, interp.as_ref())
+        merge::merge_stacks(native, frames, py.truncated, interp.as_ref())
     }
 }
 

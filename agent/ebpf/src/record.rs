@@ -1,0 +1,148 @@
+//! The one path every source takes to record an event of a targeted thread: the header, the
+//! Python frames, the kernel and the user stack, assembled in the per-CPU `EVENT_BUF` and
+//! copied into the ring as one record exactly as long as its stacks (a CPU sample of a
+//! 20-frame stack is ~0.5 KiB, not the 4 KiB of every stack at its largest).
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    cty::c_void,
+    helpers::bpf_probe_read_kernel,
+    helpers::generated::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
+        bpf_get_smp_processor_id, bpf_get_stack, bpf_ringbuf_output,
+    },
+};
+use kprof_common::{
+    Config, EventHeader, EventKind, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_ERR, FLAG_USER_STACK_ERR,
+    MAX_KERNEL_FRAMES, MAX_USER_FRAMES, Stat, event_len,
+    python::{MAX_PY_FRAMES, PyFrame},
+};
+
+use crate::maps::{EVENT_BUF, EVENTS, bump};
+
+/// `BPF_F_USER_STACK` flag of `bpf_get_stack`.
+const BPF_F_USER_STACK: u64 = 1 << 8;
+/// `BPF_RB_NO_WAKEUP`: do not wake the reader on output. User space polls with a short timeout
+/// instead; a wake-up per record costs an irq_work self-IPI (a VM exit under KVM).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
+/// What a source knows about the event it records.
+pub struct Event {
+    pub kind: EventKind,
+    /// In the unit of `kind`.
+    pub value: u64,
+    /// `bpf_ktime_get_ns` at the event.
+    pub now: u64,
+    pub pid_tgid: u64,
+    /// The target slot the process matched.
+    pub slot: u32,
+    /// The thread was in kernel mode (there are kernel frames to read).
+    pub in_kernel: bool,
+}
+
+/// Records `ev` of the current thread with its stacks; the Python walker runs when `PYTHON`.
+#[inline(always)]
+pub fn submit<C: EbpfContext, const PYTHON: bool>(ctx: &C, ev: &Event, cfg: &Config) {
+    let Some(buf) = EVENT_BUF.get_ptr_mut(0) else {
+        return;
+    };
+    let tgid = (ev.pid_tgid >> 32) as u32;
+    // SAFETY: `buf` is this CPU's map value (not shared while the program runs); every header
+    // field is written below before the record is copied out, and the stacks are written
+    // within the value: the Python frames at its fixed place, the native stacks after the
+    // frames found, each bounded by its maximum (the sizes add up to `EventBuf`).
+    unsafe {
+        // Python first: the walker's bounded loop is verified once per distinct register state,
+        // so it runs before the branches below (stack errors, flags) multiply the states.
+        (*buf).header.py_count = 0;
+        (*buf).header.py_truncated = 0;
+        #[cfg(feature = "python")]
+        if PYTHON {
+            // The walker writes a PyStack in place: its count and truncated flag are the
+            // header's last two fields and its frames follow the header (asserted in common).
+            let py = (buf as *mut u8)
+                .add(core::mem::offset_of!(EventHeader, py_count))
+                .cast::<kprof_common::python::PyStack>();
+            crate::python::collect(ctx, tgid, &mut *py);
+        }
+        let mut py_count = (*buf).header.py_count as usize;
+        if py_count > MAX_PY_FRAMES {
+            py_count = MAX_PY_FRAMES;
+        }
+
+        let h = &raw mut (*buf).header;
+        (*h).kind = ev.kind as u32;
+        (*h).value = ev.value;
+        (*h).tgid = tgid;
+        (*h).tid = ev.pid_tgid as u32;
+        (*h).cpu = bpf_get_smp_processor_id();
+        (*h).slot = ev.slot;
+        (*h).timestamp_ns = ev.now;
+        (*h).cgroup_id = if cfg.cgroup_filter != 0 {
+            bpf_get_current_cgroup_id()
+        } else {
+            0
+        };
+        (*h).comm = [0; 16];
+        bpf_get_current_comm((*h).comm.as_mut_ptr().cast(), 16);
+        (*h).exec_id = if cfg.task_exec_id_off != 0 {
+            let task = bpf_get_current_task() as *const u8;
+            bpf_probe_read_kernel(task.add(cfg.task_exec_id_off as usize).cast::<u32>())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        (*h)._pad = 0;
+
+        let mut flags = 0u32;
+        if ev.in_kernel {
+            flags |= FLAG_IN_KERNEL;
+        }
+        let kernel_at = (buf as *mut u8)
+            .add(size_of::<EventHeader>() + py_count * size_of::<PyFrame>());
+        // An event in user mode has no kernel frames: skip the helper (and its zeroing of the
+        // whole buffer).
+        let n = if ev.in_kernel {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                kernel_at.cast(),
+                (MAX_KERNEL_FRAMES * 8) as u32,
+                0,
+            )
+        } else {
+            0
+        };
+        let kernel_len = if n >= 0 {
+            (n as usize / 8).min(MAX_KERNEL_FRAMES)
+        } else {
+            flags |= FLAG_KERNEL_STACK_ERR;
+            bump(Stat::KernelStackErr);
+            0
+        };
+
+        let n = bpf_get_stack(
+            ctx.as_ptr(),
+            kernel_at.add(kernel_len * 8).cast(),
+            (MAX_USER_FRAMES * 8) as u32,
+            BPF_F_USER_STACK,
+        );
+        let user_len = if n >= 0 {
+            (n as usize / 8).min(MAX_USER_FRAMES)
+        } else {
+            flags |= FLAG_USER_STACK_ERR;
+            bump(Stat::UserStackErr);
+            0
+        };
+        (*h).py_count = py_count as u32;
+        (*h).kernel_len = kernel_len as u32;
+        (*h).user_len = user_len as u32;
+        (*h).flags = flags;
+
+        let len = event_len(py_count, kernel_len, user_len);
+        let ring = (&raw const EVENTS).cast::<c_void>().cast_mut();
+        if bpf_ringbuf_output(ring, buf.cast(), len as u64, BPF_RB_NO_WAKEUP) != 0 {
+            bump(Stat::Dropped);
+        }
+    }
+}
