@@ -1,19 +1,18 @@
-//! kprof node agent: an eBPF CPU sampler (kernel, native and Python stacks) with symbolization,
+//! kprof node agent: an eBPF sampler (kernel, native and Python stacks) with symbolization,
 //! aggregation and pprof / flame graph / top-table output.
 //!
-//! One module per job: `loader` (eBPF load/attach), `targets` (which processes), `symbolize`
-//! (addresses → frames), `pipeline` (the engine both drivers run: draining, the event model,
-//! aggregation), `profile` (the model), `pprof`, `flamegraph`, `top`, `record` (one window
-//! written to files), `daemon` (aligned windows per target, to the spool), `cgroup`
-//! (pid → container), `cli` (argument helpers).
-pub mod btf;
-pub mod cgroup;
+//! One module per job, from the kernel up: `kernel` (eBPF load/attach, the sampling clock, BTF),
+//! `proc` (what is read of a process: maps, cgroup, name, exec identity), `targets` (which
+//! processes), `symbolize` (addresses → frames), `python` (the CPython runtime), `pipeline` (the
+//! engine both drivers run: draining, the event model, aggregation), `profile` (the model),
+//! `pprof`; the drivers `record` (one window written to files) and `daemon` (aligned windows
+//! per target, to the spool); the cluster side `k8s`, `spool`, `upload`; `metrics` (a leaf);
+//! `cli` (argument helpers).
 pub mod cli;
 pub mod daemon;
 pub mod k8s;
-pub mod loader;
+pub mod kernel;
 pub mod metrics;
-pub mod perf;
 pub mod pipeline;
 pub mod pprof;
 pub mod proc;

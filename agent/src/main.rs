@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kprof_agent::{
     cli::{parse_duration, parse_hz},
-    loader,
+    kernel::loader,
     record::{self, RecordOptions},
 };
 
@@ -175,7 +175,7 @@ fn system_info() -> anyhow::Result<ExitCode> {
     );
     println!(
         "children followed (task_struct offsets in kernel BTF): {}",
-        yes(kprof_agent::btf::task_offsets().is_ok())
+        yes(kprof_agent::kernel::btf::task_offsets().is_ok())
     );
     Ok(ExitCode::SUCCESS)
 }

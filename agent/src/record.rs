@@ -13,7 +13,7 @@ use kprof_common::{Stat, python::PyStat};
 use kprof_pprof::views;
 
 use crate::{
-    loader::{KernelCost, LoadError, SamplerConfig},
+    kernel::loader::{KernelCost, LoadError, SamplerConfig},
     pipeline::{
         aggregate::{Aggregator, StackMerger},
         engine::{Engine, EngineConfig},
@@ -72,7 +72,7 @@ pub struct RecordOptions {
     pub python: bool,
     /// Show elapsed time / samples on stderr while recording (when it is a terminal).
     pub progress: bool,
-    /// Jitter the sampling clock (see `perf.rs`); off only to compare with a fixed period.
+    /// Jitter the sampling clock (see `kernel/clock.rs`); off only to compare with a fixed period.
     pub clock_jitter: bool,
 }
 

@@ -27,7 +27,7 @@ fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (the eBPF sampler needs CAP_BPF + CAP_PERFMON)".into());
     }
-    if !kprof_agent::loader::ebpf_available() {
+    if !kprof_agent::kernel::loader::ebpf_available() {
         return Some("kprof-agent was built without eBPF programs (AYA_BUILD_SKIP)".into());
     }
     None

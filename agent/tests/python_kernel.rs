@@ -25,7 +25,7 @@ fn skip_reason() -> Option<String> {
     if !harness::is_root() {
         return Some("not root (needs CAP_BPF + CAP_PERFMON)".into());
     }
-    if !kprof_agent::loader::ebpf_available() {
+    if !kprof_agent::kernel::loader::ebpf_available() {
         return Some("kprof-agent built without its eBPF object (AYA_BUILD_SKIP)".into());
     }
     if harness::interpreters().is_empty() {
@@ -579,7 +579,7 @@ fn periodic_code_is_not_phase_locked() {
         return;
     }
     const HZ: u32 = 99;
-    let period = kprof_agent::perf::Jitter::new(u64::from(HZ))
+    let period = kprof_agent::kernel::clock::Jitter::new(u64::from(HZ))
         .period_ns
         .to_string();
     let mut interps: Vec<harness::Interp> = Vec::new();

@@ -112,7 +112,7 @@ const _: () = assert!(size_of::<TargetSlot>() == 8);
 pub enum EventKind {
     /// A tick of the CPU sampling clock in a targeted thread; value: the nanoseconds since the
     /// previous tick of that CPU's clock (the CPU time the sample stands for; 0 when unknown,
-    /// the clock's first tick). The period is jittered, see `agent/src/perf.rs`.
+    /// the clock's first tick). The period is jittered, see `agent/src/kernel/clock.rs`.
     CpuSample = 1,
     /// A thread that was off CPU; value: the nanoseconds it was off. (No kernel source yet.)
     OffCpu = 2,
@@ -169,7 +169,6 @@ pub struct EventHeader {
     pub py_truncated: u32,
 }
 const _: () = assert!(size_of::<EventHeader>() == 88);
-const _: () = assert!(size_of::<EventHeader>() % 8 == 0);
 
 /// The largest record: a header with every stack full.
 pub const MAX_EVENT_BYTES: usize = size_of::<EventHeader>()

@@ -17,7 +17,7 @@ use crate::{
 
 /// Per CPU: `bpf_ktime_get_ns` of the sampling clock's previous tick. Every tick passes here,
 /// idle and untargeted ones included, so a sample knows exactly how much CPU time it stands for
-/// although user space keeps changing the clock's period (`agent/src/perf.rs`).
+/// although user space keeps changing the clock's period (`agent/src/kernel/clock.rs`).
 #[map(name = "LAST_TICK")]
 static LAST_TICK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 

@@ -10,7 +10,10 @@ use kprof_crds::{Profile, ProfileSpec, ProfileType, ProfilingTarget, TopFunction
 use kube::Resource as _;
 use sha2::{Digest as _, Sha256};
 
-use kprof_pprof::views::{self, Stacks};
+use kprof_pprof::{
+    Profile as PprofProfile,
+    views::{self, Stacks},
+};
 
 use crate::{
     k8s::{ContainerKey, TargetKey},
@@ -123,10 +126,20 @@ fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// Builds the Profile object (artifact references are filled in by the uploader).
-pub fn build_profile(w: &WindowOutput) -> Profile {
+/// A window's Profile object (artifact references are filled in by the uploader) and its
+/// artifacts, all drawn from one pprof build.
+pub fn build_window(w: &WindowOutput) -> (Profile, Vec<NewArtifact>) {
+    let pprof = pprof::build(&w.samples);
+    let stacks = Stacks::from_profile(&pprof, 0);
+    (
+        build_profile(w, &stacks),
+        build_artifacts(w, &pprof, &stacks),
+    )
+}
+
+fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
     let name = profile_name(&w.target, &w.container, w.profile_type, w.window_start);
-    let rows = Stacks::from_profile(&pprof::build(&w.samples), 0).top();
+    let rows = stacks.top();
     let total = w.samples.total();
     let top = rows
         .first()
@@ -194,11 +207,10 @@ pub fn build_profile(w: &WindowOutput) -> Profile {
 }
 
 /// The artifacts of a window (none when it has no samples).
-pub fn build_artifacts(w: &WindowOutput) -> Result<Vec<NewArtifact>, pprof::PprofError> {
+fn build_artifacts(w: &WindowOutput, pprof: &PprofProfile, stacks: &Stacks) -> Vec<NewArtifact> {
     if w.samples.total() == 0 {
-        return Ok(Vec::new());
+        return Vec::new();
     }
-    let pprof = pprof::build(&w.samples);
     let title = format!(
         "kprof {} {}/{}/{} {}",
         w.profile_type,
@@ -207,17 +219,16 @@ pub fn build_artifacts(w: &WindowOutput) -> Result<Vec<NewArtifact>, pprof::Ppro
         w.container.container,
         time(w.window_start).0.strftime("%Y-%m-%dT%H:%M:%SZ")
     );
-    let out = vec![
+    vec![
         NewArtifact {
             kind: ArtifactKind::Pprof,
             bytes: pprof.encode_gzip(),
         },
         NewArtifact {
             kind: ArtifactKind::Flamegraph,
-            bytes: views::flamegraph_svg(&Stacks::from_profile(&pprof, 0), &title),
+            bytes: views::flamegraph_svg(stacks, &title),
         },
-    ];
-    Ok(out)
+    ]
 }
 
 #[cfg(test)]
@@ -322,7 +333,7 @@ mod tests {
     #[test]
     fn profile_fields_labels_and_owner() {
         let w = window();
-        let p = build_profile(&w);
+        let (p, _) = build_window(&w);
         assert_eq!(p.metadata.namespace.as_deref(), Some("shop"));
         let l = p.metadata.labels.as_ref().unwrap();
         assert_eq!(l[labels::TARGET], "checkout");
@@ -349,7 +360,7 @@ mod tests {
         assert_eq!(s.top_functions[1].total_percent, 100.0);
         assert_eq!(s.pids, [7]);
         assert!(s.warnings.is_empty());
-        let arts = build_artifacts(&w).unwrap();
+        let (_, arts) = build_window(&w);
         assert_eq!(arts.len(), 2);
         assert!(String::from_utf8_lossy(&arts[1].bytes).contains("<svg"));
     }
@@ -362,9 +373,9 @@ mod tests {
         let mut w = window();
         w.samples.samples.clear();
         w.cpu_seconds = 0.0;
-        let p = build_profile(&w);
+        let (p, arts) = build_window(&w);
         assert_eq!((p.spec.samples, p.spec.top.as_str()), (0, ""));
         assert_eq!(p.spec.warnings.len(), 1);
-        assert!(build_artifacts(&w).unwrap().is_empty());
+        assert!(arts.is_empty());
     }
 }

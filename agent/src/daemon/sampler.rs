@@ -35,7 +35,7 @@ use super::{
 };
 use crate::{
     k8s::{TargetKey, TargetPlan, resolve::Resolver},
-    loader::{LoadError, SamplerConfig},
+    kernel::loader::{LoadError, SamplerConfig},
     pipeline::{
         aggregate::StackMerger,
         engine::{Engine, EngineConfig},
@@ -486,15 +486,7 @@ impl Daemon {
     }
 
     fn spool_window(&self, out: &WindowOutput) {
-        let profile = build::build_profile(out);
-        let artifacts = match build::build_artifacts(out) {
-            Ok(a) => a,
-            Err(e) => {
-                metrics::error("pprof");
-                tracing::error!(error = %e, "cannot encode the pprof; writing the Profile without artifacts");
-                Vec::new()
-            }
-        };
+        let (profile, artifacts) = build::build_window(out);
         match self.spool.put(&profile, artifacts) {
             Ok(o) => {
                 metrics::profile_spooled();

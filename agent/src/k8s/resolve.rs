@@ -1,5 +1,5 @@
 //! pid → container id on the host: scans `/proc/*/cgroup` with the cgroup path parser
-//! ([`crate::cgroup`]) and caches the answer per pid (including "not in a container"), so a
+//! ([`crate::proc::cgroup`]) and caches the answer per pid (including "not in a container"), so a
 //! rescan only reads the cgroup file of processes it has not seen before.
 //!
 //! Only thread-group leaders are listed in `/proc`, so every pid found is a process. A pid that
@@ -12,7 +12,7 @@ use std::{
     path::PathBuf,
 };
 
-use crate::cgroup;
+use crate::proc::cgroup;
 
 /// Resolves host pids to container ids.
 pub struct Resolver {

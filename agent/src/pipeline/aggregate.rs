@@ -83,7 +83,7 @@ pub struct Aggregator {
     /// Identity (device, inode) of each process's executable, to notice `exec` when the
     /// samples carry no exec id.
     exe: HashMap<u32, (u64, u64)>,
-    /// Latest exec id (`SampleEvent::exec_id`) seen per process.
+    /// Latest exec id (`EventHeader::exec_id`) seen per process.
     exec_ids: HashMap<u32, u32>,
     generation: HashMap<u32, u32>,
     checked_this_round: HashSet<u32>,

@@ -10,7 +10,7 @@ use super::{
     event::{Decoder, Event},
 };
 use crate::{
-    loader::{KernelCost, LoadError, Sampler, SamplerConfig},
+    kernel::loader::{KernelCost, LoadError, Sampler, SamplerConfig},
     profile::Frame,
     python::{PythonSupport, RuntimeInfo},
     targets,

@@ -44,7 +44,7 @@ pub struct Event<'a> {
 }
 
 /// The CPU nanoseconds one sample stands for: the measured interval since its CPU's previous
-/// clock tick (the period is jittered, `perf.rs`), or the nominal period where that is unknown
+/// clock tick (the period is jittered, `kernel/clock.rs`), or the nominal period where that is unknown
 /// (the clock's first tick) or not believable (longer than a re-armed clock can take: 1½ + 1½
 /// periods, with slack).
 pub fn sample_cpu_ns(tick_ns: u64, nominal_period_ns: u64) -> u64 {

@@ -1,5 +1,6 @@
-//! What the agent reads of a process under `/proc/<pid>`: its mappings ([`maps`]), its name
-//! and the identity of its executable.
+//! What the agent reads of a process under `/proc/<pid>`: its mappings ([`maps`]), its
+//! container ([`cgroup`]), its name and the identity of its executable.
+pub mod cgroup;
 pub mod maps;
 
 use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};

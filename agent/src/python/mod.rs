@@ -249,7 +249,9 @@ impl PythonSupport {
     /// Write the kernel configuration of the walker into the loaded object (the offset of
     /// `task_struct->thread.fsbase` from BTF) and take the `PY_PROCS` map.
     pub fn new(bpf: &mut aya::Ebpf) -> Result<Self, PythonError> {
-        let fsbase_off = crate::btf::task_offsets().map_err(PythonError::Btf)?.fsbase;
+        let fsbase_off = crate::kernel::btf::task_offsets()
+            .map_err(PythonError::Btf)?
+            .fsbase;
         let map = bpf
             .map_mut(names::MAP_PY_GLOBAL)
             .ok_or(PythonError::MissingMap(names::MAP_PY_GLOBAL))?;

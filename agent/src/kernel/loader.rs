@@ -68,7 +68,7 @@ pub struct SamplerConfig {
     pub cgroup_filter: bool,
     /// Enable `BPF_ENABLE_STATS` while sampling (in-kernel run time per sample).
     pub bpf_stats: bool,
-    /// Jitter the clock's period so samples cannot lock onto periodic code (`perf.rs`). Off only
+    /// Jitter the clock's period so samples cannot lock onto periodic code (`kernel/clock.rs`). Off only
     /// to show what a fixed period does.
     pub clock_jitter: bool,
 }
@@ -107,7 +107,7 @@ pub struct Sampler {
     pub warnings: Vec<String>,
     pub follow_children: bool,
     /// The per-CPU sampling events (closing them detaches the program).
-    clocks: crate::perf::CpuClocks,
+    clocks: super::clock::CpuClocks,
     /// The CPython walker runs in kernel (the Python sampler program was accepted).
     pub python_walker: bool,
     program: &'static str,
@@ -164,7 +164,7 @@ impl Sampler {
         raise_memlock();
         let mut warnings = Vec::new();
 
-        let offsets = crate::btf::task_offsets();
+        let offsets = super::btf::task_offsets();
         let task = match &offsets {
             Ok(t) if cfg.follow_children => Some(*t),
             Ok(_) => None,
@@ -219,7 +219,7 @@ impl Sampler {
             other => other?,
         };
         let prog_fd = prog.fd().map_err(|e| LoadError::Load(one_line(&e)))?;
-        let clocks = crate::perf::attach(prog_fd, &cpus, cfg.sample_hz, cfg.clock_jitter)
+        let clocks = super::clock::attach(prog_fd, &cpus, cfg.sample_hz, cfg.clock_jitter)
             .map_err(|(cpu, source)| LoadError::PerfEvent { cpu, source })?;
 
         let mut follow_children = task.is_some();
@@ -330,7 +330,7 @@ impl Sampler {
         }
     }
 
-    /// Redraws the sampling clock's period when it is due (see `perf.rs`).
+    /// Redraws the sampling clock's period when it is due (see `kernel/clock.rs`).
     pub fn rearm_clocks(&mut self) {
         self.clocks.rearm_if_due(std::time::Instant::now());
     }

@@ -19,7 +19,7 @@
 //! periods).
 //!
 //! **Why it stays exact.** Each sample carries the nanoseconds since the previous tick of its
-//! CPU's clock (`SampleEvent::tick_ns`, measured in the program, which sees every tick), so CPU
+//! CPU's clock (the CPU sample's value, measured in the program, which sees every tick), so CPU
 //! time is the sum of what the samples stand for, not samples × a nominal period.
 //!
 //! Opened here rather than through `aya::programs::PerfEvent::attach` to set the period and keep

@@ -1,0 +1,6 @@
+//! Everything that talks to the kernel's BPF and perf interfaces: loading and attaching the
+//! programs (`loader`), the jittered sampling clock (`clock`) and the `task_struct` offsets read
+//! from kernel BTF (`btf`).
+pub mod btf;
+pub mod clock;
+pub mod loader;
