@@ -1,4 +1,4 @@
-//! pprof output: the [`Profile`] encoded as `profile.proto` (gzip). The messages, the table
+//! pprof output: the [`AggregatedProfile`] encoded as `profile.proto` (gzip). The messages, the table
 //! interning and the views (top, flame graph) are `kprof_pprof`'s, shared with the store.
 use std::{collections::HashMap, time::UNIX_EPOCH};
 
@@ -7,7 +7,7 @@ use kprof_pprof::{
     labels, mappings,
 };
 
-use crate::profile::{Frame, FrameKind, Profile};
+use crate::profile::{AggregatedProfile, Frame, FrameKind};
 
 pub use kprof_pprof::{
     Function, Label, Line, Location, Mapping, PprofError, Profile as PprofProfile, Sample,
@@ -15,7 +15,7 @@ pub use kprof_pprof::{
 };
 
 /// Builds the pprof message of a profile.
-pub fn build(profile: &Profile) -> PprofProfile {
+pub fn build(profile: &AggregatedProfile) -> PprofProfile {
     let mut b = Builder::new();
     // The sample types are the profile kind's, declared once in `kprof_pprof::types`.
     let types = profile.kind.pprof_types();
@@ -213,7 +213,7 @@ fn module_name(f: &Frame) -> &str {
 }
 
 /// Encodes a profile as gzip-compressed `profile.proto` bytes.
-pub fn encode(profile: &Profile) -> Result<Vec<u8>, PprofError> {
+pub fn encode(profile: &AggregatedProfile) -> Result<Vec<u8>, PprofError> {
     Ok(build(profile).encode_gzip())
 }
 
@@ -252,8 +252,8 @@ mod tests {
         symbolize::{KERNEL_MODULE, ModuleId, ModuleInfo},
     };
 
-    fn sample_profile() -> Profile {
-        let mut p = Profile::new(
+    fn sample_profile() -> AggregatedProfile {
+        let mut p = AggregatedProfile::new(
             99,
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         );

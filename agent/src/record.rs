@@ -20,7 +20,7 @@ use crate::{
         event::{EventKind, profile_kind},
     },
     pprof,
-    profile::Profile,
+    profile::AggregatedProfile,
     targets::{self, TargetError},
 };
 
@@ -206,7 +206,7 @@ impl SessionStats {
 
 /// The result of a session.
 pub struct Recording {
-    pub profile: Profile,
+    pub profile: AggregatedProfile,
     pub stats: SessionStats,
     /// Exit status of the command, when one was started and has exited.
     pub exit_status: Option<ExitStatus>,

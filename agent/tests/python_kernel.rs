@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use kprof_agent::profile::{Frame, FrameKind, Profile};
+use kprof_agent::profile::{AggregatedProfile, Frame, FrameKind};
 use kprof_agent::record::{RecordOptions, record};
 use kprof_common::python::PyStat;
 
@@ -127,7 +127,7 @@ struct Attribution {
     uncategorized_top: Vec<(u64, String)>,
 }
 
-fn attribute(p: &Profile, pids: Option<&[u32]>) -> Attribution {
+fn attribute(p: &AggregatedProfile, pids: Option<&[u32]>) -> Attribution {
     let m = harness::markers("split.py");
     let mut a = Attribution {
         total: 0,
@@ -527,7 +527,7 @@ fn a_shell_that_execs_python_is_profiled_as_python() {
 
 /// Worst per-function error (points) of one profile of `periodic.py` against the truth the
 /// program measured, the error of the total CPU time (%), and a one-line report.
-fn periodic_errors(p: &Profile, truth_file: &std::path::Path) -> (f64, f64, String) {
+fn periodic_errors(p: &AggregatedProfile, truth_file: &std::path::Path) -> (f64, f64, String) {
     let text = std::fs::read_to_string(truth_file).expect("periodic.py wrote its truth");
     let truth: HashMap<&str, f64> = text
         .split_whitespace()

@@ -18,7 +18,7 @@ use kprof_pprof::{
 use crate::{
     k8s::{ContainerKey, TargetKey},
     pprof,
-    profile::Profile as Samples,
+    profile::AggregatedProfile,
     spool::{ArtifactKind, NewArtifact},
 };
 
@@ -44,7 +44,7 @@ pub struct WindowOutput {
     pub pids: BTreeSet<u32>,
     pub warnings: Vec<String>,
     /// The aggregated samples of this container only.
-    pub samples: Samples,
+    pub samples: AggregatedProfile,
 }
 
 /// A Kubernetes name of at most 63 characters, deterministic for (target, pod, container, type,
@@ -243,7 +243,7 @@ mod tests {
 
     fn window() -> WindowOutput {
         let start = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let mut samples = Samples::new(99, start);
+        let mut samples = AggregatedProfile::new(99, start);
         let hot: Arc<[Frame]> = vec![
             Frame::new(FrameKind::Native, "spin"),
             Frame::new(FrameKind::Native, "main"),

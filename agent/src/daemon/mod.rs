@@ -12,8 +12,8 @@
 pub mod build;
 /// Kept here for the cluster modules that still name it `daemon::metrics`.
 pub use crate::metrics;
+pub mod driver;
 pub mod routing;
-pub mod sampler;
 pub mod window;
 
 use std::{
@@ -93,7 +93,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Sampler(#[from] sampler::SamplerError),
+    Driver(#[from] driver::DriverError),
     #[error("the sampling thread panicked")]
     SamplerPanic,
 }
@@ -126,7 +126,7 @@ async fn run_async(args: RunArgs) -> Result<(), RunError> {
             "profiles left in the spool from a previous run: sending them"
         );
     }
-    let shared = Arc::new(sampler::Shared::default());
+    let shared = Arc::new(driver::Shared::default());
 
     if args.metrics_port != 0 {
         let addr = SocketAddr::from(([0, 0, 0, 0], args.metrics_port));
@@ -180,7 +180,7 @@ async fn run_async(args: RunArgs) -> Result<(), RunError> {
         args.drain_timeout,
     ));
 
-    let opts = sampler::Options {
+    let opts = driver::Options {
         node: args.node_name.clone(),
         python: !args.no_python,
         rescan: args.rescan_interval,
@@ -190,7 +190,7 @@ async fn run_async(args: RunArgs) -> Result<(), RunError> {
         let (shared, spool, wake) = (shared.clone(), spool.clone(), wake.clone());
         std::thread::Builder::new()
             .name("kprof-sampler".into())
-            .spawn(move || sampler::run(opts, shared, spool, wake))
+            .spawn(move || driver::run(opts, shared, spool, wake))
             .map_err(RunError::Runtime)?
     };
 

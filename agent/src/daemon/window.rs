@@ -14,7 +14,7 @@ use crate::{
         aggregate::{Aggregator, StackMerger},
         event::{Event, EventKind, profile_kind},
     },
-    profile::Profile,
+    profile::AggregatedProfile,
 };
 
 /// The end of the window that starts at `now`: the next multiple of `window` since the epoch,
@@ -33,8 +33,8 @@ pub fn aligned_window_end(now: SystemTime, window: Duration) -> SystemTime {
 }
 
 /// Keeps the samples of some pids (one container) out of a window's profile.
-pub fn filter_pids(p: &Profile, pids: &BTreeSet<u32>) -> Profile {
-    let mut out = Profile::of_kind(p.kind, p.start);
+pub fn filter_pids(p: &AggregatedProfile, pids: &BTreeSet<u32>) -> AggregatedProfile {
+    let mut out = AggregatedProfile::of_kind(p.kind, p.start);
     out.duration = p.duration;
     out.labels = p.labels.clone();
     out.dropped = p.dropped;
@@ -135,7 +135,7 @@ pub struct ClosedContainer {
     /// Summed event values per kind.
     pub values: BTreeMap<EventKind, u64>,
     /// One profile per event kind seen in the window (empty ones included).
-    pub profiles: BTreeMap<EventKind, Profile>,
+    pub profiles: BTreeMap<EventKind, AggregatedProfile>,
 }
 
 /// The open windows, one per target.
@@ -258,7 +258,7 @@ impl Windows {
         let hz = w.hz_seen.iter().copied().max().unwrap_or(sample_hz);
         let mut kinds = w.agg.kinds();
         kinds.insert(EventKind::CpuSample);
-        let whole: Vec<(EventKind, Profile)> = kinds
+        let whole: Vec<(EventKind, AggregatedProfile)> = kinds
             .into_iter()
             .map(|kind| {
                 let mut p = w.agg.finish(kind, profile_kind(kind, hz), w.start);
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn samples_split_by_container_pids() {
-        let mut p = Profile::new(99, UNIX_EPOCH);
+        let mut p = AggregatedProfile::new(99, UNIX_EPOCH);
         let st: Arc<[Frame]> = vec![Frame::new(FrameKind::Native, "f")].into();
         for pid in [1, 2, 3] {
             p.add(

@@ -1,4 +1,4 @@
-//! Turns events into aggregated [`Profile`]s, one per event kind: each distinct raw stack
+//! Turns events into aggregated [`AggregatedProfile`]s, one per event kind: each distinct raw stack
 //! (addresses) is symbolized once, when first seen — while its process is alive — and then
 //! only counted, its events' values summed per (kind, stack, thread).
 use std::{
@@ -11,7 +11,7 @@ use kprof_common::python::PyFrames;
 
 use super::event::{Event, EventKind, comm_str};
 use crate::{
-    profile::{Frame, ProcessMeta, Profile, ProfileKind, SampleKey},
+    profile::{AggregatedProfile, Frame, ProcessMeta, ProfileKind, SampleKey},
     symbolize::Symbolizer,
 };
 
@@ -288,8 +288,13 @@ impl Aggregator {
     }
 
     /// Builds the profile of the events of one kind, reported as `kind`.
-    pub fn finish(&self, events: EventKind, kind: ProfileKind, start: SystemTime) -> Profile {
-        let mut p = Profile::of_kind(kind, start);
+    pub fn finish(
+        &self,
+        events: EventKind,
+        kind: ProfileKind,
+        start: SystemTime,
+    ) -> AggregatedProfile {
+        let mut p = AggregatedProfile::of_kind(kind, start);
         for (raw, (key, totals)) in &self.stacks {
             if raw.kind == events {
                 p.add_value(key.clone(), totals.count, totals.value);

@@ -78,7 +78,7 @@ impl ProfileKind {
 
 /// An aggregated profile of one kind.
 #[derive(Clone, Debug)]
-pub struct Profile {
+pub struct AggregatedProfile {
     pub kind: ProfileKind,
     /// Events per key.
     pub samples: HashMap<SampleKey, u64>,
@@ -96,7 +96,7 @@ pub struct Profile {
     pub warnings: Vec<String>,
 }
 
-impl Profile {
+impl AggregatedProfile {
     /// An empty CPU profile.
     pub fn new(sample_hz: u32, start: SystemTime) -> Self {
         Self::of_kind(ProfileKind::Cpu { sample_hz }, start)
@@ -104,7 +104,7 @@ impl Profile {
 
     /// An empty profile of any kind.
     pub fn of_kind(kind: ProfileKind, start: SystemTime) -> Self {
-        Profile {
+        AggregatedProfile {
             kind,
             samples: HashMap::new(),
             values: HashMap::new(),
@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn totals_and_cpu() {
-        let mut p = Profile::new(100, SystemTime::UNIX_EPOCH);
+        let mut p = AggregatedProfile::new(100, SystemTime::UNIX_EPOCH);
         let stack: Arc<[Frame]> = vec![Frame::new(FrameKind::Native, "f")].into();
         let key = SampleKey {
             pid: 1,
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn values_are_summed_per_key_and_written_in_the_kinds_order() {
-        let mut p = Profile::of_kind(ProfileKind::OffCpu, SystemTime::UNIX_EPOCH);
+        let mut p = AggregatedProfile::of_kind(ProfileKind::OffCpu, SystemTime::UNIX_EPOCH);
         let key = SampleKey {
             pid: 1,
             thread: "t".into(),

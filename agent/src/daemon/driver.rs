@@ -41,13 +41,13 @@ use crate::{
         engine::{Engine, EngineConfig},
         event::EventKind,
     },
-    profile::Profile as Samples,
+    profile::AggregatedProfile,
     spool::Spool,
 };
 
 /// Errors that stop the sampling thread.
 #[derive(Debug, thiserror::Error)]
-pub enum SamplerError {
+pub enum DriverError {
     #[error("cannot start the eBPF sampler: {0}")]
     Load(#[from] LoadError),
 }
@@ -154,7 +154,7 @@ pub fn run(
     shared: Arc<Shared>,
     spool: Arc<Spool>,
     wake: Arc<Notify>,
-) -> Result<(), SamplerError> {
+) -> Result<(), DriverError> {
     let mut d = Daemon {
         opts,
         shared,
@@ -180,7 +180,7 @@ pub fn run(
 }
 
 impl Daemon {
-    fn main_loop(&mut self) -> Result<(), SamplerError> {
+    fn main_loop(&mut self) -> Result<(), DriverError> {
         loop {
             self.shared.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
             if self.shared.stop.load(Ordering::Relaxed) {
@@ -208,7 +208,7 @@ impl Daemon {
 
     /// Takes a new plan: opens/closes target windows, reloads the sampler for a new rate,
     /// rescans pids.
-    fn apply_plan(&mut self, plan: Vec<TargetPlan>) -> Result<(), SamplerError> {
+    fn apply_plan(&mut self, plan: Vec<TargetPlan>) -> Result<(), DriverError> {
         let now = SystemTime::now();
         let wanted: BTreeMap<TargetKey, TargetPlan> =
             plan.into_iter().map(|p| (p.key.clone(), p)).collect();
@@ -240,7 +240,7 @@ impl Daemon {
         self.engine.as_ref().map_or(0, Engine::sample_hz)
     }
 
-    fn reload(&mut self, hz: u32) -> Result<(), SamplerError> {
+    fn reload(&mut self, hz: u32) -> Result<(), DriverError> {
         self.drain();
         self.read_stats();
         let engine = match self.engine.take() {
@@ -425,7 +425,7 @@ impl Daemon {
                 let mut samples = match events.and_then(|k| c.profiles.get(&k)) {
                     Some(p) => p.clone(),
                     // Not implemented: an empty Profile carrying the warning.
-                    None => Samples::new(hz_used.max(1), w.start),
+                    None => AggregatedProfile::new(hz_used.max(1), w.start),
                 };
                 samples.duration = w.end.duration_since(w.start).unwrap_or_default();
                 samples.labels.namespace.clone_from(&c.key.namespace);
@@ -467,7 +467,7 @@ impl Daemon {
             .collect()
     }
 
-    fn runtime_of(&self, samples: &Samples) -> String {
+    fn runtime_of(&self, samples: &AggregatedProfile) -> String {
         let mut rts: BTreeSet<String> = samples
             .processes
             .iter()
