@@ -572,7 +572,8 @@ fn periodic_errors(p: &AggregatedProfile, truth_file: &std::path::Path) -> (f64,
 
 /// A loop whose iteration takes exactly the sampling period (99 Hz) is seen at the same phase by
 /// a fixed-period clock; the jittered clock keeps every function within ±3 points of the truth
-/// the program measured, in each of five runs, on CPython 3.12 and 3.13, and the CPU time exact.
+/// the program measured, in each of five runs, on CPython 3.12 and 3.13, the CPU time exact and
+/// the long-run tick rate the one asked for.
 #[test]
 fn periodic_code_is_not_phase_locked() {
     if !kernel_or_skip("periodic_code_is_not_phase_locked") {
@@ -613,16 +614,20 @@ fn periodic_code_is_not_phase_locked() {
                 jitter,
             );
             let (worst, cpu_err, mut line) = periodic_errors(&rec.profile, &truth);
+            // Samples per second of the CPU time they stand for: the clock's real tick rate
+            // (each sample's value is its CPU's measured tick interval).
+            let rate = rec.profile.total() as f64 / (rec.profile.total_value() as f64 / 1e9);
+            line.push_str(&format!(" rate={rate:.1}Hz"));
             let py = |s: PyStat| rec.stats.python[s as usize];
             line.push_str(&format!(
                 " dropped={} unwalked={}",
                 rec.stats.dropped,
                 py(PyStat::NoThreadState) + py(PyStat::TsdReadErr) + py(PyStat::NoFrame)
             ));
-            (worst, cpu_err, line)
+            (worst, cpu_err, rate, line)
         };
         // The workload must defeat a fixed period, or this test proves nothing.
-        let (fixed_worst, _, line) = run(false);
+        let (fixed_worst, _, _, line) = run(false);
         eprintln!(
             "{:<14} fixed   worst={fixed_worst:>5.1}pp{line}",
             interp.name
@@ -635,7 +640,7 @@ fn periodic_code_is_not_phase_locked() {
             ));
         }
         for i in 1..=5 {
-            let (worst, cpu_err, line) = run(true);
+            let (worst, cpu_err, rate, line) = run(true);
             eprintln!("{:<14} jitter{i} worst={worst:>5.1}pp{line}", interp.name);
             if worst > 3.0 {
                 failures.push(format!(
@@ -646,6 +651,12 @@ fn periodic_code_is_not_phase_locked() {
             if cpu_err.abs() > 5.0 {
                 failures.push(format!(
                     "{} run {i}: CPU time {cpu_err:+.1}% off",
+                    interp.name
+                ));
+            }
+            if (rate / f64::from(HZ) - 1.0).abs() > 0.05 {
+                failures.push(format!(
+                    "{} run {i}: the clock ticked at {rate:.1} Hz, not {HZ}",
                     interp.name
                 ));
             }

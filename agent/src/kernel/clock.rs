@@ -4,19 +4,26 @@
 //! **Why jitter.** A fixed period sees a loop whose iteration takes about as long as the period at
 //! the same phase sample after sample, for seconds: a 10.3 ms Python loop sampled every 10.1 ms
 //! was off by up to 8 points per function. So every CPU's clock is re-armed with a period drawn
-//! uniformly from ½–1½ × 1/Hz (`PERF_EVENT_IOC_PERIOD`, which also restarts the clock at that
-//! moment, so the phase is new too), at most every 2–10 periods (at least 10–50 ms apart). The
-//! long-run rate stays Hz on average.
+//! uniformly over ½–1½ × a base near 1/Hz (`PERF_EVENT_IOC_PERIOD`, which also restarts the
+//! clock at that moment, so the phase is new too), at most every 10–30 periods (at least
+//! 100–300 ms apart).
+//!
+//! **Why the base is not 1/Hz.** A period held for a while gives ticks at 1/p, and the mean of
+//! 1/p over ½–1½ × T is ln 3 / T: periods drawn around 1/Hz sampled 10 % too often (measured:
+//! 111 samples per CPU-second at 99 Hz). And a re-arm restarts the period in progress, so each
+//! re-arm loses half a tick on average. The base is T × ln 3 / (1 + T / 2D), D the time since
+//! the previous re-arm: the long-run rate is Hz (simulated: 1.000–1.003 × Hz with drains every
+//! 100 or 250 ms; the kernel tests check it).
 //!
 //! **Why from the drain loop.** The re-arms are made by the thread that drains the ring
 //! ([`CpuClocks::rearm_if_due`]), which wakes every 100–250 ms anyway. A thread of their own
 //! woke ~16 times a second at 99 Hz and cost 1 ms of CPU per second on this VM (a wake-up ~40
 //! µs, plus ~15 µs per ioctl that must interrupt another CPU): more than the agent's whole
-//! steady work. A re-arm per drain is as good against phase lock: the first tick after a
+//! steady work. Re-arms at drains are as good against phase lock: the first tick after a
 //! re-arm is drawn over a whole period, so each run of samples starts at a random phase
-//! whatever the moment of the re-arm (simulated: the worst function error over 30 s is the
-//! same, 0.8 points median and 2.5 at the 99th percentile, as with re-arms every 2–10
-//! periods).
+//! whatever the moment of the re-arm (simulated over 30 s of a loop locked to 1/Hz: the worst
+//! function error is 0.8 points median and 2.4–2.6 at the 99th percentile, as with a thread
+//! re-arming every 2–10 periods).
 //!
 //! **Why it stays exact.** Each sample carries the nanoseconds since the previous tick of its
 //! CPU's clock (the CPU sample's value, measured in the program, which sees every tick), so CPU
@@ -56,19 +63,27 @@ impl Jitter {
         }
     }
 
-    /// A period drawn uniformly from ½–1½ × nominal (mean: nominal). The kernel's floor for a
-    /// software clock is 10 µs.
-    pub fn draw_period(&self, rng: &mut fastrand::Rng) -> u64 {
-        let half = self.period_ns / 2;
-        (half + rng.u64(0..=self.period_ns)).max(10_000)
+    /// The middle of the period range for a clock re-armed every `interval` (see the module
+    /// docs): ticks then come at Hz in the long run.
+    pub fn base_period_ns(&self, interval: Duration) -> f64 {
+        let t = self.period_ns as f64;
+        let d = (interval.as_nanos() as f64).max(t);
+        t * 3f64.ln() / (1.0 + t / (2.0 * d))
     }
 
-    /// The least time until the next re-arm: 2–10 periods, within 10–50 ms at least, so a high
-    /// rate or a busy drain loop does not turn into thousands of re-arms (each an IPI to the
-    /// CPU) per second.
+    /// A period drawn uniformly from ½–1½ × [`Self::base_period_ns`], for a clock re-armed
+    /// every `interval`. The kernel's floor for a software clock is 10 µs.
+    pub fn draw_period(&self, rng: &mut fastrand::Rng, interval: Duration) -> u64 {
+        let p = self.base_period_ns(interval) * (0.5 + rng.f64());
+        (p as u64).max(10_000)
+    }
+
+    /// The least time until the next re-arm: 10–30 periods, within 100–300 ms at least, so a
+    /// high rate or a busy drain loop does not turn into many re-arms (each an IPI to the CPU)
+    /// per second.
     pub fn draw_interval(&self, rng: &mut fastrand::Rng) -> Duration {
-        let lo = (2 * self.period_ns).max(10_000_000);
-        let hi = (10 * self.period_ns).max(50_000_000);
+        let lo = (10 * self.period_ns).max(100_000_000);
+        let hi = (30 * self.period_ns).max(300_000_000);
         Duration::from_nanos(rng.u64(lo..=hi))
     }
 }
@@ -80,6 +95,7 @@ pub struct CpuClocks {
     /// `None`: a fixed period (tests that show what jitter prevents).
     jitter: Option<Jitter>,
     rng: fastrand::Rng,
+    last_rearm: Instant,
     next_rearm: Instant,
 }
 
@@ -96,9 +112,10 @@ pub fn attach(
     let draws = Jitter::new(hz);
     let mut rng = fastrand::Rng::new();
     let mut events = Vec::with_capacity(cpus.len());
+    let first_interval = draws.draw_interval(&mut rng);
     for &cpu in cpus {
         let period = if jitter {
-            draws.draw_period(&mut rng)
+            draws.draw_period(&mut rng, first_interval)
         } else {
             draws.period_ns
         };
@@ -114,12 +131,13 @@ pub fn attach(
         }
         events.push(fd);
     }
-    let next_rearm = Instant::now() + draws.draw_interval(&mut rng);
+    let now = Instant::now();
     Ok(CpuClocks {
         events,
         jitter: jitter.then_some(draws),
         rng,
-        next_rearm,
+        last_rearm: now,
+        next_rearm: now + first_interval,
     })
 }
 
@@ -133,12 +151,16 @@ impl CpuClocks {
         if now < self.next_rearm {
             return;
         }
+        // The drain loop's wake-ups set the real interval; the last one is the best guess of the
+        // next.
+        let interval = now - self.last_rearm;
         for fd in &self.events {
-            let period = jitter.draw_period(&mut self.rng);
+            let period = jitter.draw_period(&mut self.rng, interval);
             // SAFETY: PERF_EVENT_IOC_PERIOD on a perf event fd we hold, with a pointer to a u64
             // that lives across the call. A failure leaves the previous period: harmless.
             unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_PERIOD as _, &period) };
         }
+        self.last_rearm = now;
         self.next_rearm = now + jitter.draw_interval(&mut self.rng);
     }
 }
@@ -173,20 +195,54 @@ fn open_cpu_clock(cpu: u32, period_ns: u64) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
+    /// The long-run tick rate of a clock re-armed every `d` with periods `draws`: the mean of
+    /// 1/p, less the half tick each restart loses.
+    fn rate_hz(draws: &[u64], d: Duration) -> f64 {
+        let inv: f64 = draws.iter().map(|&p| 1e9 / p as f64).sum::<f64>() / draws.len() as f64;
+        inv - 1.0 / (2.0 * d.as_secs_f64())
+    }
+
     #[test]
-    fn periods_average_to_the_rate_and_stay_in_range() {
-        let j = Jitter::new(99);
+    fn the_long_run_rate_is_the_asked_one_and_periods_spread() {
         let mut rng = fastrand::Rng::with_seed(7);
-        let n = 100_000u64;
-        let draws: Vec<u64> = (0..n).map(|_| j.draw_period(&mut rng)).collect();
-        let (lo, hi) = (j.period_ns / 2, j.period_ns / 2 * 3 + 1);
-        assert!(draws.iter().all(|&p| (lo..=hi).contains(&p)));
-        let mean = draws.iter().sum::<u64>() as f64 / n as f64;
-        assert!((mean / j.period_ns as f64 - 1.0).abs() < 0.005, "{mean}");
-        // Spread over the whole range, not a few values.
-        let quarter = j.period_ns / 4;
-        assert!(draws.iter().filter(|&&p| p < lo + quarter).count() > n as usize / 5);
-        assert!(draws.iter().filter(|&&p| p > hi - quarter).count() > n as usize / 5);
+        for hz in [19, 99, 997] {
+            let j = Jitter::new(hz);
+            for d in [
+                Duration::from_millis(100),
+                Duration::from_millis(250),
+                Duration::from_secs(1),
+            ] {
+                // Re-arms are at least 10 periods apart (`draw_interval`).
+                let d = d.max(Duration::from_nanos(10 * j.period_ns));
+                let draws: Vec<u64> = (0..200_000).map(|_| j.draw_period(&mut rng, d)).collect();
+                let rate = rate_hz(&draws, d);
+                assert!(
+                    (rate / hz as f64 - 1.0).abs() < 0.005,
+                    "{hz} Hz, {d:?}: {rate}"
+                );
+                let base = j.base_period_ns(d);
+                let (lo, hi) = (base * 0.5, base * 1.5);
+                assert!(
+                    draws
+                        .iter()
+                        .all(|&p| (lo - 1.0..=hi + 1.0).contains(&(p as f64)))
+                );
+                // Spread over the whole range, not a few values; and wide enough that the first
+                // tick after a re-arm can fall anywhere in a loop of the nominal period.
+                let quarter = base / 4.0;
+                let low = draws.iter().filter(|&&p| (p as f64) < lo + quarter).count();
+                let high = draws.iter().filter(|&&p| (p as f64) > hi - quarter).count();
+                assert!(low > draws.len() / 5 && high > draws.len() / 5);
+                assert!(hi - lo >= j.period_ns as f64);
+            }
+        }
+        // Centred on 1/Hz, the rate would be ln 3 ≈ 1.1 × Hz: what the base corrects.
+        let j = Jitter::new(99);
+        let naive: Vec<u64> = (0..200_000)
+            .map(|_| (j.period_ns as f64 * (0.5 + rng.f64())) as u64)
+            .collect();
+        let rate = rate_hz(&naive, Duration::from_secs(3600));
+        assert!(rate / 99.0 > 1.09, "{rate}");
     }
 
     #[test]
@@ -196,6 +252,7 @@ mod tests {
             events: Vec::new(),
             jitter: Some(Jitter::new(99)),
             rng: fastrand::Rng::with_seed(3),
+            last_rearm: start,
             next_rearm: start + Duration::from_millis(30),
         };
         clocks.rearm_if_due(start);
@@ -204,9 +261,10 @@ mod tests {
         clocks.rearm_if_due(later);
         let gap = clocks.next_rearm - later;
         assert!(
-            gap >= Duration::from_millis(20) && gap <= Duration::from_millis(102),
+            gap >= Duration::from_millis(101) && gap <= Duration::from_millis(304),
             "{gap:?}"
         );
+        assert_eq!(clocks.last_rearm, later);
         clocks.jitter = None;
         let due = clocks.next_rearm;
         clocks.rearm_if_due(due + Duration::from_secs(1));
@@ -216,15 +274,15 @@ mod tests {
     #[test]
     fn rearm_intervals_span_several_periods_with_a_floor() {
         let mut rng = fastrand::Rng::with_seed(1);
-        let slow = Jitter::new(10); // 100 ms period: 2–10 periods
+        let slow = Jitter::new(10); // 100 ms period: 10–30 periods
         for _ in 0..1000 {
             let d = slow.draw_interval(&mut rng);
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(1000));
+            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3));
         }
-        let fast = Jitter::new(1000); // 1 ms period: the 10–50 ms floor applies
+        let fast = Jitter::new(1000); // 1 ms period: the 100–300 ms floor applies
         for _ in 0..1000 {
             let d = fast.draw_interval(&mut rng);
-            assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(50));
+            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(300));
         }
     }
 }
