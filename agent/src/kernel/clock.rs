@@ -5,8 +5,9 @@
 //! the same phase sample after sample, for seconds: a 10.3 ms Python loop sampled every 10.1 ms
 //! was off by up to 8 points per function. So every CPU's clock is re-armed with a period drawn
 //! uniformly over ½–1½ × a base near 1/Hz (`PERF_EVENT_IOC_PERIOD`, which also restarts the
-//! clock at that moment, so the phase is new too), at most every 10–30 periods (at least
-//! 100–300 ms apart).
+//! clock at that moment, so the phase is new too), at most every 10 periods (and 100 ms). Each
+//! CPU's position in that range moves by the golden ratio at each re-arm from a random start,
+//! so its periods cover the range evenly and a window's rate is Hz within ~1–2 %.
 //!
 //! **Why the base is not 1/Hz.** A period held for a while gives ticks at 1/p, and the mean of
 //! 1/p over ½–1½ × T is ln 3 / T: periods drawn around 1/Hz sampled 10 % too often (measured:
@@ -49,6 +50,9 @@ const PERF_EVENT_IOC_ENABLE: u64 = 0x2400;
 /// `_IOW('$', 4, __u64)`.
 const PERF_EVENT_IOC_PERIOD: u64 = 0x4008_2404;
 
+/// The golden ratio's fractional part: successive multiples mod 1 spread most evenly.
+const GOLDEN_STEP: f64 = 0.618_033_988_749_895;
+
 /// How the clock's period is drawn and how often it is re-armed.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Jitter {
@@ -71,20 +75,20 @@ impl Jitter {
         t * 3f64.ln() / (1.0 + t / (2.0 * d))
     }
 
-    /// A period drawn uniformly from ½–1½ × [`Self::base_period_ns`], for a clock re-armed
-    /// every `interval`. The kernel's floor for a software clock is 10 µs.
-    pub fn draw_period(&self, rng: &mut fastrand::Rng, interval: Duration) -> u64 {
-        let p = self.base_period_ns(interval) * (0.5 + rng.f64());
+    /// The period at position `u` (0–1) of the range ½–1½ × [`Self::base_period_ns`], for a
+    /// clock re-armed every `interval`. The kernel's floor for a software clock is 10 µs.
+    pub fn period_at(&self, u: f64, interval: Duration) -> u64 {
+        let p = self.base_period_ns(interval) * (0.5 + u.clamp(0.0, 1.0));
         (p as u64).max(10_000)
     }
 
-    /// The least time until the next re-arm: 10–30 periods, within 100–300 ms at least, so a
-    /// high rate or a busy drain loop does not turn into many re-arms (each an IPI to the CPU)
-    /// per second.
-    pub fn draw_interval(&self, rng: &mut fastrand::Rng) -> Duration {
-        let lo = (10 * self.period_ns).max(100_000_000);
-        let hi = (30 * self.period_ns).max(300_000_000);
-        Duration::from_nanos(rng.u64(lo..=hi))
+    /// The least time between re-arms: 10 periods, and 100 ms at least, so a high rate or a
+    /// busy drain loop does not turn into many re-arms (each an IPI to the CPU) per second. Not
+    /// drawn: the drain loop's wake-ups already vary, and equal intervals weigh every period
+    /// alike, so a window's rate stays within ~1 % of Hz (simulated; random 1–3× intervals
+    /// left ±5 %).
+    pub fn min_interval(&self) -> Duration {
+        Duration::from_nanos((10 * self.period_ns).max(100_000_000))
     }
 }
 
@@ -94,7 +98,11 @@ pub struct CpuClocks {
     events: Vec<OwnedFd>,
     /// `None`: a fixed period (tests that show what jitter prevents).
     jitter: Option<Jitter>,
-    rng: fastrand::Rng,
+    /// Per CPU, the position of its current period in the range: it moves by the golden ratio
+    /// at each re-arm from a random start, so a CPU's periods cover the range evenly within a
+    /// few re-arms and its rate over a 30 s window is Hz within ~2 %. Independent draws left
+    /// ±8 % from window to window (measured).
+    positions: Vec<f64>,
     last_rearm: Instant,
     next_rearm: Instant,
 }
@@ -112,10 +120,11 @@ pub fn attach(
     let draws = Jitter::new(hz);
     let mut rng = fastrand::Rng::new();
     let mut events = Vec::with_capacity(cpus.len());
-    let first_interval = draws.draw_interval(&mut rng);
-    for &cpu in cpus {
+    let first_interval = draws.min_interval();
+    let positions: Vec<f64> = cpus.iter().map(|_| rng.f64()).collect();
+    for (&cpu, &u) in cpus.iter().zip(&positions) {
         let period = if jitter {
-            draws.draw_period(&mut rng, first_interval)
+            draws.period_at(u, first_interval)
         } else {
             draws.period_ns
         };
@@ -135,7 +144,7 @@ pub fn attach(
     Ok(CpuClocks {
         events,
         jitter: jitter.then_some(draws),
-        rng,
+        positions,
         last_rearm: now,
         next_rearm: now + first_interval,
     })
@@ -154,14 +163,15 @@ impl CpuClocks {
         // The drain loop's wake-ups set the real interval; the last one is the best guess of the
         // next.
         let interval = now - self.last_rearm;
-        for fd in &self.events {
-            let period = jitter.draw_period(&mut self.rng, interval);
+        for (fd, u) in self.events.iter().zip(&mut self.positions) {
+            *u = (*u + GOLDEN_STEP).fract();
+            let period = jitter.period_at(*u, interval);
             // SAFETY: PERF_EVENT_IOC_PERIOD on a perf event fd we hold, with a pointer to a u64
             // that lives across the call. A failure leaves the previous period: harmless.
             unsafe { libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_PERIOD as _, &period) };
         }
         self.last_rearm = now;
-        self.next_rearm = now + jitter.draw_interval(&mut self.rng);
+        self.next_rearm = now + jitter.min_interval();
     }
 }
 
@@ -214,7 +224,7 @@ mod tests {
             ] {
                 // Re-arms are at least 10 periods apart (`draw_interval`).
                 let d = d.max(Duration::from_nanos(10 * j.period_ns));
-                let draws: Vec<u64> = (0..200_000).map(|_| j.draw_period(&mut rng, d)).collect();
+                let draws: Vec<u64> = (0..200_000).map(|_| j.period_at(rng.f64(), d)).collect();
                 let rate = rate_hz(&draws, d);
                 assert!(
                     (rate / hz as f64 - 1.0).abs() < 0.005,
@@ -246,12 +256,40 @@ mod tests {
     }
 
     #[test]
+    fn golden_steps_give_the_rate_within_a_window_not_only_in_the_long_run() {
+        // A 30 s window at 99 Hz re-armed at every 250 ms drain is 120 re-arms per CPU.
+        let j = Jitter::new(99);
+        let d = Duration::from_millis(250);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut worst_golden: f64 = 0.0;
+        let mut worst_independent: f64 = 0.0;
+        for _ in 0..200 {
+            let mut u = rng.f64();
+            let golden: Vec<u64> = (0..120)
+                .map(|_| {
+                    u = (u + GOLDEN_STEP).fract();
+                    j.period_at(u, d)
+                })
+                .collect();
+            let independent: Vec<u64> = (0..120).map(|_| j.period_at(rng.f64(), d)).collect();
+            worst_golden = worst_golden.max((rate_hz(&golden, d) / 99.0 - 1.0).abs());
+            worst_independent =
+                worst_independent.max((rate_hz(&independent, d) / 99.0 - 1.0).abs());
+        }
+        assert!(worst_golden < 0.025, "golden steps: {worst_golden}");
+        assert!(
+            worst_independent > 0.04,
+            "independent draws: {worst_independent}"
+        );
+    }
+
+    #[test]
     fn a_rearm_waits_for_its_time_and_a_fixed_clock_never_moves() {
         let start = Instant::now();
         let mut clocks = CpuClocks {
             events: Vec::new(),
             jitter: Some(Jitter::new(99)),
-            rng: fastrand::Rng::with_seed(3),
+            positions: Vec::new(),
             last_rearm: start,
             next_rearm: start + Duration::from_millis(30),
         };
@@ -259,11 +297,7 @@ mod tests {
         assert_eq!(clocks.next_rearm, start + Duration::from_millis(30));
         let later = start + Duration::from_millis(40);
         clocks.rearm_if_due(later);
-        let gap = clocks.next_rearm - later;
-        assert!(
-            gap >= Duration::from_millis(101) && gap <= Duration::from_millis(304),
-            "{gap:?}"
-        );
+        assert_eq!(clocks.next_rearm - later, Duration::from_nanos(101_010_100));
         assert_eq!(clocks.last_rearm, later);
         clocks.jitter = None;
         let due = clocks.next_rearm;
@@ -272,17 +306,12 @@ mod tests {
     }
 
     #[test]
-    fn rearm_intervals_span_several_periods_with_a_floor() {
-        let mut rng = fastrand::Rng::with_seed(1);
-        let slow = Jitter::new(10); // 100 ms period: 10–30 periods
-        for _ in 0..1000 {
-            let d = slow.draw_interval(&mut rng);
-            assert!(d >= Duration::from_secs(1) && d <= Duration::from_secs(3));
-        }
-        let fast = Jitter::new(1000); // 1 ms period: the 100–300 ms floor applies
-        for _ in 0..1000 {
-            let d = fast.draw_interval(&mut rng);
-            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(300));
-        }
+    fn rearms_are_ten_periods_apart_and_100_ms_at_least() {
+        assert_eq!(Jitter::new(10).min_interval(), Duration::from_secs(1));
+        assert_eq!(
+            Jitter::new(99).min_interval(),
+            Duration::from_nanos(101_010_100)
+        );
+        assert_eq!(Jitter::new(1000).min_interval(), Duration::from_millis(100));
     }
 }
