@@ -230,7 +230,12 @@ fn judge(name: &str, a: &Attribution, tolerance_pp: f64) -> (String, Vec<String>
         "  worst={worst:.1}pp zlib-native-under-python={gil:.0}% runtime={:?}",
         a.runtime
     ));
-    if gil < 50.0 {
+    // Typically 63–88 %; the rest is time in glibc (malloc, memcpy) and page faults under it,
+    // where glibc's missing frame pointers cut the native walk before libz (issue #15). Runs
+    // where the heap is trimmed and re-faulted put 43–45 % there (seen on 3.9 and 3.12 on a
+    // quiet machine), so the bound proves the merge (0 % when native frames are not spliced
+    // under the Python caller), not glibc's layout.
+    if gil < 30.0 {
         errs.push(format!(
             "only {gil:.0}% of compress samples show libz under the Python caller"
         ));
