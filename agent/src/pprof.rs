@@ -1,5 +1,5 @@
-//! pprof output: the [`AggregatedProfile`] encoded as `profile.proto` (gzip). The messages, the table
-//! interning and the views (top, flame graph) are `kprof_pprof`'s, shared with the store.
+//! pprof output: the [`AggregatedProfile`] encoded as `profile.proto` (gzip). The messages, the
+//! table interning and the views (top, flame graph) are `kprof_pprof`'s, shared with the store.
 use std::{collections::HashMap, time::UNIX_EPOCH};
 
 use kprof_pprof::{
