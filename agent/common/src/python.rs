@@ -73,28 +73,6 @@ pub struct PyStack {
 }
 const _: () = assert!(size_of::<PyStack>() == 8 + MAX_PY_FRAMES * 16);
 
-impl PyStack {
-    pub const EMPTY: PyStack = PyStack {
-        count: 0,
-        truncated: 0,
-        frames: [PyFrame {
-            code: 0,
-            lasti: 0,
-            flags: 0,
-        }; MAX_PY_FRAMES],
-    };
-
-    /// The valid frames, innermost first.
-    pub fn frames(&self) -> &[PyFrame] {
-        let n = if (self.count as usize) < MAX_PY_FRAMES {
-            self.count as usize
-        } else {
-            MAX_PY_FRAMES
-        };
-        &self.frames[..n]
-    }
-}
-
 /// A borrowed Python stack as user space reads it from a record: the frames captured, innermost
 /// first, and whether outer ones are missing.
 #[derive(Clone, Copy, Debug, Default)]
@@ -102,12 +80,6 @@ pub struct PyFrames<'a> {
     pub frames: &'a [PyFrame],
     /// The chain was deeper than [`MAX_PY_FRAMES`]: the outermost frames are missing.
     pub truncated: bool,
-}
-
-impl Default for PyStack {
-    fn default() -> Self {
-        Self::EMPTY
-    }
 }
 
 /// How the walker reaches the top frame from the thread state and how entries are marked.
