@@ -18,7 +18,7 @@ use kprof_agent::{
 #[command(
     name = "kprof-agent",
     version,
-    about = "kprof node agent: eBPF CPU profiler"
+    about = "kprof node agent: eBPF CPU, wall-clock and lock profiler"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,8 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Profile running processes or a command, write DIR/profile.pb.gz and DIR/flamegraph.svg,
-    /// and print the top functions.
+    /// Profile running processes or a command, write DIR/<type>.pb.gz and DIR/<type>.svg per
+    /// profile type (the CPU profile also as DIR/profile.pb.gz and DIR/flamegraph.svg), and
+    /// print the top functions.
     Record(RecordArgs),
     /// Print what this machine supports (eBPF object, capabilities, BTF, fork follower).
     SystemInfo,
@@ -57,12 +58,24 @@ struct RecordArgs {
     /// Do not collect Python frames.
     #[arg(long)]
     no_python: bool,
+    /// Profile types, comma separated: cpu (on-CPU time), wall (on- and off-CPU time per thread,
+    /// by state and wait class), lock (time blocked on locks, by site and lock).
+    #[arg(long, value_delimiter = ',', default_value = "cpu", value_parser = parse_type)]
+    types: Vec<record::ProfileType>,
     /// Rows of the top table.
     #[arg(long, default_value = "20")]
     top: usize,
     /// Command to start and profile.
     #[arg(last = true, value_name = "CMD")]
     command: Vec<String>,
+}
+
+fn parse_type(s: &str) -> Result<record::ProfileType, String> {
+    use record::ProfileType as T;
+    [T::Cpu, T::Wall, T::Lock, T::Memory]
+        .into_iter()
+        .find(|t| t.as_str() == s.trim())
+        .ok_or_else(|| format!("unknown profile type {s:?} (cpu, wall, lock)"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -117,6 +130,8 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         python: !args.no_python,
         progress: true,
         clock_jitter: true,
+        types: args.types,
+        ..RecordOptions::default()
     };
     let rec = record::record(&opts, &STOP)?;
     let title = if opts.command.is_empty() {
@@ -133,7 +148,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         "kprof: {} samples ({} dropped) from {} process(es) in {:.1}s at {} Hz; eBPF {:.2} µs/run; agent CPU {:.3}s ({:.3}s before sampling); peak RSS {} MiB",
         s.events,
         s.dropped,
-        rec.profile.processes.len(),
+        rec.profile().processes.len(),
         s.wall.as_secs_f64(),
         opts.sample_hz,
         s.kernel_ns_per_run() / 1000.0,
@@ -141,17 +156,23 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         s.startup_cpu.as_secs_f64(),
         s.peak_rss_kib / 1024,
     );
-    for (pid, p) in &rec.profile.processes {
+    for (pid, p) in &rec.profile().processes {
         if let Some(rt) = &p.runtime {
             eprintln!("kprof: pid {pid} ({}): {rt}", p.name);
         }
     }
-    for w in &rec.profile.warnings {
+    for w in &rec.profile().warnings {
         eprintln!("kprof: warning: {w}");
     }
+    let names: Vec<String> = rec
+        .profiles
+        .iter()
+        .map(|p| format!("{0}.pb.gz {0}.svg", p.kind.name()))
+        .collect();
     eprintln!(
-        "kprof: wrote {0}/profile.pb.gz and {0}/flamegraph.svg",
-        args.output.display()
+        "kprof: wrote {}: {} summary.json",
+        args.output.display(),
+        names.join(" ")
     );
     Ok(match rec.exit_status {
         Some(st) if !st.success() && st.code().is_some() => {

@@ -19,11 +19,12 @@ pub fn build(profile: &AggregatedProfile) -> PprofProfile {
     let mut b = Builder::new();
     // The sample types are the profile kind's, declared once in `kprof_pprof::types`.
     let types = profile.kind.pprof_types();
-    let sample_type = types
+    let sample_type: Vec<ValueType> = types
         .sample_types
         .iter()
         .map(|t| b.value_type(t.r#type, t.unit))
         .collect();
+    let default_sample_type = sample_type.get(types.default_index).map_or(0, |t| t.r#type);
     let mut out = PprofProfile {
         sample_type,
         period_type: Some(b.value_type(types.period_type.r#type, types.period_type.unit)),
@@ -34,7 +35,7 @@ pub fn build(profile: &AggregatedProfile) -> PprofProfile {
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0),
         duration_nanos: profile.duration.as_nanos() as i64,
-        default_sample_type: 0,
+        default_sample_type,
         ..Default::default()
     };
 
@@ -125,6 +126,34 @@ pub fn build(profile: &AggregatedProfile) -> PprofProfile {
                 ..Default::default()
             },
         ];
+        if key.tid != 0 {
+            label.push(Label {
+                key: label_keys.tid,
+                num: i64::from(key.tid),
+                ..Default::default()
+            });
+        }
+        if let Some(w) = &key.wait {
+            label.push(Label {
+                key: label_keys.state,
+                str: b.string(w.state.as_str()),
+                ..Default::default()
+            });
+            if let Some(class) = w.class {
+                label.push(Label {
+                    key: label_keys.wait_class,
+                    str: b.string(class.as_str()),
+                    ..Default::default()
+                });
+            }
+            if let Some(lock) = w.lock {
+                label.push(Label {
+                    key: label_keys.lock,
+                    num: lock as i64,
+                    ..Default::default()
+                });
+            }
+        }
         if let Some(p) = profile.processes.get(&key.pid)
             && !p.name.is_empty()
         {
@@ -182,6 +211,10 @@ pub fn build(profile: &AggregatedProfile) -> PprofProfile {
 struct LabelKeys {
     pid: i64,
     thread: i64,
+    tid: i64,
+    state: i64,
+    wait_class: i64,
+    lock: i64,
     process: i64,
     namespace: i64,
     pod: i64,
@@ -194,6 +227,10 @@ impl LabelKeys {
         LabelKeys {
             pid: b.string(labels::PID),
             thread: b.string(labels::THREAD_NAME),
+            tid: b.string(labels::THREAD_ID),
+            state: b.string(labels::STATE),
+            wait_class: b.string(labels::WAIT_CLASS),
+            lock: b.string(labels::LOCK),
             process: b.string(labels::PROCESS_NAME),
             namespace: b.string(labels::NAMESPACE),
             pod: b.string(labels::POD),
@@ -288,7 +325,9 @@ mod tests {
         p.add(
             SampleKey {
                 pid: 42,
+                tid: 0,
                 thread: "hot".into(),
+                wait: None,
                 stack,
             },
             90,
@@ -305,7 +344,9 @@ mod tests {
         p.add(
             SampleKey {
                 pid: 42,
+                tid: 0,
                 thread: "hot".into(),
+                wait: None,
                 stack: kstack,
             },
             10,

@@ -13,16 +13,16 @@ use kprof_common::{Stat, python::PyStat};
 use kprof_pprof::views;
 
 use crate::{
-    kernel::loader::{KernelCost, LoadError, SamplerConfig},
+    kernel::loader::{KernelCost, LoadError, OffCpuLimits, SamplerConfig},
     pipeline::{
         aggregate::{Aggregator, StackMerger},
         engine::{Engine, EngineConfig},
-        event::{EventKind, profile_kind},
     },
     pprof,
-    profile::AggregatedProfile,
+    profile::{AggregatedProfile, ProfileKind},
     targets::{self, TargetError},
 };
+pub use kprof_crds::ProfileType;
 
 /// How often the ring buffer is drained (the eBPF side never wakes the reader). Each wake-up
 /// costs ~65 µs of agent CPU, so this bounds the fixed per-second cost; the ring holds a second
@@ -59,6 +59,25 @@ pub enum RecordError {
     },
     #[error("pprof: {0}")]
     Pprof(#[from] pprof::PprofError),
+    #[error("profile type {0} is not available yet (cpu, wall and lock are)")]
+    TypeNotAvailable(ProfileType),
+}
+
+/// The profile kind `record` and the daemon write for an asked type (`None`: not built yet).
+pub fn profile_kind_of(ty: ProfileType, sample_hz: u32) -> Option<ProfileKind> {
+    match ty {
+        ProfileType::Cpu => Some(ProfileKind::Cpu { sample_hz }),
+        ProfileType::Wall => Some(ProfileKind::Wall { sample_hz }),
+        ProfileType::Lock => Some(ProfileKind::Lock),
+        ProfileType::Memory => None,
+    }
+}
+
+/// Whether any of `kinds` needs the off-CPU source.
+pub fn needs_off_cpu(kinds: &[ProfileKind]) -> bool {
+    kinds
+        .iter()
+        .any(|k| matches!(k, ProfileKind::Wall { .. } | ProfileKind::Lock))
 }
 
 /// Options of `record`.
@@ -74,6 +93,10 @@ pub struct RecordOptions {
     pub progress: bool,
     /// Jitter the sampling clock (see `kernel/clock.rs`); off only to compare with a fixed period.
     pub clock_jitter: bool,
+    /// The profile types to write (one profile each), in this order.
+    pub types: Vec<ProfileType>,
+    /// Off-CPU stack captures per thread (wall and lock profiles).
+    pub off_cpu: OffCpuLimits,
 }
 
 impl Default for RecordOptions {
@@ -87,6 +110,8 @@ impl Default for RecordOptions {
             python: true,
             progress: true,
             clock_jitter: true,
+            types: vec![ProfileType::Cpu],
+            off_cpu: OffCpuLimits::default(),
         }
     }
 }
@@ -101,6 +126,11 @@ pub struct SessionStats {
     pub kernel_stack_errors: u64,
     pub user_stack_errors: u64,
     pub children_followed: u64,
+    /// Off-CPU source: switch-outs of targeted threads, and those whose stacks were captured.
+    pub switch_outs: u64,
+    pub switch_outs_captured: u64,
+    /// In-kernel cost of the off-CPU program (every context switch on the node).
+    pub off_cpu_kernel: KernelCost,
     /// The CPython walker's counters, indexed by `PyStat`.
     pub python: [u64; PyStat::COUNT as usize],
     pub wall: Duration,
@@ -176,6 +206,10 @@ impl SessionStats {
             "kernel_stack_errors": self.kernel_stack_errors,
             "user_stack_errors": self.user_stack_errors,
             "children_followed": self.children_followed,
+            "switch_outs": self.switch_outs,
+            "switch_outs_captured": self.switch_outs_captured,
+            "off_cpu_bpf_run_count": self.off_cpu_kernel.run_count,
+            "off_cpu_bpf_run_time_ns": self.off_cpu_kernel.run_time.as_nanos() as u64,
             "python": {
                 "walks": py[PyStat::Walks as usize],
                 "frames": py[PyStat::Frames as usize],
@@ -206,10 +240,23 @@ impl SessionStats {
 
 /// The result of a session.
 pub struct Recording {
-    pub profile: AggregatedProfile,
+    /// One profile per asked type, in the order asked.
+    pub profiles: Vec<AggregatedProfile>,
     pub stats: SessionStats,
     /// Exit status of the command, when one was started and has exited.
     pub exit_status: Option<ExitStatus>,
+}
+
+impl Recording {
+    /// The profile of the first asked type.
+    pub fn profile(&self) -> &AggregatedProfile {
+        &self.profiles[0]
+    }
+
+    /// The profile of one type, if it was asked for.
+    pub fn of_type(&self, ty: ProfileType) -> Option<&AggregatedProfile> {
+        self.profiles.iter().find(|p| p.kind.name() == ty.as_str())
+    }
 }
 
 /// Creates `dir` and checks that it is writable, before sampling starts.
@@ -236,6 +283,18 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     if opts.pids.is_empty() && opts.command.is_empty() {
         return Err(RecordError::NoTarget);
     }
+    let kinds = opts
+        .types
+        .iter()
+        .map(|&t| profile_kind_of(t, opts.sample_hz).ok_or(RecordError::TypeNotAvailable(t)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kinds = if kinds.is_empty() {
+        vec![ProfileKind::Cpu {
+            sample_hz: opts.sample_hz,
+        }]
+    } else {
+        kinds
+    };
     for &pid in &opts.pids {
         targets::validate_pid(pid)?;
     }
@@ -260,6 +319,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             cgroup_filter: false,
             bpf_stats: true,
             clock_jitter: opts.clock_jitter,
+            off_cpu: needs_off_cpu(&kinds).then_some(opts.off_cpu),
         },
         python: opts.python,
         python_wait: Some(PYTHON_WAIT),
@@ -320,6 +380,8 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             if let (Some(c), None) = (child.as_mut(), exit_status) {
                 exit_status = c.try_wait().ok().flatten();
             }
+            // Off-CPU time in progress or not captured, so far (and exited threads forgotten).
+            engine.settle_off_cpu(|ev, merger| agg.add(ev, merger));
             // Exited processes leave the target map; new children are registered while alive.
             let live = engine.prune(Engine::is_live_target);
             for &pid in &live {
@@ -346,6 +408,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let wall = start.elapsed();
     let kernel = engine.kernel_cost();
     drain(&mut engine, &mut agg);
+    engine.settle_off_cpu(|ev, merger| agg.add(ev, merger));
     let (loop_cpu1, _) = crate::proc::self_usage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
         let (t1, cpu1, k1, n1) = mark(&engine, &agg);
@@ -370,36 +433,42 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         }
     }
 
-    let mut profile = agg.finish(
-        EventKind::CpuSample,
-        profile_kind(EventKind::CpuSample, opts.sample_hz),
-        wall_start,
-    );
-    // Interpreters found later by the background watcher (a child that exec'ed python, an
-    // interpreter still initialising at first sight) name their runtime too.
-    for (pid, meta) in profile.processes.iter_mut() {
-        if meta.runtime.is_none() {
-            meta.runtime = engine.runtime(*pid).map(|r| r.display);
-        }
-    }
     let counters = engine.counters().clone();
-    profile.duration = wall;
-    profile.labels.node = hostname();
-    profile.dropped = counters.stat(Stat::Dropped);
-    let mut warnings = engine.warnings.clone();
-    warnings.append(&mut profile.warnings);
-    profile.warnings = warnings;
-    if profile.dropped > 0 {
-        profile.warnings.push(format!(
-            "{} samples dropped in kernel (ring buffer full)",
-            profile.dropped
-        ));
-    }
+    let node = hostname();
+    let profiles: Vec<AggregatedProfile> = kinds
+        .iter()
+        .map(|&kind| {
+            let mut profile = agg.finish(kind, wall_start);
+            // Interpreters found later by the background watcher (a child that exec'ed python,
+            // an interpreter still initialising at first sight) name their runtime too.
+            for (pid, meta) in profile.processes.iter_mut() {
+                if meta.runtime.is_none() {
+                    meta.runtime = engine.runtime(*pid).map(|r| r.display);
+                }
+            }
+            profile.duration = wall;
+            profile.labels.node.clone_from(&node);
+            profile.dropped = counters.stat(Stat::Dropped);
+            let mut warnings = engine.warnings.clone();
+            warnings.append(&mut profile.warnings);
+            profile.warnings = warnings;
+            if profile.dropped > 0 {
+                profile.warnings.push(format!(
+                    "{} events dropped in kernel (ring buffer full)",
+                    profile.dropped
+                ));
+            }
+            profile
+        })
+        .collect();
     let (cpu1, rss) = crate::proc::self_usage();
     let stats = SessionStats {
         events: agg.stats.events,
         distinct_stacks: agg.stats.distinct_stacks,
-        dropped: profile.dropped,
+        dropped: counters.stat(Stat::Dropped),
+        switch_outs: counters.stat(Stat::SwitchOuts),
+        switch_outs_captured: counters.stat(Stat::SwitchOutsCaptured),
+        off_cpu_kernel: engine.off_cpu_cost(),
         targeted: counters.stat(Stat::Targeted),
         kernel_stack_errors: counters.stat(Stat::KernelStackErr),
         user_stack_errors: counters.stat(Stat::UserStackErr),
@@ -415,7 +484,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         steady,
     };
     Ok(Recording {
-        profile,
+        profiles,
         stats,
         exit_status,
     })
@@ -436,22 +505,85 @@ fn see_process(engine: &mut Engine, agg: &mut Aggregator, pid: u32) {
     agg.see_process(pid, merger.as_mut().map(|m| m as &mut dyn StackMerger));
 }
 
-/// Writes `profile.pb.gz`, `flamegraph.svg` and `summary.json` into `dir`.
+/// Writes, per profile type, `<type>.pb.gz` and `<type>.svg` (the CPU profile also as
+/// `profile.pb.gz` and `flamegraph.svg`), and `summary.json` with the session's figures and a
+/// section per type.
 pub fn write_outputs(rec: &Recording, dir: &Path, title: &str) -> Result<(), RecordError> {
     let werr = |path: PathBuf| move |source| RecordError::Write { path, source };
-    let pb = dir.join("profile.pb.gz");
-    let pprof = pprof::build(&rec.profile);
-    fs::write(&pb, pprof.encode_gzip()).map_err(werr(pb.clone()))?;
-    let svg = dir.join("flamegraph.svg");
-    let stacks = views::Stacks::from_profile(&pprof, 0);
-    fs::write(&svg, views::flamegraph_svg(&stacks, title)).map_err(werr(svg.clone()))?;
-    let summary = dir.join("summary.json");
-    fs::write(&summary, rec.stats.to_json()).map_err(werr(summary.clone()))?;
-    Ok(())
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        fs::write(&path, bytes).map_err(werr(path.clone()))
+    };
+    let mut summary: serde_json::Value =
+        serde_json::from_str(&rec.stats.to_json()).expect("the stats are JSON");
+    for profile in &rec.profiles {
+        let name = profile.kind.name();
+        let pprof = pprof::build(profile);
+        let gz = pprof.encode_gzip();
+        let stacks = views::Stacks::from_profile(&pprof, pprof.default_value_index());
+        let svg = views::flamegraph_svg(&stacks, &format!("{title} ({name})"));
+        write(&format!("{name}.pb.gz"), &gz)?;
+        write(&format!("{name}.svg"), &svg)?;
+        if matches!(profile.kind, ProfileKind::Cpu { .. }) {
+            write("profile.pb.gz", &gz)?;
+            write("flamegraph.svg", &svg)?;
+        }
+        summary[name] = type_summary(profile);
+    }
+    write("summary.json", summary.to_string().as_bytes())
 }
 
-/// The top table text of a recording.
+/// The figures of one profile for `summary.json`: what its values add up to, and for wall and
+/// lock profiles the split by state, wait class and thread.
+pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
+    let secs = |ns: u64| (ns as f64 / 1e6).round() / 1e3;
+    let mut out = serde_json::json!({
+        "samples": p.total(),
+        "seconds": secs(p.total_value()),
+    });
+    if matches!(p.kind, ProfileKind::Wall { .. } | ProfileKind::Lock) {
+        let mut by_state: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut by_class: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut by_thread: std::collections::BTreeMap<u32, (String, u64)> = Default::default();
+        for (k, v) in &p.values {
+            let Some(w) = k.wait else { continue };
+            *by_state.entry(w.state.as_str()).or_default() += v;
+            if let Some(c) = w.class {
+                *by_class.entry(c.as_str()).or_default() += v;
+            }
+            let t = by_thread
+                .entry(k.tid)
+                .or_insert_with(|| (k.thread.to_string(), 0));
+            t.1 += v;
+        }
+        let map = |m: std::collections::BTreeMap<&str, u64>| -> serde_json::Value {
+            m.into_iter()
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::from(secs(v))))
+                .collect()
+        };
+        out["state_seconds"] = map(by_state);
+        out["wait_class_seconds"] = map(by_class);
+        out["threads"] = by_thread
+            .into_iter()
+            .map(|(tid, (name, ns))| serde_json::json!({"tid": tid, "name": name, "seconds": secs(ns)}))
+            .collect();
+    }
+    if p.kind == ProfileKind::Lock {
+        out["contentions"] = p.total().into();
+    }
+    out
+}
+
+/// The top table text of each profile of a recording, headed by its type.
 pub fn top_table(rec: &Recording, limit: usize) -> String {
-    let stacks = views::Stacks::from_profile(&pprof::build(&rec.profile), 0);
-    views::TopReport::new(&stacks, limit).table()
+    let mut out = String::new();
+    for p in &rec.profiles {
+        let pprof = pprof::build(p);
+        let stacks = views::Stacks::from_profile(&pprof, pprof.default_value_index());
+        if rec.profiles.len() > 1 {
+            out.push_str(&format!("== {} ==\n", p.kind.name()));
+        }
+        out.push_str(&views::TopReport::new(&stacks, limit).table());
+    }
+    out
 }

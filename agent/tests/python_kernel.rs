@@ -16,8 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use kprof_agent::profile::{AggregatedProfile, Frame, FrameKind};
-use kprof_agent::record::{RecordOptions, record};
+use kprof_agent::profile::{AggregatedProfile, Frame, FrameKind, ThreadState, WaitClass};
+use kprof_agent::record::{ProfileType, RecordOptions, record};
 use kprof_common::python::PyStat;
 
 /// `Some(reason)` when kernel tests cannot run here.
@@ -67,6 +67,27 @@ fn record_cmd_clock(
     hz: u32,
     clock_jitter: bool,
 ) -> kprof_agent::record::Recording {
+    record_cmd_with(
+        interp,
+        script,
+        args,
+        secs,
+        hz,
+        clock_jitter,
+        vec![ProfileType::Cpu],
+    )
+}
+
+/// `record_cmd` with any settings.
+fn record_cmd_with(
+    interp: &harness::Interp,
+    script: &str,
+    args: &[&str],
+    secs: u64,
+    hz: u32,
+    clock_jitter: bool,
+    types: Vec<ProfileType>,
+) -> kprof_agent::record::Recording {
     let mut command = vec![interp.path.to_string_lossy().to_string()];
     command.extend(interp.pre_args.iter().cloned());
     command.push(harness::script(script).to_string_lossy().to_string());
@@ -79,6 +100,7 @@ fn record_cmd_clock(
         python: true,
         progress: false,
         clock_jitter,
+        types,
         ..RecordOptions::default()
     };
     let stop = AtomicBool::new(false);
@@ -254,7 +276,7 @@ fn attribution_every_version() {
     let mut report = Vec::new();
     for interp in interps {
         let rec = record_cmd(&interp, "split.py", &["12"], 12, 499);
-        let a = attribute(&rec.profile, None);
+        let a = attribute(rec.profile(), None);
         let (mut line, mut errs) = judge(&interp.name, &a, 5.0);
         // The walker's own counters (summary.json, metrics) agree: nearly every sample of this
         // all-Python process was walked, with several frames each.
@@ -288,7 +310,9 @@ fn threads_have_their_own_stacks_and_names() {
     let m = harness::markers("threads.py");
     let mut failures = Vec::new();
     for interp in harness::interpreters() {
-        let p = record_cmd(&interp, "threads.py", &["30"], 6, 199).profile;
+        let p = record_cmd(&interp, "threads.py", &["30"], 6, 199)
+            .profiles
+            .remove(0);
         // thread → (samples, samples with Python frames, samples with the expected stack)
         let mut by_thread: HashMap<String, (u64, u64, u64)> = HashMap::new();
         for (key, &n) in &p.samples {
@@ -359,7 +383,9 @@ fn multiprocessing_workers_are_profiled() {
     }
     let mut failures = Vec::new();
     for interp in harness::interpreters() {
-        let p = record_cmd(&interp, "split.py", &["8", "--mp", "2"], 9, 299).profile;
+        let p = record_cmd(&interp, "split.py", &["8", "--mp", "2"], 9, 299)
+            .profiles
+            .remove(0);
         let mut per_pid: BTreeMap<u32, u64> = BTreeMap::new();
         for (key, &n) in &p.samples {
             if category(&key.stack).is_some() {
@@ -440,7 +466,9 @@ fn deep_stacks_and_truncation() {
     for interp in harness::interpreters() {
         for (depth, expect_truncated) in [(100u32, false), (200, true)] {
             let secs = "30".to_string();
-            let p = record_cmd(&interp, "deep.py", &[&depth.to_string(), &secs], 3, 199).profile;
+            let p = record_cmd(&interp, "deep.py", &[&depth.to_string(), &secs], 3, 199)
+                .profiles
+                .remove(0);
             let (mut total, mut good) = (0u64, 0u64);
             for (key, &n) in &p.samples {
                 let py = py_frames(&key.stack);
@@ -518,7 +546,8 @@ fn a_shell_that_execs_python_is_profiled_as_python() {
     };
     let p = record(&opts, &AtomicBool::new(false))
         .expect("record")
-        .profile;
+        .profiles
+        .remove(0);
     let a = attribute(&p, None);
     let (line, errs) = judge(&format!("sh -c 'exec {}'", interp.name), &a, 8.0);
     eprintln!("{line}");
@@ -618,10 +647,10 @@ fn periodic_code_is_not_phase_locked() {
                 HZ,
                 jitter,
             );
-            let (worst, cpu_err, mut line) = periodic_errors(&rec.profile, &truth);
+            let (worst, cpu_err, mut line) = periodic_errors(rec.profile(), &truth);
             // Samples per second of the CPU time they stand for: the clock's real tick rate
             // (each sample's value is its CPU's measured tick interval).
-            let rate = rec.profile.total() as f64 / (rec.profile.total_value() as f64 / 1e9);
+            let rate = rec.profile().total() as f64 / (rec.profile().total_value() as f64 / 1e9);
             line.push_str(&format!(" rate={rate:.1}Hz"));
             let py = |s: PyStat| rec.stats.python[s as usize];
             line.push_str(&format!(
@@ -665,6 +694,106 @@ fn periodic_code_is_not_phase_locked() {
                     interp.name
                 ));
             }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Seconds of one thread in a wall or lock profile, split as the wall workload times itself:
+/// on CPU (running or waiting for a CPU), sleep, I/O, lock, and anything else.
+fn wall_split(p: &AggregatedProfile, tid: u32) -> BTreeMap<&'static str, f64> {
+    let mut out: BTreeMap<&'static str, f64> = BTreeMap::new();
+    for (k, v) in &p.values {
+        if k.tid != tid {
+            continue;
+        }
+        let Some(w) = k.wait else { continue };
+        let part = match (w.state, w.class) {
+            (ThreadState::Running | ThreadState::Runnable, _) => "cpu",
+            (_, Some(WaitClass::Sleep)) => "sleep",
+            (_, Some(WaitClass::Io)) => "read",
+            (_, Some(WaitClass::Lock)) => "queue",
+            _ => "other",
+        };
+        *out.entry(part).or_default() += *v as f64 / 1e9;
+    }
+    out
+}
+
+#[test]
+fn wall_splits_a_threads_time_by_how_it_waits_on_every_version() {
+    if !kernel_or_skip("wall_splits_a_threads_time_by_how_it_waits_on_every_version") {
+        return;
+    }
+    let interps = harness::interpreters();
+    harness::assert_required_minors(&interps);
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for interp in interps {
+        let truth_path = dir.path().join(format!("wall-{}.json", interp.name));
+        let truth_arg = truth_path.to_string_lossy().to_string();
+        let rec = record_cmd_with(
+            &interp,
+            "wall.py",
+            &["8", &truth_arg],
+            14,
+            99,
+            true,
+            vec![ProfileType::Cpu, ProfileType::Wall, ProfileType::Lock],
+        );
+        let truth: serde_json::Value = match std::fs::read_to_string(&truth_path) {
+            Ok(s) => serde_json::from_str(&s).unwrap(),
+            Err(e) => {
+                failures.push(format!("{}: no truth file: {e}", interp.name));
+                continue;
+            }
+        };
+        let tid = truth["tid"].as_u64().unwrap() as u32;
+        let phases: BTreeMap<String, f64> =
+            serde_json::from_value(truth["phases"].clone()).unwrap();
+        let truth_total: f64 = phases.values().sum();
+        let wall = rec.of_type(ProfileType::Wall).expect("a wall profile");
+        let got = wall_split(wall, tid);
+        let total: f64 = got.values().sum();
+        let mut line = format!(
+            "{:<14} thread {tid}: wall {total:.2}s (its loop {truth_total:.2}s)",
+            interp.name
+        );
+        let mut errs = Vec::new();
+        for (phase, secs) in &phases {
+            let want = 100.0 * secs / truth_total;
+            let have = 100.0 * got.get(phase.as_str()).copied().unwrap_or(0.0) / total.max(1e-9);
+            line.push_str(&format!(" {phase}={have:.1}%/{want:.1}%"));
+            if (have - want).abs() > 5.0 {
+                errs.push(format!(
+                    "{phase} {have:.1}% of the thread's wall time, truth {want:.1}%"
+                ));
+            }
+        }
+        // The thread's wall time is its life: the loop plus start and exit.
+        if total < truth_total * 0.98 || total > truth_total + 1.0 {
+            errs.push(format!(
+                "wall total {total:.2}s for a {truth_total:.2}s loop"
+            ));
+        }
+        // The lock profile holds the queue waits (and only lock waits).
+        let lock = rec.of_type(ProfileType::Lock).expect("a lock profile");
+        let lock_secs = wall_split(lock, tid).get("queue").copied().unwrap_or(0.0);
+        let queue = phases["queue"];
+        line.push_str(&format!(" lock={lock_secs:.2}s/{queue:.2}s"));
+        if (lock_secs / queue - 1.0).abs() > 0.10 {
+            errs.push(format!(
+                "lock profile {lock_secs:.2}s of queue waits, truth {queue:.2}s"
+            ));
+        }
+        line.push_str(&format!(
+            " switch-outs={} captured={}",
+            rec.stats.switch_outs, rec.stats.switch_outs_captured
+        ));
+        eprintln!("{}{line}", if errs.is_empty() { "PASS " } else { "FAIL " });
+        if !errs.is_empty() {
+            eprintln!("      {errs:?} {got:?}");
+            failures.push(format!("{}: {errs:?}", interp.name));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");

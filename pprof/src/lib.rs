@@ -25,6 +25,16 @@ pub mod labels {
     pub const POD: &str = "pod";
     pub const CONTAINER: &str = "container";
     pub const NODE: &str = "node";
+    /// The OS thread id (a number).
+    pub const THREAD_ID: &str = "thread_id";
+    /// Wall and lock profiles: the thread's state (`running`, `runnable`, `sleeping`,
+    /// `disk-wait`).
+    pub const STATE: &str = "state";
+    /// Wall and lock profiles: what a waiting thread waits for (`gil`, `lock`, `io`, `sleep`,
+    /// `other`).
+    pub const WAIT_CLASS: &str = "wait_class";
+    /// Lock profiles: the lock's address (a number; the same for every waiter of one lock).
+    pub const LOCK: &str = "lock";
 }
 
 /// Mapping file names that are not files: the views mark their frames.

@@ -21,6 +21,8 @@ pub struct KindTypes {
     pub sample_types: &'static [SampleType],
     /// What `Profile.period` is measured in (the value one sampling event stands for).
     pub period_type: SampleType,
+    /// The type shown by default (`default_sample_type`): time or bytes, not counts.
+    pub default_index: usize,
 }
 
 impl KindTypes {
@@ -35,6 +37,7 @@ pub const CPU: KindTypes = KindTypes {
     name: "cpu",
     sample_types: &[st("samples", "count"), st("cpu", "nanoseconds")],
     period_type: st("cpu", "nanoseconds"),
+    default_index: 1,
 };
 
 /// Wall-clock time: time on and off CPU.
@@ -42,6 +45,7 @@ pub const WALL: KindTypes = KindTypes {
     name: "wall",
     sample_types: &[st("wall", "nanoseconds"), st("samples", "count")],
     period_type: st("wall", "nanoseconds"),
+    default_index: 0,
 };
 
 /// Time blocked on locks.
@@ -49,6 +53,7 @@ pub const LOCK: KindTypes = KindTypes {
     name: "lock",
     sample_types: &[st("contentions", "count"), st("delay", "nanoseconds")],
     period_type: st("contentions", "count"),
+    default_index: 1,
 };
 
 /// Allocations: what was allocated, and what of it is still live.
@@ -61,6 +66,7 @@ pub const MEMORY: KindTypes = KindTypes {
         st("inuse_objects", "count"),
     ],
     period_type: st("space", "bytes"),
+    default_index: 2,
 };
 
 /// Thread counts by stack.
@@ -68,6 +74,7 @@ pub const THREADS: KindTypes = KindTypes {
     name: "threads",
     sample_types: &[st("threads", "count")],
     period_type: st("threads", "count"),
+    default_index: 0,
 };
 
 /// Every kind, for lookups by name.

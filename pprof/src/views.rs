@@ -37,6 +37,11 @@ pub struct Stacks {
     pub total: i64,
     /// `type/unit` of the value, e.g. `cpu/nanoseconds`.
     pub unit: String,
+    /// The top table's "self" is the wait site: the innermost Python frame, else the innermost
+    /// frame outside the kernel. In wall and lock profiles every wait ends in the scheduler
+    /// and the C library, and the place that matters is the code that waits (set by
+    /// [`Stacks::from_profile`] for those types).
+    pub wait_sites: bool,
 }
 
 impl Stacks {
@@ -49,12 +54,13 @@ impl Stacks {
             .iter()
             .map(|m| (m.id, p.str(m.filename)))
             .collect();
+        let sample_types = p.sample_types();
         let mut out = Stacks {
-            unit: p
-                .sample_types()
-                .get(value_index)
-                .cloned()
-                .unwrap_or_default(),
+            unit: sample_types.get(value_index).cloned().unwrap_or_default(),
+            wait_sites: sample_types.first().is_some_and(|t| {
+                t.starts_with(&format!("{}/", crate::types::WALL.sample_types[0].r#type))
+                    || t.starts_with(&format!("{}/", crate::types::LOCK.sample_types[0].r#type))
+            }),
             ..Default::default()
         };
         for s in &p.sample {
@@ -140,13 +146,22 @@ impl Stacks {
         let mut acc: HashMap<(&str, &str), Acc> = HashMap::new();
         for s in &self.stacks {
             let mut seen: HashSet<(&str, &str)> = HashSet::new();
+            let self_at = if self.wait_sites {
+                s.frames
+                    .iter()
+                    .rposition(|f| f.module == mappings::PYTHON)
+                    .or_else(|| s.frames.iter().rposition(|f| f.module != mappings::KERNEL))
+                    .unwrap_or(s.frames.len().saturating_sub(1))
+            } else {
+                s.frames.len().saturating_sub(1)
+            };
             for (i, f) in s.frames.iter().enumerate() {
                 let key = (f.function.as_str(), f.file.as_str());
                 let e = acc.entry(key).or_default();
                 if seen.insert(key) {
                     e.total += s.value;
                 }
-                if i + 1 == s.frames.len() {
+                if i == self_at {
                     e.self_ += s.value;
                 }
                 if f.line > 0 && (e.line == 0 || f.line < e.line) {

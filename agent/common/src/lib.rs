@@ -26,12 +26,19 @@ pub mod names {
     /// The sampler without it (native and kernel stacks only).
     pub const PROG_SAMPLE_NATIVE: &str = "kprof_sample_native";
     pub const PROG_FORK: &str = "kprof_fork";
+    /// The off-CPU source (raw tracepoint `sched_switch`), attached only when a wall or lock
+    /// profile is asked for.
+    pub const PROG_SWITCH: &str = "kprof_switch";
+    /// The same without the CPython walker.
+    pub const PROG_SWITCH_NATIVE: &str = "kprof_switch_native";
     /// Only in objects built with the CPython walker.
     pub const PROG_EXEC: &str = "kprof_exec";
     pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
     pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_STATS: &str = "STATS";
+    /// `LruHashMap<u32 tid, OffCpuThread>`: the off-CPU state of targeted threads.
+    pub const MAP_OFF_CPU: &str = "OFF_CPU";
     pub const GLOBAL_CONFIG: &str = "KPROF_CONFIG";
 }
 
@@ -60,11 +67,15 @@ pub enum Stat {
     ChildrenFollowed = 4,
     /// Children that could not be added (target map full).
     ChildrenDropped = 5,
+    /// Switch-outs of targeted threads (off-CPU source).
+    SwitchOuts = 6,
+    /// Switch-outs whose stacks were recorded (the rest are counted in `OffCpuThread::rest`).
+    SwitchOutsCaptured = 7,
 }
 
 impl Stat {
     /// Number of counters (the `STATS` array length).
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     /// All counters in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Targeted,
@@ -73,6 +84,8 @@ impl Stat {
         Stat::UserStackErr,
         Stat::ChildrenFollowed,
         Stat::ChildrenDropped,
+        Stat::SwitchOuts,
+        Stat::SwitchOutsCaptured,
     ];
 }
 
@@ -90,9 +103,16 @@ pub struct Config {
     pub task_tgid_off: u32,
     /// Byte offset of `self_exec_id` in `struct task_struct` (0: unknown, not read).
     pub task_exec_id_off: u32,
+    /// Byte offset of `stack` (the kernel stack, whose top holds the user registers) in
+    /// `struct task_struct` (0: unknown; off-CPU waits then carry no syscall).
+    pub task_stack_off: u32,
+    /// Off-CPU stack captures: a targeted thread earns one capture per `offcpu_gap_ns` of
+    /// time, up to `offcpu_burst` saved (a token bucket per thread).
+    pub offcpu_gap_ns: u64,
+    pub offcpu_burst: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 24);
+const _: () = assert!(size_of::<Config>() == 40);
 
 /// Value of the target maps: which target (profile) a process belongs to.
 #[repr(C)]
@@ -114,8 +134,14 @@ pub enum EventKind {
     /// previous tick of that CPU's clock (the CPU time the sample stands for; 0 when unknown,
     /// the clock's first tick). The period is jittered, see `agent/src/kernel/clock.rs`.
     CpuSample = 1,
-    /// A thread that was off CPU; value: the nanoseconds it was off. (No kernel source yet.)
+    /// A targeted thread left the CPU and its stacks were captured (where it waits);
+    /// `timestamp_ns` is the switch-out, `wait` says how it waits ([`wait`]) and `addr` the
+    /// first syscall argument (a futex's address); value: 0. Its duration comes with the
+    /// thread's next [`EventKind::OffCpuEnd`].
     OffCpu = 2,
+    /// A thread whose captured switch-out ([`EventKind::OffCpu`]) ended: it runs again. No
+    /// stacks; `timestamp_ns` is the switch-in; value: the nanoseconds it was off CPU.
+    OffCpuEnd = 3,
 }
 
 impl EventKind {
@@ -124,6 +150,7 @@ impl EventKind {
         match kind {
             1 => Some(EventKind::CpuSample),
             2 => Some(EventKind::OffCpu),
+            3 => Some(EventKind::OffCpuEnd),
             _ => None,
         }
     }
@@ -151,6 +178,9 @@ pub struct EventHeader {
     pub value: u64,
     /// cgroup v2 id of the thread (0 when unknown).
     pub cgroup_id: u64,
+    /// Off-CPU events: the first argument of the syscall the thread waits in (a futex's
+    /// address); 0 otherwise.
+    pub addr: u64,
     /// Thread name (`comm`), NUL padded.
     pub comm: [u8; 16],
     /// Low 32 bits of the thread's `self_exec_id` (0 when not read): it changes when the
@@ -161,14 +191,124 @@ pub struct EventHeader {
     pub kernel_len: u32,
     /// User return addresses that follow, innermost first (frame-pointer walk by the kernel).
     pub user_len: u32,
-    pub _pad: u32,
+    /// Off-CPU events: how the thread waits ([`wait`] bits); 0 otherwise.
+    pub wait: u32,
     /// Python frames that follow, innermost first (0 for non-Python processes). With
     /// `py_truncated` this is the head of a [`python::PyStack`]: the walker writes in place.
     pub py_count: u32,
     /// Non-zero when the Python chain was deeper than [`python::MAX_PY_FRAMES`].
     pub py_truncated: u32,
 }
-const _: () = assert!(size_of::<EventHeader>() == 88);
+const _: () = assert!(size_of::<EventHeader>() == 96);
+
+/// How an off-CPU thread waits: the `wait` word of [`EventHeader`] and [`OffCpuThread`].
+pub mod wait {
+    /// Bits 0–1: the scheduler state the thread left the CPU in.
+    pub const STATE_MASK: u32 = 3;
+    /// Runnable: preempted or yielded, it waits for a CPU.
+    pub const STATE_RUNNABLE: u32 = 0;
+    /// Interruptible sleep (`S`): waits for an event (I/O, a futex, a timer).
+    pub const STATE_SLEEPING: u32 = 1;
+    /// Uninterruptible sleep (`D`): usually disk I/O.
+    pub const STATE_DISK: u32 = 2;
+    /// The thread was in a syscall: bits 16–31 hold its number.
+    pub const IN_SYSCALL: u32 = 1 << 2;
+    /// The switch was a preemption (`sched_switch`'s `preempt`).
+    pub const PREEMPTED: u32 = 1 << 3;
+    pub const SYSCALL_SHIFT: u32 = 16;
+    /// x86-64 `futex(2)`.
+    pub const SYS_FUTEX: u32 = 202;
+
+    /// The wait word of a thread that left the CPU in `prev_state` (the kernel's task state
+    /// bits), in syscall `nr` (`None`: not in a syscall).
+    pub const fn of(prev_state: u32, preempt: bool, nr: Option<u32>) -> u32 {
+        of_raw(
+            prev_state,
+            preempt,
+            match nr {
+                Some(n) => n,
+                None => NO_SYSCALL,
+            },
+        )
+    }
+
+    /// [`of`] with [`NO_SYSCALL`] for "not in a syscall" (what the kernel side calls: an
+    /// `Option`'s undefined payload can reach the verifier as a pointer).
+    pub const fn of_raw(prev_state: u32, preempt: bool, nr: u32) -> u32 {
+        let state = if prev_state & 2 != 0 {
+            STATE_DISK
+        } else if prev_state & 1 != 0 {
+            STATE_SLEEPING
+        } else {
+            STATE_RUNNABLE
+        };
+        let mut w = state;
+        if preempt {
+            w |= PREEMPTED;
+        }
+        if nr < 0x10000 {
+            w |= IN_SYSCALL | (nr << SYSCALL_SHIFT);
+        }
+        w
+    }
+
+    /// The syscall number [`of_raw`] takes for "none".
+    pub const NO_SYSCALL: u32 = u32::MAX;
+
+    /// The syscall number of a wait word, if the thread was in one.
+    pub const fn syscall(w: u32) -> Option<u32> {
+        if w & IN_SYSCALL != 0 {
+            Some(w >> SYSCALL_SHIFT)
+        } else {
+            None
+        }
+    }
+
+    /// Which of [`super::OffCpuThread::rest_ns`] an uncaptured wait is added to: the strata
+    /// user space shares their time out in (runnable, futex, other sleep, disk).
+    pub const fn stratum(w: u32) -> usize {
+        match w & STATE_MASK {
+            STATE_RUNNABLE => 0,
+            STATE_DISK => 3,
+            _ => match syscall(w) {
+                Some(SYS_FUTEX) => 1,
+                _ => 2,
+            },
+        }
+    }
+    /// Number of strata.
+    pub const STRATA: usize = 4;
+}
+
+/// Capacity of the `OFF_CPU` map (targeted threads tracked at once; least recently switched
+/// ones are evicted first).
+pub const MAX_OFF_CPU_THREADS: u32 = 32768;
+
+/// Value of the `OFF_CPU` map: one targeted thread's off-CPU state, kept by thread id so it
+/// survives the thread moving between CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuThread {
+    /// `bpf_ktime_get_ns` of the switch-out the thread is off CPU since (0: it runs).
+    pub ts_out: u64,
+    /// Capture credit in nanoseconds (see [`Config::offcpu_gap_ns`]) and when it was earned.
+    pub credit_ns: u64,
+    pub credit_at: u64,
+    /// The current wait's first syscall argument (see [`EventHeader::addr`]).
+    pub addr: u64,
+    /// Nanoseconds and count of the waits whose stacks were not captured, by
+    /// [`wait::stratum`]; they only grow (user space reads differences).
+    pub rest_ns: [u64; wait::STRATA],
+    pub rest_count: [u64; wait::STRATA],
+    pub tgid: u32,
+    /// The current wait's [`wait`] word.
+    pub wait: u32,
+    /// Non-zero when the current wait's switch-out was captured (an `OffCpu` record).
+    pub captured: u32,
+    /// The target slot of the thread's process.
+    pub slot: u32,
+}
+const _: () = assert!(size_of::<OffCpuThread>() == 112);
 
 /// The largest record: a header with every stack full.
 pub const MAX_EVENT_BYTES: usize = size_of::<EventHeader>()
@@ -224,4 +364,5 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TargetSlot {}
     unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::OffCpuThread {}
 }

@@ -60,7 +60,9 @@ pub fn on_tick<const PYTHON: bool>(ctx: &PerfEventContext) -> u32 {
         pid_tgid,
         slot,
         in_kernel,
+        wait: 0,
+        addr: 0,
     };
-    record::submit::<_, PYTHON>(ctx, &ev, &cfg);
+    record::submit::<_, PYTHON>(ctx, &ev, &cfg, record::BUF_CPU);
     0
 }

@@ -7,6 +7,8 @@
 //! - `kprof_fork` (raw tracepoint `sched_process_fork`): children of a targeted process inherit
 //!   its target slot, so short-lived children are profiled from their first tick (`follow.rs`).
 //!   A raw tracepoint needs no tracefs (not mounted in pods).
+//! - `kprof_switch` (raw tracepoint `sched_switch`, attached for wall and lock profiles): the
+//!   off-CPU source (`offcpu.rs`).
 //! - `kprof_exec` (raw tracepoint `sched_process_exec`, with the walker): drops the walker's
 //!   configuration of a process that replaced its image (`follow.rs`).
 #![no_std]
@@ -15,6 +17,7 @@
 mod cpu;
 mod follow;
 mod maps;
+mod offcpu;
 #[cfg(feature = "python")]
 mod python;
 mod record;
@@ -34,6 +37,9 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     task_pid_off: 1,
     task_tgid_off: 1,
     task_exec_id_off: 0,
+    task_stack_off: 0,
+    offcpu_gap_ns: 1,
+    offcpu_burst: 1,
     _pad: 0,
 });
 
@@ -48,6 +54,18 @@ pub fn kprof_sample(ctx: PerfEventContext) -> u32 {
 #[perf_event]
 pub fn kprof_sample_native(ctx: PerfEventContext) -> u32 {
     cpu::on_tick::<false>(&ctx)
+}
+
+/// The off-CPU source with the CPython walker.
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn kprof_switch(ctx: RawTracePointContext) -> i32 {
+    offcpu::on_switch::<true>(&ctx)
+}
+
+/// The off-CPU source without it (paired with `kprof_sample_native`).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn kprof_switch_native(ctx: RawTracePointContext) -> i32 {
+    offcpu::on_switch::<false>(&ctx)
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]

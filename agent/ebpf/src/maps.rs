@@ -19,11 +19,11 @@ pub static TARGET_CGROUPS: HashMap<u64, TargetSlot> =
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
-/// Per CPU, one record being assembled (`record.rs`). One slot is enough while the CPU clock is
-/// the only source that records stacks: a program is not re-entered on its CPU. A source that
-/// the clock's interrupt can preempt (a tracepoint) needs a slot of its own.
+/// Per CPU, one record being assembled per source (`record.rs`, `BUF_*`): a program is not
+/// re-entered on its CPU, but one source could interrupt another's (the scheduler tracepoint
+/// runs with interrupts off today; a slot each keeps that from mattering).
 #[map(name = "EVENT_BUF")]
-pub static EVENT_BUF: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(1, 0);
+pub static EVENT_BUF: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(2, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);

@@ -39,13 +39,26 @@ pub struct Event {
     pub slot: u32,
     /// The thread was in kernel mode (there are kernel frames to read).
     pub in_kernel: bool,
+    /// Off-CPU events: how the thread waits and the syscall's first argument.
+    pub wait: u32,
+    pub addr: u64,
 }
 
-/// Records `ev` of the current thread with its stacks; the Python walker runs when `PYTHON`.
+/// `EVENT_BUF` slot of each source: a source that can interrupt another needs its own.
+pub const BUF_CPU: u32 = 0;
+pub const BUF_SWITCH: u32 = 1;
+
+/// Records `ev` of the current thread with its stacks, assembled in `EVENT_BUF` slot `buf`;
+/// the Python walker runs when `PYTHON`. Returns whether the record reached the ring.
 #[inline(always)]
-pub fn submit<C: EbpfContext, const PYTHON: bool>(ctx: &C, ev: &Event, cfg: &Config) {
-    let Some(buf) = EVENT_BUF.get_ptr_mut(0) else {
-        return;
+pub fn submit<C: EbpfContext, const PYTHON: bool>(
+    ctx: &C,
+    ev: &Event,
+    cfg: &Config,
+    buf: u32,
+) -> bool {
+    let Some(buf) = EVENT_BUF.get_ptr_mut(buf) else {
+        return false;
     };
     let tgid = (ev.pid_tgid >> 32) as u32;
     // SAFETY: `buf` is this CPU's map value (not shared while the program runs); every header
@@ -93,7 +106,8 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(ctx: &C, ev: &Event, cfg: &Con
         } else {
             0
         };
-        (*h)._pad = 0;
+        (*h).wait = ev.wait;
+        (*h).addr = ev.addr;
 
         let mut flags = 0u32;
         if ev.in_kernel {
@@ -143,6 +157,28 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(ctx: &C, ev: &Event, cfg: &Con
         let ring = (&raw const EVENTS).cast::<c_void>().cast_mut();
         if bpf_ringbuf_output(ring, buf.cast(), len as u64, BPF_RB_NO_WAKEUP) != 0 {
             bump(Stat::Dropped);
+            return false;
         }
+        true
     }
+}
+
+/// Writes a record without stacks (its header is complete).
+#[inline(always)]
+pub fn submit_header(h: &EventHeader) -> bool {
+    let ring = (&raw const EVENTS).cast::<c_void>().cast_mut();
+    // SAFETY: `h` is a whole header on the stack; the helper copies it.
+    let ret = unsafe {
+        bpf_ringbuf_output(
+            ring,
+            (h as *const EventHeader).cast_mut().cast(),
+            size_of::<EventHeader>() as u64,
+            BPF_RB_NO_WAKEUP,
+        )
+    };
+    if ret != 0 {
+        bump(Stat::Dropped);
+        return false;
+    }
+    true
 }

@@ -130,7 +130,7 @@ fn round1(x: f64) -> f64 {
 /// artifacts, all drawn from one pprof build.
 pub fn build_window(w: &WindowOutput) -> (Profile, Vec<NewArtifact>) {
     let pprof = pprof::build(&w.samples);
-    let stacks = Stacks::from_profile(&pprof, 0);
+    let stacks = Stacks::from_profile(&pprof, pprof.default_value_index());
     (
         build_profile(w, &stacks),
         build_artifacts(w, &pprof, &stacks),
@@ -169,7 +169,13 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
     .collect();
     let mut warnings = w.warnings.clone();
     if total == 0 {
-        warnings.push("no samples: the container did not run on a CPU in this window".to_owned());
+        warnings.push(match w.profile_type {
+            ProfileType::Lock => {
+                "no lock waits: no thread of the container blocked on a lock in this window"
+                    .to_owned()
+            }
+            _ => "no samples: the container did not run on a CPU in this window".to_owned(),
+        });
     }
     Profile {
         metadata: ObjectMeta {
@@ -253,7 +259,9 @@ mod tests {
         samples.add(
             SampleKey {
                 pid: 7,
+                tid: 0,
                 thread: "busy".into(),
+                wait: None,
                 stack: hot,
             },
             396,
@@ -261,7 +269,9 @@ mod tests {
         samples.add(
             SampleKey {
                 pid: 7,
+                tid: 0,
                 thread: "busy2".into(),
+                wait: None,
                 stack: cold,
             },
             99,

@@ -35,13 +35,14 @@ use super::{
 };
 use crate::{
     k8s::{TargetKey, TargetPlan, resolve::Resolver},
-    kernel::loader::{LoadError, SamplerConfig},
+    kernel::loader::{LoadError, OffCpuLimits, SamplerConfig},
     pipeline::{
         aggregate::StackMerger,
         engine::{Engine, EngineConfig},
         event::EventKind,
     },
     profile::AggregatedProfile,
+    record::{needs_off_cpu, profile_kind_of},
     spool::Spool,
 };
 
@@ -52,13 +53,13 @@ pub enum DriverError {
     Load(#[from] LoadError),
 }
 
-/// The events a profile type is made of (`None`: not implemented by this agent yet).
-pub fn event_kind_of(ty: ProfileType) -> Option<EventKind> {
-    match ty {
-        ProfileType::Cpu => Some(EventKind::CpuSample),
-        ProfileType::Wall | ProfileType::Lock | ProfileType::Memory => None,
-    }
+/// Whether this agent builds profiles of type `ty`.
+pub fn implemented(ty: ProfileType) -> bool {
+    profile_kind_of(ty, 1).is_some()
 }
+
+/// How often off-CPU time in progress is brought into the windows.
+const SETTLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Shared between the async side and the sampling thread.
 pub struct Shared {
@@ -115,7 +116,7 @@ pub struct Options {
 pub fn unimplemented_warnings(types: &[ProfileType]) -> Vec<String> {
     types
         .iter()
-        .filter(|t| event_kind_of(**t).is_none())
+        .filter(|t| !implemented(**t))
         .map(|t| {
             format!(
                 "profile type {t} is not implemented by this agent yet: no {t} profile was taken"
@@ -124,14 +125,20 @@ pub fn unimplemented_warnings(types: &[ProfileType]) -> Vec<String> {
         .collect()
 }
 
-/// The type a target's Profiles are written as: `cpu` when asked for, else the first type asked
-/// for (an empty Profile carrying the "not implemented" warning, rather than silence).
-pub fn emitted_type(types: &[ProfileType]) -> ProfileType {
-    if types.contains(&ProfileType::Cpu) {
-        ProfileType::Cpu
-    } else {
-        types.first().copied().unwrap_or(ProfileType::Cpu)
+/// The types a target's Profiles are written as, one Profile each per window: the types asked
+/// for that this agent builds; if it builds none of them, the first asked (an empty Profile
+/// carrying the "not implemented" warning, rather than silence).
+pub fn emitted_types(types: &[ProfileType]) -> Vec<ProfileType> {
+    let mut out: Vec<ProfileType> = Vec::new();
+    for &t in types {
+        if implemented(t) && !out.contains(&t) {
+            out.push(t);
+        }
     }
+    if out.is_empty() {
+        out.push(types.first().copied().unwrap_or(ProfileType::Cpu));
+    }
+    out
 }
 
 /// The sampling thread's state.
@@ -146,6 +153,7 @@ struct Daemon {
     routing: Routing,
     lost_reported: u64,
     last_scan: Instant,
+    last_settle: Instant,
 }
 
 /// Runs the sampling thread until `shared.stop` (then flushes every window).
@@ -166,12 +174,14 @@ pub fn run(
         routing: Routing::default(),
         lost_reported: 0,
         last_scan: Instant::now(),
+        last_settle: Instant::now(),
     };
     let result = match d.opts.initial_hz {
         0 => d.main_loop(),
-        hz => d.reload(hz).and_then(|()| d.main_loop()),
+        hz => d.reload(hz, false).and_then(|()| d.main_loop()),
     };
     d.drain();
+    d.settle();
     let now = SystemTime::now();
     for k in d.windows.keys() {
         d.close_window(&k, now, false);
@@ -196,11 +206,18 @@ impl Daemon {
                 Some(e) => {
                     e.wait(Duration::from_millis(100));
                     self.drain();
+                    if self.last_settle.elapsed() >= SETTLE_INTERVAL {
+                        self.settle();
+                    }
                 }
                 None => std::thread::sleep(Duration::from_millis(100)),
             }
             let now = SystemTime::now();
-            for k in self.windows.due(now) {
+            let due = self.windows.due(now);
+            if !due.is_empty() {
+                self.settle();
+            }
+            for k in due {
                 self.close_window(&k, now, true);
             }
         }
@@ -215,6 +232,7 @@ impl Daemon {
         // Targets gone, or with new settings: close their window now (a partial window).
         for k in self.windows.stale(&wanted) {
             self.drain();
+            self.settle();
             self.close_window(&k, now, false);
         }
         let lost = self.lost_now();
@@ -228,8 +246,18 @@ impl Daemon {
             .map(|p| p.settings.sample_hz)
             .max()
             .unwrap_or(0);
-        if hz > 0 && hz != self.sample_hz() {
-            self.reload(hz)?;
+        let off_cpu = wanted.values().any(|p| {
+            let kinds: Vec<_> = p
+                .settings
+                .profile_types
+                .iter()
+                .filter_map(|&t| profile_kind_of(t, hz))
+                .collect();
+            needs_off_cpu(&kinds)
+        });
+        let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
+        if hz > 0 && (hz != self.sample_hz() || off_cpu != has_off_cpu) {
+            self.reload(hz, off_cpu)?;
         }
         self.rescan();
         Ok(())
@@ -240,18 +268,22 @@ impl Daemon {
         self.engine.as_ref().map_or(0, Engine::sample_hz)
     }
 
-    fn reload(&mut self, hz: u32) -> Result<(), DriverError> {
+    /// (Re)loads the programs at `hz`, with the off-CPU source when `off_cpu`.
+    fn reload(&mut self, hz: u32, off_cpu: bool) -> Result<(), DriverError> {
         self.drain();
+        self.settle();
         self.read_stats();
+        let off_cpu = off_cpu.then(OffCpuLimits::default);
         let engine = match self.engine.take() {
             // One sampler per node: the old programs are detached before the new ones load.
-            Some(old) => old.restart(u64::from(hz))?,
+            Some(old) => old.restart(u64::from(hz), off_cpu)?,
             None => Engine::start(EngineConfig {
                 sampler: SamplerConfig {
                     sample_hz: u64::from(hz),
                     follow_children: true,
                     cgroup_filter: false,
                     bpf_stats: false,
+                    off_cpu,
                     ..SamplerConfig::default()
                 },
                 python: self.opts.python,
@@ -262,7 +294,7 @@ impl Daemon {
         for w in &engine.warnings {
             tracing::warn!("sampler: {w}");
         }
-        tracing::info!(hz, "eBPF sampler attached");
+        tracing::info!(hz, off_cpu = off_cpu.is_some(), "eBPF sampler attached");
         self.engine = Some(engine);
         // Every pid is re-added (and re-detected) by the rescan.
         self.routing.forget_pids();
@@ -381,6 +413,29 @@ impl Daemon {
         }
     }
 
+    /// Brings the off-CPU time in progress (and not captured) into the windows, as of now.
+    fn settle(&mut self) {
+        self.last_settle = Instant::now();
+        let Daemon {
+            engine: Some(engine),
+            resolver,
+            windows,
+            routing,
+            ..
+        } = self
+        else {
+            return;
+        };
+        let hz = engine.sample_hz();
+        engine.settle_off_cpu(|ev, merger| {
+            if let Some(cid) =
+                routing.container_of_event(ev.tgid, ev.slot, |pid| resolver.container_of(pid))
+            {
+                windows.add(routing.targets_of(&cid), &cid, ev, hz, merger);
+            }
+        });
+    }
+
     /// Closes a target's window: one Profile per container into the spool; reopens the next
     /// window when `reopen`.
     fn close_window(&mut self, key: &TargetKey, now: SystemTime, reopen: bool) {
@@ -394,10 +449,9 @@ impl Daemon {
         }
     }
 
-    /// The Profiles of a closed window: one per container, of the type the target asks for.
+    /// The Profiles of a closed window: one per container and type the target asks for.
     fn outputs(&self, w: &ClosedWindow, lost: u64) -> Vec<WindowOutput> {
         let settings = &w.plan.settings;
-        let ty = emitted_type(&settings.profile_types);
         let mut common = unimplemented_warnings(&settings.profile_types);
         let hz_used = w.hz_seen.iter().copied().max().unwrap_or(self.sample_hz());
         if w.hz_seen.len() > 1 {
@@ -418,11 +472,13 @@ impl Daemon {
                 "{lost_in_window} samples were lost node-wide during this window (ring buffer full)"
             ));
         }
-        let events = event_kind_of(ty);
+        let types = emitted_types(&settings.profile_types);
         w.containers
             .iter()
-            .map(|c: &ClosedContainer| {
-                let mut samples = match events.and_then(|k| c.profiles.get(&k)) {
+            .flat_map(|c| types.iter().map(move |&ty| (c, ty)))
+            .map(|(c, ty): (&ClosedContainer, ProfileType)| {
+                let built = c.profiles.get(ty.as_str());
+                let mut samples = match built {
                     Some(p) => p.clone(),
                     // Not implemented: an empty Profile carrying the warning.
                     None => AggregatedProfile::new(hz_used.max(1), w.start),
@@ -435,7 +491,7 @@ impl Daemon {
                 let runtime = self.runtime_of(&samples);
                 let mut warnings = common.clone();
                 warnings.extend(samples.warnings.iter().cloned());
-                let cpu_ns = if events.is_some() {
+                let cpu_ns = if built.is_some() {
                     c.values.get(&EventKind::CpuSample).copied().unwrap_or(0)
                 } else {
                     0
@@ -455,7 +511,7 @@ impl Daemon {
                     cpu_seconds: cpu_ns as f64 / 1e9,
                     lost: lost_in_window,
                     runtime,
-                    pids: if events.is_some() {
+                    pids: if built.is_some() {
                         c.pids.clone()
                     } else {
                         BTreeSet::new()
@@ -514,15 +570,18 @@ mod tests {
 
     #[test]
     fn unimplemented_types_are_reported() {
-        assert!(unimplemented_warnings(&[ProfileType::Cpu]).is_empty());
-        let w = unimplemented_warnings(&[ProfileType::Cpu, ProfileType::Wall]);
+        assert!(unimplemented_warnings(&[ProfileType::Cpu, ProfileType::Wall]).is_empty());
+        let w = unimplemented_warnings(&[ProfileType::Cpu, ProfileType::Memory]);
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("wall"));
+        assert!(w[0].contains("memory"));
         assert_eq!(
-            emitted_type(&[ProfileType::Wall, ProfileType::Cpu]),
-            ProfileType::Cpu
+            emitted_types(&[ProfileType::Wall, ProfileType::Cpu, ProfileType::Wall]),
+            [ProfileType::Wall, ProfileType::Cpu]
         );
-        assert_eq!(emitted_type(&[ProfileType::Lock]), ProfileType::Lock);
-        assert_eq!(event_kind_of(ProfileType::Cpu), Some(EventKind::CpuSample));
+        assert_eq!(
+            emitted_types(&[ProfileType::Memory, ProfileType::Lock]),
+            [ProfileType::Lock]
+        );
+        assert_eq!(emitted_types(&[ProfileType::Memory]), [ProfileType::Memory]);
     }
 }

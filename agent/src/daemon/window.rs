@@ -12,7 +12,7 @@ use crate::{
     k8s::{ContainerKey, TargetKey, TargetPlan},
     pipeline::{
         aggregate::{Aggregator, StackMerger},
-        event::{Event, EventKind, profile_kind},
+        event::{Event, EventKind},
     },
     profile::AggregatedProfile,
 };
@@ -134,8 +134,9 @@ pub struct ClosedContainer {
     pub pids: BTreeSet<u32>,
     /// Summed event values per kind.
     pub values: BTreeMap<EventKind, u64>,
-    /// One profile per event kind seen in the window (empty ones included).
-    pub profiles: BTreeMap<EventKind, AggregatedProfile>,
+    /// One profile per profile type the target asks for that this agent builds, by type name
+    /// (empty ones included).
+    pub profiles: BTreeMap<&'static str, AggregatedProfile>,
 }
 
 /// The open windows, one per target.
@@ -256,14 +257,16 @@ impl Windows {
         let mut w = self.open.remove(key)?;
         let end = if reopen { w.end } else { now };
         let hz = w.hz_seen.iter().copied().max().unwrap_or(sample_hz);
-        let mut kinds = w.agg.kinds();
-        kinds.insert(EventKind::CpuSample);
-        let whole: Vec<(EventKind, AggregatedProfile)> = kinds
-            .into_iter()
+        let whole: Vec<(&'static str, AggregatedProfile)> = w
+            .plan
+            .settings
+            .profile_types
+            .iter()
+            .filter_map(|&t| crate::record::profile_kind_of(t, hz))
             .map(|kind| {
-                let mut p = w.agg.finish(kind, profile_kind(kind, hz), w.start);
+                let mut p = w.agg.finish(kind, w.start);
                 p.duration = end.duration_since(w.start).unwrap_or_default();
-                (kind, p)
+                (kind.name(), p)
             })
             .collect();
         let containers = w
@@ -329,7 +332,9 @@ mod tests {
             p.add(
                 SampleKey {
                     pid,
+                    tid: 0,
                     thread: "t".into(),
+                    wait: None,
                     stack: st.clone(),
                 },
                 u64::from(pid),
@@ -361,6 +366,10 @@ mod tests {
     }
 
     fn plan(name: &str, pods: &[&str]) -> TargetPlan {
+        plan_of(name, pods, vec![ProfileType::Cpu, ProfileType::Wall])
+    }
+
+    fn plan_of(name: &str, pods: &[&str], types: Vec<ProfileType>) -> TargetPlan {
         TargetPlan {
             key: TargetKey {
                 namespace: "shop".into(),
@@ -370,7 +379,7 @@ mod tests {
             settings: TargetSettings {
                 window: Duration::from_secs(10),
                 sample_hz: 100,
-                profile_types: vec![ProfileType::Cpu],
+                profile_types: types,
             },
             containers: pods.iter().map(|p| container(p)).collect(),
         }
@@ -395,11 +404,13 @@ mod tests {
         const TICK: u64 = 10_000_000; // 100 Hz
         let (pid_a, pid_b) = (u32::MAX - 21, u32::MAX - 22);
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000); // a window boundary
-        let wanted: BTreeMap<TargetKey, TargetPlan> =
-            [plan("api", &["a", "b"]), plan("a-only", &["a"])]
-                .into_iter()
-                .map(|p| (p.key.clone(), p))
-                .collect();
+        let wanted: BTreeMap<TargetKey, TargetPlan> = [
+            plan("api", &["a", "b"]),
+            plan_of("a-only", &["a"], vec![ProfileType::Cpu]),
+        ]
+        .into_iter()
+        .map(|p| (p.key.clone(), p))
+        .collect();
         let mut routing = Routing::default();
         routing.set_plan(&wanted);
         let mut windows = Windows::default();
@@ -452,25 +463,29 @@ mod tests {
         assert_eq!(a.pids, [pid_a].into());
         assert_eq!(b.pids, [pid_b].into());
 
-        let cpu_a = &a.profiles[&EventKind::CpuSample];
+        let cpu_a = &a.profiles["cpu"];
         assert_eq!(cpu_a.kind, ProfileKind::Cpu { sample_hz: 100 });
         assert_eq!((cpu_a.total(), cpu_a.total_value()), (3, 3 * TICK));
         assert!(
             (cpu_a.cpu_cores() - 0.003).abs() < 1e-9,
             "3 ticks of 10 ms in 10 s"
         );
-        let off_a = &a.profiles[&EventKind::OffCpu];
-        assert_eq!(off_a.kind, ProfileKind::OffCpu);
-        assert_eq!((off_a.total(), off_a.total_value()), (2, 12_000));
+        let wall_a = &a.profiles["wall"];
+        assert_eq!(wall_a.kind, ProfileKind::Wall { sample_hz: 100 });
+        assert_eq!(
+            (wall_a.total(), wall_a.total_value()),
+            (5, 3 * TICK + 12_000),
+            "wall time is CPU plus off-CPU time"
+        );
         assert_eq!(a.values[&EventKind::OffCpu], 12_000);
         assert_eq!(a.values[&EventKind::CpuSample], 3 * TICK);
 
-        let cpu_b = &b.profiles[&EventKind::CpuSample];
+        let cpu_b = &b.profiles["cpu"];
         assert_eq!((cpu_b.total(), cpu_b.total_value()), (1, TICK));
         assert_eq!(
-            b.profiles[&EventKind::OffCpu].total(),
-            0,
-            "no off-CPU events of b"
+            b.profiles["wall"].total(),
+            1,
+            "no off-CPU events of b: its wall time is its CPU time"
         );
 
         // The next window of the same target starts where this one ended.
@@ -478,10 +493,7 @@ mod tests {
             .close(&api, t0 + Duration::from_secs(12), false, 4, 100)
             .unwrap();
         assert_eq!(next.start, t0 + Duration::from_secs(10));
-        assert_eq!(
-            next.containers[0].profiles[&EventKind::CpuSample].total(),
-            0
-        );
+        assert_eq!(next.containers[0].profiles["cpu"].total(), 0);
 
         // The other target saw only container a.
         let other = wanted.keys().find(|k| k.name == "a-only").unwrap().clone();
@@ -489,9 +501,10 @@ mod tests {
             .close(&other, t0 + Duration::from_secs(10), false, 4, 100)
             .unwrap();
         assert_eq!(closed.containers.len(), 1);
-        assert_eq!(
-            closed.containers[0].profiles[&EventKind::CpuSample].total(),
-            3
+        assert_eq!(closed.containers[0].profiles["cpu"].total(), 3);
+        assert!(
+            !closed.containers[0].profiles.contains_key("wall"),
+            "only the types a target asks for"
         );
         assert!(windows.keys().is_empty());
     }

@@ -194,6 +194,9 @@ pub struct TaskOffsets {
     pub self_exec_id: u32,
     /// `thread.fsbase` (x86-64): the thread pointer, where CPython's thread state lives.
     pub fsbase: u32,
+    /// `stack`: the kernel stack, whose top holds a thread's user registers (the off-CPU
+    /// source reads the syscall a thread waits in there).
+    pub stack: u32,
 }
 
 /// The `task_struct` offsets, read from kernel BTF once per process (parsing vmlinux BTF costs
@@ -212,6 +215,7 @@ pub fn task_offsets() -> Result<TaskOffsets, String> {
                 tgid: field("tgid")?,
                 self_exec_id: field("self_exec_id")?,
                 fsbase: field("thread.fsbase")?,
+                stack: field("stack")?,
             })
         })
         .clone()
@@ -230,6 +234,7 @@ mod tests {
         assert!(off.fsbase > 1000 && off.fsbase < 20000, "{off:?}");
         assert_eq!(off.tgid, off.pid + 4, "{off:?}");
         assert!(off.pid > 0 && off.pid < off.fsbase, "{off:?}");
+        assert!(off.stack > 0 && off.stack < off.pid, "{off:?}");
         assert!(
             off.self_exec_id > 0 && off.self_exec_id < off.fsbase,
             "{off:?}"

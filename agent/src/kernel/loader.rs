@@ -17,7 +17,7 @@ use aya::{
     sys::{Stats, enable_stats},
     util::online_cpus,
 };
-use kprof_common::{Config, Stat, TargetSlot, names, python::PyStat};
+use kprof_common::{Config, OffCpuThread, Stat, TargetSlot, names, python::PyStat};
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kprof"));
@@ -52,6 +52,8 @@ pub enum LoadError {
     Cpus(std::io::Error),
     #[error("the kernel rejected the eBPF programs: {0}")]
     Load(String),
+    #[error("cannot attach the off-CPU source (sched_switch): {0}")]
+    OffCpu(String),
     #[error("eBPF map or program {0} missing from the object")]
     Missing(&'static str),
     #[error("eBPF map error: {0}")]
@@ -71,6 +73,27 @@ pub struct SamplerConfig {
     /// Jitter the clock's period so samples cannot lock onto periodic code (`kernel/clock.rs`). Off only
     /// to show what a fixed period does.
     pub clock_jitter: bool,
+    /// Attach the off-CPU source (wall and lock profiles) with these limits.
+    pub off_cpu: Option<OffCpuLimits>,
+}
+
+/// How many off-CPU stacks a targeted thread may capture: one per `gap` of its time, with up
+/// to `burst` saved. The waits not captured are still timed exactly (see `offcpu.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffCpuLimits {
+    pub gap: Duration,
+    pub burst: u32,
+}
+
+impl Default for OffCpuLimits {
+    /// 100 captures a second per thread, 32 at once: a thread that waits less often than that
+    /// has every wait captured.
+    fn default() -> Self {
+        OffCpuLimits {
+            gap: Duration::from_millis(10),
+            burst: 32,
+        }
+    }
 }
 
 impl Default for SamplerConfig {
@@ -81,6 +104,7 @@ impl Default for SamplerConfig {
             cgroup_filter: false,
             bpf_stats: true,
             clock_jitter: true,
+            off_cpu: None,
         }
     }
 }
@@ -111,6 +135,17 @@ pub struct Sampler {
     /// The CPython walker runs in kernel (the Python sampler program was accepted).
     pub python_walker: bool,
     program: &'static str,
+    off_cpu: Option<OffCpuState>,
+}
+
+/// The attached off-CPU source.
+struct OffCpuState {
+    threads: BpfHashMap<MapData, u32, OffCpuThread>,
+    program: &'static str,
+}
+
+fn take_map(bpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, LoadError> {
+    bpf.take_map(name).ok_or(LoadError::Missing(name))
 }
 
 /// Checks the effective capabilities of this process.
@@ -182,11 +217,17 @@ impl Sampler {
             task_tgid_off: task.map_or(0, |t| t.tgid),
             // Without it user space notices exec by checking /proc on every drain instead.
             task_exec_id_off: offsets.as_ref().map_or(0, |t| t.self_exec_id),
+            task_stack_off: offsets.as_ref().map_or(0, |t| t.stack),
+            offcpu_gap_ns: cfg
+                .off_cpu
+                // Bounded so that gap × burst cannot overflow in kernel.
+                .map_or(1, |l| l.gap.as_nanos().clamp(1, 60_000_000_000) as u64),
+            offcpu_burst: cfg.off_cpu.map_or(1, |l| l.burst.clamp(1, 1000)),
             _pad: 0,
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
-        let ring_bytes = ring_size(cpus.len(), cfg.sample_hz);
+        let ring_bytes = ring_size(cpus.len(), cfg.sample_hz, cfg.off_cpu.is_some());
         // No kernel BTF for the loader: the programs use no CO-RE relocations (kernel offsets
         // are passed as data), and parsing vmlinux BTF costs ~30 MiB of peak RSS.
         let mut bpf = EbpfLoader::new()
@@ -236,6 +277,36 @@ impl Sampler {
             }
         }
 
+        let off_cpu = match cfg.off_cpu {
+            Some(_) => {
+                if offsets.is_err() {
+                    return Err(LoadError::OffCpu(
+                        "kernel BTF lacks the task_struct offsets it needs".into(),
+                    ));
+                }
+                let name = if program == names::PROG_SAMPLE {
+                    names::PROG_SWITCH
+                } else {
+                    names::PROG_SWITCH_NATIVE
+                };
+                let switch: &mut RawTracePoint = bpf
+                    .program_mut(name)
+                    .ok_or(LoadError::Missing(name))?
+                    .try_into()
+                    .map_err(|_| LoadError::Missing(name))?;
+                switch.load().map_err(|e| map_program_error(&e))?;
+                switch
+                    .attach("sched_switch")
+                    .map_err(|e| LoadError::OffCpu(one_line(&e)))?;
+                let map = take_map(&mut bpf, names::MAP_OFF_CPU)?;
+                Some(OffCpuState {
+                    threads: BpfHashMap::try_from(map)?,
+                    program: name,
+                })
+            }
+            None => None,
+        };
+
         // Python walker entries of processes that exec are dropped in kernel.
         if program == names::PROG_SAMPLE
             && let Some(p) = bpf.program_mut(names::PROG_EXEC)
@@ -252,12 +323,10 @@ impl Sampler {
             }
         }
 
-        let take =
-            |bpf: &mut Ebpf, name: &'static str| bpf.take_map(name).ok_or(LoadError::Missing(name));
-        let events = RingBuf::try_from(take(&mut bpf, names::MAP_EVENTS)?)?;
-        let targets = BpfHashMap::try_from(take(&mut bpf, names::MAP_TARGET_PIDS)?)?;
-        let cgroups = BpfHashMap::try_from(take(&mut bpf, names::MAP_TARGET_CGROUPS)?)?;
-        let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_STATS)?)?;
+        let events = RingBuf::try_from(take_map(&mut bpf, names::MAP_EVENTS)?)?;
+        let targets = BpfHashMap::try_from(take_map(&mut bpf, names::MAP_TARGET_PIDS)?)?;
+        let cgroups = BpfHashMap::try_from(take_map(&mut bpf, names::MAP_TARGET_CGROUPS)?)?;
+        let stats = PerCpuArray::try_from(take_map(&mut bpf, names::MAP_STATS)?)?;
         let py_stats = bpf
             .take_map(kprof_common::python::names::MAP_PY_STATS)
             .and_then(|m| PerCpuArray::try_from(m).ok());
@@ -274,7 +343,28 @@ impl Sampler {
             clocks,
             python_walker: program == names::PROG_SAMPLE,
             program,
+            off_cpu,
         })
+    }
+
+    /// The off-CPU state of every tracked thread (empty without the off-CPU source).
+    pub fn off_cpu_threads(&self) -> Vec<(u32, OffCpuThread)> {
+        self.off_cpu
+            .as_ref()
+            .map(|o| o.threads.iter().filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// Drops an exited thread's off-CPU state.
+    pub fn forget_off_cpu_thread(&mut self, tid: u32) {
+        if let Some(o) = self.off_cpu.as_mut() {
+            let _ = o.threads.remove(&tid);
+        }
+    }
+
+    /// Whether the off-CPU source is attached.
+    pub fn has_off_cpu(&self) -> bool {
+        self.off_cpu.is_some()
     }
 
     /// Targets a process (all its threads).
@@ -320,7 +410,18 @@ impl Sampler {
 
     /// Run count and run time of the sampler program (needs `bpf_stats`).
     pub fn kernel_cost(&self) -> KernelCost {
-        let info = self.bpf.program(self.program).and_then(|p| p.info().ok());
+        self.program_cost(self.program)
+    }
+
+    /// Run count and run time of the off-CPU program (zero without it).
+    pub fn off_cpu_cost(&self) -> KernelCost {
+        self.off_cpu
+            .as_ref()
+            .map_or_else(KernelCost::default, |o| self.program_cost(o.program))
+    }
+
+    fn program_cost(&self, name: &str) -> KernelCost {
+        let info = self.bpf.program(name).and_then(|p| p.info().ok());
         match info {
             Some(i) => KernelCost {
                 run_count: i.run_count(),
@@ -342,12 +443,14 @@ impl Sampler {
 }
 
 /// Ring buffer bytes: one second of the largest records with every CPU busy in a target (4× the
-/// 250 ms drain interval), a power of two within 1–64 MiB. User space maps the data pages
-/// twice, so this is also about half of the ring's share of the agent's RSS.
-pub fn ring_size(cpus: usize, hz: u64) -> u32 {
-    let want = (cpus as u64)
+/// 250 ms drain interval), plus a thousand off-CPU captures when that source is on, a power of
+/// two within 1–64 MiB. User space maps the data pages twice, so this is also about half of
+/// the ring's share of the agent's RSS.
+pub fn ring_size(cpus: usize, hz: u64, off_cpu: bool) -> u32 {
+    let records = (cpus as u64)
         .saturating_mul(hz)
-        .saturating_mul(kprof_common::MAX_EVENT_BYTES as u64);
+        .saturating_add(if off_cpu { 1000 } else { 0 });
+    let want = records.saturating_mul(kprof_common::MAX_EVENT_BYTES as u64);
     want.clamp(1 << 20, 64 << 20).next_power_of_two() as u32
 }
 
@@ -421,9 +524,10 @@ mod tests {
 
     #[test]
     fn ring_size_scales_with_cpus_and_rate() {
-        assert_eq!(ring_size(2, 99), 1 << 20);
-        assert_eq!(ring_size(64, 99), 32 << 20);
-        assert_eq!(ring_size(256, 1000), 64 << 20);
-        assert!(ring_size(1, 1).is_power_of_two());
+        assert_eq!(ring_size(2, 99, false), 1 << 20);
+        assert_eq!(ring_size(2, 99, true), 8 << 20);
+        assert_eq!(ring_size(64, 99, false), 32 << 20);
+        assert_eq!(ring_size(256, 1000, true), 64 << 20);
+        assert!(ring_size(1, 1, false).is_power_of_two());
     }
 }

@@ -1,8 +1,9 @@
-//! Turns events into aggregated [`AggregatedProfile`]s, one per event kind: each distinct raw stack
-//! (addresses) is symbolized once, when first seen — while its process is alive — and then
-//! only counted, its events' values summed per (kind, stack, thread).
+//! Turns events into aggregated [`AggregatedProfile`]s, one per profile kind: each distinct raw
+//! stack (addresses) is symbolized once, when first seen — while its process is alive — and
+//! then only counted, its events' values summed per (event kind, stack, thread, wait).
 use std::{
     collections::{HashMap, HashSet},
+    ops::Range,
     sync::Arc,
     time::SystemTime,
 };
@@ -11,7 +12,7 @@ use kprof_common::python::PyFrames;
 
 use super::event::{Event, EventKind, comm_str};
 use crate::{
-    profile::{AggregatedProfile, Frame, ProcessMeta, ProfileKind, SampleKey},
+    profile::{AggregatedProfile, Frame, FrameKind, ProcessMeta, ProfileKind, SampleKey, Wait},
     symbolize::Symbolizer,
 };
 
@@ -24,7 +25,15 @@ pub trait StackMerger {
     fn on_exec(&mut self, _pid: u32) {}
     /// Merges the captured Python frames into `native` (both innermost first).
     fn merge(&mut self, pid: u32, native: Vec<Frame>, py: PyFrames<'_>) -> Vec<Frame>;
+    /// The address range of the process's GIL (a futex inside it is a GIL wait).
+    fn gil(&mut self, _pid: u32) -> Option<Range<u64>> {
+        None
+    }
 }
+
+/// The frame an off-CPU interval gets when its stacks were not captured (the share of
+/// uncaptured time with no captured wait to stand for it).
+pub const NOT_CAPTURED: &str = "[stack not captured]";
 
 /// The addresses of one event: what identifies a distinct stack before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -33,7 +42,10 @@ pub struct RawKey {
     pub pid: u32,
     /// Bumped when the process `exec`s (same pid, new address space).
     pub generation: u32,
+    pub tid: u32,
     pub thread: [u8; 16],
+    /// Off-CPU events: how the thread waited.
+    pub wait: Option<Wait>,
     pub in_kernel: bool,
     pub kernel: Vec<u64>,
     pub user: Vec<u64>,
@@ -42,12 +54,14 @@ pub struct RawKey {
 }
 
 impl RawKey {
-    pub fn of(ev: &Event<'_>) -> RawKey {
+    pub fn of(ev: &Event<'_>, wait: Option<Wait>) -> RawKey {
         RawKey {
             kind: ev.kind,
             pid: ev.tgid,
             generation: 0,
+            tid: ev.tid,
             thread: ev.comm,
+            wait,
             in_kernel: ev.in_kernel,
             kernel: ev.kernel.to_vec(),
             user: ev.user.to_vec(),
@@ -168,10 +182,17 @@ impl Aggregator {
             }
             self.add_warnings(pid, warnings);
         }
-        let mut raw = RawKey::of(ev);
+        let wait = match ev.kind {
+            EventKind::OffCpu => {
+                let gil = merger.as_mut().and_then(|m| m.gil(pid));
+                Some(Wait::classify(ev.wait, ev.addr, gil.as_ref()))
+            }
+            _ => None,
+        };
+        let mut raw = RawKey::of(ev, wait);
         raw.generation = self.generation.get(&pid).copied().unwrap_or(0);
         if let Some((_, totals)) = self.stacks.get_mut(&raw) {
-            totals.count += 1;
+            totals.count += ev.count;
             totals.value += ev.value;
             return;
         }
@@ -191,6 +212,9 @@ impl Aggregator {
             _ => native,
         };
         frames.extend(user);
+        if frames.is_empty() && ev.kind == EventKind::OffCpu {
+            frames.push(Frame::new(FrameKind::Native, NOT_CAPTURED));
+        }
         if let Some(p) = self.processes.get_mut(&pid)
             && p.name.is_empty()
         {
@@ -198,7 +222,9 @@ impl Aggregator {
         }
         let key = SampleKey {
             pid,
+            tid: ev.tid,
             thread: comm_str(&ev.comm).into(),
+            wait,
             stack: Arc::from(frames),
         };
         self.stats.distinct_stacks += 1;
@@ -207,7 +233,7 @@ impl Aggregator {
             (
                 key,
                 Totals {
-                    count: 1,
+                    count: ev.count,
                     value: ev.value,
                 },
             ),
@@ -287,18 +313,22 @@ impl Aggregator {
         self.processes.len()
     }
 
-    /// Builds the profile of the events of one kind, reported as `kind`.
-    pub fn finish(
-        &self,
-        events: EventKind,
-        kind: ProfileKind,
-        start: SystemTime,
-    ) -> AggregatedProfile {
+    /// Builds the profile of one kind from the events it takes (`ProfileKind::takes`). In a
+    /// wall profile CPU samples are time in state `running`.
+    pub fn finish(&self, kind: ProfileKind, start: SystemTime) -> AggregatedProfile {
         let mut p = AggregatedProfile::of_kind(kind, start);
         for (raw, (key, totals)) in &self.stacks {
-            if raw.kind == events {
-                p.add_value(key.clone(), totals.count, totals.value);
+            if !kind.takes(raw.kind, key.wait.as_ref()) {
+                continue;
             }
+            let key = match (kind, key.wait) {
+                (ProfileKind::Wall { .. }, None) => SampleKey {
+                    wait: Some(Wait::RUNNING),
+                    ..key.clone()
+                },
+                _ => key.clone(),
+            };
+            p.add_value(key, totals.count, totals.value);
         }
         p.processes = self
             .processes
@@ -359,7 +389,7 @@ mod tests {
         agg.add(&event(pid, &[0x1000, 0x3000]), None);
         assert_eq!(agg.stats.events, 6);
         assert_eq!(agg.stats.distinct_stacks, 2);
-        let p = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
+        let p = agg.finish(CPU, SystemTime::UNIX_EPOCH);
         assert_eq!(p.total(), 6);
         assert_eq!(p.total_value(), 6 * PERIOD);
         let (key, count) = p
@@ -376,29 +406,75 @@ mod tests {
     }
 
     #[test]
-    fn kinds_are_kept_apart_and_their_values_summed() {
+    fn cpu_wall_and_lock_profiles_take_their_events_and_labels() {
+        use crate::profile::{ThreadState, WaitClass};
+        use kprof_common::wait as w;
         let mut agg = Aggregator::new();
         let pid = u32::MAX - 5;
         agg.add(&event(pid, &[0x1000]), None);
-        let off = |ns| Event {
+        let off = |ns, word, addr| Event {
             kind: EventKind::OffCpu,
             value: ns,
+            wait: word,
+            addr,
             ..event(pid, &[0x1000])
         };
-        agg.add(&off(3_000), None);
-        agg.add(&off(4_000), None);
-        assert_eq!(agg.stats.distinct_stacks, 2, "same stack, two kinds");
-        let kinds: Vec<_> = agg.kinds().into_iter().collect();
-        assert_eq!(kinds, [EventKind::CpuSample, EventKind::OffCpu]);
-        let cpu = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
-        assert_eq!((cpu.total(), cpu.total_value()), (1, PERIOD));
-        let wait = agg.finish(
-            EventKind::OffCpu,
-            ProfileKind::OffCpu,
-            SystemTime::UNIX_EPOCH,
+        let futex = w::of(1, false, Some(w::SYS_FUTEX));
+        agg.add(&off(3_000, futex, 0xabc0), None);
+        agg.add(
+            &Event {
+                count: 0,
+                ..off(4_000, futex, 0xabc0)
+            },
+            None,
         );
-        assert_eq!((wait.total(), wait.total_value()), (2, 7_000));
-        assert_eq!(wait.kind, ProfileKind::OffCpu);
+        agg.add(&off(5_000, w::of(1, false, Some(230)), 1), None);
+        agg.add(&off(6_000, w::of(0, true, None), 0), None);
+        assert_eq!(
+            agg.stats.distinct_stacks, 4,
+            "same stack, four ways of spending time"
+        );
+        let cpu = agg.finish(CPU, SystemTime::UNIX_EPOCH);
+        assert_eq!((cpu.total(), cpu.total_value()), (1, PERIOD));
+        let wall = agg.finish(ProfileKind::Wall { sample_hz: 99 }, SystemTime::UNIX_EPOCH);
+        assert_eq!((wall.total(), wall.total_value()), (4, PERIOD + 18_000));
+        let by_state = |state| -> u64 {
+            wall.values
+                .iter()
+                .filter(|(k, _)| k.wait.is_some_and(|w| w.state == state))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        assert_eq!(by_state(ThreadState::Running), PERIOD);
+        assert_eq!(by_state(ThreadState::Sleeping), 12_000);
+        assert_eq!(by_state(ThreadState::Runnable), 6_000);
+        let lock = agg.finish(ProfileKind::Lock, SystemTime::UNIX_EPOCH);
+        assert_eq!(
+            (lock.total(), lock.total_value()),
+            (1, 7_000),
+            "one contention, two parts"
+        );
+        let (key, _) = lock.sorted_samples()[0];
+        let wait = key.wait.unwrap();
+        assert_eq!(
+            (wait.class, wait.lock),
+            (Some(WaitClass::Lock), Some(0xabc0))
+        );
+        assert_eq!(key.tid, pid);
+    }
+
+    #[test]
+    fn an_off_cpu_interval_without_stacks_is_marked_not_captured() {
+        let mut agg = Aggregator::new();
+        let ev = Event {
+            kind: EventKind::OffCpu,
+            value: 9,
+            ..Event::synthetic(EventKind::OffCpu, 9, u32::MAX - 3, &[])
+        };
+        agg.add(&ev, None);
+        let wall = agg.finish(ProfileKind::Wall { sample_hz: 99 }, SystemTime::UNIX_EPOCH);
+        let (key, _) = wall.sorted_samples()[0];
+        assert_eq!(&*key.stack[0].function, NOT_CAPTURED);
     }
 
     struct FakePython;
@@ -430,7 +506,7 @@ mod tests {
         };
         let mut py = FakePython;
         agg.add(&ev, Some(&mut py));
-        let p = agg.finish(EventKind::CpuSample, CPU, SystemTime::UNIX_EPOCH);
+        let p = agg.finish(CPU, SystemTime::UNIX_EPOCH);
         let (key, _) = p.sorted_samples()[0];
         assert_eq!(key.stack[0].kind, FrameKind::Python);
         assert_eq!(

@@ -7,7 +7,8 @@ use kprof_common::{Stat, TargetSlot, python::PyStat};
 
 use super::{
     aggregate::StackMerger,
-    event::{Decoder, Event},
+    event::{Decoder, Event, EventKind},
+    offcpu::OffCpuTracker,
 };
 use crate::{
     kernel::loader::{KernelCost, LoadError, Sampler, SamplerConfig},
@@ -123,6 +124,7 @@ pub struct Engine {
     /// Records that did not decode (never expected; counted, not trusted).
     pub malformed: u64,
     decoder: Decoder,
+    off_cpu: OffCpuTracker,
 }
 
 impl Engine {
@@ -137,6 +139,7 @@ impl Engine {
             warnings,
             malformed: 0,
             decoder: Decoder::default(),
+            off_cpu: OffCpuTracker::default(),
         })
     }
 
@@ -166,14 +169,20 @@ impl Engine {
         Ok((sampler, python, warnings))
     }
 
-    /// Reloads the programs at another sampling rate (targets must be added again); the
-    /// counters carry on. The old programs are detached first: one sampler per node.
-    pub fn restart(mut self, sample_hz: u64) -> Result<Engine, LoadError> {
+    /// Reloads the programs at another sampling rate, with or without the off-CPU source
+    /// (targets must be added again); the counters carry on. The old programs are detached
+    /// first: one sampler per node.
+    pub fn restart(
+        mut self,
+        sample_hz: u64,
+        off_cpu: Option<crate::kernel::loader::OffCpuLimits>,
+    ) -> Result<Engine, LoadError> {
         self.counters.read(&self.sampler);
         let mut counters = self.counters.clone();
         counters.restart();
         let mut cfg = self.cfg;
         cfg.sampler.sample_hz = sample_hz;
+        cfg.sampler.off_cpu = off_cpu;
         drop(self);
         let mut engine = Engine::start(cfg)?;
         engine.counters = counters;
@@ -230,8 +239,8 @@ impl Engine {
         unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().clamp(1, 60_000) as i32) };
     }
 
-    /// Decodes every pending record and hands each event, with the stack merger, to `sink`.
-    /// Returns the number of events.
+    /// Decodes every pending record and hands each event, with the stack merger, to `sink`
+    /// (off-CPU records go through the off-CPU tracker first). Returns the number of records.
     pub fn drain(&mut self, mut sink: impl FnMut(&Event<'_>, Option<&mut dyn StackMerger>)) -> u64 {
         self.sampler.rearm_clocks();
         let period = self.cpu_period_ns();
@@ -241,6 +250,7 @@ impl Engine {
             python,
             malformed,
             decoder,
+            off_cpu,
             ..
         } = self;
         let mut merger = python.as_mut().map(|py| PythonMerger { py, wait });
@@ -249,12 +259,62 @@ impl Engine {
             match decoder.decode(&item, period) {
                 Ok(ev) => {
                     n += 1;
-                    sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+                    match ev.kind {
+                        EventKind::OffCpu | EventKind::OffCpuEnd => off_cpu.on_record(&ev, |e| {
+                            sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
+                        }),
+                        EventKind::CpuSample => {
+                            sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
+                        }
+                    }
                 }
                 Err(_) => *malformed += 1,
             }
         }
         n
+    }
+
+    /// Reports the off-CPU time that has passed and is not in events yet (waits in progress,
+    /// uncaptured waits), as of now, to `sink`; forgets the threads that exited. Call it after
+    /// a drain, at least once per window and at its end.
+    pub fn settle_off_cpu(
+        &mut self,
+        mut sink: impl FnMut(&Event<'_>, Option<&mut dyn StackMerger>),
+    ) {
+        if !self.sampler.has_off_cpu() {
+            return;
+        }
+        let threads = self.sampler.off_cpu_threads();
+        let now = crate::proc::monotonic_ns();
+        let wait = self.cfg.python_wait;
+        let Engine {
+            python, off_cpu, ..
+        } = self;
+        let mut merger = python.as_mut().map(|py| PythonMerger { py, wait });
+        off_cpu.tick(now, &threads, crate::proc::thread_comm, |e| {
+            sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
+        });
+        // Entries of exited threads: settled above, removed now (the map stays small).
+        for (tid, t) in &threads {
+            if !crate::proc::thread_exists(t.tgid, *tid) {
+                self.sampler.forget_off_cpu_thread(*tid);
+            }
+        }
+    }
+
+    /// Whether the off-CPU source is attached.
+    pub fn has_off_cpu(&self) -> bool {
+        self.sampler.has_off_cpu()
+    }
+
+    /// Run count and run time of the off-CPU program of the current load.
+    pub fn off_cpu_cost(&self) -> KernelCost {
+        self.sampler.off_cpu_cost()
+    }
+
+    /// The off-CPU tracker's counters.
+    pub fn off_cpu_stats(&self) -> super::offcpu::OffCpuStats {
+        self.off_cpu.stats
     }
 
     /// Walks the target map: entries `keep` refuses are removed (and their runtime state

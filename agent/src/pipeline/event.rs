@@ -7,25 +7,23 @@ use kprof_common::{
     python::{MAX_PY_FRAMES, PyFrame, PyFrames},
 };
 
-use crate::profile::ProfileKind;
-
-/// The profile kind an event's values are reported in. `sample_hz` is the rate of the CPU
-/// sampler (CPU samples only). Adding a profile type adds its [`EventKind`] (in
-/// `kprof-common`, the kernel's and user space's one definition), its kernel and user-space
-/// sources, and its arm here.
-pub fn profile_kind(kind: EventKind, sample_hz: u32) -> ProfileKind {
-    match kind {
-        EventKind::CpuSample => ProfileKind::Cpu { sample_hz },
-        EventKind::OffCpu => ProfileKind::OffCpu,
-    }
-}
-
-/// One decoded event (borrowed from the record it was read from).
+/// One decoded event (borrowed from the record it was read from). Which profiles an event
+/// feeds is the profile kind's rule (`ProfileKind::takes`); adding a profile type adds its
+/// [`EventKind`] (in `kprof-common`, the kernel's and user space's one definition), its
+/// kernel and user-space sources, and its profile kind.
 #[derive(Clone, Copy, Debug)]
 pub struct Event<'a> {
     pub kind: EventKind,
     /// A count, nanoseconds or bytes, by kind.
     pub value: u64,
+    /// How many occurrences the event stands for: 1 for a kernel record; a part of an off-CPU
+    /// interval reported before it ended counts 0 (the interval is counted once).
+    pub count: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the event.
+    pub timestamp_ns: u64,
+    /// Off-CPU events: the wait word (`kprof_common::wait`) and the syscall's first argument.
+    pub wait: u32,
+    pub addr: u64,
     pub tgid: u32,
     pub tid: u32,
     /// The target slot the process matched in kernel.
@@ -62,6 +60,10 @@ impl Event<'static> {
         Event {
             kind,
             value,
+            count: 1,
+            timestamp_ns: 0,
+            wait: 0,
+            addr: 0,
             tgid: pid,
             tid: pid,
             slot: 0,
@@ -139,6 +141,10 @@ impl Decoder {
         Ok(Event {
             kind,
             value,
+            count: 1,
+            timestamp_ns: h.timestamp_ns,
+            wait: h.wait,
+            addr: h.addr,
             tgid: h.tgid,
             tid: h.tid,
             slot: h.slot,
@@ -170,7 +176,7 @@ mod tests {
         let mut out = Vec::new();
         let fields32 = [h.kind, h.flags, h.tgid, h.tid, h.cpu, h.slot];
         fields32.iter().for_each(|f| out.extend(f.to_ne_bytes()));
-        [h.timestamp_ns, h.value, h.cgroup_id]
+        [h.timestamp_ns, h.value, h.cgroup_id, h.addr]
             .iter()
             .for_each(|f| out.extend(f.to_ne_bytes()));
         out.extend(h.comm);
@@ -178,12 +184,12 @@ mod tests {
             h.exec_id,
             h.kernel_len,
             h.user_len,
-            0,
+            h.wait,
             h.py_count,
             h.py_truncated,
         ];
         tail.iter().for_each(|f| out.extend(f.to_ne_bytes()));
-        assert_eq!(out.len(), 88);
+        assert_eq!(out.len(), 96);
         for &(code, lasti, flags) in py {
             out.extend(code.to_ne_bytes());
             out.extend(lasti.to_ne_bytes());
@@ -220,7 +226,7 @@ mod tests {
             &[0xffff_0001],
             &[0x10, 0x20, 0x30],
         );
-        assert_eq!(bytes.len(), 88 + 32 + 8 + 24);
+        assert_eq!(bytes.len(), 96 + 32 + 8 + 24);
         let mut d = Decoder::default();
         let e = d.decode(&bytes, 10_101_010).unwrap();
         assert_eq!(
@@ -257,7 +263,7 @@ mod tests {
         assert_eq!(value(&mut d, EventKind::CpuSample, 1_000_000_000), period);
         // Other kinds carry their value as it is.
         assert_eq!(
-            value(&mut d, EventKind::OffCpu, 1_000_000_000),
+            value(&mut d, EventKind::OffCpuEnd, 1_000_000_000),
             1_000_000_000
         );
     }

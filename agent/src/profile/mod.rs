@@ -3,6 +3,7 @@
 //! from this one model.
 pub mod frame;
 pub mod module;
+pub mod wait;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,13 +13,32 @@ use std::{
 
 pub use frame::{Frame, FrameKind};
 pub use module::{ModuleId, ModuleInfo};
+pub use wait::{ThreadState, Wait, WaitClass};
 
-/// What a sample is aggregated by: process, thread name and the stack (innermost first).
+/// What a sample is aggregated by: process, thread (id and name), how the thread spent the
+/// time (wall and lock profiles) and the stack (innermost first).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleKey {
     pub pid: u32,
+    /// Thread id (0: not known).
+    pub tid: u32,
     pub thread: Arc<str>,
+    /// `None` in CPU profiles.
+    pub wait: Option<Wait>,
     pub stack: Arc<[Frame]>,
+}
+
+impl SampleKey {
+    /// A key of a process's main thread with no wait labels (tests, synthetic profiles).
+    pub fn of(pid: u32, thread: &str, stack: Vec<Frame>) -> Self {
+        SampleKey {
+            pid,
+            tid: pid,
+            thread: thread.into(),
+            wait: None,
+            stack: stack.into(),
+        }
+    }
 }
 
 /// Kubernetes and host labels of the profile (empty strings in standalone mode).
@@ -40,12 +60,15 @@ pub struct ProcessMeta {
 }
 
 /// What a profile measures, with the settings specific to that kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ProfileKind {
     /// On-CPU samples of a clock ticking `sample_hz` times a second.
     Cpu { sample_hz: u32 },
-    /// Time threads spent off CPU (blocked or waiting), in nanoseconds.
-    OffCpu,
+    /// Wall-clock time per thread: its CPU samples (state `running`) plus its off-CPU
+    /// intervals (by state and wait class), in nanoseconds.
+    Wall { sample_hz: u32 },
+    /// Time blocked on locks (futex waits outside the GIL), by lock site and lock.
+    Lock,
 }
 
 impl ProfileKind {
@@ -53,8 +76,25 @@ impl ProfileKind {
     pub fn pprof_types(self) -> &'static kprof_pprof::types::KindTypes {
         match self {
             ProfileKind::Cpu { .. } => &kprof_pprof::types::CPU,
-            // Off-CPU time is wall time spent waiting: reported in wall's units.
-            ProfileKind::OffCpu => &kprof_pprof::types::WALL,
+            ProfileKind::Wall { .. } => &kprof_pprof::types::WALL,
+            ProfileKind::Lock => &kprof_pprof::types::LOCK,
+        }
+    }
+
+    /// The kind's name in the API, on the command line and in file names.
+    pub fn name(self) -> &'static str {
+        self.pprof_types().name
+    }
+
+    /// Whether events of `kind` with these wait labels belong to a profile of this kind.
+    pub fn takes(self, kind: crate::pipeline::event::EventKind, wait: Option<&Wait>) -> bool {
+        use crate::pipeline::event::EventKind as E;
+        match self {
+            ProfileKind::Cpu { .. } => kind == E::CpuSample,
+            ProfileKind::Wall { .. } => matches!(kind, E::CpuSample | E::OffCpu),
+            ProfileKind::Lock => {
+                kind == E::OffCpu && wait.is_some_and(|w| w.class == Some(WaitClass::Lock))
+            }
         }
     }
 
@@ -62,7 +102,7 @@ impl ProfileKind {
     pub fn nominal_value(self) -> u64 {
         match self {
             ProfileKind::Cpu { sample_hz } => 1_000_000_000 / u64::from(sample_hz.max(1)),
-            ProfileKind::OffCpu => 0,
+            ProfileKind::Wall { .. } | ProfileKind::Lock => 0,
         }
     }
 
@@ -70,8 +110,8 @@ impl ProfileKind {
     pub fn pprof_values(self, count: u64, value: u64) -> Vec<i64> {
         let (count, value) = (count as i64, value as i64);
         match self {
-            ProfileKind::Cpu { .. } => vec![count, value],
-            ProfileKind::OffCpu => vec![value, count],
+            ProfileKind::Cpu { .. } | ProfileKind::Lock => vec![count, value],
+            ProfileKind::Wall { .. } => vec![value, count],
         }
     }
 }
@@ -145,7 +185,7 @@ impl AggregatedProfile {
     pub fn sample_hz(&self) -> Option<u32> {
         match self.kind {
             ProfileKind::Cpu { sample_hz } => Some(sample_hz),
-            ProfileKind::OffCpu => None,
+            ProfileKind::Wall { .. } | ProfileKind::Lock => None,
         }
     }
 
@@ -186,11 +226,7 @@ mod tests {
     fn totals_and_cpu() {
         let mut p = AggregatedProfile::new(100, SystemTime::UNIX_EPOCH);
         let stack: Arc<[Frame]> = vec![Frame::new(FrameKind::Native, "f")].into();
-        let key = SampleKey {
-            pid: 1,
-            thread: "t".into(),
-            stack,
-        };
+        let key = SampleKey::of(1, "t", stack.to_vec());
         p.add(key.clone(), 150);
         p.add(key, 50);
         p.duration = Duration::from_secs(2);
@@ -201,12 +237,9 @@ mod tests {
 
     #[test]
     fn values_are_summed_per_key_and_written_in_the_kinds_order() {
-        let mut p = AggregatedProfile::of_kind(ProfileKind::OffCpu, SystemTime::UNIX_EPOCH);
-        let key = SampleKey {
-            pid: 1,
-            thread: "t".into(),
-            stack: vec![Frame::new(FrameKind::Native, "wait")].into(),
-        };
+        let wall = ProfileKind::Wall { sample_hz: 99 };
+        let mut p = AggregatedProfile::of_kind(wall, SystemTime::UNIX_EPOCH);
+        let key = SampleKey::of(1, "t", vec![Frame::new(FrameKind::Native, "wait")]);
         p.add_value(key.clone(), 1, 2_000);
         p.add_value(key.clone(), 2, 500);
         assert_eq!(
@@ -217,6 +250,8 @@ mod tests {
         assert_eq!(p.sample_hz(), None);
         assert_eq!(p.kind.pprof_values(3, 2_500), [2_500, 3]);
         assert_eq!(p.kind.pprof_types().sample_types[0].r#type, "wall");
+        assert_eq!(ProfileKind::Lock.pprof_values(3, 2_500), [3, 2_500]);
+        assert_eq!(ProfileKind::Lock.name(), "lock");
         let cpu = ProfileKind::Cpu { sample_hz: 100 };
         assert_eq!(cpu.pprof_values(3, 30_000_000), [3, 30_000_000]);
         assert_eq!(cpu.pprof_types().name, "cpu");
