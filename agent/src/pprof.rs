@@ -133,6 +133,13 @@ pub fn build(profile: &AggregatedProfile) -> PprofProfile {
                 ..Default::default()
             });
         }
+        if let Some(held) = key.gil_held {
+            label.push(Label {
+                key: label_keys.gil,
+                str: b.string(if held { "held" } else { "released" }),
+                ..Default::default()
+            });
+        }
         if let Some(w) = &key.wait {
             label.push(Label {
                 key: label_keys.state,
@@ -215,6 +222,7 @@ struct LabelKeys {
     state: i64,
     wait_class: i64,
     lock: i64,
+    gil: i64,
     process: i64,
     namespace: i64,
     pod: i64,
@@ -231,6 +239,7 @@ impl LabelKeys {
             state: b.string(labels::STATE),
             wait_class: b.string(labels::WAIT_CLASS),
             lock: b.string(labels::LOCK),
+            gil: b.string(labels::GIL),
             process: b.string(labels::PROCESS_NAME),
             namespace: b.string(labels::NAMESPACE),
             pod: b.string(labels::POD),
@@ -328,6 +337,7 @@ mod tests {
                 tid: 0,
                 thread: "hot".into(),
                 wait: None,
+                gil_held: None,
                 stack,
             },
             90,
@@ -347,6 +357,7 @@ mod tests {
                 tid: 0,
                 thread: "hot".into(),
                 wait: None,
+                gil_held: None,
                 stack: kstack,
             },
             10,

@@ -571,7 +571,49 @@ pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
     if p.kind == ProfileKind::Lock {
         out["contentions"] = p.total().into();
     }
+    if let Some(gil) = gil_summary(p) {
+        out["gil"] = gil;
+    }
     out
+}
+
+/// The GIL figures of a CPU or wall profile (`None` when no sample knew the GIL): the share of
+/// the window each thread, and the process, held the GIL while on CPU, and (wall) the time
+/// each thread waited for it.
+pub fn gil_summary(p: &AggregatedProfile) -> Option<serde_json::Value> {
+    use crate::profile::WaitClass;
+    let window = p.duration.as_nanos().max(1) as f64;
+    let mut known = false;
+    let mut threads: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+    for (k, v) in &p.values {
+        if let Some(held) = k.gil_held {
+            known = true;
+            if held {
+                threads.entry(k.tid).or_default().0 += v;
+            }
+        }
+        if k.wait.is_some_and(|w| w.class == Some(WaitClass::Gil)) {
+            threads.entry(k.tid).or_default().1 += v;
+        }
+    }
+    if !known {
+        return None;
+    }
+    let pct = |ns: u64| (ns as f64 * 1000.0 / window).round() / 10.0;
+    let held: u64 = threads.values().map(|t| t.0).sum();
+    let waited: u64 = threads.values().map(|t| t.1).sum();
+    Some(serde_json::json!({
+        "held_percent": pct(held),
+        "wait_seconds": (waited as f64 / 1e6).round() / 1e3,
+        "threads": threads
+            .into_iter()
+            .map(|(tid, (h, w))| serde_json::json!({
+                "tid": tid,
+                "held_percent": pct(h),
+                "wait_seconds": (w as f64 / 1e6).round() / 1e3,
+            }))
+            .collect::<Vec<_>>(),
+    }))
 }
 
 /// The top table text of each profile of a recording, headed by its type.

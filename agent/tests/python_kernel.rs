@@ -798,3 +798,89 @@ fn wall_splits_a_threads_time_by_how_it_waits_on_every_version() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version() {
+    if !kernel_or_skip("gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version")
+    {
+        return;
+    }
+    const THREADS: usize = 3;
+    let interps = harness::interpreters();
+    harness::assert_required_minors(&interps);
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for interp in interps {
+        let truth_path = dir.path().join(format!("gil-{}.json", interp.name));
+        let truth_arg = truth_path.to_string_lossy().to_string();
+        let rec = record_cmd_with(
+            &interp,
+            "gil.py",
+            &["8", &THREADS.to_string(), &truth_arg],
+            14,
+            99,
+            true,
+            vec![ProfileType::Wall],
+        );
+        let truth: serde_json::Value = match std::fs::read_to_string(&truth_path) {
+            Ok(s) => serde_json::from_str(&s).unwrap(),
+            Err(e) => {
+                failures.push(format!("{}: no truth file: {e}", interp.name));
+                continue;
+            }
+        };
+        let wall = rec.profile();
+        let mut line = format!("{:<20}", interp.name);
+        let mut errs = Vec::new();
+        let (mut held_all, mut cpu_all) = (0.0, 0.0);
+        for t in truth["threads"].as_array().unwrap() {
+            let tid = t["tid"].as_u64().unwrap() as u32;
+            let (cpu, secs) = (t["cpu"].as_f64().unwrap(), t["wall"].as_f64().unwrap());
+            let (mut total, mut gil_wait, mut held) = (0u64, 0u64, 0u64);
+            for (k, v) in &wall.values {
+                if k.tid != tid {
+                    continue;
+                }
+                total += v;
+                if k.wait.is_some_and(|w| w.class == Some(WaitClass::Gil)) {
+                    gil_wait += v;
+                }
+                if k.gil_held == Some(true) {
+                    held += v;
+                }
+            }
+            let total = total.max(1) as f64;
+            let wait_pct = 100.0 * gil_wait as f64 / total;
+            let want_wait = 100.0 * (secs - cpu) / secs;
+            let held_pct = 100.0 * held as f64 / total;
+            let want_held = 100.0 * cpu / secs;
+            held_all += held as f64 / 1e9;
+            cpu_all += cpu;
+            line.push_str(&format!(
+                " [{tid}: gil-wait {wait_pct:.1}%/{want_wait:.1}% held {held_pct:.1}%/{want_held:.1}%]"
+            ));
+            if (wait_pct - want_wait).abs() > 5.0 {
+                errs.push(format!(
+                    "thread {tid} GIL wait {wait_pct:.1}%, truth {want_wait:.1}%"
+                ));
+            }
+            if (held_pct - want_held).abs() > 5.0 {
+                errs.push(format!(
+                    "thread {tid} GIL held {held_pct:.1}%, truth {want_held:.1}%"
+                ));
+            }
+        }
+        // The process: the GIL is held about as long as the threads ran Python.
+        let window = truth["window"].as_f64().unwrap();
+        let (have, want) = (100.0 * held_all / window, 100.0 * cpu_all / window);
+        line.push_str(&format!(" process held {have:.1}%/{want:.1}%"));
+        if (have - want).abs() > 5.0 {
+            errs.push(format!("process GIL held {have:.1}%, truth {want:.1}%"));
+        }
+        eprintln!("{}{line}", if errs.is_empty() { "PASS " } else { "FAIL " });
+        if !errs.is_empty() {
+            failures.push(format!("{}: {errs:?}", interp.name));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

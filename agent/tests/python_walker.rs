@@ -120,7 +120,15 @@ fn check(interp: &harness::Interp) -> Result<String, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let ok = seen.busy_chain
+    // The GIL is found by its contents, and its last holder is one of the thread states.
+    let gil = proc_.find_gil();
+    let gil_ok = gil.is_some_and(|g| {
+        let holder = proc_.mem.read_u64(g + 8).unwrap_or(u64::MAX);
+        let states = proc_.thread_states().unwrap_or_default();
+        holder == 0 || states.contains(&holder)
+    });
+    let ok = gil_ok
+        && seen.busy_chain
         && seen.zlib
         && seen.main_join
         && seen.deep >= 60
@@ -128,9 +136,10 @@ fn check(interp: &harness::Interp) -> Result<String, String> {
         && seen.names_ok
         && seen.run_ends_ok;
     let summary = format!(
-        "{:<18} {:<40} busy={} zlib={} main={} deep={} tss={}/{} names={} notes={:?}",
+        "{:<18} {:<40} gil={:?} busy={} zlib={} main={} deep={} tss={}/{} names={} notes={:?}",
         interp.name,
         info.display,
+        gil.map(|g| format!("{g:#x}")),
         seen.busy_chain,
         seen.zlib,
         seen.main_join,

@@ -33,6 +33,9 @@ pub mod labels {
     /// Wall and lock profiles: what a waiting thread waits for (`gil`, `lock`, `io`, `sleep`,
     /// `other`).
     pub const WAIT_CLASS: &str = "wait_class";
+    /// CPU and wall profiles of Python threads: `held` when the thread held the GIL while on
+    /// CPU, `released` otherwise.
+    pub const GIL: &str = "gil";
     /// Lock profiles: the lock's address (a number; the same for every waiter of one lock).
     pub const LOCK: &str = "lock";
 }

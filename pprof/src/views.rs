@@ -550,6 +550,21 @@ mod tests {
     }
 
     #[test]
+    fn wall_and_lock_tops_rank_the_python_wait_site_not_the_scheduler() {
+        let mut p = agent_like();
+        p.string_table.push("wall".into());
+        p.sample_type[0].r#type = (p.string_table.len() - 1) as i64;
+        let s = Stacks::from_profile(&p, 0);
+        assert!(s.wait_sites);
+        let t = s.top();
+        // The blocked stack (kernel, libc, Python) counts as self of its innermost Python frame.
+        assert_eq!((t[0].function.as_str(), t[0].self_value), ("fib", 4));
+        let sys = t.iter().find(|r| r.function == "do_syscall_64").unwrap();
+        assert_eq!((sys.self_value, sys.total_value), (0, 3));
+        assert!(!Stacks::from_profile(&agent_like(), 0).wait_sites);
+    }
+
+    #[test]
     fn folded_marks_processes_kernel_and_python_lines() {
         let s = Stacks::from_profile(&agent_like(), 0);
         assert_eq!(

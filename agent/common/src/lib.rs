@@ -48,6 +48,11 @@ pub const FLAG_KERNEL_STACK_ERR: u32 = 1;
 pub const FLAG_USER_STACK_ERR: u32 = 1 << 1;
 /// `EventHeader::flags` bit: the sample interrupted kernel mode (kernel frames present).
 pub const FLAG_IN_KERNEL: u32 = 1 << 2;
+/// `EventHeader::flags` bit: the walker knew the process's GIL, so `FLAG_GIL_HELD` says
+/// whether the thread held it.
+pub const FLAG_GIL_KNOWN: u32 = 1 << 3;
+/// `EventHeader::flags` bit: the thread held the GIL.
+pub const FLAG_GIL_HELD: u32 = 1 << 4;
 
 /// Counters kept per CPU in the `STATS` array (index = discriminant). Never reuse an index.
 /// Program runs are not counted here: `kernel.bpf_stats_enabled` reports them (`run_cnt`) without

@@ -144,8 +144,22 @@ pub struct PyProcConfig {
     pub pycode_type: u64,
     /// Mask applied to `f_executable` (`!3` for 3.14's tagged `_PyStackRef`, else `!0`).
     pub code_mask: u64,
+    /// Address of the GIL (`struct _gil_runtime_state`: `last_holder` at +8, `locked` at +16);
+    /// 0 when not found. A CPU sample then says whether its thread holds the GIL.
+    pub gil: u64,
 }
-const _: () = assert!(size_of::<PyProcConfig>() == 18 * 4 + 16);
+const _: () = assert!(size_of::<PyProcConfig>() == 18 * 4 + 24);
+
+/// What [`PyStack`]'s walker learnt about the GIL: returned by the walker, written as header
+/// flags by the record path.
+pub const GIL_UNKNOWN: u32 = 0;
+/// The thread does not hold the GIL.
+pub const GIL_RELEASED: u32 = 1;
+/// The thread holds the GIL (`locked` and `last_holder` is its thread state).
+pub const GIL_HELD: u32 = 2;
+/// `PyProcConfig::gil` offsets.
+pub const GIL_LAST_HOLDER_OFF: u64 = 8;
+pub const GIL_LOCKED_OFF: u64 = 16;
 
 /// Global (kernel-level) configuration of the walker (the single entry of `PY_GLOBAL`).
 #[repr(C)]

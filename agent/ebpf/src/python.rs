@@ -24,7 +24,7 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use kprof_common::python::{
-    MAX_PY_FRAMES, MAX_PY_PROCS, PY_LASTI_NONE, PYFRAME_CODE_UNREAD, PYFRAME_NOT_CODE,
+    GIL_HELD, GIL_LAST_HOLDER_OFF, GIL_LOCKED_OFF, GIL_RELEASED, GIL_UNKNOWN, MAX_PY_FRAMES, MAX_PY_PROCS, PY_LASTI_NONE, PYFRAME_CODE_UNREAD, PYFRAME_NOT_CODE,
     PYFRAME_RUN_END, PyGlobalConfig, PyProcConfig, PyStack, PyStat, PyTestEvent, layout,
 };
 
@@ -302,12 +302,34 @@ fn walk(cfg: &PyProcConfig, frame: u64, py: &mut PyStack) {
     bump(PyStat::Frames, n as u64);
 }
 
+/// Per CPU: whether the thread of the last [`collect`] holds the GIL (`GIL_*`). Kept in a map
+/// rather than returned: a value carried in a register through the walk would have the
+/// verifier check the walk once per value (over its instruction limit).
+#[map(name = "PY_GIL_STATE")]
+static PY_GIL_STATE: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The GIL state the last [`collect`] on this CPU found.
+#[inline(always)]
+pub fn last_gil_state() -> u32 {
+    PY_GIL_STATE.get(0).copied().unwrap_or(GIL_UNKNOWN)
+}
+
+#[inline(always)]
+fn set_gil_state(state: u32) {
+    if let Some(p) = PY_GIL_STATE.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p = state };
+    }
+}
+
 /// Record the Python frames of the current thread of process `tgid` into `py` (count 0 when the
-/// process is not a registered Python process or the thread runs no Python code).
+/// process is not a registered Python process or the thread runs no Python code), and whether
+/// the thread holds the GIL ([`last_gil_state`]).
 #[inline(always)]
 pub fn collect<C: EbpfContext>(_ctx: &C, tgid: u32, py: &mut PyStack) {
     py.count = 0;
     py.truncated = 0;
+    set_gil_state(GIL_UNKNOWN);
     // SAFETY: the value is only read during this program run.
     let cfg = match unsafe { PY_PROCS.get(&tgid) } {
         Some(c) => c,
@@ -322,12 +344,30 @@ pub fn collect<C: EbpfContext>(_ctx: &C, tgid: u32, py: &mut PyStack) {
         Some(t) => t,
         None => return,
     };
+    note_gil(cfg, tstate);
     let frame = top_frame(cfg, tstate);
     if frame == 0 {
         bump(PyStat::NoFrame, 1);
         return;
     }
     walk(cfg, frame, py);
+}
+
+/// Notes whether the thread whose state is `tstate` holds the GIL: the GIL is locked and its
+/// last holder is this thread (every CPython 3.8–3.14 with a GIL).
+#[inline(always)]
+fn note_gil(cfg: &PyProcConfig, tstate: u64) {
+    if cfg.gil == 0 {
+        return;
+    }
+    // SAFETY: bpf_probe_read_user checks the address.
+    let locked = unsafe { bpf_probe_read_user((cfg.gil + GIL_LOCKED_OFF) as *const i32) };
+    let holder = read_user_u64(cfg.gil + GIL_LAST_HOLDER_OFF);
+    set_gil_state(match (locked, holder) {
+        (Ok(1), Some(h)) if h == tstate => GIL_HELD,
+        (Ok(_), _) => GIL_RELEASED,
+        _ => GIL_UNKNOWN,
+    });
 }
 
 /// A forked child runs its parent's interpreter at the same addresses (the address space is

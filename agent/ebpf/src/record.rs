@@ -14,7 +14,7 @@ use aya_ebpf::{
     },
 };
 use kprof_common::{
-    Config, EventHeader, EventKind, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_ERR, FLAG_USER_STACK_ERR,
+    Config, EventHeader, EventKind, FLAG_GIL_HELD, FLAG_GIL_KNOWN, FLAG_IN_KERNEL, FLAG_KERNEL_STACK_ERR, FLAG_USER_STACK_ERR,
     MAX_KERNEL_FRAMES, MAX_USER_FRAMES, Stat, event_len,
     python::{MAX_PY_FRAMES, PyFrame},
 };
@@ -112,6 +112,17 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(
         let mut flags = 0u32;
         if ev.in_kernel {
             flags |= FLAG_IN_KERNEL;
+        }
+        #[cfg(feature = "python")]
+        if PYTHON {
+            // Read here, not carried from the walk (see `python::PY_GIL_STATE`).
+            let gil = crate::python::last_gil_state();
+            if gil != kprof_common::python::GIL_UNKNOWN {
+                flags |= FLAG_GIL_KNOWN;
+                if gil == kprof_common::python::GIL_HELD {
+                    flags |= FLAG_GIL_HELD;
+                }
+            }
         }
         let kernel_at = (buf as *mut u8)
             .add(size_of::<EventHeader>() + py_count * size_of::<PyFrame>());

@@ -335,6 +335,7 @@ mod tests {
                     tid: 0,
                     thread: "t".into(),
                     wait: None,
+                    gil_held: None,
                     stack: st.clone(),
                 },
                 u64::from(pid),

@@ -46,6 +46,8 @@ pub struct RawKey {
     pub thread: [u8; 16],
     /// Off-CPU events: how the thread waited.
     pub wait: Option<Wait>,
+    /// CPU samples of Python threads: whether the thread held the GIL.
+    pub gil_held: Option<bool>,
     pub in_kernel: bool,
     pub kernel: Vec<u64>,
     pub user: Vec<u64>,
@@ -62,6 +64,7 @@ impl RawKey {
             tid: ev.tid,
             thread: ev.comm,
             wait,
+            gil_held: ev.gil_held,
             in_kernel: ev.in_kernel,
             kernel: ev.kernel.to_vec(),
             user: ev.user.to_vec(),
@@ -225,6 +228,7 @@ impl Aggregator {
             tid: ev.tid,
             thread: comm_str(&ev.comm).into(),
             wait,
+            gil_held: ev.gil_held,
             stack: Arc::from(frames),
         };
         self.stats.distinct_stacks += 1;

@@ -102,6 +102,10 @@ impl StackMerger for PythonMerger<'_> {
     ) -> Vec<Frame> {
         self.py.merge(pid, native, py)
     }
+
+    fn gil(&mut self, pid: u32) -> Option<std::ops::Range<u64>> {
+        self.py.gil(pid)
+    }
 }
 
 /// A process in the target map, as seen by [`Engine::prune`].

@@ -3,7 +3,7 @@
 //! this type.
 pub use kprof_common::EventKind;
 use kprof_common::{
-    EventHeader, FLAG_IN_KERNEL, MAX_KERNEL_FRAMES, MAX_USER_FRAMES,
+    EventHeader, FLAG_GIL_HELD, FLAG_GIL_KNOWN, FLAG_IN_KERNEL, MAX_KERNEL_FRAMES, MAX_USER_FRAMES,
     python::{MAX_PY_FRAMES, PyFrame, PyFrames},
 };
 
@@ -34,6 +34,8 @@ pub struct Event<'a> {
     pub exec_id: u32,
     /// The event interrupted kernel mode.
     pub in_kernel: bool,
+    /// Python threads of a process whose GIL is known: whether the thread held it.
+    pub gil_held: Option<bool>,
     /// Kernel return addresses, innermost first.
     pub kernel: &'a [u64],
     /// User return addresses, innermost first.
@@ -70,6 +72,7 @@ impl Event<'static> {
             comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
             exec_id: 0,
             in_kernel: false,
+            gil_held: None,
             kernel: &[],
             user,
             py: PyFrames::default(),
@@ -151,6 +154,7 @@ impl Decoder {
             comm: h.comm,
             exec_id: h.exec_id,
             in_kernel: h.flags & FLAG_IN_KERNEL != 0,
+            gil_held: (h.flags & FLAG_GIL_KNOWN != 0).then_some(h.flags & FLAG_GIL_HELD != 0),
             kernel,
             user,
             py: PyFrames {

@@ -92,6 +92,7 @@ impl Captured {
             comm: self.comm,
             exec_id: self.exec_id,
             in_kernel: !self.kernel.is_empty(),
+            gil_held: None,
             kernel: &self.kernel,
             user: &self.user,
             py: PyFrames {

@@ -25,6 +25,8 @@ pub struct SampleKey {
     pub thread: Arc<str>,
     /// `None` in CPU profiles.
     pub wait: Option<Wait>,
+    /// On-CPU time of a Python thread whose process's GIL is known: whether it held the GIL.
+    pub gil_held: Option<bool>,
     pub stack: Arc<[Frame]>,
 }
 
@@ -36,6 +38,7 @@ impl SampleKey {
             tid: pid,
             thread: thread.into(),
             wait: None,
+            gil_held: None,
             stack: stack.into(),
         }
     }

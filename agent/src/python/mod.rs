@@ -102,6 +102,10 @@ impl CodeCache {
 
 type ProcMap = aya::maps::HashMap<aya::maps::MapData, u32, PyProcConfig>;
 
+/// Size of `struct _gil_runtime_state` on x86-64 (interval, last_holder, locked,
+/// switch_number, two condition variables and two mutexes).
+pub const GIL_BYTES: u64 = 208;
+
 /// State shared with the watcher thread.
 #[derive(Default)]
 struct Inner {
@@ -112,6 +116,8 @@ struct Inner {
     infos: HashMap<u32, RuntimeInfo>,
     /// `PY_PROCS`, taken out of the loaded object (absent in user-space-only mode).
     map: Option<ProcMap>,
+    /// When the GIL of a process whose GIL is not known yet was last looked for.
+    gil_tried: HashMap<u32, Instant>,
     watcher_running: bool,
 }
 
@@ -204,6 +210,12 @@ fn attempt(pid: u32) -> Attempt {
                 .cloned()
                 .collect::<Vec<_>>();
             let ok = p.tsd.max_key > 0;
+            if p.gil.is_none() {
+                warnings.push(
+                    "the GIL was not found in this interpreter: GIL waits count as lock waits and GIL held % is missing (wall and lock profiles still work)"
+                        .into(),
+                );
+            }
             if !ok {
                 warnings.push(
                     "python thread-state lookup unsupported for this libc: native frames only"
@@ -403,6 +415,7 @@ impl PythonSupport {
     fn forget(&self, pid: u32) {
         let mut inner = lock(&self.inner);
         inner.procs.remove(&pid);
+        inner.gil_tried.remove(&pid);
         inner.pending.remove(&pid);
         inner.infos.remove(&pid);
         if let Some(m) = inner.map.as_mut() {
@@ -410,6 +423,35 @@ impl PythonSupport {
         }
         drop(inner);
         lock(&self.cache).forget_pid(pid);
+    }
+
+    /// The bytes of `pid`'s GIL (`struct _gil_runtime_state`, the same 208 bytes in every
+    /// CPython 3.8–3.14 with a GIL), found once per process (`PyProcess::find_gil`), looked for
+    /// again at most once a second while not found.
+    pub fn gil(&self, pid: u32) -> Option<std::ops::Range<u64>> {
+        let mut inner = lock(&self.inner);
+        let p = inner.procs.get(&pid)?;
+        if let Some(addr) = p.gil {
+            return Some(addr..addr + GIL_BYTES);
+        }
+        if inner
+            .gil_tried
+            .get(&pid)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        let found = p.find_gil();
+        inner.gil_tried.insert(pid, Instant::now());
+        let addr = found?;
+        if let Some(p) = inner.procs.get_mut(&pid) {
+            p.gil = Some(addr);
+        }
+        // The walker learns it too: CPU samples then say whether their thread holds it.
+        if let Err(e) = inner.register(pid) {
+            tracing::debug!(pid, error = %e, "cannot update the walker's GIL address");
+        }
+        Some(addr..addr + GIL_BYTES)
     }
 
     /// Processes with a detected interpreter.

@@ -89,6 +89,8 @@ pub struct PyProcess {
     pub interp_ranges: Vec<(u64, u64)>,
     /// Notes from detection (offsets corrected from `tp_members`, …).
     pub notes: Vec<String>,
+    /// The GIL's address ([`PyProcess::find_gil`]), once found.
+    pub gil: Option<u64>,
 }
 
 fn io_err(e: io::Error) -> DetectError {
@@ -311,8 +313,10 @@ impl PyProcess {
             eval_ranges,
             interp_ranges,
             notes,
+            gil: None,
         };
         p.init_tss()?;
+        p.gil = p.find_gil();
         Ok(p)
     }
 
@@ -443,6 +447,43 @@ impl PyProcess {
     pub fn interpreter(&self) -> io::Result<u64> {
         self.mem
             .read_u64(self.runtime + self.layout.rt_interpreters_head)
+    }
+
+    /// The GIL of the main interpreter: the address of its `struct _gil_runtime_state`
+    /// (`_PyRuntime.ceval.gil` on 3.8–3.11, `*interp->ceval.gil` on 3.12+), found by its
+    /// contents since its offset changes with every version and build: `interval` (the switch
+    /// interval in µs, 5000 unless `sys.setswitchinterval` changed it), `last_holder` (a thread
+    /// state of the interpreter, or NULL) and `locked` (0 or 1). A futex word inside it is a
+    /// thread waiting for the GIL (`cond`, `mutex`, `switch_cond`, `switch_mutex`). `None`:
+    /// not found (a free-threaded build has no GIL to wait for).
+    pub fn find_gil(&self) -> Option<u64> {
+        const SCAN: usize = 4096;
+        let tstates = self.thread_states().ok()?;
+        let plausible = |b: &[u8]| -> bool {
+            let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+            let (interval, holder) = (u64_at(0), u64_at(8));
+            let locked = i32::from_le_bytes(b[16..20].try_into().unwrap());
+            let switches = u64_at(24);
+            let holder_ok = holder == 0 || tstates.contains(&holder);
+            (0..=1).contains(&locked)
+                && switches < 1 << 48
+                && holder_ok
+                // The default interval, or any interval with a known holder.
+                && (interval == 5000 || (interval > 0 && interval < 1 << 32 && holder != 0))
+        };
+        if !self.version.at_least(3, 12) {
+            let buf = self.mem.read_vec(self.runtime, SCAN).ok()?;
+            return (0..SCAN - 32)
+                .step_by(8)
+                .find(|&o| plausible(&buf[o..o + 32]))
+                .map(|o| self.runtime + o as u64);
+        }
+        let interp = self.interpreter().ok().filter(|&i| i != 0)?;
+        let buf = self.mem.read_vec(interp, SCAN).ok()?;
+        buf.chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .filter(|&p| p > 0x10000 && p % 8 == 0)
+            .find(|&p| self.mem.read_vec(p, 32).is_ok_and(|b| plausible(&b)))
     }
 
     /// Every thread state of the main interpreter (bounded).
@@ -578,6 +619,7 @@ impl PyProcess {
             _pad: 0,
             pycode_type: self.pycode_type,
             code_mask: l.code_mask,
+            gil: self.gil.unwrap_or(0),
         }
     }
 
