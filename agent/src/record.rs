@@ -581,24 +581,8 @@ pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
 /// the window each thread, and the process, held the GIL while on CPU, and (wall) the time
 /// each thread waited for it.
 pub fn gil_summary(p: &AggregatedProfile) -> Option<serde_json::Value> {
-    use crate::profile::WaitClass;
     let window = p.duration.as_nanos().max(1) as f64;
-    let mut known = false;
-    let mut threads: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
-    for (k, v) in &p.values {
-        if let Some(held) = k.gil_held {
-            known = true;
-            if held {
-                threads.entry(k.tid).or_default().0 += v;
-            }
-        }
-        if k.wait.is_some_and(|w| w.class == Some(WaitClass::Gil)) {
-            threads.entry(k.tid).or_default().1 += v;
-        }
-    }
-    if !known {
-        return None;
-    }
+    let threads = p.gil_by_thread()?;
     let pct = |ns: u64| (ns as f64 * 1000.0 / window).round() / 10.0;
     let held: u64 = threads.values().map(|t| t.0).sum();
     let waited: u64 = threads.values().map(|t| t.1).sum();

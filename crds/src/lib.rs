@@ -15,7 +15,7 @@ use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, GoDuration};
-pub use profile::{ArtifactRef, Artifacts, Profile, ProfileSpec, TopFunction};
+pub use profile::{ArtifactRef, Artifacts, Profile, ProfileSpec, TimeSummary, TopFunction};
 pub use target::{
     Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,
     Retention,

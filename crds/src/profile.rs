@@ -4,6 +4,8 @@
 // inside them as duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -79,10 +81,34 @@ pub struct ProfileSpec {
     /// Where the artifacts of this window are stored.
     #[serde(default)]
     pub artifacts: Artifacts,
+    /// Wall and lock profiles: what the threads' time adds up to and where it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<TimeSummary>,
     /// Anything that makes this profile less than complete, e.g.
     /// `python version not supported: native frames only`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// The totals of a wall or lock profile.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeSummary {
+    /// Seconds of thread time in the window: on and off CPU (wall), blocked on locks (lock).
+    pub seconds: f64,
+    /// Seconds on CPU (state `running`).
+    #[serde(default)]
+    pub running_seconds: f64,
+    /// Seconds waiting for a CPU (state `runnable`).
+    #[serde(default)]
+    pub runnable_seconds: f64,
+    /// Seconds off CPU per wait class (`gil`, `lock`, `io`, `sleep`, `other`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wait_seconds: BTreeMap<String, f64>,
+    /// Share of the window the container's threads held the GIL while on CPU, in percent
+    /// (absent when no interpreter's GIL was known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gil_held_percent: Option<f64>,
 }
 
 /// One row of a profile's top table.

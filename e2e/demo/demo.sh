@@ -40,7 +40,7 @@ kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/d
 kubectl apply -f e2e/demo/shop.yaml
 kubectl -n "$NS" rollout status deploy/shop --timeout=120s
 
-step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, 99 Hz, 10 s windows)"
+step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, wall and lock, 99 Hz, 10 s windows)"
 kubectl -n "$NS" delete profilingtarget shop --ignore-not-found --wait >/dev/null
 applied=$(date +%s.%N)
 kubectl apply -f e2e/demo/target.yaml
@@ -48,7 +48,7 @@ kubectl apply -f e2e/demo/target.yaml
 step "7/8 Waiting for the first Profile"
 first=""
 for _ in $(seq 1 90); do
-  first=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop --sort-by=.metadata.creationTimestamp \
+  first=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop,kprof.io/type=cpu --sort-by=.metadata.creationTimestamp \
             -o jsonpath='{range .items[?(@.spec.samples>0)]}{.metadata.name}{"\n"}{end}' 2>/dev/null | tail -n 1)
   [[ -n "$first" ]] && break
   sleep 2
@@ -69,11 +69,21 @@ kubectl get profilingtargets -n "$NS"
 echo
 echo "\$ kubectl get profiles -n $NS"
 kubectl get profiles -n "$NS"
-newest=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop --sort-by=.metadata.creationTimestamp \
-           -o jsonpath='{range .items[?(@.spec.samples>0)]}{.metadata.name}{"\n"}{end}' | tail -n 1)
+newest_of() {
+  kubectl -n "$NS" get profiles -l "kprof.io/target=shop,kprof.io/type=$1" --sort-by=.metadata.creationTimestamp \
+    -o jsonpath='{range .items[?(@.spec.samples>0)]}{.metadata.name}{"\n"}{end}' | tail -n 1
+}
+newest=$(newest_of cpu)
 echo
-echo "\$ kubectl kprof top -n $NS $newest"
+echo "\$ kubectl kprof top -n $NS $newest        # CPU: where the service burns CPU"
 kubectl kprof top -n "$NS" "$newest" | head -n 20
+for type in wall lock; do
+  p=$(newest_of "$type")
+  [[ -n "$p" ]] || continue
+  echo
+  echo "\$ kubectl kprof top -n $NS $p        # $type: where the threads wait (by wait site)"
+  kubectl kprof top -n "$NS" "$p" | head -n 12
+done
 kubectl kprof flamegraph -n "$NS" "$newest" -o "$OUT/flamegraph.svg"
 echo
 echo "Flame graph of $newest: $OUT/flamegraph.svg (open it in a browser: search and zoom work)"

@@ -134,7 +134,11 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
 
     // Profiles of the service, with its own Python functions on top.
     let profiles: Api<Profile> = ns.api();
-    let by_target = ListParams::default().labels(&format!("{}=shop", labels::TARGET));
+    let by_target = ListParams::default().labels(&format!(
+        "{}=shop,{}=cpu",
+        labels::TARGET,
+        labels::PROFILE_TYPE
+    ));
     let first = poll_until(
         "a Profile of the shop with samples",
         Duration::from_secs(150),
@@ -175,6 +179,78 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         first.spec.artifacts.pprof.is_some(),
         "no pprof artifact on {:?}",
         first.metadata.name
+    );
+
+    // The same window also has a wall and a lock Profile (the target asks for all three):
+    // wall time splits into running and waiting, and the lock waits are the shop's stock lock.
+    let window_start = first.spec.window_start.clone();
+    let pod = first.spec.pod.clone();
+    let of_type = |ty: &'static str| {
+        let profiles = profiles.clone();
+        let window_start = window_start.clone();
+        let pod = pod.clone();
+        move || {
+            let profiles = profiles.clone();
+            let window_start = window_start.clone();
+            let pod = pod.clone();
+            async move {
+                let lp = ListParams::default().labels(&format!(
+                    "{}=shop,{}={ty}",
+                    labels::TARGET,
+                    labels::PROFILE_TYPE
+                ));
+                let list = profiles.list(&lp).await?;
+                Ok(list
+                    .items
+                    .into_iter()
+                    .find(|p| p.spec.window_start == window_start && p.spec.pod == pod))
+            }
+        }
+    };
+    let wall = poll_until(
+        "the wall Profile of that window",
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        of_type("wall"),
+    )
+    .await?;
+    let time = wall
+        .spec
+        .time
+        .clone()
+        .context("a wall Profile has spec.time")?;
+    ensure!(
+        time.running_seconds > 0.1 && time.wait_seconds.values().sum::<f64>() > 1.0,
+        "wall time of a service with idle and waiting threads: {time:?}"
+    );
+    ensure!(
+        wall.spec.top_functions.iter().take(5).any(|f| f
+            .location
+            .as_deref()
+            .is_some_and(|l| l.ends_with(".py") || l.contains(".py:"))),
+        "the wall top ranks Python wait sites and functions: {:?}",
+        wall.spec.top_functions
+    );
+    let lock = poll_until(
+        "the lock Profile of that window",
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        of_type("lock"),
+    )
+    .await?;
+    ensure!(
+        lock.spec
+            .top_functions
+            .iter()
+            .take(3)
+            .any(|f| f.function == "main.reserve_stock"),
+        "the lock top names the site that takes the stock lock: top={} {:?}",
+        lock.spec.top,
+        lock.spec.top_functions
+    );
+    eprintln!(
+        "wall {:?}\nlock top {} ({} waits)",
+        time, lock.spec.top, lock.spec.samples
     );
 
     // The agent: never privileged, exactly the chart's capabilities.

@@ -391,6 +391,7 @@ fn profile(name: &str, node: &str, url: &str, d: &Digest, size: usize) -> Profil
                 }),
                 flamegraph: None,
             },
+            time: None,
             warnings: vec![],
         },
     );

@@ -6,7 +6,9 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kprof_crds::{Profile, ProfileSpec, ProfileType, ProfilingTarget, TopFunction, labels};
+use kprof_crds::{
+    Profile, ProfileSpec, ProfileType, ProfilingTarget, TimeSummary, TopFunction, labels,
+};
 use kube::Resource as _;
 use sha2::{Digest as _, Sha256};
 
@@ -18,7 +20,7 @@ use kprof_pprof::{
 use crate::{
     k8s::{ContainerKey, TargetKey},
     pprof,
-    profile::AggregatedProfile,
+    profile::{AggregatedProfile, ProfileKind, ThreadState},
     spool::{ArtifactKind, NewArtifact},
 };
 
@@ -207,9 +209,44 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
             top,
             top_functions,
             artifacts: Default::default(),
+            time: time_summary(&w.samples),
             warnings,
         },
     }
+}
+
+/// The totals of a wall or lock profile for its Profile object (`None` for other kinds): what
+/// the threads' time adds up to, on CPU, waiting for a CPU, per wait class, and the GIL.
+pub fn time_summary(p: &AggregatedProfile) -> Option<TimeSummary> {
+    if !matches!(p.kind, ProfileKind::Wall { .. } | ProfileKind::Lock) {
+        return None;
+    }
+    let secs = |ns: u64| (ns as f64 / 1e6).round() / 1e3;
+    let (mut running, mut runnable) = (0u64, 0u64);
+    let mut by_class: BTreeMap<String, u64> = BTreeMap::new();
+    for (k, v) in &p.values {
+        let Some(w) = k.wait else { continue };
+        match w.state {
+            ThreadState::Running => running += v,
+            ThreadState::Runnable => runnable += v,
+            _ => {}
+        }
+        if let Some(c) = w.class {
+            *by_class.entry(c.as_str().to_owned()).or_default() += v;
+        }
+    }
+    let window = p.duration.as_nanos().max(1) as f64;
+    let gil_held_percent = p.gil_by_thread().map(|t| {
+        let held: u64 = t.values().map(|(h, _)| h).sum();
+        (held as f64 * 1000.0 / window).round() / 10.0
+    });
+    Some(TimeSummary {
+        seconds: secs(p.total_value()),
+        running_seconds: secs(running),
+        runnable_seconds: secs(runnable),
+        wait_seconds: by_class.into_iter().map(|(k, v)| (k, secs(v))).collect(),
+        gil_held_percent,
+    })
 }
 
 /// The artifacts of a window (none when it has no samples).
@@ -389,5 +426,36 @@ mod tests {
         assert_eq!((p.spec.samples, p.spec.top.as_str()), (0, ""));
         assert_eq!(p.spec.warnings.len(), 1);
         assert!(arts.is_empty());
+    }
+
+    #[test]
+    fn a_wall_profile_sums_its_time_by_state_class_and_gil() {
+        use crate::profile::{Wait, WaitClass};
+        let start = UNIX_EPOCH;
+        let mut p = AggregatedProfile::of_kind(ProfileKind::Wall { sample_hz: 99 }, start);
+        p.duration = Duration::from_secs(10);
+        let key = |wait: Wait, gil_held: Option<bool>| SampleKey {
+            wait: Some(wait),
+            gil_held,
+            ..SampleKey::of(7, "t", vec![Frame::new(FrameKind::Python, "f")])
+        };
+        let sleeping = |class| Wait {
+            state: ThreadState::Sleeping,
+            class: Some(class),
+            lock: None,
+        };
+        p.add_value(key(Wait::RUNNING, Some(true)), 300, 3_000_000_000);
+        p.add_value(key(Wait::RUNNING, Some(false)), 100, 1_000_000_000);
+        p.add_value(key(sleeping(WaitClass::Gil), None), 9, 4_000_000_000);
+        p.add_value(key(sleeping(WaitClass::Io), None), 2, 1_500_000_000);
+        let t = time_summary(&p).unwrap();
+        assert_eq!(
+            (t.seconds, t.running_seconds, t.runnable_seconds),
+            (9.5, 4.0, 0.0)
+        );
+        assert_eq!(t.wait_seconds["gil"], 4.0);
+        assert_eq!(t.wait_seconds["io"], 1.5);
+        assert_eq!(t.gil_held_percent, Some(30.0));
+        assert!(time_summary(&AggregatedProfile::new(99, start)).is_none());
     }
 }

@@ -210,6 +210,25 @@ impl AggregatedProfile {
         v
     }
 
+    /// Per thread id: nanoseconds on CPU holding the GIL, and nanoseconds waiting for it.
+    /// `None` when no sample knew its process's GIL.
+    pub fn gil_by_thread(&self) -> Option<BTreeMap<u32, (u64, u64)>> {
+        let mut known = false;
+        let mut threads: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for (k, v) in &self.values {
+            if let Some(held) = k.gil_held {
+                known = true;
+                if held {
+                    threads.entry(k.tid).or_default().0 += v;
+                }
+            }
+            if k.wait.is_some_and(|w| w.class == Some(WaitClass::Gil)) {
+                threads.entry(k.tid).or_default().1 += v;
+            }
+        }
+        known.then_some(threads)
+    }
+
     /// Average cores used by the profiled processes of a CPU profile: CPU nanoseconds ÷
     /// wall nanoseconds (0 for other kinds).
     pub fn cpu_cores(&self) -> f64 {

@@ -317,6 +317,7 @@ mod tests {
                 top: String::new(),
                 top_functions: vec![],
                 artifacts: Default::default(),
+                time: None,
                 warnings: vec![],
             },
         );

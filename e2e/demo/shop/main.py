@@ -1,8 +1,10 @@
 """A small checkout web service with a known hot path, for the kprof demo.
 
-GET /checkout prices a cart (most of the CPU), renders a receipt (about a third as much) and
-archives it with zlib (the GIL is released inside zlib.compress). A load thread calls the
-service on 127.0.0.1 so the demo needs no traffic from outside the pod.
+GET /checkout prices a cart (most of the CPU), renders a receipt (about a third as much),
+archives it with zlib (the GIL is released inside zlib.compress) and reserves stock under a
+lock held across a slow inventory call (the lock the wall and lock profiles show). Two load
+threads call the service on 127.0.0.1, so requests overlap and the demo needs no traffic from
+outside the pod.
 """
 
 import http.client
@@ -40,11 +42,22 @@ def archive_receipt(receipt):
     return zlib.compress((receipt * 16).encode(), 9)
 
 
+STOCK_LOCK = threading.Lock()
+
+
+def reserve_stock(items):
+    """Holds the stock lock across a (simulated) inventory call: concurrent checkouts queue here."""
+    with STOCK_LOCK:
+        time.sleep(0.002)
+        return len(items)
+
+
 def checkout():
     items = [(sku, sku % 5 + 1) for sku in range(1, 400)]
     total = price_cart(items)
     receipt = render_receipt(items, total)
     archived = archive_receipt(receipt)
+    reserve_stock(items)
     return {"total": round(total, 2), "archived_bytes": len(archived)}
 
 
@@ -80,7 +93,8 @@ def generate_load():
 
 def main():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
-    threading.Thread(target=generate_load, name="load", daemon=True).start()
+    for i in range(2):
+        threading.Thread(target=generate_load, name=f"load-{i}", daemon=True).start()
     print(f"shop listening on 127.0.0.1:{PORT}", flush=True)
     server.serve_forever()
 

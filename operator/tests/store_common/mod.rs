@@ -289,6 +289,7 @@ impl TestStore {
                     pprof: pprof.map(r),
                     flamegraph: svg.map(r),
                 },
+                time: None,
                 warnings: vec![],
             },
         );
