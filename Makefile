@@ -72,9 +72,10 @@ images: ## Build the operator and agent images and import them into the test clu
 	e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent
 
 .PHONY: bench
-bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing)
+bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, Python, store
 	agent/bench/overhead.sh
 	agent/bench/startup.sh
+	agent/bench/offcpu.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh
 	$(CARGO) run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000

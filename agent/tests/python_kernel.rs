@@ -884,3 +884,87 @@ fn gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn lock_waits_per_site_match_what_the_waiters_measure_on_every_version() {
+    if !kernel_or_skip("lock_waits_per_site_match_what_the_waiters_measure_on_every_version") {
+        return;
+    }
+    let interps = harness::interpreters();
+    harness::assert_required_minors(&interps);
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for interp in interps {
+        let truth_path = dir.path().join(format!("lock-{}.json", interp.name));
+        let truth_arg = truth_path.to_string_lossy().to_string();
+        let rec = record_cmd_with(
+            &interp,
+            "lock.py",
+            &["5", &truth_arg],
+            12,
+            99,
+            true,
+            vec![ProfileType::Lock],
+        );
+        let truth: serde_json::Value = match std::fs::read_to_string(&truth_path) {
+            Ok(s) => serde_json::from_str(&s).unwrap(),
+            Err(e) => {
+                failures.push(format!("{}: no truth file: {e}", interp.name));
+                continue;
+            }
+        };
+        let lock = rec.profile();
+        let mut line = format!("{:<20}", interp.name);
+        let mut errs = Vec::new();
+        let mut site_locks: Vec<Option<u64>> = Vec::new();
+        for (site, want) in truth["sites"].as_object().unwrap() {
+            let want = want.as_f64().unwrap();
+            let waiters: Vec<u32> = truth["waiters"][site]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            // The site: the innermost Python frame of the waiters' lock waits.
+            let mut have = 0u64;
+            let mut by_lock: BTreeMap<u64, u64> = BTreeMap::new();
+            for (k, v) in &lock.values {
+                let innermost = k.stack.iter().find(|f| f.kind == FrameKind::Python);
+                if waiters.contains(&k.tid)
+                    && innermost.is_some_and(|f| f.function.ends_with(&format!(".{site}")))
+                {
+                    have += v;
+                    if let Some(addr) = k.wait.and_then(|w| w.lock) {
+                        *by_lock.entry(addr).or_default() += v;
+                    }
+                }
+            }
+            let have = have as f64 / 1e9;
+            line.push_str(&format!(" {site}={have:.2}s/{want:.2}s"));
+            if (have / want - 1.0).abs() > 0.10 {
+                errs.push(format!("{site}: {have:.2}s waited, truth {want:.2}s"));
+            }
+            // Up to 3.12 a threading.Lock waits on its own semaphore: one address per lock.
+            let (top_addr, top_ns) = by_lock
+                .iter()
+                .max_by_key(|(_, ns)| **ns)
+                .map(|(a, n)| (*a, *n))
+                .unwrap_or_default();
+            let share = top_ns as f64 / 1e9 / have.max(1e-9);
+            site_locks.push((share > 0.9).then_some(top_addr));
+        }
+        if harness::minor_of(&interp).is_some_and(|m| m <= 12) {
+            line.push_str(&format!(" locks={site_locks:x?}"));
+            if site_locks.iter().any(Option::is_none) || site_locks.first() == site_locks.last() {
+                errs.push(format!(
+                    "one stable address per lock expected: {site_locks:x?}"
+                ));
+            }
+        }
+        eprintln!("{}{line}", if errs.is_empty() { "PASS " } else { "FAIL " });
+        if !errs.is_empty() {
+            failures.push(format!("{}: {errs:?}", interp.name));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -47,17 +47,27 @@ const AX_IN_SYSCALL: i64 = -38;
 /// unsigned int prev_state)`, run by `prev` (`current`).
 #[inline(always)]
 pub fn on_switch<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
-    // SAFETY: helpers without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let cfg = KPROF_CONFIG.load();
-    switched_in(ctx, now, &cfg);
-    switched_out::<PYTHON>(ctx, now, &cfg);
+    // The clock is read only for a tracked thread: an untargeted switch pays two lookups.
+    let mut now = 0;
+    switched_in(ctx, &mut now, &cfg);
+    switched_out::<PYTHON>(ctx, &mut now, &cfg);
     0
+}
+
+/// `bpf_ktime_get_ns`, read once per program run.
+#[inline(always)]
+fn clock(now: &mut u64) -> u64 {
+    if *now == 0 {
+        // SAFETY: helper without arguments.
+        *now = unsafe { bpf_ktime_get_ns() };
+    }
+    *now
 }
 
 /// `next` runs again: settles its interval if it is a tracked thread (one lookup otherwise).
 #[inline(always)]
-fn switched_in(ctx: &RawTracePointContext, now: u64, cfg: &Config) {
+fn switched_in(ctx: &RawTracePointContext, now: &mut u64, cfg: &Config) {
     let next: *const u8 = ctx.arg(2);
     // SAFETY: probe read of `pid` in `next`'s task_struct at its BTF offset.
     let Ok(tid) =
@@ -72,7 +82,11 @@ fn switched_in(ctx: &RawTracePointContext, now: u64, cfg: &Config) {
     // switch-out and switch-in, which the scheduler serialises.
     unsafe {
         let ts_out = (*t).ts_out;
-        if ts_out == 0 || now < ts_out {
+        if ts_out == 0 {
+            return;
+        }
+        let now = clock(now);
+        if now < ts_out {
             return;
         }
         let off = now - ts_out;
@@ -106,7 +120,7 @@ fn switched_in(ctx: &RawTracePointContext, now: u64, cfg: &Config) {
 
 /// `prev` (the current thread) leaves the CPU: a targeted thread's wait starts here.
 #[inline(always)]
-fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: u64, cfg: &Config) {
+fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, cfg: &Config) {
     // SAFETY: helper without arguments.
     let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
@@ -123,6 +137,7 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: u64, cfg: &
         return;
     }
     bump(Stat::SwitchOuts);
+    let now = clock(now);
     let preempt: u64 = ctx.arg(0);
     let (nr, addr) = syscall(cfg);
     let w = wait::of_raw(prev_state as u32, preempt & 0xff != 0, nr);

@@ -8,7 +8,7 @@ use kprof_common::{Stat, TargetSlot, python::PyStat};
 use super::{
     aggregate::StackMerger,
     event::{Decoder, Event, EventKind},
-    offcpu::OffCpuTracker,
+    offcpu::{BlockedThread, OffCpuTracker},
 };
 use crate::{
     kernel::loader::{KernelCost, LoadError, Sampler, SamplerConfig},
@@ -129,6 +129,8 @@ pub struct Engine {
     pub malformed: u64,
     decoder: Decoder,
     off_cpu: OffCpuTracker,
+    /// When each process became a target (CLOCK_MONOTONIC ns).
+    targeted_at: std::collections::HashMap<u32, u64>,
 }
 
 impl Engine {
@@ -144,6 +146,7 @@ impl Engine {
             malformed: 0,
             decoder: Decoder::default(),
             off_cpu: OffCpuTracker::default(),
+            targeted_at: Default::default(),
         })
     }
 
@@ -205,7 +208,11 @@ impl Engine {
 
     /// Makes `pid` (all its threads) a target, attributed to `slot`.
     pub fn add_target(&mut self, pid: u32, slot: u32) -> Result<(), LoadError> {
-        self.sampler.add_pid(pid, slot)
+        self.sampler.add_pid(pid, slot)?;
+        self.targeted_at
+            .entry(pid)
+            .or_insert_with(crate::proc::monotonic_ns);
+        Ok(())
     }
 
     /// Looks for an interpreter in `pid` at once, so that its samples carry Python frames
@@ -290,12 +297,31 @@ impl Engine {
         }
         let threads = self.sampler.off_cpu_threads();
         let now = crate::proc::monotonic_ns();
+        // Threads blocked since before profiling began: the kernel has not seen them yet.
+        let known: std::collections::HashSet<u32> = threads.iter().map(|(t, _)| *t).collect();
+        let mut blocked = Vec::new();
+        for (pid, slot) in self.sampler.target_pids() {
+            for t in crate::proc::sleeping_threads(pid, |tid| known.contains(&tid)) {
+                blocked.push(BlockedThread {
+                    tid: t.tid,
+                    tgid: pid,
+                    slot: slot.slot,
+                    comm: t.comm,
+                    wait: kprof_common::wait::of(t.state, false, t.syscall.map(|s| s.0)),
+                    addr: t.syscall.map_or(0, |s| s.1),
+                    since: self.targeted_at.get(&pid).copied().unwrap_or(now),
+                });
+            }
+        }
         let wait = self.cfg.python_wait;
         let Engine {
             python, off_cpu, ..
         } = self;
         let mut merger = python.as_mut().map(|py| PythonMerger { py, wait });
         off_cpu.tick(now, &threads, crate::proc::thread_comm, |e| {
+            sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
+        });
+        off_cpu.tick_blocked(now, &blocked, |e| {
             sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
         });
         // Entries of exited threads: settled above, removed now (the map stays small).
@@ -336,6 +362,7 @@ impl Engine {
                 continue;
             }
             self.sampler.remove_pid(pid);
+            self.targeted_at.remove(&pid);
             if state.proc.is_none()
                 && let Some(py) = self.python.as_mut()
             {

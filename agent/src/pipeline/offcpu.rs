@@ -118,6 +118,21 @@ struct Ongoing {
     reported: u64,
 }
 
+/// A thread of a target that is blocked and that the kernel has not seen leave the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockedThread {
+    pub tid: u32,
+    pub tgid: u32,
+    pub slot: u32,
+    pub comm: [u8; 16],
+    /// Its wait word (`kprof_common::wait`) and syscall argument, as `/proc` tells them.
+    pub wait: u32,
+    pub addr: u64,
+    /// When its process became a target (CLOCK_MONOTONIC ns): it has been blocked since then
+    /// at least, as the kernel saw every switch of the process from then on.
+    pub since: u64,
+}
+
 /// Counters of the tracker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OffCpuStats {
@@ -143,6 +158,8 @@ pub struct OffCpuTracker {
     ongoing: HashMap<u32, Ongoing>,
     /// Time of settled waits whose start was lost, per (thread, stratum): (ns, count, template).
     loose: HashMap<(u32, usize), (u64, u64, Captured)>,
+    /// Threads blocked since before profiling began: reported up to, and their stand-in.
+    blocked: HashMap<u32, (u64, Captured)>,
     pub stats: OffCpuStats,
 }
 
@@ -267,6 +284,54 @@ impl OffCpuTracker {
         self.ongoing.retain(|t, _| live.contains(t));
         self.pending.retain(|t, _| live.contains(t));
         self.last.retain(|(t, _), _| live.contains(t));
+    }
+
+    /// Reports, as of `now`, the time of threads that were already blocked when profiling began
+    /// and have not run since (the kernel never saw them leave the CPU): `blocked` lists those
+    /// seen blocked now (from `/proc`). A thread is reported from when its process became a
+    /// target; one missing from `blocked` woke (the kernel tracks it from its next wait) or
+    /// exited.
+    pub fn tick_blocked(
+        &mut self,
+        now: u64,
+        blocked: &[BlockedThread],
+        mut sink: impl FnMut(&Event<'_>),
+    ) {
+        let mut seen = std::collections::HashSet::new();
+        for b in blocked {
+            seen.insert(b.tid);
+            match self.blocked.get_mut(&b.tid) {
+                Some((last, wait)) => {
+                    if now > *last {
+                        sink(&wait.event(now - *last, 0));
+                        *last = now;
+                    }
+                }
+                None => {
+                    let since = b.since.min(now);
+                    let wait = Captured {
+                        tgid: b.tgid,
+                        wait: b.wait,
+                        addr: b.addr,
+                        ts_out: since,
+                        ..Captured::uncaptured(
+                            b.tid,
+                            &OffCpuThread {
+                                slot: b.slot,
+                                ..OffCpuThread::default()
+                            },
+                            2,
+                            b.comm,
+                        )
+                    };
+                    if now > since {
+                        sink(&wait.event(now - since, 1));
+                    }
+                    self.blocked.insert(b.tid, (now, wait));
+                }
+            }
+        }
+        self.blocked.retain(|t, _| seen.contains(t));
     }
 
     /// Shares `ns` (and `count` waits) of a thread's uncaptured time in stratum `s` out over
@@ -454,5 +519,30 @@ mod tests {
             t.stats.unmatched_ends, 1,
             "the pending wait was dropped with its thread"
         );
+    }
+
+    #[test]
+    fn a_thread_blocked_before_profiling_is_reported_from_when_its_process_became_a_target() {
+        let mut t = OffCpuTracker::default();
+        let mut out = Out::new();
+        let b = BlockedThread {
+            tid: TID,
+            tgid: TGID,
+            slot: 0,
+            comm: [0; 16],
+            wait: wait::of(1, false, Some(wait::SYS_FUTEX)),
+            addr: 0x1000,
+            since: 400,
+        };
+        t.tick_blocked(1_000, &[b], collect(&mut out));
+        t.tick_blocked(4_000, &[b], collect(&mut out));
+        t.tick_blocked(9_000, &[b], collect(&mut out));
+        assert_eq!(
+            out,
+            [(vec![], 600, 1), (vec![], 3_000, 0), (vec![], 5_000, 0)]
+        );
+        // It woke: the kernel tracks it from now on.
+        t.tick_blocked(10_000, &[], collect(&mut out));
+        assert_eq!(out.len(), 3);
     }
 }

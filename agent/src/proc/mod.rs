@@ -31,6 +31,64 @@ pub fn thread_comm(pid: u32, tid: u32) -> [u8; 16] {
     out
 }
 
+/// A sleeping thread as `/proc/<pid>/task/<tid>` tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SleepingThread {
+    pub tid: u32,
+    /// The kernel's state bits: 1 interruptible (`S`), 2 uninterruptible (`D`).
+    pub state: u32,
+    /// The syscall it sleeps in and its first argument (`/proc/.../syscall`; needs ptrace
+    /// access), when known.
+    pub syscall: Option<(u32, u64)>,
+    pub comm: [u8; 16],
+}
+
+/// The threads of `pid`, except `skip`, that sleep now (`S` or `D`).
+pub fn sleeping_threads(pid: u32, skip: impl Fn(u32) -> bool) -> Vec<SleepingThread> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if skip(tid) {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let state = match after.trim_start().chars().next() {
+            Some('S') => 1,
+            Some('D') => 2,
+            _ => continue,
+        };
+        let syscall = fs::read_to_string(e.path().join("syscall"))
+            .ok()
+            .and_then(|s| parse_syscall(&s));
+        out.push(SleepingThread {
+            tid,
+            state,
+            syscall,
+            comm: thread_comm(pid, tid),
+        });
+    }
+    out
+}
+
+/// `/proc/<pid>/task/<tid>/syscall`: `nr arg0 …` (hex arguments) of a thread in a syscall;
+/// `-1 …` or `running` otherwise.
+fn parse_syscall(s: &str) -> Option<(u32, u64)> {
+    let mut it = s.split_whitespace();
+    let nr: u32 = it.next()?.parse().ok()?;
+    let arg0 = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
+    Some((nr, arg0))
+}
+
 /// Whether thread `tid` of process `pid` still exists.
 pub fn thread_exists(pid: u32, tid: u32) -> bool {
     fs::metadata(format!("/proc/{pid}/task/{tid}")).is_ok()
@@ -61,6 +119,39 @@ pub fn self_usage() -> (Duration, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syscall_lines() {
+        assert_eq!(
+            parse_syscall("202 0x7f00aa10 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f01\n"),
+            Some((202, 0x7f00aa10))
+        );
+        assert_eq!(parse_syscall("-1 0x7ffd 0x7f01\n"), None);
+        assert_eq!(parse_syscall("running\n"), None);
+    }
+
+    #[test]
+    fn a_sleeping_thread_is_listed_with_its_syscall() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            rx.recv().ok();
+        });
+        let tid = tid_rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let me = std::process::id();
+        let found = sleeping_threads(me, |t| t != tid);
+        tx.send(()).unwrap();
+        h.join().unwrap();
+        let [t] = found.as_slice() else {
+            panic!("{found:?}")
+        };
+        assert_eq!((t.tid, t.state), (tid, 1));
+        if let Some((nr, _)) = t.syscall {
+            assert_eq!(nr, 202, "a channel receive sleeps in futex(2)");
+        }
+    }
 
     #[test]
     fn own_threads() {
