@@ -76,6 +76,7 @@ bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, a
 	agent/bench/overhead.sh
 	agent/bench/startup.sh
 	agent/bench/offcpu.sh
+	agent/bench/shop.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh
 	$(CARGO) run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000

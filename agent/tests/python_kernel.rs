@@ -968,3 +968,77 @@ fn lock_waits_per_site_match_what_the_waiters_measure_on_every_version() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully() {
+    if !kernel_or_skip("off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully") {
+        return;
+    }
+    let interp = harness::interpreters()
+        .into_iter()
+        .find(|i| harness::minor_of(i) == Some(12) && i.pre_args.is_empty())
+        .or_else(|| harness::interpreters().into_iter().next())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let truth_path = dir.path().join("exits.json");
+    let rec = record_cmd_with(
+        &interp,
+        "exits.py",
+        &[&truth_path.to_string_lossy()],
+        10,
+        99,
+        true,
+        vec![ProfileType::Cpu, ProfileType::Wall],
+    );
+    let truth: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&truth_path).unwrap()).unwrap();
+    let wall = rec.of_type(ProfileType::Wall).unwrap();
+    let window = wall.duration.as_secs_f64();
+    let per_thread = |tid: u32| -> f64 {
+        wall.values
+            .iter()
+            .filter(|(k, _)| k.tid == tid)
+            .map(|(_, v)| *v as f64 / 1e9)
+            .sum()
+    };
+    // Waiters killed by the exec: their time ends there (~1.5 s of waiting), not at the end of
+    // the recording.
+    for tid in truth["killed"].as_array().unwrap() {
+        let secs = per_thread(tid.as_u64().unwrap() as u32);
+        eprintln!("killed waiter {tid}: {secs:.2}s of wall time (window {window:.2}s)");
+        assert!(
+            (1.2..=2.2).contains(&secs),
+            "a waiter killed by exec after ~1.5 s has {secs:.2}s"
+        );
+    }
+    // The thread that exited after its wait: half a second of lock wait, then nothing.
+    let short = truth["short"].as_u64().unwrap() as u32;
+    let short_secs = per_thread(short);
+    eprintln!("short-lived thread: {short_secs:.2}s");
+    assert!((0.4..=1.0).contains(&short_secs), "{short_secs:.2}s");
+    // Every thread's wall time fits in the window, and the new image's CPU is profiled.
+    let tids: std::collections::BTreeSet<u32> = wall.values.keys().map(|k| k.tid).collect();
+    for tid in tids {
+        assert!(
+            per_thread(tid) <= window + 0.5,
+            "thread {tid}: {:.2}s",
+            per_thread(tid)
+        );
+    }
+    let cpu = rec.of_type(ProfileType::Cpu).unwrap();
+    let after_exec: u64 = cpu
+        .values
+        .iter()
+        .filter(|(k, _)| {
+            k.stack
+                .iter()
+                .any(|f| f.file.as_deref() == Some("<string>"))
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(
+        after_exec as f64 / 1e9 > 0.8,
+        "the exec'd program's CPU is profiled: {:.2}s",
+        after_exec as f64 / 1e9
+    );
+}

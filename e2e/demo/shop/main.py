@@ -43,6 +43,9 @@ def archive_receipt(receipt):
 
 
 STOCK_LOCK = threading.Lock()
+# Checkouts served (GET /stats), for benchmarks.
+SERVED = [0]
+SERVED_LOCK = threading.Lock()
 
 
 def reserve_stock(items):
@@ -67,6 +70,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = b"ok"
         elif self.path == "/checkout":
             body = json.dumps(checkout()).encode()
+            with SERVED_LOCK:
+                SERVED[0] += 1
+        elif self.path == "/stats":
+            body = json.dumps({"checkouts": SERVED[0]}).encode()
         else:
             self.send_error(404)
             return
