@@ -720,6 +720,27 @@ fn wall_split(p: &AggregatedProfile, tid: u32) -> BTreeMap<&'static str, f64> {
     out
 }
 
+/// Records `script` with `args` and, as its last argument, a file it writes the truth it
+/// measured into; the recording and that truth, or why there is none.
+fn record_truth(
+    interp: &harness::Interp,
+    script: &str,
+    args: &[&str],
+    secs: u64,
+    types: Vec<ProfileType>,
+) -> Result<(kprof_agent::record::Recording, serde_json::Value), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let truth_path = dir.path().join("truth.json");
+    let truth_arg = truth_path.to_string_lossy().to_string();
+    let mut all: Vec<&str> = args.to_vec();
+    all.push(&truth_arg);
+    let rec = record_cmd_with(interp, script, &all, secs, 99, true, types);
+    let text = std::fs::read_to_string(&truth_path)
+        .map_err(|e| format!("{}: no truth file from {script}: {e}", interp.name))?;
+    let truth = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", interp.name))?;
+    Ok((rec, truth))
+}
+
 #[test]
 fn wall_splits_a_threads_time_by_how_it_waits_on_every_version() {
     if !kernel_or_skip("wall_splits_a_threads_time_by_how_it_waits_on_every_version") {
@@ -727,24 +748,18 @@ fn wall_splits_a_threads_time_by_how_it_waits_on_every_version() {
     }
     let interps = harness::interpreters();
     harness::assert_required_minors(&interps);
-    let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for interp in interps {
-        let truth_path = dir.path().join(format!("wall-{}.json", interp.name));
-        let truth_arg = truth_path.to_string_lossy().to_string();
-        let rec = record_cmd_with(
+        let (rec, truth) = match record_truth(
             &interp,
             "wall.py",
-            &["8", &truth_arg],
+            &["8"],
             14,
-            99,
-            true,
             vec![ProfileType::Cpu, ProfileType::Wall, ProfileType::Lock],
-        );
-        let truth: serde_json::Value = match std::fs::read_to_string(&truth_path) {
-            Ok(s) => serde_json::from_str(&s).unwrap(),
+        ) {
+            Ok(r) => r,
             Err(e) => {
-                failures.push(format!("{}: no truth file: {e}", interp.name));
+                failures.push(e);
                 continue;
             }
         };
@@ -808,24 +823,18 @@ fn gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version() {
     const THREADS: usize = 3;
     let interps = harness::interpreters();
     harness::assert_required_minors(&interps);
-    let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for interp in interps {
-        let truth_path = dir.path().join(format!("gil-{}.json", interp.name));
-        let truth_arg = truth_path.to_string_lossy().to_string();
-        let rec = record_cmd_with(
+        let (rec, truth) = match record_truth(
             &interp,
             "gil.py",
-            &["8", &THREADS.to_string(), &truth_arg],
+            &["8", &THREADS.to_string()],
             14,
-            99,
-            true,
             vec![ProfileType::Wall],
-        );
-        let truth: serde_json::Value = match std::fs::read_to_string(&truth_path) {
-            Ok(s) => serde_json::from_str(&s).unwrap(),
+        ) {
+            Ok(r) => r,
             Err(e) => {
-                failures.push(format!("{}: no truth file: {e}", interp.name));
+                failures.push(e);
                 continue;
             }
         };
@@ -892,27 +901,16 @@ fn lock_waits_per_site_match_what_the_waiters_measure_on_every_version() {
     }
     let interps = harness::interpreters();
     harness::assert_required_minors(&interps);
-    let dir = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
     for interp in interps {
-        let truth_path = dir.path().join(format!("lock-{}.json", interp.name));
-        let truth_arg = truth_path.to_string_lossy().to_string();
-        let rec = record_cmd_with(
-            &interp,
-            "lock.py",
-            &["5", &truth_arg],
-            12,
-            99,
-            true,
-            vec![ProfileType::Lock],
-        );
-        let truth: serde_json::Value = match std::fs::read_to_string(&truth_path) {
-            Ok(s) => serde_json::from_str(&s).unwrap(),
-            Err(e) => {
-                failures.push(format!("{}: no truth file: {e}", interp.name));
-                continue;
-            }
-        };
+        let (rec, truth) =
+            match record_truth(&interp, "lock.py", &["5"], 12, vec![ProfileType::Lock]) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
         let lock = rec.profile();
         let mut line = format!("{:<20}", interp.name);
         let mut errs = Vec::new();

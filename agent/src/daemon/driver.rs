@@ -141,6 +141,23 @@ pub fn emitted_types(types: &[ProfileType]) -> Vec<ProfileType> {
     out
 }
 
+/// Adds an event to the windows of the targets of its container (events of no wanted
+/// container go nowhere).
+fn route(
+    routing: &mut Routing,
+    resolver: &mut Resolver,
+    windows: &mut Windows,
+    ev: &crate::pipeline::event::Event<'_>,
+    hz: u32,
+    merger: Option<&mut dyn StackMerger>,
+) {
+    if let Some(cid) =
+        routing.container_of_event(ev.tgid, ev.slot, |pid| resolver.container_of(pid))
+    {
+        windows.add(routing.targets_of(&cid), &cid, ev, hz, merger);
+    }
+}
+
 /// The sampling thread's state.
 struct Daemon {
     opts: Options,
@@ -399,14 +416,7 @@ impl Daemon {
             return;
         };
         let hz = engine.sample_hz();
-        let n = engine.drain(|ev, merger| {
-            let Some(cid) =
-                routing.container_of_event(ev.tgid, ev.slot, |pid| resolver.container_of(pid))
-            else {
-                return;
-            };
-            windows.add(routing.targets_of(&cid), &cid, ev, hz, merger);
-        });
+        let n = engine.drain(|ev, merger| route(routing, resolver, windows, ev, hz, merger));
         windows.new_round();
         if n > 0 {
             metrics::samples(n);
@@ -427,13 +437,7 @@ impl Daemon {
             return;
         };
         let hz = engine.sample_hz();
-        engine.settle_off_cpu(|ev, merger| {
-            if let Some(cid) =
-                routing.container_of_event(ev.tgid, ev.slot, |pid| resolver.container_of(pid))
-            {
-                windows.add(routing.targets_of(&cid), &cid, ev, hz, merger);
-            }
-        });
+        engine.settle_off_cpu(|ev, merger| route(routing, resolver, windows, ev, hz, merger));
     }
 
     /// Closes a target's window: one Profile per container into the spool; reopens the next
