@@ -190,6 +190,14 @@ impl Aggregator {
                 let gil = merger.as_mut().and_then(|m| m.gil(pid));
                 Some(Wait::classify(ev.wait, ev.addr, gil.as_ref()))
             }
+            EventKind::CpuSample if ev.gil_held.is_none() && !ev.py.frames.is_empty() => {
+                // A Python sample that did not know the GIL: look for it now (its interpreter
+                // may have created it after detection), so the next samples say who holds it.
+                if let Some(m) = merger.as_mut() {
+                    m.gil(pid);
+                }
+                None
+            }
             _ => None,
         };
         let mut raw = RawKey::of(ev, wait);

@@ -427,7 +427,7 @@ impl PythonSupport {
 
     /// The bytes of `pid`'s GIL (`struct _gil_runtime_state`, the same 208 bytes in every
     /// CPython 3.8–3.14 with a GIL), found once per process (`PyProcess::find_gil`), looked for
-    /// again at most once a second while not found.
+    /// again at most every 200 ms while not found.
     pub fn gil(&self, pid: u32) -> Option<std::ops::Range<u64>> {
         let mut inner = lock(&self.inner);
         let p = inner.procs.get(&pid)?;
@@ -437,7 +437,7 @@ impl PythonSupport {
         if inner
             .gil_tried
             .get(&pid)
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
         {
             return None;
         }
