@@ -210,7 +210,12 @@ fn attempt(pid: u32) -> Attempt {
                 .cloned()
                 .collect::<Vec<_>>();
             let ok = p.tsd.max_key > 0;
-            if p.gil.is_none() {
+            if process::free_threaded_name(&p.file) {
+                warnings.push(
+                    "free-threaded CPython: it has no GIL, so there are no GIL waits or GIL held % (lock waits are PyMutex parking)"
+                        .into(),
+                );
+            } else if p.gil.is_none() {
                 warnings.push(
                     "the GIL was not found in this interpreter: GIL waits count as lock waits and GIL held % is missing (wall and lock profiles still work)"
                         .into(),

@@ -112,6 +112,20 @@ pub fn version_from_name(path: &str) -> Option<(u32, u32)> {
     Some((3, digits.parse().ok()?))
 }
 
+/// Whether the interpreter file is a free-threaded build (`python3.13t`, `libpython3.14t.so`):
+/// it has no GIL.
+pub fn free_threaded_name(path: &str) -> bool {
+    let b = basename(path);
+    let Some(rest) = b
+        .strip_prefix("libpython3.")
+        .or_else(|| b.strip_prefix("python3."))
+    else {
+        return false;
+    };
+    let after = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    after.len() < rest.len() && (after == "t" || after.starts_with("t.") || after.starts_with("td"))
+}
+
 /// Candidate files that may hold the interpreter, best first.
 fn candidates(pid: u32, maps: &[MapEntry]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -458,6 +472,9 @@ impl PyProcess {
     /// not found (a free-threaded build has no GIL to wait for).
     pub fn find_gil(&self) -> Option<u64> {
         const SCAN: usize = 4096;
+        if free_threaded_name(&self.file) {
+            return None;
+        }
         let tstates = self.thread_states().ok()?;
         let plausible = |b: &[u8]| -> bool {
             let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
@@ -770,6 +787,15 @@ fn cross_check_code_members(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_threaded_builds_are_told_by_their_file_names() {
+        assert!(free_threaded_name("/usr/bin/python3.13t"));
+        assert!(free_threaded_name("/x/lib/libpython3.14t.so.1.0"));
+        assert!(!free_threaded_name("/usr/bin/python3.13"));
+        assert!(!free_threaded_name("/x/lib/libpython3.11.so.1.0"));
+        assert!(!free_threaded_name("/usr/bin/pythontest"));
+    }
 
     #[test]
     fn versions_from_file_names() {
