@@ -13,11 +13,7 @@ root=$(cd "$here/../.." && pwd)
 work=$(mktemp -d /tmp/kprof-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
-if [[ -z "${AGENT:-}" ]]; then
-    target="${CARGO_TARGET_DIR:-$root/target}"
-    (cd "$root" && cargo build --release -p kprof-agent >&2)
-    AGENT="$target/release/kprof-agent"
-fi
+. "$here/agent.sh"
 cc -O1 -g -fno-omit-frame-pointer -pthread -o "$work/pingpong" "$here/pingpong.c"
 exec python3 "$here/offcpu.py" --agent "$AGENT" --perf "${PERF:-perf}" --workload "$work/pingpong" \
     --workdir "$work" --rounds "${1:-3}" --round-trips "${2:-150000}" --work "${3:-22000}"

@@ -14,11 +14,7 @@ root=$(cd "$here/../.." && pwd)
 work=$(mktemp -d /tmp/kprof-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
-if [[ -z "${AGENT:-}" ]]; then
-    target="${CARGO_TARGET_DIR:-$root/target}"
-    (cd "$root" && cargo build --release -p kprof-agent >&2)
-    AGENT="$target/release/kprof-agent"
-fi
+. "$here/agent.sh"
 cc -O1 -fno-omit-frame-pointer -g -o "$work/hot" "$root/agent/tests/workloads/hot.c"
 exec python3 "$here/overhead.py" --agent "$AGENT" --perf "${PERF:-perf}" --workload "$work/hot" \
     --workdir "$work" --rounds "${1:-3}" --work "${2:-3000}"

@@ -20,11 +20,7 @@ if [[ -z $PYSPY ]]; then
     exit 1
 fi
 AGENT=${KPROF_AGENT:-}
-if [[ -z $AGENT ]]; then
-    target=${CARGO_TARGET_DIR:-$root/target}
-    (cd "$root" && cargo build --release -p kprof-agent >&2)  # a no-op when up to date
-    AGENT=$target/release/kprof-agent
-fi
+. "$here/agent.sh"
 PY=${1:-}
 if [[ -z $PY ]]; then
     PY=$(ls -d "${HOME:-/root}"/.pyenv/versions/3.1[0-9].*/bin/python3 2>/dev/null | sort -V | tail -1 || true)

@@ -16,11 +16,7 @@ python=${3:-python3}
 work=$(mktemp -d /tmp/kprof-bench.XXXXXX)
 pid=""
 trap '[[ -n "$pid" ]] && kill "$pid" 2>/dev/null; rm -rf "$work"' EXIT
-if [[ -z "${AGENT:-}" ]]; then
-    target="${CARGO_TARGET_DIR:-$root/target}"
-    (cd "$root" && cargo build --release -p kprof-agent >&2)
-    AGENT="$target/release/kprof-agent"
-fi
+. "$here/agent.sh"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 PORT=$port "$python" "$root/e2e/demo/shop/main.py" >/dev/null &
 pid=$!

@@ -17,11 +17,7 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "startup: needs root (eBPF)" >&2
     exit 1
 fi
-if [[ -z "${AGENT:-}" ]]; then
-    target="${CARGO_TARGET_DIR:-$root/target}"
-    (cd "$root" && cargo build --release -p kprof-agent >&2)
-    AGENT="$target/release/kprof-agent"
-fi
+. "$here/agent.sh"
 work=$(mktemp -d /tmp/kprof-startup.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 for r in $(seq 1 "$rounds"); do

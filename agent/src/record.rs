@@ -63,23 +63,6 @@ pub enum RecordError {
     TypeNotAvailable(ProfileType),
 }
 
-/// The profile kind `record` and the daemon write for an asked type (`None`: not built yet).
-pub fn profile_kind_of(ty: ProfileType, sample_hz: u32) -> Option<ProfileKind> {
-    match ty {
-        ProfileType::Cpu => Some(ProfileKind::Cpu { sample_hz }),
-        ProfileType::Wall => Some(ProfileKind::Wall { sample_hz }),
-        ProfileType::Lock => Some(ProfileKind::Lock),
-        ProfileType::Memory => None,
-    }
-}
-
-/// Whether any of `kinds` needs the off-CPU source.
-pub fn needs_off_cpu(kinds: &[ProfileKind]) -> bool {
-    kinds
-        .iter()
-        .any(|k| matches!(k, ProfileKind::Wall { .. } | ProfileKind::Lock))
-}
-
 /// Options of `record`.
 #[derive(Clone, Debug)]
 pub struct RecordOptions {
@@ -286,7 +269,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let kinds = opts
         .types
         .iter()
-        .map(|&t| profile_kind_of(t, opts.sample_hz).ok_or(RecordError::TypeNotAvailable(t)))
+        .map(|&t| ProfileKind::of_type(t, opts.sample_hz).ok_or(RecordError::TypeNotAvailable(t)))
         .collect::<Result<Vec<_>, _>>()?;
     let kinds = if kinds.is_empty() {
         vec![ProfileKind::Cpu {
@@ -319,7 +302,10 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             cgroup_filter: false,
             bpf_stats: true,
             clock_jitter: opts.clock_jitter,
-            off_cpu: needs_off_cpu(&kinds).then_some(opts.off_cpu),
+            off_cpu: kinds
+                .iter()
+                .any(|k| k.needs_off_cpu())
+                .then_some(opts.off_cpu),
         },
         python: opts.python,
         python_wait: Some(PYTHON_WAIT),
@@ -541,31 +527,27 @@ pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
         "samples": p.total(),
         "seconds": secs(p.total_value()),
     });
-    if matches!(p.kind, ProfileKind::Wall { .. } | ProfileKind::Lock) {
-        let mut by_state: std::collections::BTreeMap<&str, u64> = Default::default();
-        let mut by_class: std::collections::BTreeMap<&str, u64> = Default::default();
-        let mut by_thread: std::collections::BTreeMap<u32, (String, u64)> = Default::default();
-        for (k, v) in &p.values {
-            let Some(w) = k.wait else { continue };
-            *by_state.entry(w.state.as_str()).or_default() += v;
-            if let Some(c) = w.class {
-                *by_class.entry(c.as_str()).or_default() += v;
-            }
-            let t = by_thread
-                .entry(k.tid)
-                .or_insert_with(|| (k.thread.to_string(), 0));
-            t.1 += v;
-        }
-        let map = |m: std::collections::BTreeMap<&str, u64>| -> serde_json::Value {
+    if p.kind.needs_off_cpu() {
+        let split = p.time_split();
+        let map = |m: Vec<(&str, u64)>| -> serde_json::Value {
             m.into_iter()
                 .map(|(k, v)| (k.to_owned(), serde_json::Value::from(secs(v))))
                 .collect()
         };
-        out["state_seconds"] = map(by_state);
-        out["wait_class_seconds"] = map(by_class);
-        out["threads"] = by_thread
-            .into_iter()
-            .map(|(tid, (name, ns))| serde_json::json!({"tid": tid, "name": name, "seconds": secs(ns)}))
+        out["state_seconds"] = map(split
+            .by_state
+            .iter()
+            .map(|(s, v)| (s.as_str(), *v))
+            .collect());
+        out["wait_class_seconds"] = map(split
+            .by_class
+            .iter()
+            .map(|(c, v)| (c.as_str(), *v))
+            .collect());
+        out["threads"] = split
+            .by_thread
+            .iter()
+            .map(|(tid, (name, ns))| serde_json::json!({"tid": tid, "name": &**name, "seconds": secs(*ns)}))
             .collect();
     }
     if p.kind == ProfileKind::Lock {
@@ -581,9 +563,8 @@ pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
 /// the window each thread, and the process, held the GIL while on CPU, and (wall) the time
 /// each thread waited for it.
 pub fn gil_summary(p: &AggregatedProfile) -> Option<serde_json::Value> {
-    let window = p.duration.as_nanos().max(1) as f64;
     let threads = p.gil_by_thread()?;
-    let pct = |ns: u64| (ns as f64 * 1000.0 / window).round() / 10.0;
+    let pct = |ns: u64| p.percent_of_window(ns);
     let held: u64 = threads.values().map(|t| t.0).sum();
     let waited: u64 = threads.values().map(|t| t.1).sum();
     Some(serde_json::json!({

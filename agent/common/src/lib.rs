@@ -218,18 +218,15 @@ pub mod wait {
     pub const STATE_DISK: u32 = 2;
     /// The thread was in a syscall: bits 16–31 hold its number.
     pub const IN_SYSCALL: u32 = 1 << 2;
-    /// The switch was a preemption (`sched_switch`'s `preempt`).
-    pub const PREEMPTED: u32 = 1 << 3;
     pub const SYSCALL_SHIFT: u32 = 16;
     /// x86-64 `futex(2)`.
     pub const SYS_FUTEX: u32 = 202;
 
     /// The wait word of a thread that left the CPU in `prev_state` (the kernel's task state
     /// bits), in syscall `nr` (`None`: not in a syscall).
-    pub const fn of(prev_state: u32, preempt: bool, nr: Option<u32>) -> u32 {
+    pub const fn of(prev_state: u32, nr: Option<u32>) -> u32 {
         of_raw(
             prev_state,
-            preempt,
             match nr {
                 Some(n) => n,
                 None => NO_SYSCALL,
@@ -239,7 +236,7 @@ pub mod wait {
 
     /// [`of`] with [`NO_SYSCALL`] for "not in a syscall" (what the kernel side calls: an
     /// `Option`'s undefined payload can reach the verifier as a pointer).
-    pub const fn of_raw(prev_state: u32, preempt: bool, nr: u32) -> u32 {
+    pub const fn of_raw(prev_state: u32, nr: u32) -> u32 {
         let state = if prev_state & 2 != 0 {
             STATE_DISK
         } else if prev_state & 1 != 0 {
@@ -248,9 +245,6 @@ pub mod wait {
             STATE_RUNNABLE
         };
         let mut w = state;
-        if preempt {
-            w |= PREEMPTED;
-        }
         if nr < 0x10000 {
             w |= IN_SYSCALL | (nr << SYSCALL_SHIFT);
         }

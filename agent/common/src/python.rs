@@ -150,8 +150,8 @@ pub struct PyProcConfig {
 }
 const _: () = assert!(size_of::<PyProcConfig>() == 18 * 4 + 24);
 
-/// What [`PyStack`]'s walker learnt about the GIL: returned by the walker, written as header
-/// flags by the record path.
+/// What the walker learnt about the GIL (kept per CPU in `PY_GIL_STATE` by the walker, turned
+/// into header flags by the record path): nothing (no GIL address, or unreadable).
 pub const GIL_UNKNOWN: u32 = 0;
 /// The thread does not hold the GIL.
 pub const GIL_RELEASED: u32 = 1;

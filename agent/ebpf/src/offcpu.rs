@@ -138,9 +138,8 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, c
     }
     bump(Stat::SwitchOuts);
     let now = clock(now);
-    let preempt: u64 = ctx.arg(0);
     let (nr, addr) = syscall(cfg);
-    let w = wait::of_raw(prev_state as u32, preempt & 0xff != 0, nr);
+    let w = wait::of_raw(prev_state as u32, nr);
 
     let t = match OFF_CPU.get_ptr_mut(&tid) {
         Some(t) => t,

@@ -24,8 +24,9 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use kprof_common::python::{
-    GIL_HELD, GIL_LAST_HOLDER_OFF, GIL_LOCKED_OFF, GIL_RELEASED, GIL_UNKNOWN, MAX_PY_FRAMES, MAX_PY_PROCS, PY_LASTI_NONE, PYFRAME_CODE_UNREAD, PYFRAME_NOT_CODE,
-    PYFRAME_RUN_END, PyGlobalConfig, PyProcConfig, PyStack, PyStat, PyTestEvent, layout,
+    GIL_HELD, GIL_LAST_HOLDER_OFF, GIL_LOCKED_OFF, GIL_RELEASED, GIL_UNKNOWN, MAX_PY_FRAMES,
+    MAX_PY_PROCS, PY_LASTI_NONE, PYFRAME_CODE_UNREAD, PYFRAME_NOT_CODE, PYFRAME_RUN_END,
+    PyGlobalConfig, PyProcConfig, PyStack, PyStat, PyTestEvent, layout,
 };
 
 /// Per-process walker configuration, keyed by tgid (written by `PythonSupport::on_process`).

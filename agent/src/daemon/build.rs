@@ -20,7 +20,7 @@ use kprof_pprof::{
 use crate::{
     k8s::{ContainerKey, TargetKey},
     pprof,
-    profile::{AggregatedProfile, ProfileKind, ThreadState},
+    profile::{AggregatedProfile, ThreadState},
     spool::{ArtifactKind, NewArtifact},
 };
 
@@ -218,34 +218,24 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
 /// The totals of a wall or lock profile for its Profile object (`None` for other kinds): what
 /// the threads' time adds up to, on CPU, waiting for a CPU, per wait class, and the GIL.
 pub fn time_summary(p: &AggregatedProfile) -> Option<TimeSummary> {
-    if !matches!(p.kind, ProfileKind::Wall { .. } | ProfileKind::Lock) {
+    if !p.kind.needs_off_cpu() {
         return None;
     }
     let secs = |ns: u64| (ns as f64 / 1e6).round() / 1e3;
-    let (mut running, mut runnable) = (0u64, 0u64);
-    let mut by_class: BTreeMap<String, u64> = BTreeMap::new();
-    for (k, v) in &p.values {
-        let Some(w) = k.wait else { continue };
-        match w.state {
-            ThreadState::Running => running += v,
-            ThreadState::Runnable => runnable += v,
-            _ => {}
-        }
-        if let Some(c) = w.class {
-            *by_class.entry(c.as_str().to_owned()).or_default() += v;
-        }
-    }
-    let window = p.duration.as_nanos().max(1) as f64;
-    let gil_held_percent = p.gil_by_thread().map(|t| {
-        let held: u64 = t.values().map(|(h, _)| h).sum();
-        (held as f64 * 1000.0 / window).round() / 10.0
-    });
+    let split = p.time_split();
+    let state = |s| secs(split.by_state.get(&s).copied().unwrap_or(0));
     Some(TimeSummary {
         seconds: secs(p.total_value()),
-        running_seconds: secs(running),
-        runnable_seconds: secs(runnable),
-        wait_seconds: by_class.into_iter().map(|(k, v)| (k, secs(v))).collect(),
-        gil_held_percent,
+        running_seconds: state(ThreadState::Running),
+        runnable_seconds: state(ThreadState::Runnable),
+        wait_seconds: split
+            .by_class
+            .iter()
+            .map(|(c, v)| (c.as_str().to_owned(), secs(*v)))
+            .collect(),
+        gil_held_percent: p
+            .gil_by_thread()
+            .map(|t| p.percent_of_window(t.values().map(|(held, _)| held).sum())),
     })
 }
 
@@ -430,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_wall_profile_sums_its_time_by_state_class_and_gil() {
-        use crate::profile::{Wait, WaitClass};
+        use crate::profile::{ProfileKind, Wait, WaitClass};
         let start = UNIX_EPOCH;
         let mut p = AggregatedProfile::of_kind(ProfileKind::Wall { sample_hz: 99 }, start);
         p.duration = Duration::from_secs(10);

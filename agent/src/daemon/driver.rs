@@ -41,8 +41,7 @@ use crate::{
         engine::{Engine, EngineConfig},
         event::EventKind,
     },
-    profile::AggregatedProfile,
-    record::{needs_off_cpu, profile_kind_of},
+    profile::{AggregatedProfile, ProfileKind},
     spool::Spool,
 };
 
@@ -55,7 +54,7 @@ pub enum DriverError {
 
 /// Whether this agent builds profiles of type `ty`.
 pub fn implemented(ty: ProfileType) -> bool {
-    profile_kind_of(ty, 1).is_some()
+    ProfileKind::of_type(ty, 1).is_some()
 }
 
 /// How often off-CPU time in progress is brought into the windows.
@@ -264,13 +263,11 @@ impl Daemon {
             .max()
             .unwrap_or(0);
         let off_cpu = wanted.values().any(|p| {
-            let kinds: Vec<_> = p
-                .settings
+            p.settings
                 .profile_types
                 .iter()
-                .filter_map(|&t| profile_kind_of(t, hz))
-                .collect();
-            needs_off_cpu(&kinds)
+                .filter_map(|&t| ProfileKind::of_type(t, hz))
+                .any(ProfileKind::needs_off_cpu)
         });
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
         if hz > 0 && (hz != self.sample_hz() || off_cpu != has_off_cpu) {

@@ -14,7 +14,7 @@ use crate::{
         aggregate::{Aggregator, StackMerger},
         event::{Event, EventKind},
     },
-    profile::AggregatedProfile,
+    profile::{AggregatedProfile, ProfileKind},
 };
 
 /// The end of the window that starts at `now`: the next multiple of `window` since the epoch,
@@ -262,7 +262,7 @@ impl Windows {
             .settings
             .profile_types
             .iter()
-            .filter_map(|&t| crate::record::profile_kind_of(t, hz))
+            .filter_map(|&t| ProfileKind::of_type(t, hz))
             .map(|kind| {
                 let mut p = w.agg.finish(kind, w.start);
                 p.duration = end.duration_since(w.start).unwrap_or_default();
@@ -310,7 +310,7 @@ mod tests {
     use crate::{
         daemon::routing::Routing,
         k8s::{ContainerId, TargetSettings},
-        profile::{Frame, FrameKind, ProfileKind, SampleKey},
+        profile::{Frame, FrameKind, SampleKey},
     };
 
     #[test]

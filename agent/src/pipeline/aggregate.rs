@@ -190,14 +190,6 @@ impl Aggregator {
                 let gil = merger.as_mut().and_then(|m| m.gil(pid));
                 Some(Wait::classify(ev.wait, ev.addr, gil.as_ref()))
             }
-            EventKind::CpuSample if ev.gil_held.is_none() && !ev.py.frames.is_empty() => {
-                // A Python sample that did not know the GIL: look for it now (its interpreter
-                // may have created it after detection), so the next samples say who holds it.
-                if let Some(m) = merger.as_mut() {
-                    m.gil(pid);
-                }
-                None
-            }
             _ => None,
         };
         let mut raw = RawKey::of(ev, wait);
@@ -431,7 +423,7 @@ mod tests {
             addr,
             ..event(pid, &[0x1000])
         };
-        let futex = w::of(1, false, Some(w::SYS_FUTEX));
+        let futex = w::of(1, Some(w::SYS_FUTEX));
         agg.add(&off(3_000, futex, 0xabc0), None);
         agg.add(
             &Event {
@@ -440,8 +432,8 @@ mod tests {
             },
             None,
         );
-        agg.add(&off(5_000, w::of(1, false, Some(230)), 1), None);
-        agg.add(&off(6_000, w::of(0, true, None), 0), None);
+        agg.add(&off(5_000, w::of(1, Some(230)), 1), None);
+        agg.add(&off(6_000, w::of(0, None), 0), None);
         assert_eq!(
             agg.stats.distinct_stacks, 4,
             "same stack, four ways of spending time"

@@ -282,6 +282,9 @@ impl Engine {
                 Err(_) => *malformed += 1,
             }
         }
+        if let Some(py) = python.as_ref() {
+            py.find_missing_gils();
+        }
         n
     }
 
@@ -307,7 +310,7 @@ impl Engine {
                     tgid: pid,
                     slot: slot.slot,
                     comm: t.comm,
-                    wait: kprof_common::wait::of(t.state, false, t.syscall.map(|s| s.0)),
+                    wait: kprof_common::wait::of(t.state, t.syscall.map(|s| s.0)),
                     addr: t.syscall.map_or(0, |s| s.1),
                     since: self.targeted_at.get(&pid).copied().unwrap_or(now),
                 });

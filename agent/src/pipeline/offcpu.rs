@@ -54,22 +54,23 @@ impl Captured {
         }
     }
 
-    /// A stand-in without stacks for a thread whose waits of a stratum were never captured.
-    fn uncaptured(tid: u32, t: &OffCpuThread, stratum: usize, comm: [u8; 16]) -> Self {
-        let word = match stratum {
-            0 => wait::of(0, true, None),
-            1 => wait::of(1, false, Some(wait::SYS_FUTEX)),
-            3 => wait::of(2, false, None),
-            _ => wait::of(1, false, None),
-        };
+    /// A wait without stacks (its time gets a `[stack not captured]` frame).
+    fn without_stacks(
+        tgid: u32,
+        tid: u32,
+        slot: u32,
+        wait: u32,
+        addr: u64,
+        comm: [u8; 16],
+    ) -> Self {
         Captured {
-            tgid: t.tgid,
+            tgid,
             tid,
-            slot: t.slot,
+            slot,
             comm,
             exec_id: 0,
-            wait: word,
-            addr: 0,
+            wait,
+            addr,
             ts_out: 0,
             kernel: Vec::new(),
             user: Vec::new(),
@@ -192,14 +193,12 @@ impl OffCpuTracker {
                     }
                     None => {
                         self.stats.unmatched_ends += 1;
-                        let template = Captured {
-                            wait: ev.wait,
-                            addr: ev.addr,
-                            ..Captured::uncaptured(ev.tid, &OffCpuThread::default(), s, ev.comm)
-                        };
-                        let e = self.loose.entry((ev.tid, s)).or_insert((0, 0, template));
-                        e.2.tgid = ev.tgid;
-                        e.2.slot = ev.slot;
+                        let e = self.loose.entry((ev.tid, s)).or_insert_with(|| {
+                            let w = Captured::without_stacks(
+                                ev.tgid, ev.tid, ev.slot, ev.wait, ev.addr, ev.comm,
+                            );
+                            (0, 0, w)
+                        });
                         e.0 += ev.value;
                         e.1 += 1;
                     }
@@ -310,19 +309,8 @@ impl OffCpuTracker {
                 None => {
                     let since = b.since.min(now);
                     let wait = Captured {
-                        tgid: b.tgid,
-                        wait: b.wait,
-                        addr: b.addr,
                         ts_out: since,
-                        ..Captured::uncaptured(
-                            b.tid,
-                            &OffCpuThread {
-                                slot: b.slot,
-                                ..OffCpuThread::default()
-                            },
-                            2,
-                            b.comm,
-                        )
+                        ..Captured::without_stacks(b.tgid, b.tid, b.slot, b.wait, b.addr, b.comm)
                     };
                     if now > since {
                         sink(&wait.event(now - since, 1));
@@ -369,10 +357,16 @@ impl OffCpuTracker {
             }
             return;
         }
-        let stand_in = self
-            .last
-            .entry((tid, s))
-            .or_insert_with(|| Captured::uncaptured(tid, t, s, comm(t.tgid, tid)));
+        let stand_in = self.last.entry((tid, s)).or_insert_with(|| {
+            // A wait word of the stratum (its syscall is not known).
+            let word = match s {
+                0 => wait::of(0, None),
+                1 => wait::of(1, Some(wait::SYS_FUTEX)),
+                3 => wait::of(2, None),
+                _ => wait::of(1, None),
+            };
+            Captured::without_stacks(t.tgid, tid, t.slot, word, 0, comm(t.tgid, tid))
+        });
         sink(&stand_in.event(ns, count));
     }
 }
@@ -432,7 +426,7 @@ mod tests {
         }
     }
 
-    const SLEEP: u32 = wait::of(1, false, Some(230));
+    const SLEEP: u32 = wait::of(1, Some(230));
 
     #[test]
     fn a_captured_wait_is_reported_as_it_passes_and_counted_once() {
@@ -530,7 +524,7 @@ mod tests {
             tgid: TGID,
             slot: 0,
             comm: [0; 16],
-            wait: wait::of(1, false, Some(wait::SYS_FUTEX)),
+            wait: wait::of(1, Some(wait::SYS_FUTEX)),
             addr: 0x1000,
             since: 400,
         };

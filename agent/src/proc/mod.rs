@@ -139,18 +139,25 @@ mod tests {
             rx.recv().ok();
         });
         let tid = tid_rx.recv().unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(100));
         let me = std::process::id();
-        let found = sleeping_threads(me, |t| t != tid);
+        // Until the thread is asleep in its receive (it just started).
+        let mut found = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            found = sleeping_threads(me, |t| t != tid);
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         tx.send(()).unwrap();
         h.join().unwrap();
         let [t] = found.as_slice() else {
             panic!("{found:?}")
         };
         assert_eq!((t.tid, t.state), (tid, 1));
-        if let Some((nr, _)) = t.syscall {
-            assert_eq!(nr, 202, "a channel receive sleeps in futex(2)");
-        }
+        // `.../syscall` of one's own threads is readable; a channel receive sleeps in futex(2).
+        assert_eq!(t.syscall.map(|s| s.0), Some(202), "{t:?}");
     }
 
     #[test]

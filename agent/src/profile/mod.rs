@@ -84,6 +84,22 @@ impl ProfileKind {
         }
     }
 
+    /// The kind written for an asked profile type (`None`: not built yet).
+    pub fn of_type(ty: kprof_crds::ProfileType, sample_hz: u32) -> Option<ProfileKind> {
+        use kprof_crds::ProfileType as T;
+        match ty {
+            T::Cpu => Some(ProfileKind::Cpu { sample_hz }),
+            T::Wall => Some(ProfileKind::Wall { sample_hz }),
+            T::Lock => Some(ProfileKind::Lock),
+            T::Memory => None,
+        }
+    }
+
+    /// Whether this kind needs the off-CPU source (the `sched_switch` program).
+    pub fn needs_off_cpu(self) -> bool {
+        matches!(self, ProfileKind::Wall { .. } | ProfileKind::Lock)
+    }
+
     /// The kind's name in the API, on the command line and in file names.
     pub fn name(self) -> &'static str {
         self.pprof_types().name
@@ -117,6 +133,15 @@ impl ProfileKind {
             ProfileKind::Wall { .. } => vec![value, count],
         }
     }
+}
+
+/// Where the time of a wall or lock profile went ([`AggregatedProfile::time_split`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimeSplit {
+    pub by_state: BTreeMap<ThreadState, u64>,
+    pub by_class: BTreeMap<WaitClass, u64>,
+    /// Thread id → (name, nanoseconds).
+    pub by_thread: BTreeMap<u32, (Arc<str>, u64)>,
 }
 
 /// An aggregated profile of one kind.
@@ -208,6 +233,30 @@ impl AggregatedProfile {
         let mut v: Vec<_> = self.samples.iter().map(|(k, &c)| (k, c)).collect();
         v.sort();
         v
+    }
+
+    /// Where the time of a profile with wait labels (wall, lock) went, in nanoseconds: per
+    /// state, per wait class and per thread (its name and total).
+    pub fn time_split(&self) -> TimeSplit {
+        let mut split = TimeSplit::default();
+        for (k, v) in &self.values {
+            let Some(w) = k.wait else { continue };
+            *split.by_state.entry(w.state).or_default() += v;
+            if let Some(c) = w.class {
+                *split.by_class.entry(c).or_default() += v;
+            }
+            split
+                .by_thread
+                .entry(k.tid)
+                .or_insert_with(|| (k.thread.clone(), 0))
+                .1 += v;
+        }
+        split
+    }
+
+    /// `ns` as a percentage of the window, to one decimal.
+    pub fn percent_of_window(&self, ns: u64) -> f64 {
+        (ns as f64 * 1000.0 / self.duration.as_nanos().max(1) as f64).round() / 10.0
     }
 
     /// Per thread id: nanoseconds on CPU holding the GIL, and nanoseconds waiting for it.

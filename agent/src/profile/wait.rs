@@ -126,17 +126,17 @@ mod tests {
     use super::*;
 
     fn sleeping_in(nr: u32) -> u32 {
-        w::of(1, false, Some(nr))
+        w::of(1, Some(nr))
     }
 
     #[test]
     fn states_and_classes() {
-        let runnable = Wait::classify(w::of(0, true, None), 0, None);
+        let runnable = Wait::classify(w::of(0, None), 0, None);
         assert_eq!(
             (runnable.state, runnable.class),
             (ThreadState::Runnable, None)
         );
-        let disk = Wait::classify(w::of(2, false, Some(0)), 3, None);
+        let disk = Wait::classify(w::of(2, Some(0)), 3, None);
         assert_eq!(
             (disk.state, disk.class),
             (ThreadState::DiskWait, Some(WaitClass::Io))
@@ -152,7 +152,7 @@ mod tests {
         assert_eq!(c(0, 3), WaitClass::Io);
         assert_eq!(c(61, 0), WaitClass::Other, "wait4");
         assert_eq!(
-            Wait::classify(w::of(1, false, None), 0, None).class,
+            Wait::classify(w::of(1, None), 0, None).class,
             Some(WaitClass::Other)
         );
     }

@@ -217,7 +217,7 @@ fn attempt(pid: u32) -> Attempt {
                 );
             } else if p.gil.is_none() {
                 warnings.push(
-                    "the GIL was not found in this interpreter: GIL waits count as lock waits and GIL held % is missing (wall and lock profiles still work)"
+                    "the GIL was not found when the interpreter was detected: until it is (looked for every 200 ms), GIL waits count as lock waits and GIL held % is missing (wall and lock profiles still work)"
                         .into(),
                 );
             }
@@ -431,32 +431,43 @@ impl PythonSupport {
     }
 
     /// The bytes of `pid`'s GIL (`struct _gil_runtime_state`, the same 208 bytes in every
-    /// CPython 3.8–3.14 with a GIL), found once per process (`PyProcess::find_gil`), looked for
-    /// again at most every 200 ms while not found.
+    /// CPython 3.8–3.14 with a GIL), once found (`PyProcess::find_gil`, at detection or by
+    /// [`PythonSupport::find_missing_gils`]).
     pub fn gil(&self, pid: u32) -> Option<std::ops::Range<u64>> {
-        let mut inner = lock(&self.inner);
-        let p = inner.procs.get(&pid)?;
-        if let Some(addr) = p.gil {
-            return Some(addr..addr + GIL_BYTES);
-        }
-        if inner
-            .gil_tried
-            .get(&pid)
-            .is_some_and(|at| at.elapsed() < Duration::from_millis(200))
-        {
-            return None;
-        }
-        let found = p.find_gil();
-        inner.gil_tried.insert(pid, Instant::now());
-        let addr = found?;
-        if let Some(p) = inner.procs.get_mut(&pid) {
-            p.gil = Some(addr);
-        }
-        // The walker learns it too: CPU samples then say whether their thread holds it.
-        if let Err(e) = inner.register(pid) {
-            tracing::debug!(pid, error = %e, "cannot update the walker's GIL address");
-        }
+        let addr = lock(&self.inner).procs.get(&pid)?.gil?;
         Some(addr..addr + GIL_BYTES)
+    }
+
+    /// Looks again for the GIL of the interpreters whose GIL is not known (one may create it
+    /// after it was detected), each at most every 200 ms; a GIL found is given to the walker,
+    /// so CPU samples say who holds it from then on.
+    pub fn find_missing_gils(&self) {
+        let mut inner = lock(&self.inner);
+        let now = Instant::now();
+        let due: Vec<u32> = inner
+            .procs
+            .iter()
+            .filter(|(pid, p)| {
+                p.gil.is_none()
+                    && inner
+                        .gil_tried
+                        .get(*pid)
+                        .is_none_or(|at| now.duration_since(*at) >= Duration::from_millis(200))
+            })
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in due {
+            inner.gil_tried.insert(pid, now);
+            let Some(addr) = inner.procs.get(&pid).and_then(PyProcess::find_gil) else {
+                continue;
+            };
+            if let Some(p) = inner.procs.get_mut(&pid) {
+                p.gil = Some(addr);
+            }
+            if let Err(e) = inner.register(pid) {
+                tracing::debug!(pid, error = %e, "cannot update the walker's GIL address");
+            }
+        }
     }
 
     /// Processes with a detected interpreter.
