@@ -264,6 +264,11 @@ impl Engine {
             off_cpu,
             ..
         } = self;
+        // An interpreter's GIL created since its detection is looked for before this drain's
+        // events are classified (a futex inside it is a GIL wait).
+        if let Some(py) = python.as_ref() {
+            py.find_missing_gils();
+        }
         let mut merger = python.as_mut().map(|py| PythonMerger { py, wait });
         let mut n = 0;
         while let Some(item) = sampler.events.next() {
@@ -281,9 +286,6 @@ impl Engine {
                 }
                 Err(_) => *malformed += 1,
             }
-        }
-        if let Some(py) = python.as_ref() {
-            py.find_missing_gils();
         }
         n
     }
