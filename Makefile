@@ -72,10 +72,11 @@ images: ## Build the operator and agent images and import them into the test clu
 	e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent
 
 .PHONY: bench
-bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, Python, store
+bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, Python, store
 	agent/bench/overhead.sh
 	agent/bench/startup.sh
 	agent/bench/offcpu.sh
+	agent/bench/threads.sh
 	agent/bench/shop.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh

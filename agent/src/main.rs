@@ -59,7 +59,8 @@ struct RecordArgs {
     #[arg(long)]
     no_python: bool,
     /// Profile types, comma separated: cpu (on-CPU time), wall (on- and off-CPU time per thread,
-    /// by state and wait class), lock (time blocked on locks, by site and lock).
+    /// by state and wait class), lock (time blocked on locks, by site and lock), threads
+    /// (counts, names, the code that creates them, idle threads and leaks).
     #[arg(long, value_delimiter = ',', default_value = "cpu", value_parser = parse_type)]
     types: Vec<record::ProfileType>,
     /// Rows of the top table.
@@ -72,10 +73,10 @@ struct RecordArgs {
 
 fn parse_type(s: &str) -> Result<record::ProfileType, String> {
     use record::ProfileType as T;
-    [T::Cpu, T::Wall, T::Lock, T::Memory]
+    [T::Cpu, T::Wall, T::Lock, T::Threads, T::Memory]
         .into_iter()
         .find(|t| t.as_str() == s.trim())
-        .ok_or_else(|| format!("unknown profile type {s:?} (cpu, wall, lock)"))
+        .ok_or_else(|| format!("unknown profile type {s:?} (cpu, wall, lock, threads)"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

@@ -306,11 +306,18 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
                 .iter()
                 .any(|k| k.needs_off_cpu())
                 .then_some(opts.off_cpu),
+            threads: kinds.iter().any(|k| k.needs_thread_events()),
         },
         python: opts.python,
         python_wait: Some(PYTHON_WAIT),
     })?;
     let mut agg = Aggregator::new();
+    if engine.has_thread_events() {
+        agg.track_threads();
+        if let Some(ledger) = agg.threads() {
+            ledger.set_idle_after(opts.duration / 2);
+        }
+    }
 
     let mut child: Option<Child> = None;
     let mut pids = opts.pids.clone();
@@ -368,6 +375,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             }
             // Off-CPU time in progress or not captured, so far (and exited threads forgotten).
             engine.settle_off_cpu(|ev, merger| agg.add(ev, merger));
+            engine.checkpoint_threads(&mut agg);
             // Exited processes leave the target map; new children are registered while alive.
             let live = engine.prune(Engine::is_live_target);
             for &pid in &live {
@@ -395,6 +403,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let kernel = engine.kernel_cost();
     drain(&mut engine, &mut agg);
     engine.settle_off_cpu(|ev, merger| agg.add(ev, merger));
+    engine.close_threads(&mut agg);
     let (loop_cpu1, _) = crate::proc::self_usage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
         let (t1, cpu1, k1, n1) = mark(&engine, &agg);
@@ -556,7 +565,44 @@ pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
     if let Some(gil) = gil_summary(p) {
         out["gil"] = gil;
     }
+    if let Some(report) = &p.threads {
+        out["threads"] = threads_summary(report);
+    }
     out
+}
+
+/// The figures of a threads profile: counts per process, every thread, idle threads, leaks.
+pub fn threads_summary(r: &crate::profile::ThreadReport) -> serde_json::Value {
+    use crate::profile::threads::creator_name;
+    let secs = |ns: u64| (ns as f64 / 1e6).round() / 1e3;
+    let stack = |s: &[crate::profile::Frame]| -> Vec<String> {
+        s.iter().map(|f| f.function.to_string()).collect()
+    };
+    serde_json::json!({
+        "processes": r.processes.iter().map(|(pid, c)| serde_json::json!({
+            "pid": pid, "start": c.start, "end": c.end, "min": c.min, "max": c.max,
+            "created": c.created, "exited": c.exited,
+            "series": c.series.iter().map(|(t, n)| serde_json::json!([*t as f64 / 1e9, n]))
+                .collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "threads": r.threads.iter().map(|t| serde_json::json!({
+            "pid": t.pid, "tid": t.tid, "name": &*t.name, "state": t.state.to_string(),
+            "cpu_seconds": secs(t.cpu_ns), "off_cpu_seconds": secs(t.off_cpu_ns),
+            "created": t.created, "alive": t.alive,
+            "creator": t.creator.as_deref().map(creator_name),
+        })).collect::<Vec<_>>(),
+        "idle": r.idle.iter().map(|t| serde_json::json!({
+            "pid": t.pid, "tid": t.tid, "name": &*t.name, "age_seconds": t.age_s,
+            "cpu_seconds": secs(t.cpu_ns), "blocked_in": stack(&t.blocked_in),
+            "creator": t.creator.as_deref().map(creator_name),
+        })).collect::<Vec<_>>(),
+        "leaks": r.leaks.iter().map(|l| serde_json::json!({
+            "pid": l.pid, "counts": l.counts, "by_creator": l.by_creator,
+            "creator": l.creator.as_deref().map(creator_name),
+            "creator_stack": l.creator.as_deref().map(stack),
+            "message": l.message(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The GIL figures of a CPU or wall profile (`None` when no sample knew the GIL): the share of

@@ -1045,3 +1045,190 @@ fn off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully() {
         after_exec as f64 / 1e9
     );
 }
+
+#[test]
+fn threads_are_counted_named_and_a_leak_is_found_on_every_version() {
+    if !kernel_or_skip("threads_are_counted_named_and_a_leak_is_found_on_every_version") {
+        return;
+    }
+    let interps = harness::interpreters();
+    harness::assert_required_minors(&interps);
+    let mut failures = Vec::new();
+    for interp in interps {
+        let (rec, truth) =
+            match record_truth(&interp, "leak.py", &[], 10, 99, vec![ProfileType::Threads]) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
+        let pid = truth["pid"].as_u64().unwrap() as u32;
+        let p = rec
+            .of_type(ProfileType::Threads)
+            .expect("a threads profile");
+        let Some(report) = p.threads.as_ref() else {
+            failures.push(format!("{}: no thread report", interp.name));
+            continue;
+        };
+        let mut errs = Vec::new();
+        let Some(counts) = report.processes.get(&pid) else {
+            failures.push(format!("{}: pid {pid} not in the report", interp.name));
+            continue;
+        };
+        // Truth: (monotonic seconds, alive, created, exited) every 0.2 s.
+        let samples: Vec<(f64, i64, i64, i64)> = truth["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["t"].as_f64().unwrap(),
+                    s["count"].as_i64().unwrap(),
+                    s["created"].as_i64().unwrap(),
+                    s["exited"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let nearest = |t: f64| {
+            samples
+                .iter()
+                .min_by(|a, b| (a.0 - t).abs().total_cmp(&(b.0 - t).abs()))
+                .copied()
+        };
+        // The counts over time: within ±1 of what the process counted in /proc (one more
+        // when the nearest truth sample is more than 0.1 s away: a thread leaks every 0.5 s).
+        let mut compared = 0;
+        for &(t_ns, n) in &counts.series {
+            let t = t_ns as f64 / 1e9;
+            let Some(s) = nearest(t) else { continue };
+            // The first look at the process may fall amid the script's first thread starts.
+            if (s.0 - t).abs() > 0.3 || t < samples[0].0 {
+                continue; // before the script ran, or after it was stopped
+            }
+            compared += 1;
+            let slack = if (s.0 - t).abs() > 0.1 { 2 } else { 1 };
+            if (i64::from(n) - s.1).abs() > slack {
+                errs.push(format!(
+                    "{n} threads at {t:.2}s, the process counted {}",
+                    s.1
+                ));
+            }
+        }
+        if compared < 5 {
+            errs.push(format!("only {compared} counts to compare with the truth"));
+        }
+        // Created and exited by the window's end: the flasher starts ~25 threads a second.
+        let end_t = counts.series.last().map_or(0.0, |s| s.0 as f64 / 1e9);
+        if let Some(s) = nearest(end_t) {
+            let dt = (s.0 - end_t).abs();
+            let slack = 3 + (40.0 * dt) as i64;
+            // Python's own threads all come from the script: created counts every creation.
+            if (i64::from(counts.created) - s.2).abs() > slack {
+                errs.push(format!(
+                    "created {} (truth {} ±{slack})",
+                    counts.created, s.2
+                ));
+            }
+            if (i64::from(counts.exited) - s.3).abs() > slack {
+                errs.push(format!("exited {} (truth {} ±{slack})", counts.exited, s.3));
+            }
+        }
+        // Thread names of the threads alive at the end: the kernel's names (what this agent
+        // reads today; CPython 3.14 sets them to `threading` names, cut to 15 bytes).
+        let names: BTreeMap<String, String> =
+            serde_json::from_value(truth["names"].clone()).unwrap();
+        let comms: BTreeMap<String, String> =
+            serde_json::from_value(truth["comms"].clone()).unwrap();
+        let minor = harness::minor_of(&interp);
+        let mut named = 0;
+        for (tid, comm) in &comms {
+            let tid_n: u32 = tid.parse().unwrap();
+            let Some(row) = report.threads.iter().find(|r| r.tid == tid_n && r.alive) else {
+                continue;
+            };
+            named += 1;
+            if &*row.name != comm.as_str() {
+                errs.push(format!(
+                    "thread {tid} named {:?}, the kernel says {comm:?}",
+                    row.name
+                ));
+            }
+            let python: String = names[tid].chars().take(15).collect();
+            if minor.is_some_and(|m| m >= 14) && tid_n != pid && &*row.name != python.as_str() {
+                errs.push(format!(
+                    "3.14 thread {tid} named {:?}, Python says {python:?}",
+                    row.name
+                ));
+            }
+        }
+        if named < comms.len().saturating_sub(2) {
+            errs.push(format!("{named} of {} named threads found", comms.len()));
+        }
+        // The leak, with the leaking function as the creator.
+        match report.leaks.iter().find(|l| l.pid == pid) {
+            None => errs.push("the leak was not flagged".into()),
+            Some(l) => {
+                let creator = l.creator.as_deref().and_then(|s| s.first());
+                if creator.is_none_or(|f| !f.function.ends_with("leak_one")) {
+                    errs.push(format!("leak creator {creator:?}"));
+                }
+                if l.by_creator < 3 {
+                    errs.push(format!(
+                        "only {} leaked threads by the creator",
+                        l.by_creator
+                    ));
+                }
+            }
+        }
+        if !p.warnings.iter().any(|w| w.contains("thread leak")) {
+            errs.push("no leak warning on the profile".into());
+        }
+        // The leaked threads that lived through half the recording are idle, blocked waiting.
+        let leaked: Vec<u32> = serde_json::from_value(truth["leaked"].clone()).unwrap();
+        let idle: Vec<&kprof_agent::profile::threads::IdleThread> = report
+            .idle
+            .iter()
+            .filter(|t| leaked.contains(&t.tid))
+            .collect();
+        if idle.len() < 4 {
+            errs.push(format!("{} leaked threads listed as idle", idle.len()));
+        }
+        if let Some(t) = idle.iter().find(|t| {
+            !t.blocked_in
+                .iter()
+                .any(|f| f.function.ends_with("blocked_forever"))
+        }) {
+            errs.push(format!(
+                "idle thread {} blocked in {:?}",
+                t.tid, t.blocked_in
+            ));
+        }
+        // The pool workers ran: not idle.
+        if report.idle.iter().any(|t| {
+            names
+                .get(&t.tid.to_string())
+                .is_some_and(|n| n.contains("pool"))
+        }) {
+            errs.push("a busy pool worker listed as idle".into());
+        }
+        let line = format!(
+            "{:<14} start {} end {} min {} max {} created {} exited {} idle {} leaks {}",
+            interp.name,
+            counts.start,
+            counts.end,
+            counts.min,
+            counts.max,
+            counts.created,
+            counts.exited,
+            report.idle.len(),
+            report.leaks.len()
+        );
+        eprintln!("{}{line}", if errs.is_empty() { "PASS " } else { "FAIL " });
+        if !errs.is_empty() {
+            eprintln!("      {errs:?}");
+            failures.push(format!("{}: {errs:?}", interp.name));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -15,7 +15,10 @@ use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, GoDuration};
-pub use profile::{ArtifactRef, Artifacts, Profile, ProfileSpec, TimeSummary, TopFunction};
+pub use profile::{
+    ArtifactRef, Artifacts, IdleThreadInfo, Profile, ProfileSpec, ThreadInfo, ThreadSummary,
+    TimeSummary, TopFunction,
+};
 pub use target::{
     Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,
     Retention,
@@ -50,6 +53,8 @@ pub enum ProfileType {
     Lock,
     /// Memory allocations.
     Memory,
+    /// Threads: counts over time, names, the stacks that create them, idle threads and leaks.
+    Threads,
 }
 
 impl ProfileType {
@@ -60,6 +65,7 @@ impl ProfileType {
             Self::Wall => "wall",
             Self::Lock => "lock",
             Self::Memory => "memory",
+            Self::Threads => "threads",
         }
     }
 }

@@ -28,6 +28,7 @@ use crate::ProfileType;
     printcolumn(name = "Pod", type_ = "string", json_path = ".spec.pod"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.profileType"),
     printcolumn(name = "Samples", type_ = "integer", json_path = ".spec.samples"),
+    printcolumn(name = "Threads", type_ = "integer", json_path = ".spec.threads"),
     printcolumn(name = "Top", type_ = "string", json_path = ".spec.top"),
     printcolumn(
         name = "Age",
@@ -68,7 +69,7 @@ pub struct ProfileSpec {
     /// Average CPU cores used over the window: samples ÷ (sampleHz × window seconds).
     #[serde(default)]
     pub cpu_cores: f64,
-    /// Threads seen in the window.
+    /// Threads seen in the window (threads profiles: alive at its end).
     #[serde(default)]
     pub threads: u32,
     /// The hottest function and its self share, e.g. `app.handle 41.2%`, for `kubectl get`.
@@ -84,6 +85,9 @@ pub struct ProfileSpec {
     /// Wall and lock profiles: what the threads' time adds up to and where it went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<TimeSummary>,
+    /// Threads profiles: counts over the window, each thread, idle threads, leaks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_summary: Option<ThreadSummary>,
     /// Anything that makes this profile less than complete, e.g.
     /// `python version not supported: native frames only`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -109,6 +113,75 @@ pub struct TimeSummary {
     /// (absent when no interpreter's GIL was known).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gil_held_percent: Option<f64>,
+}
+
+/// The threads of a container over one window.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ThreadSummary {
+    /// Threads alive when the window started, when it ended, and the fewest and most alive
+    /// at once (counted every second and at each creation and exit).
+    pub alive_at_start: u32,
+    pub alive_at_end: u32,
+    pub min: u32,
+    pub max: u32,
+    /// Threads created and exited during the window.
+    pub created: u32,
+    pub exited: u32,
+    /// Threads alive at some point of the window, busiest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub threads: Vec<ThreadInfo>,
+    /// Threads left out of `threads` (more than 50).
+    #[serde(default)]
+    pub threads_omitted: u32,
+    /// Threads alive for longer than the window that have (almost) never run since they were
+    /// created, with where they are blocked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub idle: Vec<IdleThreadInfo>,
+    /// A process's thread count grows steadily (see the warnings for the creating code).
+    #[serde(default)]
+    pub leak_suspected: bool,
+}
+
+/// One thread in a window.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ThreadInfo {
+    /// Process id and OS thread id, as seen on the node.
+    pub pid: u32,
+    pub tid: u32,
+    /// Python's `threading.Thread.name` where known, else the kernel's thread name.
+    pub name: String,
+    /// State at the window's end (`R` running, `S` sleeping, `D` disk wait; `X` exited).
+    pub state: String,
+    pub cpu_seconds: f64,
+    pub off_cpu_seconds: f64,
+    /// Created during the window.
+    #[serde(default)]
+    pub created: bool,
+    /// The code that created it (`function (file:line)`), when its creation was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
+}
+
+/// A thread that (almost) never runs.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IdleThreadInfo {
+    pub pid: u32,
+    pub tid: u32,
+    pub name: String,
+    /// Seconds since it was created, and CPU seconds it ran in all that time.
+    pub age_seconds: u64,
+    pub cpu_seconds: f64,
+    /// Where it is blocked, innermost first: its Python frames, or the syscall it sleeps in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub blocked_in: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<String>,
 }
 
 /// One row of a profile's top table.

@@ -392,6 +392,7 @@ fn profile(name: &str, node: &str, url: &str, d: &Digest, size: usize) -> Profil
                 flamegraph: None,
             },
             time: None,
+            thread_summary: None,
             warnings: vec![],
         },
     );

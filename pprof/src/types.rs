@@ -69,12 +69,12 @@ pub const MEMORY: KindTypes = KindTypes {
     default_index: 2,
 };
 
-/// Thread counts by stack.
+/// Threads by the stack that created them: created in the window, and alive at its end.
 pub const THREADS: KindTypes = KindTypes {
     name: "threads",
-    sample_types: &[st("threads", "count")],
+    sample_types: &[st("created", "count"), st("alive", "count")],
     period_type: st("threads", "count"),
-    default_index: 0,
+    default_index: 1,
 };
 
 /// Every kind, for lookups by name.
@@ -92,7 +92,7 @@ mod tests {
     #[test]
     fn kinds_are_found_by_name_and_cpu_keeps_its_value_order() {
         assert_eq!(by_name("cpu"), Some(&CPU));
-        assert_eq!(by_name("threads").map(|k| k.sample_types.len()), Some(1));
+        assert_eq!(by_name("threads").map(|k| k.sample_types.len()), Some(2));
         assert_eq!(by_name("heap"), None);
         assert_eq!(CPU.index_of("cpu"), Some(1));
         assert_eq!(MEMORY.index_of("inuse_space"), Some(2));

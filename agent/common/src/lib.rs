@@ -26,6 +26,8 @@ pub mod names {
     /// The sampler without it (native and kernel stacks only).
     pub const PROG_SAMPLE_NATIVE: &str = "kprof_sample_native";
     pub const PROG_FORK: &str = "kprof_fork";
+    /// The fork program with the CPython walker (thread creations carry Python frames).
+    pub const PROG_FORK_PY: &str = "kprof_fork_py";
     /// The off-CPU source (raw tracepoint `sched_switch`), attached only when a wall or lock
     /// profile is asked for.
     pub const PROG_SWITCH: &str = "kprof_switch";
@@ -33,6 +35,8 @@ pub mod names {
     pub const PROG_SWITCH_NATIVE: &str = "kprof_switch_native";
     /// Only in objects built with the CPython walker.
     pub const PROG_EXEC: &str = "kprof_exec";
+    /// Thread exits (raw tracepoint `sched_process_exit`), attached for threads profiles.
+    pub const PROG_EXIT: &str = "kprof_exit";
     pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
     pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
     pub const MAP_EVENTS: &str = "EVENTS";
@@ -115,9 +119,14 @@ pub struct Config {
     /// time, up to `offcpu_burst` saved (a token bucket per thread).
     pub offcpu_gap_ns: u64,
     pub offcpu_burst: u32,
+    /// Non-zero: thread creations and exits of targets are recorded (threads profiles).
+    pub thread_events: u32,
+    /// Byte offset of `se.sum_exec_runtime` (the thread's CPU nanoseconds) in
+    /// `struct task_struct` (0: unknown; thread exits then carry no CPU time).
+    pub task_runtime_off: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<Config>() == 40);
+const _: () = assert!(size_of::<Config>() == 48);
 
 /// Value of the target maps: which target (profile) a process belongs to.
 #[repr(C)]
@@ -147,6 +156,12 @@ pub enum EventKind {
     /// A thread whose captured switch-out ([`EventKind::OffCpu`]) ended: it runs again. No
     /// stacks; `timestamp_ns` is the switch-in; value: the nanoseconds it was off CPU.
     OffCpuEnd = 3,
+    /// A targeted thread created a thread: recorded in the creating thread, with its stacks
+    /// (who creates threads); `addr` is the new thread's id; value: 0.
+    ThreadStart = 4,
+    /// A thread of a target exited. No stacks; `comm` is its last name; value: the CPU
+    /// nanoseconds it ran in its life (0 when unknown).
+    ThreadExit = 5,
 }
 
 impl EventKind {
@@ -156,6 +171,8 @@ impl EventKind {
             1 => Some(EventKind::CpuSample),
             2 => Some(EventKind::OffCpu),
             3 => Some(EventKind::OffCpuEnd),
+            4 => Some(EventKind::ThreadStart),
+            5 => Some(EventKind::ThreadExit),
             _ => None,
         }
     }

@@ -2,10 +2,10 @@
 //! its period jittered by user space) notes its time, so a sample knows the CPU time it stands
 //! for; a tick in a targeted thread is recorded as a [`EventKind::CpuSample`].
 use aya_ebpf::{
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::PerCpuArray,
     programs::PerfEventContext,
-    helpers::generated::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
 };
 use kprof_common::{EventKind, Stat};
 
@@ -31,7 +31,11 @@ fn tick(now: u64) -> u64 {
     unsafe {
         let prev = *last;
         *last = now;
-        if prev == 0 || now < prev { 0 } else { now - prev }
+        if prev == 0 || now < prev {
+            0
+        } else {
+            now - prev
+        }
     }
 }
 
@@ -60,6 +64,7 @@ pub fn on_tick<const PYTHON: bool>(ctx: &PerfEventContext) -> u32 {
         pid_tgid,
         slot,
         in_kernel,
+        kernel_stack: true,
         wait: 0,
         addr: 0,
     };

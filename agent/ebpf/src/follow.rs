@@ -1,32 +1,31 @@
 //! Following processes: children of a targeted process inherit its target slot (and a Python
 //! parent's walker configuration), and an `exec` drops the walker's view of the old image.
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
-    helpers::generated::bpf_get_current_pid_tgid, programs::RawTracePointContext,
+    helpers::bpf_probe_read_kernel, helpers::generated::bpf_get_current_pid_tgid,
+    programs::RawTracePointContext,
 };
 use kprof_common::{Stat, TargetSlot};
 
 use crate::{
     KPROF_CONFIG,
-    maps::{TARGET_PIDS, bump},
+    maps::{TARGET_PIDS, bump, target_slot},
 };
 
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, in the parent:
 /// the child's pid and tgid are read from its `task_struct` at offsets user space took from
-/// kernel BTF.
+/// kernel BTF. A new thread of a target is recorded for threads profiles (`threads.rs`).
 #[inline(always)]
-pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
+pub fn on_fork<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
     let cfg = KPROF_CONFIG.load();
-    if cfg.follow_children == 0 {
+    if cfg.follow_children == 0 && cfg.thread_events == 0 {
         return 0;
     }
     // SAFETY: helper without arguments.
-    let parent_tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
-    let Some(parent) = TARGET_PIDS.get_ptr(parent_tgid) else {
+    let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
+    let parent_tgid = (pid_tgid >> 32) as u32;
+    let Some(slot) = target_slot(parent_tgid, &cfg) else {
         return 0;
     };
-    // SAFETY: pointer from a successful lookup.
-    let slot = unsafe { (*parent).slot };
     let child: *const u8 = ctx.arg(1);
     // SAFETY: probe reads of two pid_t fields of the child's task_struct at BTF offsets; a bad
     // offset only makes the read fail or return garbage that matches no process.
@@ -39,8 +38,18 @@ pub fn on_fork(ctx: &RawTracePointContext) -> i32 {
     let (Ok(pid), Ok(tgid)) = (pid, tgid) else {
         return 0;
     };
+    if pid <= 0 {
+        return 0;
+    }
     // A new thread (pid ≠ tgid) is sampled through its process's entry already.
-    if pid <= 0 || pid != tgid || pid as u32 == parent_tgid {
+    if pid != tgid || pid as u32 == parent_tgid {
+        if tgid as u32 == parent_tgid && cfg.thread_events != 0 {
+            crate::threads::on_thread_start::<_, PYTHON>(ctx, pid_tgid, pid as u32, slot, &cfg);
+        }
+        return 0;
+    }
+    // Only processes targeted by pid have their children followed.
+    if cfg.follow_children == 0 || TARGET_PIDS.get_ptr(parent_tgid).is_none() {
         return 0;
     }
     let value = TargetSlot { slot, inherited: 1 };

@@ -9,6 +9,9 @@
 //!   A raw tracepoint needs no tracefs (not mounted in pods).
 //! - `kprof_switch` (raw tracepoint `sched_switch`, attached for wall and lock profiles): the
 //!   off-CPU source (`offcpu.rs`).
+//! - `kprof_fork` also records thread creations (with the creating thread's stacks) and
+//!   `kprof_exit` (raw tracepoint `sched_process_exit`) thread exits, for threads profiles
+//!   (`threads.rs`).
 //! - `kprof_exec` (raw tracepoint `sched_process_exec`, with the walker): drops the walker's
 //!   configuration of a process that replaced its image (`follow.rs`).
 #![no_std]
@@ -21,6 +24,7 @@ mod offcpu;
 #[cfg(feature = "python")]
 mod python;
 mod record;
+mod threads;
 
 use aya_ebpf::{
     Global,
@@ -40,6 +44,8 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     task_stack_off: 0,
     offcpu_gap_ns: 1,
     offcpu_burst: 1,
+    thread_events: 0,
+    task_runtime_off: 0,
     _pad: 0,
 });
 
@@ -70,7 +76,18 @@ pub fn kprof_switch_native(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn kprof_fork(ctx: RawTracePointContext) -> i32 {
-    follow::on_fork(&ctx)
+    follow::on_fork::<false>(&ctx)
+}
+
+/// Thread creation with the CPython walker (`kprof_fork` without it, in a native-only load).
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn kprof_fork_py(ctx: RawTracePointContext) -> i32 {
+    follow::on_fork::<true>(&ctx)
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn kprof_exit(_ctx: RawTracePointContext) -> i32 {
+    threads::on_exit()
 }
 
 #[cfg(feature = "python")]

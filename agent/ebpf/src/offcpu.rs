@@ -9,16 +9,13 @@
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
     macros::map,
     maps::LruHashMap,
     programs::RawTracePointContext,
 };
-use kprof_common::{
-    Config, EventHeader, EventKind, MAX_OFF_CPU_THREADS, OffCpuThread, Stat, wait,
-};
+use kprof_common::{Config, EventHeader, EventKind, MAX_OFF_CPU_THREADS, OffCpuThread, Stat, wait};
 
 use crate::{
     KPROF_CONFIG,
@@ -190,6 +187,7 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, c
             pid_tgid,
             slot,
             in_kernel: true,
+            kernel_stack: true,
             wait: w,
             addr,
         };
@@ -225,8 +223,8 @@ fn syscall(cfg: &Config) -> (u32, u64) {
         };
         let regs = stack.wrapping_add(THREAD_SIZE - PT_REGS_SIZE);
         let ax = bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_AX).cast::<i64>()).unwrap_or(0);
-        let nr = bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_ORIG_AX).cast::<i64>())
-            .unwrap_or(-1);
+        let nr =
+            bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_ORIG_AX).cast::<i64>()).unwrap_or(-1);
         if ax != AX_IN_SYSCALL || !(0..0x10000).contains(&nr) {
             return (wait::NO_SYSCALL, 0);
         }

@@ -40,6 +40,9 @@ pub struct Event {
     pub slot: u32,
     /// The thread was in kernel mode (there are kernel frames to read).
     pub in_kernel: bool,
+    /// Read the kernel stack when `in_kernel` (a thread creation's kernel frames are always
+    /// the same `clone` path: not worth the record bytes).
+    pub kernel_stack: bool,
     /// Off-CPU events: how the thread waits and the syscall's first argument.
     pub wait: u32,
     pub addr: u64,
@@ -48,6 +51,7 @@ pub struct Event {
 /// `EVENT_BUF` slot of each source: a source that can interrupt another needs its own.
 pub const BUF_CPU: u32 = 0;
 pub const BUF_SWITCH: u32 = 1;
+pub const BUF_TASK: u32 = 2;
 
 /// Records `ev` of the current thread with its stacks, assembled in `EVENT_BUF` slot `buf`;
 /// the Python walker runs when `PYTHON`. Returns whether the record reached the ring.
@@ -125,11 +129,11 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(
                 }
             }
         }
-        let kernel_at = (buf as *mut u8)
-            .add(size_of::<EventHeader>() + py_count * size_of::<PyFrame>());
+        let kernel_at =
+            (buf as *mut u8).add(size_of::<EventHeader>() + py_count * size_of::<PyFrame>());
         // An event in user mode has no kernel frames: skip the helper (and its zeroing of the
         // whole buffer).
-        let n = if ev.in_kernel {
+        let n = if ev.in_kernel && ev.kernel_stack {
             bpf_get_stack(
                 ctx.as_ptr(),
                 kernel_at.cast(),

@@ -7,7 +7,8 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kprof_crds::{
-    Profile, ProfileSpec, ProfileType, ProfilingTarget, TimeSummary, TopFunction, labels,
+    IdleThreadInfo, Profile, ProfileSpec, ProfileType, ProfilingTarget, ThreadInfo, ThreadSummary,
+    TimeSummary, TopFunction, labels,
 };
 use kube::Resource as _;
 use sha2::{Digest as _, Sha256};
@@ -20,7 +21,7 @@ use kprof_pprof::{
 use crate::{
     k8s::{ContainerKey, TargetKey},
     pprof,
-    profile::{AggregatedProfile, ThreadState},
+    profile::{AggregatedProfile, ThreadReport, ThreadState, threads::creator_name},
     spool::{ArtifactKind, NewArtifact},
 };
 
@@ -176,6 +177,9 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
                 "no lock waits: no thread of the container blocked on a lock in this window"
                     .to_owned()
             }
+            ProfileType::Threads => {
+                "no threads: no process of the container was seen in this window".to_owned()
+            }
             _ => "no samples: the container did not run on a CPU in this window".to_owned(),
         });
     }
@@ -205,11 +209,15 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
             samples: total,
             lost_samples: w.lost,
             cpu_cores: cpu_cores(w.cpu_seconds, w.window_start, w.window_end),
-            threads: u32::try_from(threads.len()).unwrap_or(u32::MAX),
+            threads: match &w.samples.threads {
+                Some(r) => r.total().end,
+                None => u32::try_from(threads.len()).unwrap_or(u32::MAX),
+            },
             top,
             top_functions,
             artifacts: Default::default(),
             time: time_summary(&w.samples),
+            thread_summary: w.samples.threads.as_ref().map(thread_summary),
             warnings,
         },
     }
@@ -237,6 +245,65 @@ pub fn time_summary(p: &AggregatedProfile) -> Option<TimeSummary> {
             .gil_by_thread()
             .map(|t| p.percent_of_window(t.values().map(|(held, _)| held).sum())),
     })
+}
+
+/// Rows of `threadSummary.threads` and `idle`, and frames of `blockedIn`.
+const THREAD_ROWS: usize = 50;
+const IDLE_ROWS: usize = 20;
+const BLOCKED_FRAMES: usize = 16;
+
+/// The thread summary of a threads profile for its Profile object.
+pub fn thread_summary(r: &ThreadReport) -> ThreadSummary {
+    let secs = |ns: u64| (ns as f64 / 1e6).round() / 1e3;
+    let t = r.total();
+    let mut rows: Vec<&crate::profile::threads::ThreadRow> = r.threads.iter().collect();
+    rows.sort_by(|a, b| (b.cpu_ns, a.pid, a.tid).cmp(&(a.cpu_ns, b.pid, b.tid)));
+    ThreadSummary {
+        alive_at_start: t.start,
+        alive_at_end: t.end,
+        min: t.min,
+        max: t.max,
+        created: t.created,
+        exited: t.exited,
+        threads: rows
+            .iter()
+            .take(THREAD_ROWS)
+            .map(|t| ThreadInfo {
+                pid: t.pid,
+                tid: t.tid,
+                name: t.name.to_string(),
+                state: t.state.to_string(),
+                cpu_seconds: secs(t.cpu_ns),
+                off_cpu_seconds: secs(t.off_cpu_ns),
+                created: t.created,
+                created_by: t.creator.as_deref().map(creator_name),
+            })
+            .collect(),
+        threads_omitted: u32::try_from(rows.len().saturating_sub(THREAD_ROWS)).unwrap_or(0),
+        idle: r
+            .idle
+            .iter()
+            .take(IDLE_ROWS)
+            .map(|t| IdleThreadInfo {
+                pid: t.pid,
+                tid: t.tid,
+                name: t.name.to_string(),
+                age_seconds: t.age_s,
+                cpu_seconds: secs(t.cpu_ns),
+                blocked_in: t
+                    .blocked_in
+                    .iter()
+                    .take(BLOCKED_FRAMES)
+                    .map(|f| match &f.file {
+                        Some(file) if f.line > 0 => format!("{} ({file}:{})", f.function, f.line),
+                        _ => f.function.to_string(),
+                    })
+                    .collect(),
+                created_by: t.creator.as_deref().map(creator_name),
+            })
+            .collect(),
+        leak_suspected: !r.leaks.is_empty(),
+    }
 }
 
 /// The artifacts of a window (none when it has no samples).

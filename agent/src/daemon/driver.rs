@@ -194,7 +194,7 @@ pub fn run(
     };
     let result = match d.opts.initial_hz {
         0 => d.main_loop(),
-        hz => d.reload(hz, false).and_then(|()| d.main_loop()),
+        hz => d.reload(hz, false, false).and_then(|()| d.main_loop()),
     };
     d.drain();
     d.settle();
@@ -269,9 +269,13 @@ impl Daemon {
                 .filter_map(|&t| ProfileKind::of_type(t, hz))
                 .any(ProfileKind::needs_off_cpu)
         });
+        let threads = wanted
+            .values()
+            .any(|p| p.settings.profile_types.contains(&ProfileType::Threads));
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
-        if hz > 0 && (hz != self.sample_hz() || off_cpu != has_off_cpu) {
-            self.reload(hz, off_cpu)?;
+        let has_threads = self.engine.as_ref().is_some_and(Engine::has_thread_events);
+        if hz > 0 && (hz != self.sample_hz() || off_cpu != has_off_cpu || threads != has_threads) {
+            self.reload(hz, off_cpu, threads)?;
         }
         self.rescan();
         Ok(())
@@ -282,15 +286,16 @@ impl Daemon {
         self.engine.as_ref().map_or(0, Engine::sample_hz)
     }
 
-    /// (Re)loads the programs at `hz`, with the off-CPU source when `off_cpu`.
-    fn reload(&mut self, hz: u32, off_cpu: bool) -> Result<(), DriverError> {
+    /// (Re)loads the programs at `hz`, with the off-CPU source when `off_cpu` and the thread
+    /// events when `threads`.
+    fn reload(&mut self, hz: u32, off_cpu: bool, threads: bool) -> Result<(), DriverError> {
         self.drain();
         self.settle();
         self.read_stats();
         let off_cpu = off_cpu.then(OffCpuLimits::default);
         let engine = match self.engine.take() {
             // One sampler per node: the old programs are detached before the new ones load.
-            Some(old) => old.restart(u64::from(hz), off_cpu)?,
+            Some(old) => old.restart(u64::from(hz), off_cpu, threads)?,
             None => Engine::start(EngineConfig {
                 sampler: SamplerConfig {
                     sample_hz: u64::from(hz),
@@ -298,6 +303,7 @@ impl Daemon {
                     cgroup_filter: false,
                     bpf_stats: false,
                     off_cpu,
+                    threads,
                     ..SamplerConfig::default()
                 },
                 python: self.opts.python,
@@ -308,7 +314,12 @@ impl Daemon {
         for w in &engine.warnings {
             tracing::warn!("sampler: {w}");
         }
-        tracing::info!(hz, off_cpu = off_cpu.is_some(), "eBPF sampler attached");
+        tracing::info!(
+            hz,
+            off_cpu = off_cpu.is_some(),
+            threads,
+            "eBPF sampler attached"
+        );
         self.engine = Some(engine);
         // Every pid is re-added (and re-detected) by the rescan.
         self.routing.forget_pids();
@@ -391,6 +402,7 @@ impl Daemon {
             let mut m = engine.merger();
             self.windows.see_process(
                 self.routing.targets_of(&cid),
+                &cid,
                 pid,
                 m.as_mut().map(|m| m as &mut dyn StackMerger),
             );
@@ -435,6 +447,9 @@ impl Daemon {
         };
         let hz = engine.sample_hz();
         engine.settle_off_cpu(|ev, merger| route(routing, resolver, windows, ev, hz, merger));
+        for agg in windows.thread_aggregations() {
+            engine.checkpoint_threads(agg);
+        }
     }
 
     /// Closes a target's window: one Profile per container into the spool; reopens the next
@@ -442,7 +457,12 @@ impl Daemon {
     fn close_window(&mut self, key: &TargetKey, now: SystemTime, reopen: bool) {
         let lost = self.lost_now();
         let hz = self.sample_hz();
-        let Some(closed) = self.windows.close(key, now, reopen, lost, hz) else {
+        let engine = &mut self.engine;
+        let Some(closed) = self.windows.close(key, now, reopen, lost, hz, |agg| {
+            if let Some(e) = engine.as_mut() {
+                e.close_threads(agg);
+            }
+        }) else {
             return;
         };
         for out in self.outputs(&closed, lost) {

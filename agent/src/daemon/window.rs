@@ -8,6 +8,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use kprof_crds::ProfileType;
+
 use crate::{
     k8s::{ContainerKey, TargetKey, TargetPlan},
     pipeline::{
@@ -39,6 +41,7 @@ pub fn filter_pids(p: &AggregatedProfile, pids: &BTreeSet<u32>) -> AggregatedPro
     out.labels = p.labels.clone();
     out.dropped = p.dropped;
     out.modules.clone_from(&p.modules);
+    out.threads = p.threads.as_ref().map(|r| r.only(pids));
     for (k, &c) in &p.samples {
         if pids.contains(&k.pid) {
             out.add_value(k.clone(), c, p.value_of(k));
@@ -86,11 +89,15 @@ struct TargetWindow {
 
 impl TargetWindow {
     fn new(plan: &TargetPlan, start: SystemTime, end: SystemTime, lost: u64) -> Self {
+        let mut agg = Aggregator::new();
+        if plan.settings.profile_types.contains(&ProfileType::Threads) {
+            agg.track_threads();
+        }
         let mut w = TargetWindow {
             plan: plan.clone(),
             start,
             end,
-            agg: Aggregator::new(),
+            agg,
             containers: BTreeMap::new(),
             lost_at_start: lost,
             hz_seen: BTreeSet::new(),
@@ -205,10 +212,12 @@ impl Windows {
         }
     }
 
-    /// Registers a process with the windows of `targets` while it is alive (names, maps).
+    /// Registers a process of container `cid` with the windows of `targets` while it is alive
+    /// (names, maps; its threads, for threads profiles, which count idle processes too).
     pub fn see_process(
         &mut self,
         targets: &[TargetKey],
+        cid: &str,
         pid: u32,
         mut merger: Option<&mut dyn StackMerger>,
     ) {
@@ -218,8 +227,21 @@ impl Windows {
                     pid,
                     merger.as_mut().map(|m| &mut **m as &mut dyn StackMerger),
                 );
+                if w.agg.threads().is_some()
+                    && let Some(c) = w.containers.get_mut(cid)
+                {
+                    c.pids.insert(pid);
+                }
             }
         }
+    }
+
+    /// The aggregations of the open windows that keep thread accounting.
+    pub fn thread_aggregations(&mut self) -> impl Iterator<Item = &mut Aggregator> {
+        self.open
+            .values_mut()
+            .map(|w| &mut w.agg)
+            .filter_map(|a| if a.threads().is_some() { Some(a) } else { None })
     }
 
     /// After each drain: one maps re-read and exec check per process and round.
@@ -246,6 +268,8 @@ impl Windows {
     /// Closes a target's window: at its aligned end when `reopen` (the next window starts
     /// there, keeping the symbol caches), else at `now` (a partial window). `sample_hz`: the
     /// CPU rate now, used when no CPU sample arrived.
+    /// `close_threads` closes the window's thread accounting (the engine knows who created
+    /// each thread).
     pub fn close(
         &mut self,
         key: &TargetKey,
@@ -253,8 +277,10 @@ impl Windows {
         reopen: bool,
         lost: u64,
         sample_hz: u32,
+        close_threads: impl FnOnce(&mut Aggregator),
     ) -> Option<ClosedWindow> {
         let mut w = self.open.remove(key)?;
+        close_threads(&mut w.agg);
         let end = if reopen { w.end } else { now };
         let hz = w.hz_seen.iter().copied().max().unwrap_or(sample_hz);
         let whole: Vec<(&'static str, AggregatedProfile)> = w
@@ -450,7 +476,7 @@ mod tests {
 
         let api = wanted.keys().find(|k| k.name == "api").unwrap().clone();
         let closed = windows
-            .close(&api, t0 + Duration::from_secs(10), true, 4, 100)
+            .close(&api, t0 + Duration::from_secs(10), true, 4, 100, |_| ())
             .unwrap();
         assert_eq!(
             (closed.start, closed.end),
@@ -491,7 +517,7 @@ mod tests {
 
         // The next window of the same target starts where this one ended.
         let next = windows
-            .close(&api, t0 + Duration::from_secs(12), false, 4, 100)
+            .close(&api, t0 + Duration::from_secs(12), false, 4, 100, |_| ())
             .unwrap();
         assert_eq!(next.start, t0 + Duration::from_secs(10));
         assert_eq!(next.containers[0].profiles["cpu"].total(), 0);
@@ -499,7 +525,7 @@ mod tests {
         // The other target saw only container a.
         let other = wanted.keys().find(|k| k.name == "a-only").unwrap().clone();
         let closed = windows
-            .close(&other, t0 + Duration::from_secs(10), false, 4, 100)
+            .close(&other, t0 + Duration::from_secs(10), false, 4, 100, |_| ())
             .unwrap();
         assert_eq!(closed.containers.len(), 1);
         assert_eq!(closed.containers[0].profiles["cpu"].total(), 3);

@@ -197,6 +197,8 @@ pub struct TaskOffsets {
     /// `stack`: the kernel stack, whose top holds a thread's user registers (the off-CPU
     /// source reads the syscall a thread waits in there).
     pub stack: u32,
+    /// `se.sum_exec_runtime`: a thread's CPU nanoseconds (thread exits carry it).
+    pub sum_exec_runtime: u32,
 }
 
 /// The `task_struct` offsets, read from kernel BTF once per process (parsing vmlinux BTF costs
@@ -216,6 +218,7 @@ pub fn task_offsets() -> Result<TaskOffsets, String> {
                 self_exec_id: field("self_exec_id")?,
                 fsbase: field("thread.fsbase")?,
                 stack: field("stack")?,
+                sum_exec_runtime: field("se.sum_exec_runtime")?,
             })
         })
         .clone()

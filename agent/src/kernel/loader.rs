@@ -54,6 +54,8 @@ pub enum LoadError {
     Load(String),
     #[error("cannot attach the off-CPU source (sched_switch): {0}")]
     OffCpu(String),
+    #[error("cannot attach the thread sources (sched_process_fork, sched_process_exit): {0}")]
+    Threads(String),
     #[error("eBPF map or program {0} missing from the object")]
     Missing(&'static str),
     #[error("eBPF map error: {0}")]
@@ -75,6 +77,8 @@ pub struct SamplerConfig {
     pub clock_jitter: bool,
     /// Attach the off-CPU source (wall and lock profiles) with these limits.
     pub off_cpu: Option<OffCpuLimits>,
+    /// Record thread creations (with stacks) and exits of targets (threads profiles).
+    pub threads: bool,
 }
 
 /// How many off-CPU stacks a targeted thread may capture: one per `gap` of its time, with up
@@ -105,6 +109,7 @@ impl Default for SamplerConfig {
             bpf_stats: true,
             clock_jitter: true,
             off_cpu: None,
+            threads: false,
         }
     }
 }
@@ -136,6 +141,8 @@ pub struct Sampler {
     pub python_walker: bool,
     program: &'static str,
     off_cpu: Option<OffCpuState>,
+    /// Thread creations and exits are recorded.
+    pub thread_events: bool,
 }
 
 /// The attached off-CPU source.
@@ -201,18 +208,23 @@ impl Sampler {
 
         let offsets = super::btf::task_offsets();
         let task = match &offsets {
-            Ok(t) if cfg.follow_children => Some(*t),
+            Ok(t) if cfg.follow_children || cfg.threads => Some(*t),
             Ok(_) => None,
             Err(e) => {
                 if cfg.follow_children {
                     warnings.push(format!("children are not followed: {e}"));
+                }
+                if cfg.threads {
+                    return Err(LoadError::Threads(format!(
+                        "kernel BTF lacks the task_struct offsets it needs: {e}"
+                    )));
                 }
                 None
             }
         };
         let config = Config {
             cgroup_filter: u32::from(cfg.cgroup_filter),
-            follow_children: u32::from(task.is_some()),
+            follow_children: u32::from(task.is_some() && cfg.follow_children),
             task_pid_off: task.map_or(0, |t| t.pid),
             task_tgid_off: task.map_or(0, |t| t.tgid),
             // Without it user space notices exec by checking /proc on every drain instead.
@@ -223,11 +235,17 @@ impl Sampler {
                 // Bounded so that gap × burst cannot overflow in kernel.
                 .map_or(1, |l| l.gap.as_nanos().clamp(1, 60_000_000_000) as u64),
             offcpu_burst: cfg.off_cpu.map_or(1, |l| l.burst.clamp(1, 1000)),
+            thread_events: u32::from(cfg.threads),
+            task_runtime_off: offsets.as_ref().map_or(0, |t| t.sum_exec_runtime),
             _pad: 0,
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
-        let ring_bytes = ring_size(cpus.len(), cfg.sample_hz, cfg.off_cpu.is_some());
+        let ring_bytes = ring_size(
+            cpus.len(),
+            cfg.sample_hz,
+            cfg.off_cpu.is_some() || cfg.threads,
+        );
         // No kernel BTF for the loader: the programs use no CO-RE relocations (kernel offsets
         // are passed as data), and parsing vmlinux BTF costs ~30 MiB of peak RSS.
         let mut bpf = EbpfLoader::new()
@@ -263,18 +281,45 @@ impl Sampler {
         let clocks = super::clock::attach(prog_fd, &cpus, cfg.sample_hz, cfg.clock_jitter)
             .map_err(|(cpu, source)| LoadError::PerfEvent { cpu, source })?;
 
-        let mut follow_children = task.is_some();
-        if follow_children {
+        let mut follow_children = task.is_some() && cfg.follow_children;
+        if follow_children || cfg.threads {
+            // Thread creations carry Python frames when the walker runs; the fork program with
+            // the walker is only loaded for them (a rejected walker falls back to native).
+            let mut fork_program = names::PROG_FORK;
+            if cfg.threads && program == names::PROG_SAMPLE {
+                match load_raw_tracepoint(&mut bpf, names::PROG_FORK_PY) {
+                    Ok(()) => fork_program = names::PROG_FORK_PY,
+                    Err(e) => warnings.push(format!(
+                        "thread creations carry native frames only: the kernel rejected the \
+                         CPython walker in the fork program ({e})"
+                    )),
+                }
+            }
+            if fork_program == names::PROG_FORK {
+                load_raw_tracepoint(&mut bpf, names::PROG_FORK)?;
+            }
             let fork: &mut RawTracePoint = bpf
-                .program_mut(names::PROG_FORK)
-                .ok_or(LoadError::Missing(names::PROG_FORK))?
+                .program_mut(fork_program)
+                .ok_or(LoadError::Missing(fork_program))?
                 .try_into()
-                .map_err(|_| LoadError::Missing(names::PROG_FORK))?;
-            fork.load().map_err(|e| map_program_error(&e))?;
+                .map_err(|_| LoadError::Missing(fork_program))?;
             if let Err(e) = fork.attach("sched_process_fork") {
+                if cfg.threads {
+                    return Err(LoadError::Threads(one_line(&e)));
+                }
                 warnings.push(format!("children are not followed: {}", one_line(&e)));
                 follow_children = false;
             }
+        }
+        if cfg.threads {
+            load_raw_tracepoint(&mut bpf, names::PROG_EXIT)?;
+            let exit: &mut RawTracePoint = bpf
+                .program_mut(names::PROG_EXIT)
+                .ok_or(LoadError::Missing(names::PROG_EXIT))?
+                .try_into()
+                .map_err(|_| LoadError::Missing(names::PROG_EXIT))?;
+            exit.attach("sched_process_exit")
+                .map_err(|e| LoadError::Threads(one_line(&e)))?;
         }
 
         let off_cpu = match cfg.off_cpu {
@@ -344,6 +389,7 @@ impl Sampler {
             python_walker: program == names::PROG_SAMPLE,
             program,
             off_cpu,
+            thread_events: cfg.threads,
         })
     }
 
@@ -465,6 +511,16 @@ fn load_perf_program<'a>(
         .map_err(|_| LoadError::Missing(name))?;
     prog.load().map_err(|e| map_program_error(&e))?;
     Ok(prog)
+}
+
+/// Loads (verifies) a raw tracepoint program of the object.
+fn load_raw_tracepoint(bpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    let prog: &mut RawTracePoint = bpf
+        .program_mut(name)
+        .ok_or(LoadError::Missing(name))?
+        .try_into()
+        .map_err(|_| LoadError::Missing(name))?;
+    prog.load().map_err(|e| map_program_error(&e))
 }
 
 fn one_line(e: &dyn std::error::Error) -> String {

@@ -10,9 +10,15 @@ use std::{
 
 use kprof_common::python::PyFrames;
 
-use super::event::{Event, EventKind, comm_str};
+use super::{
+    event::{Event, EventKind, comm_str},
+    threads::{ThreadLedger, ThreadRegistry},
+};
 use crate::{
-    profile::{AggregatedProfile, Frame, FrameKind, ProcessMeta, ProfileKind, SampleKey, Wait},
+    profile::{
+        AggregatedProfile, Frame, FrameKind, ProcessMeta, ProfileKind, SampleKey, ThreadReport,
+        Wait,
+    },
     symbolize::Symbolizer,
 };
 
@@ -27,6 +33,15 @@ pub trait StackMerger {
     fn merge(&mut self, pid: u32, native: Vec<Frame>, py: PyFrames<'_>) -> Vec<Frame>;
     /// The address range of the process's GIL (a futex inside it is a GIL wait).
     fn gil(&mut self, _pid: u32) -> Option<Range<u64>> {
+        None
+    }
+    /// The runtime's name of a thread (Python's `threading.Thread.name`).
+    fn thread_name(&mut self, _pid: u32, _tid: u32) -> Option<Arc<str>> {
+        None
+    }
+    /// The runtime's stack of a thread now (innermost first), read from its memory: where a
+    /// sleeping thread waits.
+    fn thread_stack(&mut self, _pid: u32, _tid: u32) -> Option<Vec<Frame>> {
         None
     }
 }
@@ -104,6 +119,9 @@ pub struct Aggregator {
     exec_ids: HashMap<u32, u32>,
     generation: HashMap<u32, u32>,
     checked_this_round: HashSet<u32>,
+    /// Threads profiles: the window's thread accounting, and its report once closed.
+    threads: Option<ThreadLedger>,
+    thread_report: Option<ThreadReport>,
     pub stats: AggregateStats,
     pub warnings: Vec<String>,
 }
@@ -124,6 +142,8 @@ impl Aggregator {
             exec_ids: HashMap::new(),
             generation: HashMap::new(),
             checked_this_round: HashSet::new(),
+            threads: None,
+            thread_report: None,
             stats: AggregateStats::default(),
             warnings: Vec::new(),
         }
@@ -131,6 +151,33 @@ impl Aggregator {
 
     pub fn symbolizer(&mut self) -> &mut Symbolizer {
         &mut self.symbolizer
+    }
+
+    /// Keeps the thread accounting of a threads profile (from now on).
+    pub fn track_threads(&mut self) {
+        if self.threads.is_none() {
+            let mut ledger = ThreadLedger::new();
+            for &pid in self.processes.keys() {
+                ledger.see_process(pid);
+            }
+            self.threads = Some(ledger);
+        }
+    }
+
+    /// The thread accounting, when kept.
+    pub fn threads(&mut self) -> Option<&mut ThreadLedger> {
+        self.threads.as_mut()
+    }
+
+    /// Closes the thread accounting: the report the threads profile is built from.
+    pub fn close_threads(
+        &mut self,
+        registry: &mut ThreadRegistry,
+        merger: Option<&mut dyn StackMerger>,
+    ) {
+        if let Some(ledger) = &self.threads {
+            self.thread_report = Some(ledger.report(registry, merger));
+        }
     }
 
     /// Registers a process early (reads its maps and name while it is alive).
@@ -143,6 +190,9 @@ impl Aggregator {
             self.exe.insert(pid, id);
         }
         self.checked_this_round.insert(pid);
+        if let Some(ledger) = self.threads.as_mut() {
+            ledger.see_process(pid);
+        }
         let name = crate::proc::name(pid);
         let mut meta = ProcessMeta {
             name,
@@ -158,7 +208,30 @@ impl Aggregator {
     }
 
     /// Adds one event.
-    pub fn add(&mut self, ev: &Event<'_>, mut merger: Option<&mut dyn StackMerger>) {
+    pub fn add(&mut self, ev: &Event<'_>, merger: Option<&mut dyn StackMerger>) {
+        if matches!(ev.kind, EventKind::ThreadStart | EventKind::ThreadExit) {
+            if !self.processes.contains_key(&ev.tgid) {
+                self.see_process(ev.tgid, merger);
+            }
+            if let Some(ledger) = self.threads.as_mut() {
+                ledger.on_event(ev);
+            }
+            return;
+        }
+        self.intern(ev, merger);
+    }
+
+    /// The symbolized stack of an event (aggregated like any other).
+    pub fn stack_of(
+        &mut self,
+        ev: &Event<'_>,
+        merger: Option<&mut dyn StackMerger>,
+    ) -> Arc<[Frame]> {
+        self.intern(ev, merger).stack.clone()
+    }
+
+    /// Counts one event under its key, symbolizing its stack when first seen.
+    fn intern(&mut self, ev: &Event<'_>, mut merger: Option<&mut dyn StackMerger>) -> &SampleKey {
         self.stats.events += 1;
         let pid = ev.tgid;
         let execed = if ev.exec_id != 0 {
@@ -194,10 +267,11 @@ impl Aggregator {
         };
         let mut raw = RawKey::of(ev, wait);
         raw.generation = self.generation.get(&pid).copied().unwrap_or(0);
-        if let Some((_, totals)) = self.stacks.get_mut(&raw) {
+        if self.stacks.contains_key(&raw) {
+            let (key, totals) = self.stacks.get_mut(&raw).expect("checked");
             totals.count += ev.count;
             totals.value += ev.value;
-            return;
+            return key;
         }
         if !self.processes.contains_key(&pid) {
             self.see_process(
@@ -210,10 +284,14 @@ impl Aggregator {
         let mut native = Vec::with_capacity(raw.user.len());
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
-        let user = match merger {
+        let user = match merger.as_mut() {
             Some(m) if !ev.py.frames.is_empty() => m.merge(pid, native, ev.py),
             _ => native,
         };
+        let thread = merger
+            .as_mut()
+            .and_then(|m| m.thread_name(pid, ev.tid))
+            .unwrap_or_else(|| comm_str(&ev.comm).into());
         frames.extend(user);
         if frames.is_empty() && ev.kind == EventKind::OffCpu {
             frames.push(Frame::new(FrameKind::Native, NOT_CAPTURED));
@@ -226,22 +304,17 @@ impl Aggregator {
         let key = SampleKey {
             pid,
             tid: ev.tid,
-            thread: comm_str(&ev.comm).into(),
+            thread,
             wait,
             gil_held: ev.gil_held,
             stack: Arc::from(frames),
         };
         self.stats.distinct_stacks += 1;
-        self.stacks.insert(
-            raw,
-            (
-                key,
-                Totals {
-                    count: ev.count,
-                    value: ev.value,
-                },
-            ),
-        );
+        let totals = Totals {
+            count: ev.count,
+            value: ev.value,
+        };
+        &self.stacks.entry(raw).or_insert((key, totals)).0
     }
 
     /// Starts a new drain round (allows one maps re-read and one exec check per process).
@@ -344,6 +417,11 @@ impl Aggregator {
         modules.dedup_by(|a, b| a.path == b.path);
         p.modules = modules;
         p.warnings.clone_from(&self.warnings);
+        if kind == ProfileKind::Threads
+            && let Some(report) = &self.thread_report
+        {
+            p.add_threads(report.clone());
+        }
         p
     }
 }

@@ -9,6 +9,7 @@ use super::{
     aggregate::StackMerger,
     event::{Decoder, Event, EventKind},
     offcpu::{BlockedThread, OffCpuTracker},
+    threads::ThreadRegistry,
 };
 use crate::{
     kernel::loader::{KernelCost, LoadError, Sampler, SamplerConfig},
@@ -106,6 +107,10 @@ impl StackMerger for PythonMerger<'_> {
     fn gil(&mut self, pid: u32) -> Option<std::ops::Range<u64>> {
         self.py.gil(pid)
     }
+
+    fn thread_stack(&mut self, pid: u32, tid: u32) -> Option<Vec<Frame>> {
+        self.py.thread_stack(pid, tid)
+    }
 }
 
 /// A process in the target map, as seen by [`Engine::prune`].
@@ -131,6 +136,8 @@ pub struct Engine {
     off_cpu: OffCpuTracker,
     /// When each process became a target (CLOCK_MONOTONIC ns).
     targeted_at: std::collections::HashMap<u32, u64>,
+    /// Who created each thread, across windows (threads profiles).
+    threads: ThreadRegistry,
 }
 
 impl Engine {
@@ -147,6 +154,7 @@ impl Engine {
             decoder: Decoder::default(),
             off_cpu: OffCpuTracker::default(),
             targeted_at: Default::default(),
+            threads: ThreadRegistry::default(),
         })
     }
 
@@ -176,13 +184,14 @@ impl Engine {
         Ok((sampler, python, warnings))
     }
 
-    /// Reloads the programs at another sampling rate, with or without the off-CPU source
-    /// (targets must be added again); the counters carry on. The old programs are detached
-    /// first: one sampler per node.
+    /// Reloads the programs at another sampling rate, with or without the off-CPU source and
+    /// the thread events (targets must be added again); the counters and what is known of
+    /// threads carry on. The old programs are detached first: one sampler per node.
     pub fn restart(
         mut self,
         sample_hz: u64,
         off_cpu: Option<crate::kernel::loader::OffCpuLimits>,
+        threads: bool,
     ) -> Result<Engine, LoadError> {
         self.counters.read(&self.sampler);
         let mut counters = self.counters.clone();
@@ -190,9 +199,12 @@ impl Engine {
         let mut cfg = self.cfg;
         cfg.sampler.sample_hz = sample_hz;
         cfg.sampler.off_cpu = off_cpu;
+        cfg.sampler.threads = threads;
+        let registry = std::mem::take(&mut self.threads);
         drop(self);
         let mut engine = Engine::start(cfg)?;
         engine.counters = counters;
+        engine.threads = registry;
         Ok(engine)
     }
 
@@ -262,6 +274,7 @@ impl Engine {
             malformed,
             decoder,
             off_cpu,
+            threads,
             ..
         } = self;
         // An interpreter's GIL created since its detection is looked for before this drain's
@@ -282,12 +295,43 @@ impl Engine {
                         EventKind::CpuSample => {
                             sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }
+                        EventKind::ThreadStart | EventKind::ThreadExit => {
+                            threads
+                                .on_event(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger));
+                            sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
+                        }
                     }
                 }
                 Err(_) => *malformed += 1,
             }
         }
+        threads.new_round();
         n
+    }
+
+    /// Whether thread creations and exits are recorded.
+    pub fn has_thread_events(&self) -> bool {
+        self.sampler.thread_events
+    }
+
+    /// Counts the threads of every process of `agg`'s window now, and learns their names.
+    pub fn checkpoint_threads(&mut self, agg: &mut crate::pipeline::aggregate::Aggregator) {
+        let wait = self.cfg.python_wait;
+        let mut merger = self.python.as_mut().map(|py| PythonMerger { py, wait });
+        if let Some(ledger) = agg.threads() {
+            ledger.checkpoint(merger.as_mut().map(|m| m as &mut dyn StackMerger));
+        }
+        self.threads.sweep(crate::proc::monotonic_ns());
+    }
+
+    /// Closes the thread accounting of `agg`'s window (its threads profile's report).
+    pub fn close_threads(&mut self, agg: &mut crate::pipeline::aggregate::Aggregator) {
+        let wait = self.cfg.python_wait;
+        let mut merger = self.python.as_mut().map(|py| PythonMerger { py, wait });
+        agg.close_threads(
+            &mut self.threads,
+            merger.as_mut().map(|m| m as &mut dyn StackMerger),
+        );
     }
 
     /// Reports the off-CPU time that has passed and is not in events yet (waits in progress,

@@ -2,6 +2,7 @@
 //! container ([`cgroup`]), its name and the identity of its executable.
 pub mod cgroup;
 pub mod maps;
+pub mod threads;
 
 use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};
 
@@ -87,6 +88,13 @@ fn parse_syscall(s: &str) -> Option<(u32, u64)> {
     let nr: u32 = it.next()?.parse().ok()?;
     let arg0 = u64::from_str_radix(it.next()?.trim_start_matches("0x"), 16).ok()?;
     Some((nr, arg0))
+}
+
+/// The syscall thread `tid` of `pid` is in and its first argument (needs ptrace access).
+pub fn thread_syscall(pid: u32, tid: u32) -> Option<(u32, u64)> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall"))
+        .ok()
+        .and_then(|s| parse_syscall(&s))
 }
 
 /// Whether thread `tid` of process `pid` still exists.

@@ -3,6 +3,7 @@
 //! from this one model.
 pub mod frame;
 pub mod module;
+pub mod threads;
 pub mod wait;
 
 use std::{
@@ -13,6 +14,7 @@ use std::{
 
 pub use frame::{Frame, FrameKind};
 pub use module::{ModuleId, ModuleInfo};
+pub use threads::ThreadReport;
 pub use wait::{ThreadState, Wait, WaitClass};
 
 /// What a sample is aggregated by: process, thread (id and name), how the thread spent the
@@ -72,6 +74,10 @@ pub enum ProfileKind {
     Wall { sample_hz: u32 },
     /// Time blocked on locks (futex waits outside the GIL), by lock site and lock.
     Lock,
+    /// Threads by the stack that created them: created in the window (the count) and alive at
+    /// its end (the value), one sample per thread; counts, idle threads and leaks in
+    /// [`AggregatedProfile::threads`].
+    Threads,
 }
 
 impl ProfileKind {
@@ -81,6 +87,7 @@ impl ProfileKind {
             ProfileKind::Cpu { .. } => &kprof_pprof::types::CPU,
             ProfileKind::Wall { .. } => &kprof_pprof::types::WALL,
             ProfileKind::Lock => &kprof_pprof::types::LOCK,
+            ProfileKind::Threads => &kprof_pprof::types::THREADS,
         }
     }
 
@@ -91,6 +98,7 @@ impl ProfileKind {
             T::Cpu => Some(ProfileKind::Cpu { sample_hz }),
             T::Wall => Some(ProfileKind::Wall { sample_hz }),
             T::Lock => Some(ProfileKind::Lock),
+            T::Threads => Some(ProfileKind::Threads),
             T::Memory => None,
         }
     }
@@ -114,6 +122,8 @@ impl ProfileKind {
             ProfileKind::Lock => {
                 kind == E::OffCpu && wait.is_some_and(|w| w.class == Some(WaitClass::Lock))
             }
+            // Built from the thread ledger, not from aggregated events.
+            ProfileKind::Threads => false,
         }
     }
 
@@ -121,15 +131,22 @@ impl ProfileKind {
     pub fn nominal_value(self) -> u64 {
         match self {
             ProfileKind::Cpu { sample_hz } => 1_000_000_000 / u64::from(sample_hz.max(1)),
-            ProfileKind::Wall { .. } | ProfileKind::Lock => 0,
+            ProfileKind::Wall { .. } | ProfileKind::Lock | ProfileKind::Threads => 0,
         }
+    }
+
+    /// Whether this kind needs thread creations and exits recorded.
+    pub fn needs_thread_events(self) -> bool {
+        self == ProfileKind::Threads
     }
 
     /// The pprof values of one sample (in [`ProfileKind::pprof_types`] order).
     pub fn pprof_values(self, count: u64, value: u64) -> Vec<i64> {
         let (count, value) = (count as i64, value as i64);
         match self {
-            ProfileKind::Cpu { .. } | ProfileKind::Lock => vec![count, value],
+            ProfileKind::Cpu { .. } | ProfileKind::Lock | ProfileKind::Threads => {
+                vec![count, value]
+            }
             ProfileKind::Wall { .. } => vec![value, count],
         }
     }
@@ -162,6 +179,8 @@ pub struct AggregatedProfile {
     /// Modules seen (for pprof mappings and build ids).
     pub modules: Vec<ModuleInfo>,
     pub warnings: Vec<String>,
+    /// Threads profiles: counts, every thread, idle threads and leaks.
+    pub threads: Option<ThreadReport>,
 }
 
 impl AggregatedProfile {
@@ -183,6 +202,7 @@ impl AggregatedProfile {
             dropped: 0,
             modules: Vec::new(),
             warnings: Vec::new(),
+            threads: None,
         }
     }
 
@@ -213,7 +233,7 @@ impl AggregatedProfile {
     pub fn sample_hz(&self) -> Option<u32> {
         match self.kind {
             ProfileKind::Cpu { sample_hz } => Some(sample_hz),
-            ProfileKind::Wall { .. } | ProfileKind::Lock => None,
+            ProfileKind::Wall { .. } | ProfileKind::Lock | ProfileKind::Threads => None,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod linetable;
 pub mod merge;
 pub mod process;
 pub mod procmem;
+pub mod thread_stack;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -388,6 +388,7 @@ mod tests {
                 top_functions: vec![],
                 artifacts: Default::default(),
                 time: None,
+                thread_summary: None,
                 warnings: vec![],
             },
         );

@@ -290,6 +290,7 @@ impl TestStore {
                     flamegraph: svg.map(r),
                 },
                 time: None,
+                thread_summary: None,
                 warnings: vec![],
             },
         );
