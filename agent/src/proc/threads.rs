@@ -109,10 +109,16 @@ mod tests {
     fn this_process_counts_its_own_threads() {
         let pid = std::process::id();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
         let t = std::thread::Builder::new()
             .name("counted".into())
-            .spawn(move || rx.recv().ok())
+            .spawn(move || {
+                // The name is set by the new thread itself as it starts.
+                started_tx.send(()).ok();
+                rx.recv().ok()
+            })
             .unwrap();
+        started.recv().unwrap();
         let list = threads(pid);
         // Other tests' threads come and go meanwhile: only bounds are certain.
         assert!(thread_count(pid).is_some_and(|n| n >= 2));
