@@ -202,7 +202,11 @@ fn crds_carry_names_columns_and_rules_from_the_design() {
         .iter()
         .map(|c| c.name.to_uppercase())
         .collect();
-    assert_eq!(columns, ["TARGET", "POD", "TYPE", "SAMPLES", "TOP", "AGE"]);
+    // THREADS: the thread count (#18; for threads Profiles, alive at the window's end).
+    assert_eq!(
+        columns,
+        ["TARGET", "POD", "TYPE", "SAMPLES", "THREADS", "TOP", "AGE"]
+    );
 
     let schema = serde_json::to_string(&open_api_schema::<ProfilingTarget>()).unwrap();
     for rule in [

@@ -40,7 +40,7 @@ kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/d
 kubectl apply -f e2e/demo/shop.yaml
 kubectl -n "$NS" rollout status deploy/shop --timeout=120s
 
-step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, wall and lock, 99 Hz, 10 s windows)"
+step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, wall, lock and threads, 99 Hz, 10 s windows)"
 kubectl -n "$NS" delete profilingtarget shop --ignore-not-found --wait >/dev/null
 applied=$(date +%s.%N)
 kubectl apply -f e2e/demo/target.yaml
@@ -84,6 +84,22 @@ for type in wall lock; do
   echo "\$ kubectl kprof top -n $NS $p        # $type: where the threads wait (by wait site)"
   kubectl kprof top -n "$NS" "$p" | head -n 12
 done
+p=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop,kprof.io/type=threads \
+      --sort-by=.metadata.creationTimestamp -o jsonpath='{.items[-1:].metadata.name}')
+if [[ -n "$p" ]]; then
+  echo
+  echo "\$ kubectl get profile -n $NS $p -o jsonpath='{.spec.threadSummary}'        # threads: counts, who creates them"
+  kubectl get profile -n "$NS" "$p" -o jsonpath='{.spec.threadSummary}' | python3 -c "$(cat <<'PY'
+import json, sys
+t = json.load(sys.stdin)
+print("alive {} -> {} (min {}, max {}), created {}, exited {}".format(
+    t["aliveAtStart"], t["aliveAtEnd"], t["min"], t["max"], t["created"], t["exited"]))
+for r in t.get("threads", [])[:8]:
+    print("  {:>8} {:<20} {} cpu {:.3f}s off-cpu {:.3f}s  {}".format(
+        r["tid"], r["name"], r["state"], r["cpuSeconds"], r["offCpuSeconds"], r.get("createdBy") or ""))
+PY
+)"
+fi
 kubectl kprof flamegraph -n "$NS" "$newest" -o "$OUT/flamegraph.svg"
 echo
 echo "Flame graph of $newest: $OUT/flamegraph.svg (open it in a browser: search and zoom work)"

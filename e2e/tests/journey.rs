@@ -248,9 +248,55 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         lock.spec.top,
         lock.spec.top_functions
     );
+    // And a threads Profile: the shop's threads counted and listed with their names, and the
+    // per-request handler threads of its ThreadingHTTPServer created and gone in the window.
+    let threads = poll_until(
+        "the threads Profile of that window",
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        of_type("threads"),
+    )
+    .await?;
+    let summary = threads
+        .spec
+        .thread_summary
+        .clone()
+        .context("a threads Profile has spec.threadSummary")?;
+    ensure!(
+        summary.alive_at_end >= 3
+            && threads.spec.threads == summary.alive_at_end
+            && summary.max >= summary.alive_at_end
+            && summary.min <= summary.alive_at_start.min(summary.alive_at_end),
+        "thread counts of a server with two load threads: {summary:?}"
+    );
+    ensure!(
+        summary.created >= 1 && summary.exited >= 1,
+        "the server's handler threads come and go: {summary:?}"
+    );
+    ensure!(
+        summary.threads.len() as u32 + summary.threads_omitted >= summary.alive_at_end
+            && summary.threads.iter().all(|t| !t.name.is_empty()),
+        "every thread listed with a name: {:?}",
+        summary.threads
+    );
+    ensure!(
+        summary
+            .threads
+            .iter()
+            .filter(|t| t.created)
+            .all(|t| t.created_by.as_deref().is_some_and(|c| c.contains(".py"))),
+        "threads created in the window name the Python code that created them: {:?}",
+        summary.threads
+    );
     eprintln!(
-        "wall {:?}\nlock top {} ({} waits)",
-        time, lock.spec.top, lock.spec.samples
+        "wall {:?}\nlock top {} ({} waits)\nthreads {} → {} (created {}, exited {})",
+        time,
+        lock.spec.top,
+        lock.spec.samples,
+        summary.alive_at_start,
+        summary.alive_at_end,
+        summary.created,
+        summary.exited
     );
 
     // The agent: never privileged, exactly the chart's capabilities.

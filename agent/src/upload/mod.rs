@@ -11,7 +11,11 @@ use std::{
 };
 
 use kprof_crds::{ArtifactRef, Profile, store_api};
-use kube::{Api, Client, api::PostParams};
+use kube::{
+    Api, Client,
+    api::PostParams,
+    runtime::events::{Event, EventType, Recorder, Reporter},
+};
 use tokio::sync::{Notify, watch};
 
 use crate::{
@@ -197,7 +201,10 @@ impl Uploader {
         }
         let api: Api<Profile> = Api::namespaced(self.client.clone(), &namespace);
         match api.create(&PostParams::default(), &profile).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                self.announce_leaks(&profile).await;
+                Ok(())
+            }
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()), // a retry: already there
             Err(kube::Error::Api(s)) if matches!(s.code, 400 | 404 | 422) => {
                 Err(UploadError::Rejected {
@@ -206,6 +213,65 @@ impl Uploader {
                 })
             }
             Err(e) => Err(UploadError::Api(e)),
+        }
+    }
+}
+
+impl Uploader {
+    /// A thread leak suspected in a Profile is also a Warning Event on its ProfilingTarget, so
+    /// `kubectl describe pt` shows it without reading Profiles. Best effort: the warning is
+    /// on the Profile either way.
+    async fn announce_leaks(&self, profile: &Profile) {
+        if !profile
+            .spec
+            .thread_summary
+            .as_ref()
+            .is_some_and(|t| t.leak_suspected)
+        {
+            return;
+        }
+        let Some(owner) = profile.metadata.owner_references.as_ref().and_then(|o| o.first())
+        else {
+            return;
+        };
+        let leaks: Vec<&str> = profile
+            .spec
+            .warnings
+            .iter()
+            .filter(|w| w.contains("thread leak"))
+            .map(String::as_str)
+            .collect();
+        let note = format!(
+            "pod {} container {}: {}",
+            profile.spec.pod,
+            profile.spec.container,
+            leaks.join("; ")
+        );
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(owner.api_version.clone()),
+            kind: Some(owner.kind.clone()),
+            name: Some(owner.name.clone()),
+            namespace: profile.metadata.namespace.clone(),
+            uid: Some(owner.uid.clone()),
+            ..Default::default()
+        };
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "kprof-agent".into(),
+                instance: Some(profile.spec.node.clone()),
+            },
+        );
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ThreadLeak".into(),
+            // Event notes are limited to 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            action: "Profile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::debug!(error = %e, "publishing a thread leak event failed");
         }
     }
 }
