@@ -313,6 +313,23 @@ impl Windows {
             let mut next = TargetWindow::new(&w.plan, end, next_end, lost);
             // Keep the symbol caches from one window to the next.
             std::mem::swap(next.agg.symbolizer(), w.agg.symbolizer());
+            // A threads profile counts every live process of its containers, events or not:
+            // the next window starts from them (and their threads' CPU now).
+            if next.agg.threads().is_some() {
+                for (cid, c) in &w.containers {
+                    for &pid in &c.pids {
+                        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                            continue;
+                        }
+                        if let Some(ledger) = next.agg.threads() {
+                            ledger.see_process(pid);
+                        }
+                        if let Some(nc) = next.containers.get_mut(cid) {
+                            nc.pids.insert(pid);
+                        }
+                    }
+                }
+            }
             self.open.insert(key.clone(), next);
         }
         Some(ClosedWindow {
@@ -534,5 +551,49 @@ mod tests {
             "only the types a target asks for"
         );
         assert!(windows.keys().is_empty());
+    }
+
+    #[test]
+    fn a_threads_window_counts_its_processes_without_events_and_hands_them_to_the_next() {
+        let pid = std::process::id();
+        let t0 = UNIX_EPOCH + Duration::from_secs(2_000);
+        let target = plan_of("threads", &["a"], vec![ProfileType::Threads]);
+        let key = target.key.clone();
+        let wanted: BTreeMap<TargetKey, TargetPlan> = [(key.clone(), target)].into();
+        let mut windows = Windows::default();
+        windows.apply(&wanted, t0, 0);
+        // A process placed by a scan: no event needed to be counted.
+        windows.see_process(&[key.clone()], "cid-a", pid, None);
+        let mut registry = crate::pipeline::threads::ThreadRegistry::default();
+        let closed = windows
+            .close(&key, t0 + Duration::from_secs(10), true, 0, 100, |agg| {
+                agg.close_threads(&mut registry, None)
+            })
+            .unwrap();
+        let c = &closed.containers[0];
+        assert_eq!(c.pids, [pid].into());
+        let threads = &c.profiles["threads"];
+        assert_eq!(threads.kind, ProfileKind::Threads);
+        let report = threads.threads.as_ref().expect("a thread report");
+        assert!(report.processes[&pid].end >= 1);
+        assert!(report.threads.iter().any(|t| t.tid == pid && t.alive));
+        assert_eq!(
+            threads.total_value(),
+            report.threads.iter().filter(|t| t.alive).count() as u64,
+            "one alive sample per live thread"
+        );
+        // The next window counts the same process from its start.
+        let next = windows
+            .close(&key, t0 + Duration::from_secs(12), false, 0, 100, |agg| {
+                agg.close_threads(&mut registry, None)
+            })
+            .unwrap();
+        assert_eq!(next.containers[0].pids, [pid].into());
+        assert!(
+            next.containers[0].profiles["threads"]
+                .threads
+                .as_ref()
+                .is_some_and(|r| r.processes.contains_key(&pid))
+        );
     }
 }

@@ -32,8 +32,10 @@ const HISTORY: usize = 12;
 /// Creations remembered for threads that are gone are dropped after this long.
 const FORGET_EXITED_NS: u64 = 15 * 60 * 1_000_000_000;
 /// The registry's stack symbolizer is started afresh past this many distinct stacks (the
-/// stacks already resolved stay with their threads).
+/// stacks already resolved stay with their threads) ...
 const MAX_CREATOR_STACKS: u64 = 20_000;
+/// ... or past this many processes (it keeps each one's mappings).
+const MAX_CREATOR_PROCESSES: usize = 256;
 
 /// What the engine knows of the threads of targets across windows.
 #[derive(Default)]
@@ -52,7 +54,9 @@ impl ThreadRegistry {
     pub fn on_event(&mut self, ev: &Event<'_>, merger: Option<&mut dyn StackMerger>) {
         match ev.kind {
             EventKind::ThreadStart => {
-                if self.symbolizer.stats.distinct_stacks > MAX_CREATOR_STACKS {
+                if self.symbolizer.stats.distinct_stacks > MAX_CREATOR_STACKS
+                    || self.symbolizer.process_count() > MAX_CREATOR_PROCESSES
+                {
                     self.symbolizer = Aggregator::new();
                 }
                 // Only the part that names who asked for the thread: the native frames under
