@@ -279,6 +279,14 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         "every thread listed with a name: {:?}",
         summary.threads
     );
+    // Python's own names, read from the interpreter (the shop names its load threads).
+    let names: Vec<&str> = summary.threads.iter().map(|t| t.name.as_str()).collect();
+    ensure!(
+        ["MainThread", "load-0", "load-1"]
+            .iter()
+            .all(|n| names.contains(n)),
+        "the shop's threads carry their Python names: {names:?}"
+    );
     ensure!(
         summary
             .threads

@@ -563,7 +563,7 @@ mod tests {
         let mut windows = Windows::default();
         windows.apply(&wanted, t0, 0);
         // A process placed by a scan: no event needed to be counted.
-        windows.see_process(&[key.clone()], "cid-a", pid, None);
+        windows.see_process(std::slice::from_ref(&key), "cid-a", pid, None);
         let mut registry = crate::pipeline::threads::ThreadRegistry::default();
         let closed = windows
             .close(&key, t0 + Duration::from_secs(10), true, 0, 100, |agg| {

@@ -39,6 +39,9 @@ pub trait StackMerger {
     fn thread_name(&mut self, _pid: u32, _tid: u32) -> Option<Arc<str>> {
         None
     }
+    /// Drops the thread names read of a process: the next are read afresh (a window's end
+    /// names threads started a moment ago).
+    fn forget_thread_names(&mut self, _pid: u32) {}
     /// The runtime's stack of a thread now (innermost first), read from its memory: where a
     /// sleeping thread waits.
     fn thread_stack(&mut self, _pid: u32, _tid: u32) -> Option<Vec<Frame>> {

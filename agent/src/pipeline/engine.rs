@@ -108,6 +108,14 @@ impl StackMerger for PythonMerger<'_> {
         self.py.gil(pid)
     }
 
+    fn thread_name(&mut self, pid: u32, tid: u32) -> Option<std::sync::Arc<str>> {
+        self.py.thread_name(pid, tid)
+    }
+
+    fn forget_thread_names(&mut self, pid: u32) {
+        self.py.forget_names(pid);
+    }
+
     fn thread_stack(&mut self, pid: u32, tid: u32) -> Option<Vec<Frame>> {
         self.py.thread_stack(pid, tid)
     }

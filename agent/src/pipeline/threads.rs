@@ -272,6 +272,9 @@ impl ThreadLedger {
         for (&pid, p) in &self.processes {
             let threads = proc_threads::threads(pid);
             let end = threads.len() as u32;
+            if let Some(m) = merger.as_mut() {
+                m.forget_thread_names(pid);
+            }
             let mut counts = p.counts.clone();
             counts.end = end;
             counts.min = counts.min.min(end);

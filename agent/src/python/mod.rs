@@ -22,7 +22,8 @@ pub mod linetable;
 pub mod merge;
 pub mod process;
 pub mod procmem;
-pub mod thread_stack;
+pub mod thread_info;
+pub mod threads;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -188,6 +189,8 @@ pub struct PythonSupport {
     inner: Arc<Mutex<Inner>>,
     cache: Mutex<CodeCache>,
     fsbase_off: u32,
+    /// The last reading of each process's thread names (`thread_info.rs`).
+    names: HashMap<u32, thread_info::NameReading>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -301,6 +304,7 @@ impl PythonSupport {
             inner: Arc::new(Mutex::new(Inner::default())),
             cache: Mutex::new(CodeCache::new()),
             fsbase_off,
+            names: HashMap::new(),
         }
     }
 
@@ -414,6 +418,7 @@ impl PythonSupport {
     /// A process exited.
     pub fn on_exit(&mut self, pid: u32) {
         self.forget(pid);
+        self.forget_names(pid);
     }
 
     /// Drop all that is known of `pid`: its interpreter, walker entry, pending look and cached

@@ -230,7 +230,11 @@ impl Uploader {
         {
             return;
         }
-        let Some(owner) = profile.metadata.owner_references.as_ref().and_then(|o| o.first())
+        let Some(owner) = profile
+            .metadata
+            .owner_references
+            .as_ref()
+            .and_then(|o| o.first())
         else {
             return;
         };

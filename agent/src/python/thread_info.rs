@@ -1,0 +1,94 @@
+//! What the pipeline asks of a Python process's threads: each one's `threading` name (read by
+//! `threads.rs` at most once a second per process, and only when a thread is asked for that the
+//! last reading did not have) and its Python stack now (where a sleeping thread waits, which no
+//! sample shows).
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::PythonSupport;
+use crate::profile::Frame;
+
+/// How soon the names of one process are read again when an unknown thread is asked for.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Frames read per thread.
+const MAX_FRAMES: usize = 128;
+/// glibc x86-64: the kernel thread id in `struct pthread` (`pthread_self()`, which CPython ≤
+/// 3.10 keeps as a thread state's only id), used when `threading` does not know the thread.
+const GLIBC_PTHREAD_TID: u64 = 0x2d0;
+
+/// The last reading of one process's thread names.
+#[derive(Debug)]
+pub struct NameReading {
+    at: Instant,
+    /// tid → name.
+    names: HashMap<u32, Arc<str>>,
+    /// `threading.get_ident()` → tid.
+    idents: HashMap<u64, u32>,
+}
+
+impl PythonSupport {
+    /// The names of `pid`'s threads, read again when older than [`REFRESH`].
+    fn names_of(&mut self, pid: u32) -> Option<&NameReading> {
+        let stale = self
+            .names
+            .get(&pid)
+            .is_none_or(|r| r.at.elapsed() >= REFRESH);
+        if stale {
+            // A process without `threading` (or unreadable now) has no names: the kernel's
+            // thread names stand in, and it is asked again a second later.
+            let list = self.thread_names(pid).unwrap_or_default();
+            self.names.insert(
+                pid,
+                NameReading {
+                    at: Instant::now(),
+                    names: list
+                        .iter()
+                        .map(|t| (t.tid, t.name.as_str().into()))
+                        .collect(),
+                    idents: list.iter().map(|t| (t.ident, t.tid)).collect(),
+                },
+            );
+        }
+        self.names.get(&pid)
+    }
+
+    /// The `threading.Thread.name` of thread `tid` of Python process `pid`.
+    pub fn thread_name(&mut self, pid: u32, tid: u32) -> Option<Arc<str>> {
+        if let Some(n) = self.names.get(&pid).and_then(|r| r.names.get(&tid)) {
+            return Some(n.clone());
+        }
+        self.process(pid)?;
+        self.names_of(pid)?.names.get(&tid).cloned()
+    }
+
+    /// The Python stack of thread `tid` of `pid` now (innermost first). CPython 3.11+ thread
+    /// states carry the kernel thread id; older ones are matched through `threading`'s idents,
+    /// else glibc's thread descriptor.
+    pub fn thread_stack(&mut self, pid: u32, tid: u32) -> Option<Vec<Frame>> {
+        let proc_ = self.process(pid)?;
+        let threads = proc_.walk_all_threads(MAX_FRAMES).ok()?;
+        let idents = self
+            .names_of(pid)
+            .map(|r| r.idents.clone())
+            .unwrap_or_default();
+        let t = threads.iter().find(|t| match t.native_tid {
+            Some(n) => n == tid,
+            None => {
+                idents.get(&t.thread_id) == Some(&tid)
+                    || proc_
+                        .mem
+                        .read_u32(t.thread_id.wrapping_add(GLIBC_PTHREAD_TID))
+                        .is_ok_and(|n| n == tid)
+            }
+        })?;
+        Some(t.frames.iter().map(|f| self.symbolize(pid, f)).collect())
+    }
+
+    /// Forgets the names read of `pid`.
+    pub fn forget_names(&mut self, pid: u32) {
+        self.names.remove(&pid);
+    }
+}
