@@ -2,12 +2,7 @@
 """Driver of agent/bench/offcpu.sh (see there). Prints one table of medians and ratios."""
 import argparse, json, os, re, statistics, subprocess, sys, time
 
-
-def run(cmd, workdir):
-    out_path, err_path = os.path.join(workdir, "out.txt"), os.path.join(workdir, "err.txt")
-    with open(out_path, "w") as o, open(err_path, "w") as e:
-        p = subprocess.run(cmd, stdout=o, stderr=e)
-    return open(out_path).read(), open(err_path).read(), p.returncode
+from benchlib import run
 
 
 def parse(out):

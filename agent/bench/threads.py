@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Driver of agent/bench/threads.sh (see there). Prints one table of medians and ratios."""
-import argparse, json, os, re, statistics, subprocess, sys
+import argparse, json, os, re, statistics, sys
+
+from benchlib import run
 
 # The workload: creates THREADS threads at about RATE a second (each starts, does nothing and
 # is joined, a few at once) and prints how long that took and the rate it reached.
@@ -24,13 +26,6 @@ while done < n:
 wall = time.perf_counter() - t0
 print(f"wall_s={wall:.4f} cpu_s={time.process_time() - c0:.4f} threads_per_s={n / wall:.0f}")
 """
-
-
-def run(cmd, workdir):
-    out_path, err_path = os.path.join(workdir, "out.txt"), os.path.join(workdir, "err.txt")
-    with open(out_path, "w") as o, open(err_path, "w") as e:
-        p = subprocess.run(cmd, stdout=o, stderr=e)
-    return open(out_path).read(), open(err_path).read(), p.returncode
 
 
 def parse(out):

@@ -44,31 +44,36 @@ pub struct SleepingThread {
     pub comm: [u8; 16],
 }
 
-/// The threads of `pid`, except `skip`, that sleep now (`S` or `D`).
-pub fn sleeping_threads(pid: u32, skip: impl Fn(u32) -> bool) -> Vec<SleepingThread> {
+/// The thread ids of `pid` now and their `/proc/<pid>/task/<tid>` directories (empty once it
+/// exited).
+pub fn task_dirs(pid: u32) -> Vec<(u32, std::path::PathBuf)> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
+    dir.flatten()
+        .filter_map(|e| {
+            let tid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((tid, e.path()))
+        })
+        .collect()
+}
+
+/// The threads of `pid`, except `skip`, that sleep now (`S` or `D`).
+pub fn sleeping_threads(pid: u32, skip: impl Fn(u32) -> bool) -> Vec<SleepingThread> {
     let mut out = Vec::new();
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    for (tid, path) in task_dirs(pid) {
         if skip(tid) {
             continue;
         }
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+        let Ok(stat) = fs::read_to_string(path.join("stat")) else {
             continue;
         };
-        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let state = match after.trim_start().chars().next() {
+        let state = match threads::parse_stat(&stat).map(|s| s.0) {
             Some('S') => 1,
             Some('D') => 2,
             _ => continue,
         };
-        let syscall = fs::read_to_string(e.path().join("syscall"))
+        let syscall = fs::read_to_string(path.join("syscall"))
             .ok()
             .and_then(|s| parse_syscall(&s));
         out.push(SleepingThread {

@@ -39,26 +39,20 @@ pub fn parse_stat(stat: &str) -> Option<(char, u64, u64)> {
 /// The threads of `pid` now (empty once it exited). Threads that exit while they are read
 /// are left out.
 pub fn threads(pid: u32) -> Vec<ProcThread> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+    for (tid, path) in super::task_dirs(pid) {
+        let Ok(stat) = fs::read_to_string(path.join("stat")) else {
             continue;
         };
         let Some((state, stat_cpu, start_ns)) = parse_stat(&stat) else {
             continue;
         };
         // schedstat's first field is exact nanoseconds; stat's ticks are 10 ms steps.
-        let cpu_ns = fs::read_to_string(e.path().join("schedstat"))
+        let cpu_ns = fs::read_to_string(path.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .unwrap_or(stat_cpu);
-        let comm = fs::read_to_string(e.path().join("comm"))
+        let comm = fs::read_to_string(path.join("comm"))
             .map(|s| s.trim_end_matches('\n').to_owned())
             .unwrap_or_default();
         out.push(ProcThread {

@@ -87,8 +87,6 @@ const INT_HEADER: usize = 24;
 const KEYS_HEADER: usize = 40;
 /// Bytes of `PyInterpreterState` searched for `sys.modules` when the known offset is wrong.
 const INTERP_SCAN: usize = 16384;
-/// `_Py_DebugOffsets.cookie`.
-const DEBUG_COOKIE: &[u8; 8] = b"xdebugpy";
 
 /// How a `PyDictKeysObject` is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -669,7 +667,7 @@ impl PyProcess {
             ModulesAt::Offset(o) => Some(o),
             ModulesAt::DebugOffsets(at) => {
                 let cookie = self.mem.read_vec(self.runtime, 8)?;
-                (cookie == DEBUG_COOKIE)
+                (cookie == super::layout::DEBUG_COOKIE)
                     .then(|| self.mem.read_u64(self.runtime.wrapping_add(at)).ok())
                     .flatten()
                     .filter(|&o| o < INTERP_SCAN as u64)
