@@ -23,10 +23,35 @@ const GLIBC_PTHREAD_TID: u64 = 0x2d0;
 #[derive(Debug)]
 pub struct NameReading {
     at: Instant,
-    /// tid → name.
+    /// tid (as the agent sees it) → name.
     names: HashMap<u32, Arc<str>>,
-    /// `threading.get_ident()` → tid.
+    /// `threading.get_ident()` → tid (as the agent sees it).
     idents: HashMap<u64, u32>,
+    /// The process's own thread ids (its PID namespace's: a container's) → the agent's.
+    to_host: HashMap<u32, u32>,
+}
+
+/// The last `NSpid:` field of a `/proc/<pid>/task/<tid>/status`: the thread's id in its own
+/// PID namespace (the one `threading.get_native_id()` and CPython's thread states report).
+pub fn innermost_ns_tid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// The process's thread ids as it sees them → as the agent sees them.
+fn namespace_tids(pid: u32) -> HashMap<u32, u32> {
+    crate::proc::task_dirs(pid)
+        .into_iter()
+        .filter_map(|(tid, dir)| {
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            Some((innermost_ns_tid(&status)?, tid))
+        })
+        .collect()
 }
 
 impl PythonSupport {
@@ -40,15 +65,19 @@ impl PythonSupport {
             // A process without `threading` (or unreadable now) has no names: the kernel's
             // thread names stand in, and it is asked again a second later.
             let list = self.thread_names(pid).unwrap_or_default();
+            // In a container the interpreter knows its threads by their ids there.
+            let to_host = namespace_tids(pid);
+            let host = |tid: u32| to_host.get(&tid).copied().unwrap_or(tid);
             self.names.insert(
                 pid,
                 NameReading {
                     at: Instant::now(),
                     names: list
                         .iter()
-                        .map(|t| (t.tid, t.name.as_str().into()))
+                        .map(|t| (host(t.tid), t.name.as_str().into()))
                         .collect(),
-                    idents: list.iter().map(|t| (t.ident, t.tid)).collect(),
+                    idents: list.iter().map(|t| (t.ident, host(t.tid))).collect(),
+                    to_host,
                 },
             );
         }
@@ -70,18 +99,19 @@ impl PythonSupport {
     pub fn thread_stack(&mut self, pid: u32, tid: u32) -> Option<Vec<Frame>> {
         let proc_ = self.process(pid)?;
         let threads = proc_.walk_all_threads(MAX_FRAMES).ok()?;
-        let idents = self
+        let (idents, to_host) = self
             .names_of(pid)
-            .map(|r| r.idents.clone())
+            .map(|r| (r.idents.clone(), r.to_host.clone()))
             .unwrap_or_default();
+        let host = |ns_tid: u32| to_host.get(&ns_tid).copied().unwrap_or(ns_tid);
         let t = threads.iter().find(|t| match t.native_tid {
-            Some(n) => n == tid,
+            Some(n) => host(n) == tid,
             None => {
                 idents.get(&t.thread_id) == Some(&tid)
                     || proc_
                         .mem
                         .read_u32(t.thread_id.wrapping_add(GLIBC_PTHREAD_TID))
-                        .is_ok_and(|n| n == tid)
+                        .is_ok_and(|n| host(n) == tid)
             }
         })?;
         Some(t.frames.iter().map(|f| self.symbolize(pid, f)).collect())
@@ -90,5 +120,21 @@ impl PythonSupport {
     /// Forgets the names read of `pid`.
     pub fn forget_names(&mut self, pid: u32) {
         self.names.remove(&pid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threads_id_in_its_own_namespace_is_the_last_nspid_field() {
+        let status = "Name:\tpython3\nTgid:\t4242\nNSpid:\t4250\t7\nPPid:\t1\n";
+        assert_eq!(innermost_ns_tid(status), Some(7));
+        assert_eq!(innermost_ns_tid("NSpid:\t99\n"), Some(99));
+        assert_eq!(innermost_ns_tid("Name:\tx\n"), None);
+        // This process: one namespace level, the same id.
+        let me = std::process::id();
+        assert_eq!(namespace_tids(me).get(&me), Some(&me));
     }
 }
