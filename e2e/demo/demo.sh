@@ -77,11 +77,15 @@ newest=$(newest_of cpu)
 echo
 echo "\$ kubectl kprof top -n $NS $newest        # CPU: where the service burns CPU"
 kubectl kprof top -n "$NS" "$newest" | head -n 20
-for type in wall lock; do
+for type in wall lock threads; do
   p=$(newest_of "$type")
   [[ -n "$p" ]] || continue
   echo
-  echo "\$ kubectl kprof top -n $NS $p        # $type: where the threads wait (by wait site)"
+  case $type in
+    threads) what="which code creates the threads still alive" ;;
+    *) what="where the threads wait (by wait site)" ;;
+  esac
+  echo "\$ kubectl kprof top -n $NS $p        # $type: $what"
   kubectl kprof top -n "$NS" "$p" | head -n 12
 done
 p=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop,kprof.io/type=threads \
