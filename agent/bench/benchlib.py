@@ -1,5 +1,6 @@
 """What the benchmark drivers share: running a command with its output kept in files."""
 import os
+import re
 import subprocess
 
 
@@ -10,3 +11,11 @@ def run(cmd, workdir):
     with open(out_path, "w") as o, open(err_path, "w") as e:
         p = subprocess.run(cmd, stdout=o, stderr=e)
     return open(out_path).read(), open(err_path).read(), p.returncode
+
+
+def figures(out, rate):
+    """`wall_s=… cpu_s=… <rate>=…` from a workload's output: (wall, cpu, rate)."""
+    m = re.search(rf"wall_s=([\d.]+) cpu_s=([\d.]+) {rate}=(\d+)", out)
+    if not m:
+        raise SystemExit(f"workload output not understood: {out!r}")
+    return float(m.group(1)), float(m.group(2)), int(m.group(3))

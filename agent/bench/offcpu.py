@@ -1,15 +1,12 @@
 #!/usr/bin/env python3
 """Driver of agent/bench/offcpu.sh (see there). Prints one table of medians and ratios."""
-import argparse, json, os, re, statistics, subprocess, sys, time
+import argparse, json, os, statistics, subprocess, sys, time
 
-from benchlib import run
+from benchlib import figures, run
 
 
 def parse(out):
-    m = re.search(r"wall_s=([\d.]+) cpu_s=([\d.]+) switches_per_s=(\d+)", out)
-    if not m:
-        raise SystemExit(f"workload output not understood: {out!r}")
-    return float(m.group(1)), float(m.group(2)), int(m.group(3))
+    return figures(out, "switches_per_s")
 
 
 def main():

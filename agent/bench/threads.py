@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Driver of agent/bench/threads.sh (see there). Prints one table of medians and ratios."""
-import argparse, json, os, re, statistics, sys
+import argparse, json, os, statistics, sys
 
-from benchlib import run
+from benchlib import figures, run
 
 # The workload: creates THREADS threads at about RATE a second (each starts, does nothing and
 # is joined, a few at once) and prints how long that took and the rate it reached.
@@ -29,10 +29,7 @@ print(f"wall_s={wall:.4f} cpu_s={time.process_time() - c0:.4f} threads_per_s={n 
 
 
 def parse(out):
-    m = re.search(r"wall_s=([\d.]+) cpu_s=([\d.]+) threads_per_s=(\d+)", out)
-    if not m:
-        raise SystemExit(f"workload output not understood: {out!r}")
-    return float(m.group(1)), float(m.group(2)), int(m.group(3))
+    return figures(out, "threads_per_s")
 
 
 def main():

@@ -294,10 +294,7 @@ pub fn thread_summary(r: &ThreadReport) -> ThreadSummary {
                     .blocked_in
                     .iter()
                     .take(BLOCKED_FRAMES)
-                    .map(|f| match &f.file {
-                        Some(file) if f.line > 0 => format!("{} ({file}:{})", f.function, f.line),
-                        _ => f.function.to_string(),
-                    })
+                    .map(ToString::to_string)
                     .collect(),
                 created_by: t.creator.as_deref().map(creator_name),
             })

@@ -227,7 +227,7 @@ impl Windows {
                     pid,
                     merger.as_mut().map(|m| &mut **m as &mut dyn StackMerger),
                 );
-                if w.agg.threads().is_some()
+                if w.agg.tracks_threads()
                     && let Some(c) = w.containers.get_mut(cid)
                 {
                     c.pids.insert(pid);
@@ -241,7 +241,7 @@ impl Windows {
         self.open
             .values_mut()
             .map(|w| &mut w.agg)
-            .filter_map(|a| if a.threads().is_some() { Some(a) } else { None })
+            .filter(|a| a.tracks_threads())
     }
 
     /// After each drain: one maps re-read and exec check per process and round.
@@ -315,10 +315,10 @@ impl Windows {
             std::mem::swap(next.agg.symbolizer(), w.agg.symbolizer());
             // A threads profile counts every live process of its containers, events or not:
             // the next window starts from them (and their threads' CPU now).
-            if next.agg.threads().is_some() {
+            if next.agg.tracks_threads() {
                 for (cid, c) in &w.containers {
                     for &pid in &c.pids {
-                        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        if !crate::proc::is_alive(pid) {
                             continue;
                         }
                         if let Some(ledger) = next.agg.threads() {

@@ -167,6 +167,11 @@ impl Aggregator {
         }
     }
 
+    /// Whether the thread accounting is kept.
+    pub fn tracks_threads(&self) -> bool {
+        self.threads.is_some()
+    }
+
     /// The thread accounting, when kept.
     pub fn threads(&mut self) -> Option<&mut ThreadLedger> {
         self.threads.as_mut()
@@ -213,15 +218,13 @@ impl Aggregator {
     /// Adds one event.
     pub fn add(&mut self, ev: &Event<'_>, merger: Option<&mut dyn StackMerger>) {
         if matches!(ev.kind, EventKind::ThreadStart | EventKind::ThreadExit) {
-            if !self.processes.contains_key(&ev.tgid) {
-                self.see_process(ev.tgid, merger);
-            }
+            self.see_process(ev.tgid, merger);
             if let Some(ledger) = self.threads.as_mut() {
                 ledger.on_event(ev);
             }
             return;
         }
-        self.intern(ev, merger);
+        self.intern(ev, merger, false);
     }
 
     /// The symbolized stack of an event (aggregated like any other).
@@ -230,11 +233,18 @@ impl Aggregator {
         ev: &Event<'_>,
         merger: Option<&mut dyn StackMerger>,
     ) -> Arc<[Frame]> {
-        self.intern(ev, merger).stack.clone()
+        self.intern(ev, merger, true)
+            .expect("the stack is asked for")
     }
 
-    /// Counts one event under its key, symbolizing its stack when first seen.
-    fn intern(&mut self, ev: &Event<'_>, mut merger: Option<&mut dyn StackMerger>) -> &SampleKey {
+    /// Counts one event under its key, symbolizing its stack when first seen; returns the
+    /// stack when `want_stack` (one map lookup per event either way).
+    fn intern(
+        &mut self,
+        ev: &Event<'_>,
+        mut merger: Option<&mut dyn StackMerger>,
+        want_stack: bool,
+    ) -> Option<Arc<[Frame]>> {
         self.stats.events += 1;
         let pid = ev.tgid;
         let execed = if ev.exec_id != 0 {
@@ -270,11 +280,10 @@ impl Aggregator {
         };
         let mut raw = RawKey::of(ev, wait);
         raw.generation = self.generation.get(&pid).copied().unwrap_or(0);
-        if self.stacks.contains_key(&raw) {
-            let (key, totals) = self.stacks.get_mut(&raw).expect("checked");
+        if let Some((key, totals)) = self.stacks.get_mut(&raw) {
             totals.count += ev.count;
             totals.value += ev.value;
-            return key;
+            return want_stack.then(|| key.stack.clone());
         }
         if !self.processes.contains_key(&pid) {
             self.see_process(
@@ -317,7 +326,9 @@ impl Aggregator {
             count: ev.count,
             value: ev.value,
         };
-        &self.stacks.entry(raw).or_insert((key, totals)).0
+        let stack = want_stack.then(|| key.stack.clone());
+        self.stacks.insert(raw, (key, totals));
+        stack
     }
 
     /// Starts a new drain round (allows one maps re-read and one exec check per process).

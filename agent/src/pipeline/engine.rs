@@ -329,7 +329,6 @@ impl Engine {
         if let Some(ledger) = agg.threads() {
             ledger.checkpoint(merger.as_mut().map(|m| m as &mut dyn StackMerger));
         }
-        self.threads.sweep(crate::proc::monotonic_ns());
     }
 
     /// Closes the thread accounting of `agg`'s window (its threads profile's report).
@@ -340,6 +339,7 @@ impl Engine {
             &mut self.threads,
             merger.as_mut().map(|m| m as &mut dyn StackMerger),
         );
+        self.threads.sweep(crate::proc::monotonic_ns());
     }
 
     /// Reports the off-CPU time that has passed and is not in events yet (waits in progress,

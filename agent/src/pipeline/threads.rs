@@ -4,7 +4,7 @@
 //! it saw, the counts every second and the CPU of each thread when the window first saw it,
 //! and at the window's end turns that, with `/proc`, into a [`ThreadReport`].
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     sync::Arc,
 };
 
@@ -46,7 +46,7 @@ pub struct ThreadRegistry {
     /// Resolves creating stacks (its own caches: windows come and go).
     symbolizer: Aggregator,
     /// pid → (CLOCK_MONOTONIC ns, threads alive) at past window ends, oldest first.
-    history: HashMap<u32, VecDeque<(u64, u32)>>,
+    history: HashMap<u32, Vec<(u64, u32)>>,
 }
 
 impl ThreadRegistry {
@@ -102,22 +102,21 @@ impl ThreadRegistry {
             self.exited.remove(&t);
             self.created.remove(&t);
         }
-        self.history
-            .retain(|pid, _| std::path::Path::new(&format!("/proc/{pid}")).exists());
+        self.history.retain(|pid, _| crate::proc::is_alive(*pid));
     }
 
     /// Records a window-end count (at most one per second per process: several targets may
     /// select the same process).
     fn push_history(&mut self, pid: u32, now_ns: u64, alive: u32) {
         let h = self.history.entry(pid).or_default();
-        if h.back()
+        if h.last()
             .is_some_and(|(at, _)| now_ns.saturating_sub(*at) < 1_000_000_000)
         {
             return;
         }
-        h.push_back((now_ns, alive));
+        h.push((now_ns, alive));
         if h.len() > HISTORY {
-            h.pop_front();
+            h.remove(0);
         }
     }
 }
@@ -238,26 +237,26 @@ impl ThreadLedger {
     }
 
     /// Counts every process's threads in `/proc` now (every second or so), and learns their
-    /// names while they are alive.
+    /// runtime names while they are alive (an exit record carries only the kernel's name).
     pub fn checkpoint(&mut self, mut merger: Option<&mut dyn StackMerger>) {
         let now = crate::proc::monotonic_ns();
         for (&pid, p) in self.processes.iter_mut() {
-            let threads = proc_threads::threads(pid);
-            let n = threads.len() as u32;
+            // Only the list: reading each thread's stat here would cost ~3 reads per thread
+            // per second.
+            let tids = crate::proc::task_dirs(pid);
+            let n = tids.len() as u32;
             p.current = n;
             p.counts.min = p.counts.min.min(n);
             p.counts.max = p.counts.max.max(n);
             p.checkpoints.push((now, n));
-            for t in &threads {
-                let name = thread_name(&mut merger, pid, t);
-                p.names.insert(t.tid, name);
+            if let Some(m) = merger.as_mut() {
+                for (tid, _) in tids {
+                    if let Some(name) = m.thread_name(pid, tid) {
+                        p.names.insert(tid, name);
+                    }
+                }
             }
         }
-    }
-
-    /// The processes of the window.
-    pub fn pids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.processes.keys().copied()
     }
 
     /// The report of the window, as of now; window-end counts go into the registry's history.
@@ -369,32 +368,22 @@ impl ThreadLedger {
                 }
             }
             registry.push_history(pid, now, end);
-            let leak = leak_series(&counts.series)
-                .or_else(|| {
-                    let h: Vec<(u64, u32)> = registry
-                        .history
-                        .get(&pid)
-                        .map(|h| h.iter().copied().collect())
-                        .unwrap_or_default();
-                    leak_series(&h)
-                })
-                .map(|(from_ns, counts)| {
-                    let (creator, by_creator) = main_creator(&report.threads, pid, from_ns, {
-                        let boot = boot_to_mono;
-                        let starts: HashMap<u32, u64> = threads
-                            .iter()
-                            .map(|t| (t.tid, t.start_ns.saturating_sub(boot)))
-                            .collect();
-                        starts
-                    });
-                    ThreadLeak {
-                        pid,
-                        counts,
-                        creator,
-                        by_creator,
-                    }
+            let history = registry.history.get(&pid).map_or(&[][..], Vec::as_slice);
+            let leak = leak_series(&counts.series).or_else(|| leak_series(history));
+            if let Some((from_ns, counts)) = leak {
+                let created_at: HashMap<u32, u64> = threads
+                    .iter()
+                    .map(|t| (t.tid, t.start_ns.saturating_sub(boot_to_mono)))
+                    .collect();
+                let (creator, by_creator) =
+                    main_creator(&report.threads, pid, from_ns, &created_at);
+                report.leaks.push(ThreadLeak {
+                    pid,
+                    counts,
+                    creator,
+                    by_creator,
                 });
-            report.leaks.extend(leak);
+            }
         }
         report
     }
@@ -433,7 +422,7 @@ fn main_creator(
     rows: &[ThreadRow],
     pid: u32,
     from_ns: u64,
-    created_at: HashMap<u32, u64>,
+    created_at: &HashMap<u32, u64>,
 ) -> (Option<Arc<[Frame]>>, u32) {
     let mut by: HashMap<Arc<[Frame]>, u32> = HashMap::new();
     for r in rows.iter().filter(|r| r.pid == pid && r.alive) {

@@ -102,6 +102,11 @@ pub fn thread_syscall(pid: u32, tid: u32) -> Option<(u32, u64)> {
         .and_then(|s| parse_syscall(&s))
 }
 
+/// Whether process `pid` still exists.
+pub fn is_alive(pid: u32) -> bool {
+    fs::metadata(format!("/proc/{pid}")).is_ok()
+}
+
 /// Whether thread `tid` of process `pid` still exists.
 pub fn thread_exists(pid: u32, tid: u32) -> bool {
     fs::metadata(format!("/proc/{pid}/task/{tid}")).is_ok()

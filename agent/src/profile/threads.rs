@@ -88,23 +88,12 @@ impl ThreadLeak {
     }
 }
 
-/// The innermost frame of a creating stack that is the application's, not the thread
-/// library's: the first Python frame outside `threading.py`, else the innermost frame.
+/// Who created a thread, for people: the leaf of its creation site ([`creation_site`]), e.g.
+/// `app.spawn (/srv/app.py:3)`.
 pub fn creator_name(stack: &[Frame]) -> String {
-    let app = stack.iter().find(|f| {
-        f.kind == super::FrameKind::Python
-            && !f
-                .file
-                .as_deref()
-                .is_some_and(|p| p.ends_with("/threading.py"))
-    });
-    match app.or(stack.first()) {
-        Some(f) => match &f.file {
-            Some(file) if f.line > 0 => format!("{} ({file}:{})", f.function, f.line),
-            _ => f.function.to_string(),
-        },
-        None => "an unknown stack".into(),
-    }
+    creation_site(stack)
+        .first()
+        .map_or_else(|| "an unknown stack".into(), ToString::to_string)
 }
 
 /// Everything a threads profile says beyond its samples.

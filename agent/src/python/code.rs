@@ -41,6 +41,53 @@ impl CodeInfo {
 const MAX_STR: i64 = 4096;
 const MAX_TABLE: i64 = 1 << 20;
 
+/// What a str's header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StrHeader {
+    /// Length in characters.
+    pub length: u64,
+    /// Bytes per character: 1, 2 or 4.
+    pub width: u64,
+    pub compact: bool,
+    pub ascii: bool,
+}
+
+/// Parse `PyASCIIObject.length` and `.state`.
+pub fn parse_str_header(length: i64, state: u32) -> std::result::Result<StrHeader, String> {
+    let width = u64::from((state >> 2) & 7);
+    let compact = (state >> 5) & 1 == 1;
+    let ascii = (state >> 6) & 1 == 1;
+    if !(0..=1 << 40).contains(&length) {
+        return Err(format!("str length {length}"));
+    }
+    if !matches!(width, 1 | 2 | 4) || (ascii && width != 1) {
+        return Err(format!("str state {state:#x}"));
+    }
+    Ok(StrHeader {
+        length: length as u64,
+        width,
+        compact,
+        ascii,
+    })
+}
+
+/// Characters stored `width` bytes each (latin-1, UCS-2 or UCS-4); an invalid code point
+/// becomes U+FFFD.
+pub fn decode_chars(width: u64, bytes: &[u8]) -> String {
+    let point = |c: u32| char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER);
+    match width {
+        1 => bytes.iter().map(|&b| char::from(b)).collect(),
+        2 => bytes
+            .chunks_exact(2)
+            .map(|c| point(u32::from(u16::from_le_bytes([c[0], c[1]]))))
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| point(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect(),
+    }
+}
+
 /// A Python `str` (compact ASCII, compact non-ASCII or legacy), read from `addr`.
 pub fn read_unicode(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<String> {
     if addr == 0 {
@@ -54,33 +101,16 @@ pub fn read_unicode(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<String> 
         ));
     }
     let state = mem.read_u32(addr.wrapping_add(32))?;
-    let kind = (state >> 2) & 7;
-    let compact = (state >> 5) & 1 == 1;
-    let ascii = (state >> 6) & 1 == 1;
-    let (data, width) = if compact && ascii {
-        (addr.wrapping_add(l.ascii_data), 1)
-    } else if compact {
-        (addr.wrapping_add(l.compact_data), kind)
-    } else {
-        (mem.read_u64(addr.wrapping_add(l.compact_data))?, kind)
+    let h = parse_str_header(length, state)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let data = match (h.compact, h.ascii) {
+        (true, true) => addr.wrapping_add(l.ascii_data),
+        (true, false) => addr.wrapping_add(l.compact_data),
+        // A legacy (non-compact) str points at its characters.
+        (false, _) => mem.read_u64(addr.wrapping_add(l.compact_data))?,
     };
-    if !matches!(width, 1 | 2 | 4) {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad str kind"));
-    }
-    let bytes = mem.read_vec(data, (length as usize) * width as usize)?;
-    Ok(match width {
-        1 => bytes.iter().map(|&b| b as char).collect(),
-        2 => bytes
-            .chunks_exact(2)
-            .map(|c| char::from_u32(u16::from_le_bytes([c[0], c[1]]) as u32).unwrap_or('\u{fffd}'))
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|c| {
-                char::from_u32(u32::from_le_bytes(c.try_into().unwrap())).unwrap_or('\u{fffd}')
-            })
-            .collect(),
-    })
+    let bytes = mem.read_vec(data, (h.length * h.width) as usize)?;
+    Ok(decode_chars(h.width, &bytes))
 }
 
 /// A Python `bytes` object's contents.
@@ -181,7 +211,7 @@ impl PyProcess {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProcMem, module_name, read_bytes, read_unicode};
+    use super::{ProcMem, decode_chars, module_name, parse_str_header, read_bytes, read_unicode};
 
     #[test]
     fn a_garbage_pointer_at_the_top_of_memory_is_an_error_not_a_panic() {
@@ -192,6 +222,34 @@ mod tests {
             assert!(read_unicode(&mem, &l, addr).is_err(), "{addr:#x}");
             assert!(read_bytes(&mem, &l, addr).is_err(), "{addr:#x}");
         }
+    }
+
+    #[test]
+    fn str_headers_and_characters() {
+        // interned:2 kind:3 compact:1 ascii:1
+        let ascii = parse_str_header(5, (1 << 2) | (1 << 5) | (1 << 6)).unwrap();
+        assert_eq!(
+            (ascii.length, ascii.width, ascii.compact, ascii.ascii),
+            (5, 1, true, true)
+        );
+        let ucs2 = parse_str_header(3, (2 << 2) | (1 << 5)).unwrap();
+        assert_eq!((ucs2.width, ucs2.ascii), (2, false));
+        assert!(parse_str_header(-1, 1 << 2).is_err());
+        assert!(parse_str_header(1, 3 << 2).is_err(), "kind 3");
+        assert!(
+            parse_str_header(1, (2 << 2) | (1 << 6)).is_err(),
+            "ascii of kind 2"
+        );
+
+        assert_eq!(decode_chars(1, b"w\xf6rker-\xfc"), "wörker-ü");
+        let ucs2: Vec<u8> = "поток".encode_utf16().flat_map(u16::to_le_bytes).collect();
+        assert_eq!(decode_chars(2, &ucs2), "поток");
+        let ucs4: Vec<u8> = "🧵x"
+            .chars()
+            .flat_map(|c| (c as u32).to_le_bytes())
+            .collect();
+        assert_eq!(decode_chars(4, &ucs4), "🧵x");
+        assert_eq!(decode_chars(4, &0xd800u32.to_le_bytes()), "\u{fffd}");
     }
 
     #[test]

@@ -559,13 +559,13 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
             let now = Instant::now();
             inner
                 .pending
-                .retain(|pid, deadline| *deadline > now && proc_alive(*pid));
+                .retain(|pid, deadline| *deadline > now && crate::proc::is_alive(*pid));
             // Forget processes that exited (their map entries would go stale on pid reuse).
             let dead: Vec<u32> = inner
                 .procs
                 .keys()
                 .copied()
-                .filter(|p| !proc_alive(*p))
+                .filter(|p| !crate::proc::is_alive(*p))
                 .collect();
             for pid in dead {
                 inner.procs.remove(&pid);
@@ -620,10 +620,6 @@ fn watcher(shared: Arc<Mutex<Inner>>) {
             }
         }
     }
-}
-
-fn proc_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Child processes of every thread of `pid`.

@@ -66,7 +66,11 @@ impl PythonSupport {
             // thread names stand in, and it is asked again a second later.
             let list = self.thread_names(pid).unwrap_or_default();
             // In a container the interpreter knows its threads by their ids there.
-            let to_host = namespace_tids(pid);
+            let to_host = if list.is_empty() {
+                HashMap::new()
+            } else {
+                namespace_tids(pid)
+            };
             let host = |tid: u32| to_host.get(&tid).copied().unwrap_or(tid);
             self.names.insert(
                 pid,
@@ -89,7 +93,10 @@ impl PythonSupport {
         if let Some(n) = self.names.get(&pid).and_then(|r| r.names.get(&tid)) {
             return Some(n.clone());
         }
-        self.process(pid)?;
+        // Asked for every new stack of every process: others than Python's cost one lookup.
+        if !super::lock(&self.inner).procs.contains_key(&pid) {
+            return None;
+        }
         self.names_of(pid)?.names.get(&tid).cloned()
     }
 

@@ -13,6 +13,7 @@
 use std::io;
 
 use super::PythonSupport;
+use super::code::{StrHeader, decode_chars, parse_str_header};
 use super::elf::ElfInfo;
 use super::layout::PyVersion;
 use super::process::{PyProcess, free_threaded_name};
@@ -273,53 +274,6 @@ pub fn parse_keys(format: KeysFormat, h: &[u8]) -> std::result::Result<KeysTable
         key_at,
         value_at,
     })
-}
-
-/// What a str's header says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StrHeader {
-    /// Length in characters.
-    pub length: u64,
-    /// Bytes per character: 1, 2 or 4.
-    pub width: u64,
-    pub compact: bool,
-    pub ascii: bool,
-}
-
-/// Parse `PyASCIIObject.length` and `.state`.
-pub fn parse_str_header(length: i64, state: u32) -> std::result::Result<StrHeader, String> {
-    let width = u64::from((state >> 2) & 7);
-    let compact = (state >> 5) & 1 == 1;
-    let ascii = (state >> 6) & 1 == 1;
-    if !(0..=1 << 40).contains(&length) {
-        return Err(format!("str length {length}"));
-    }
-    if !matches!(width, 1 | 2 | 4) || (ascii && width != 1) {
-        return Err(format!("str state {state:#x}"));
-    }
-    Ok(StrHeader {
-        length: length as u64,
-        width,
-        compact,
-        ascii,
-    })
-}
-
-/// Characters stored `width` bytes each (latin-1, UCS-2 or UCS-4); an invalid code point
-/// becomes U+FFFD.
-pub fn decode_chars(width: u64, bytes: &[u8]) -> String {
-    let point = |c: u32| char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER);
-    match width {
-        1 => bytes.iter().map(|&b| char::from(b)).collect(),
-        2 => bytes
-            .chunks_exact(2)
-            .map(|c| point(u32::from(u16::from_le_bytes([c[0], c[1]]))))
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|c| point(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect(),
-    }
 }
 
 /// Sign and digit count of an int from its `ob_size` / `lv_tag` word.
@@ -832,34 +786,6 @@ mod tests {
             parse_keys(KeysFormat::Log2, &h).is_err(),
             "too many entries"
         );
-    }
-
-    #[test]
-    fn str_headers_and_characters() {
-        // interned:2 kind:3 compact:1 ascii:1
-        let ascii = parse_str_header(5, (1 << 2) | (1 << 5) | (1 << 6)).unwrap();
-        assert_eq!(
-            (ascii.length, ascii.width, ascii.compact, ascii.ascii),
-            (5, 1, true, true)
-        );
-        let ucs2 = parse_str_header(3, (2 << 2) | (1 << 5)).unwrap();
-        assert_eq!((ucs2.width, ucs2.ascii), (2, false));
-        assert!(parse_str_header(-1, 1 << 2).is_err());
-        assert!(parse_str_header(1, 3 << 2).is_err(), "kind 3");
-        assert!(
-            parse_str_header(1, (2 << 2) | (1 << 6)).is_err(),
-            "ascii of kind 2"
-        );
-
-        assert_eq!(decode_chars(1, b"w\xf6rker-\xfc"), "wörker-ü");
-        let ucs2: Vec<u8> = "поток".encode_utf16().flat_map(u16::to_le_bytes).collect();
-        assert_eq!(decode_chars(2, &ucs2), "поток");
-        let ucs4: Vec<u8> = "🧵x"
-            .chars()
-            .flat_map(|c| (c as u32).to_le_bytes())
-            .collect();
-        assert_eq!(decode_chars(4, &ucs4), "🧵x");
-        assert_eq!(decode_chars(4, &0xd800u32.to_le_bytes()), "\u{fffd}");
     }
 
     #[test]
