@@ -342,6 +342,41 @@ fn syscall_heavy_program_shows_kernel_frames() {
             .iter()
             .any(|m| p.str(m.filename) == "[kernel.kallsyms]")
     );
+    // No kernel address reaches the profile (it would undo KASLR for its readers): kernel
+    // frames carry their offset in their function.
+    let kernel_mappings: Vec<u64> = p
+        .mapping
+        .iter()
+        .filter(|m| p.str(m.filename) == "[kernel.kallsyms]")
+        .map(|m| m.id)
+        .collect();
+    let kernel_locs: Vec<_> = p
+        .location
+        .iter()
+        .filter(|l| kernel_mappings.contains(&l.mapping_id))
+        .collect();
+    assert!(!kernel_locs.is_empty(), "no kernel locations");
+    for l in &kernel_locs {
+        assert!(
+            l.address < 1 << 32,
+            "a kernel address in the profile: {:#x}",
+            l.address
+        );
+    }
+    for m in &p.mapping {
+        assert!(
+            m.memory_start < 0xffff_0000_0000_0000 && m.memory_limit < 0xffff_0000_0000_0000,
+            "a kernel address in mapping {}: {:#x}-{:#x}",
+            p.str(m.filename),
+            m.memory_start,
+            m.memory_limit
+        );
+    }
+    let names: Vec<String> = samples(&p).into_iter().flat_map(|(_, n, _)| n).collect();
+    assert!(
+        !names.iter().any(|n| n.contains("0xffff")),
+        "a kernel address in a frame name"
+    );
 }
 
 #[test]

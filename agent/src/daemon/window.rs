@@ -311,8 +311,9 @@ impl Windows {
         if reopen {
             let next_end = aligned_window_end(end, w.plan.settings.window);
             let mut next = TargetWindow::new(&w.plan, end, next_end, lost);
-            // Keep the symbol caches from one window to the next.
+            // Keep the symbol caches from one window to the next, less the processes gone.
             std::mem::swap(next.agg.symbolizer(), w.agg.symbolizer());
+            next.agg.symbolizer().forget_exited();
             // A threads profile counts every live process of its containers, events or not:
             // the next window starts from them (and their threads' CPU now).
             if next.agg.tracks_threads() {

@@ -10,7 +10,7 @@ use super::process::PyProcess;
 use super::procmem::ProcMem;
 
 /// What a code object tells about its function.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CodeInfo {
     /// `co_name`.
     pub name: String,
@@ -28,6 +28,16 @@ pub struct CodeInfo {
 }
 
 impl CodeInfo {
+    /// What the entry holds on the heap, roughly: its strings, its line table and the lines
+    /// it may resolve (one per two bytes of table at most).
+    pub fn heap_bytes(&self) -> usize {
+        self.name.len()
+            + self.qualname.len()
+            + self.filename.len()
+            + self.module.len()
+            + self.table.len() * 5
+    }
+
     /// `module.qualname`.
     pub fn display_name(&self) -> String {
         if self.module.is_empty() {

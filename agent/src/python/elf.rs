@@ -8,8 +8,28 @@ use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
 
 use crate::proc::maps::MapEntry;
 
-/// A parsed ELF file: symbols by name (first definition wins, `.symtab` before `.dynsym`),
-/// sections and loadable segments.
+/// The symbols Python support looks up; [`ElfInfo`] keeps only these.
+pub const WANTED_SYMBOLS: &[&str] = &[
+    "_PyRuntime",
+    "Py_Version",
+    "PyCode_Type",
+    "PyDict_Type",
+    "PyUnicode_Type",
+    "PyLong_Type",
+    "_PyEval_EvalFrameDefault",
+    "_PyEval_EvalFrameDefault.cold",
+    "PyEval_EvalFrameEx",
+    // `Py_GetVersion`'s buffer (a local symbol of unstripped builds).
+    "version.0",
+    "version",
+];
+
+/// The largest `.rodata` kept for version-string scans (a libpython's is ~1 MiB; a file in a
+/// tenant's container may claim any size).
+const MAX_RODATA: u64 = 16 << 20;
+
+/// A parsed ELF file: the [`WANTED_SYMBOLS`] it defines (first definition wins, `.symtab`
+/// before `.dynsym`), sections and loadable segments.
 #[derive(Debug, Default)]
 pub struct ElfInfo {
     pub symbols: HashMap<String, (u64, u64)>,
@@ -26,6 +46,58 @@ pub struct ElfInfo {
 /// Parsed files by (path, device, inode, size, mtime): processes of one interpreter share them.
 type ElfKey = (String, u64, u64, u64, i64);
 static CACHE: OnceLock<Mutex<HashMap<ElfKey, Arc<ElfInfo>>>> = OnceLock::new();
+
+/// The [`WANTED_SYMBOLS`] `file` defines. Each symbol and string table is read whole, in one
+/// go: through a read cache, name by name, a libpython's ~15k symbols cost tens of
+/// milliseconds — long enough to miss the first waits of an interpreter just started.
+fn wanted_symbols<'d, R: object::ReadRef<'d>>(
+    file: &object::File<'d, R>,
+) -> HashMap<String, (u64, u64)> {
+    let mut symbols = HashMap::new();
+    if !(file.is_64() && file.is_little_endian()) {
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            if let Ok(name) = sym.name()
+                && WANTED_SYMBOLS.contains(&name)
+                && !sym.is_undefined()
+                && sym.address() != 0
+            {
+                symbols
+                    .entry(name.to_string())
+                    .or_insert((sym.address(), sym.size()));
+            }
+        }
+        return symbols;
+    }
+    let data = |name: &str| {
+        file.section_by_name(name)
+            .and_then(|s| s.data().ok())
+            .unwrap_or_default()
+    };
+    for (table, strings) in [(".symtab", ".strtab"), (".dynsym", ".dynstr")] {
+        let (table, strings) = (data(table), data(strings));
+        // Elf64_Sym: st_name u32, st_info u8, st_other u8, st_shndx u16, st_value u64,
+        // st_size u64 (24 bytes).
+        for sym in table.chunks_exact(24) {
+            let word = |at: usize| u64::from_le_bytes(sym[at..at + 8].try_into().unwrap());
+            let name_at = u32::from_le_bytes(sym[..4].try_into().unwrap()) as usize;
+            let shndx = u16::from_le_bytes(sym[6..8].try_into().unwrap());
+            let (address, size) = (word(8), word(16));
+            if shndx == 0 || address == 0 {
+                continue; // undefined
+            }
+            let Some(rest) = strings.get(name_at..) else {
+                continue;
+            };
+            let name = rest.split(|b| *b == 0).next().unwrap_or_default();
+            if let Some(wanted) = WANTED_SYMBOLS.iter().find(|w| w.as_bytes() == name) {
+                symbols
+                    .entry((*wanted).to_string())
+                    .or_insert((address, size));
+            }
+        }
+    }
+    symbols
+}
 
 impl ElfInfo {
     /// Parse `path`, or return the cached parse of the same file.
@@ -48,8 +120,19 @@ impl ElfInfo {
 
     /// Reads only what is needed (headers, symbol tables, `.rodata`) through a read cache
     /// instead of the whole file.
+    /// Only regular files are read, opened without blocking: a tenant may have put a FIFO
+    /// where its interpreter was.
     pub fn open(path: &str) -> Result<Self, String> {
-        let file = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        let md = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        if !md.is_file() {
+            return Err(format!("{path}: not a regular file"));
+        }
         let cache = object::ReadCache::new(file);
         Self::from_data(&cache).map_err(|e| format!("{path}: {e}"))
     }
@@ -60,17 +143,7 @@ impl ElfInfo {
 
     fn from_data<'d, R: object::ReadRef<'d>>(data: R) -> Result<Self, String> {
         let file = object::File::parse(data).map_err(|e| e.to_string())?;
-        let mut symbols = HashMap::new();
-        for sym in file.symbols().chain(file.dynamic_symbols()) {
-            if sym.is_undefined() || sym.address() == 0 {
-                continue;
-            }
-            if let Ok(name) = sym.name() {
-                symbols
-                    .entry(name.to_string())
-                    .or_insert((sym.address(), sym.size()));
-            }
-        }
+        let symbols = wanted_symbols(&file);
         let sections = file
             .sections()
             .map(|s| {
@@ -92,6 +165,7 @@ impl ElfInfo {
         let is_dyn = matches!(file.kind(), object::ObjectKind::Dynamic);
         let rodata = file
             .section_by_name(".rodata")
+            .filter(|s| s.size() <= MAX_RODATA)
             .and_then(|s| s.data().ok())
             .map(<[u8]>::to_vec)
             .unwrap_or_default();
@@ -104,11 +178,14 @@ impl ElfInfo {
         })
     }
 
+    /// The address of `name`, one of [`WANTED_SYMBOLS`].
     pub fn symbol(&self, name: &str) -> Option<u64> {
+        debug_assert!(WANTED_SYMBOLS.contains(&name), "{name} is not kept");
         self.symbols.get(name).map(|s| s.0)
     }
 
     pub fn symbol_with_size(&self, name: &str) -> Option<(u64, u64)> {
+        debug_assert!(WANTED_SYMBOLS.contains(&name), "{name} is not kept");
         self.symbols.get(name).copied()
     }
 
@@ -144,8 +221,9 @@ impl ElfInfo {
         let mut i = 0;
         while i + nb.len() < hay.len() {
             if &hay[i..i + nb.len()] == nb && (i == 0 || hay[i - 1] == 0) {
+                // Up to the NUL (or the end: a tenant's file need not have one).
                 let rest = &hay[i..];
-                let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
+                let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
                 let s = &rest[..end];
                 let tail = &s[nb.len()..];
                 if !tail.is_empty()
@@ -159,5 +237,48 @@ impl ElfInfo {
             i += 1;
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_rodata(bytes: &[u8]) -> ElfInfo {
+        ElfInfo {
+            rodata: bytes.to_vec(),
+            ..ElfInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("libpython3.12.so");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = ElfInfo::open(fifo.to_str().unwrap()).unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn a_version_string_is_found_between_nuls() {
+        let e = with_rodata(b"\0junk\x003.10.13 (main)\x003.10.13\0more\0");
+        assert_eq!(e.find_version_string(3, 10).as_deref(), Some("3.10.13"));
+        assert_eq!(e.find_version_string(3, 11), None);
+    }
+
+    #[test]
+    fn a_version_without_its_nul_is_no_panic() {
+        // A tenant's fake interpreter: `.rodata` ends in the middle of the version.
+        assert_eq!(
+            with_rodata(b"\x003.12.1")
+                .find_version_string(3, 12)
+                .as_deref(),
+            Some("3.12.1")
+        );
+        assert_eq!(with_rodata(b"\x003.12.").find_version_string(3, 12), None);
+        assert_eq!(with_rodata(b"3.12.").find_version_string(3, 12), None);
     }
 }

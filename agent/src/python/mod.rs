@@ -59,13 +59,16 @@ pub struct RuntimeInfo {
     pub warnings: Vec<String>,
 }
 
-/// Capacity of the code-object cache (entries).
+/// Capacity of the code-object cache: entries, and bytes (a tenant's code objects may carry
+/// line tables of up to 1 MiB each).
 const CODE_CACHE_CAP: usize = 16384;
+const CODE_CACHE_BYTES: usize = 64 << 20;
 
 /// Small LRU keyed by `(pid, code address)`.
 struct CodeCache {
     map: HashMap<(u32, u64), (CodeInfo, u64)>,
     tick: u64,
+    bytes: usize,
 }
 
 impl CodeCache {
@@ -73,6 +76,7 @@ impl CodeCache {
         Self {
             map: HashMap::new(),
             tick: 0,
+            bytes: 0,
         }
     }
 
@@ -86,19 +90,31 @@ impl CodeCache {
     }
 
     fn insert(&mut self, key: (u32, u64), v: CodeInfo) {
-        if self.map.len() >= CODE_CACHE_CAP {
-            // Evict the least recently used quarter.
+        let size = v.heap_bytes();
+        while !self.map.is_empty()
+            && (self.map.len() >= CODE_CACHE_CAP || self.bytes + size > CODE_CACHE_BYTES)
+        {
+            // Evict the least recently used quarter (at least one entry).
             let mut ticks: Vec<u64> = self.map.values().map(|e| e.1).collect();
             ticks.sort_unstable();
             let cut = ticks[ticks.len() / 4];
             self.map.retain(|_, e| e.1 > cut);
+            self.recount();
         }
         self.tick += 1;
-        self.map.insert(key, (v, self.tick));
+        if let Some((old, _)) = self.map.insert(key, (v, self.tick)) {
+            self.bytes -= old.heap_bytes();
+        }
+        self.bytes += size;
+    }
+
+    fn recount(&mut self) {
+        self.bytes = self.map.values().map(|e| e.0.heap_bytes()).sum();
     }
 
     fn forget_pid(&mut self, pid: u32) {
         self.map.retain(|k, _| k.0 != pid);
+        self.recount();
     }
 }
 
@@ -373,7 +389,8 @@ impl PythonSupport {
                         self.watch(pid);
                         return info;
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    // Short: a just-started interpreter runs user code some 30 ms after exec.
+                    std::thread::sleep(Duration::from_millis(5));
                 }
             }
         }
@@ -644,4 +661,45 @@ fn process_signature(pid: u32) -> Option<Signature> {
     let exe = crate::proc::exe_identity(pid)?;
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
     Some((exe, maps.lines().count()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(table_bytes: usize) -> CodeInfo {
+        let mut c = CodeInfo::default();
+        c.name = "f".into();
+        c.table = vec![0; table_bytes];
+        c
+    }
+
+    #[test]
+    fn the_code_cache_is_bounded_by_bytes_and_keeps_what_was_used_last() {
+        let mut c = CodeCache::new();
+        // Line tables of 1 MiB, the most a code object may carry: far fewer fit than entries.
+        for i in 0..200u64 {
+            c.insert((1, i), code(1 << 20));
+            // Entry 0 stays in use.
+            assert!(
+                c.get_mut((1, 0)).is_some(),
+                "the entry in use was evicted at {i}"
+            );
+            assert!(c.bytes <= CODE_CACHE_BYTES, "{} bytes", c.bytes);
+        }
+        assert!(c.map.len() < 200);
+        assert_eq!(
+            c.bytes,
+            c.map.values().map(|e| e.0.heap_bytes()).sum::<usize>()
+        );
+        // Replacing an entry does not count it twice; forgetting a process frees its bytes.
+        c.insert((1, 0), code(10));
+        assert_eq!(
+            c.bytes,
+            c.map.values().map(|e| e.0.heap_bytes()).sum::<usize>()
+        );
+        c.insert((2, 7), code(100));
+        c.forget_pid(1);
+        assert_eq!((c.map.len(), c.bytes), (1, code(100).heap_bytes()));
+    }
 }

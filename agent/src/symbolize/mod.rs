@@ -112,6 +112,15 @@ impl Symbolizer {
         self.procs.remove(&pid);
     }
 
+    /// Forgets the processes that exited and the modules opened through their roots (the
+    /// symbolizer lives as long as the agent; the cached frames stay, keyed by module).
+    pub fn forget_exited(&mut self) {
+        self.procs.retain(|pid, _| crate::proc::is_alive(*pid));
+        let procs = &self.procs;
+        self.modules
+            .retain(|open, _| pid_of_root_path(open).is_none_or(|pid| procs.contains_key(&pid)));
+    }
+
     /// Marks every process as allowed one more maps re-read on an unknown address.
     pub fn new_round(&mut self) {
         for p in self.procs.values_mut() {
@@ -158,21 +167,34 @@ impl Symbolizer {
             // The process-wide table (refreshed every 10 min for modules loaded later).
             let ksyms = kallsyms::shared();
             for addr in missing {
+                // Kept here with the symbol's start: the profile gets only offsets.
                 let frame = match ksyms.lookup(addr) {
-                    Some((name, _)) => Frame {
+                    Some((name, off)) => Frame {
                         module: Some(KERNEL_MODULE.into()),
-                        address: addr,
+                        address: addr - off,
                         ..Frame::new(FrameKind::Kernel, name)
                     },
-                    None => unresolved(FrameKind::Kernel, Some(KERNEL_MODULE.into()), addr),
+                    None => {
+                        crate::metrics::unresolved_address();
+                        Frame {
+                            module: Some(KERNEL_MODULE.into()),
+                            ..Frame::new(FrameKind::Kernel, "[kernel]")
+                        }
+                    }
                 };
                 self.kernel.insert(addr, vec![frame].into());
             }
         }
         for (i, &ip) in ips.iter().enumerate() {
             if let Some(f) = self.kernel.get(&lookup_addr(i, ip)) {
+                // A kernel address would tell every reader of the profile where the kernel
+                // sits (KASLR): a frame's address is its offset in its function instead.
                 out.extend(f.iter().cloned().map(|mut fr| {
-                    fr.address = ip;
+                    fr.address = if fr.address == 0 {
+                        0
+                    } else {
+                        ip.wrapping_sub(fr.address)
+                    };
                     fr
                 }));
             }
@@ -362,9 +384,51 @@ fn sym_frames(kind: FrameKind, sym: &bs::Sym<'_>, address: u64, module: &str) ->
     frames.into()
 }
 
+/// The process whose root `open` goes through (`/proc/<pid>/root/…`).
+fn pid_of_root_path(open: &Path) -> Option<u32> {
+    let rest = open.strip_prefix("/proc").ok()?;
+    let mut parts = rest.components();
+    let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+    (parts.next()?.as_os_str() == "root").then_some(pid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exited_processes_and_the_modules_seen_through_them_are_forgotten() {
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        let me = std::process::id();
+        let mut s = Symbolizer::new();
+        assert!(s.track(me));
+        let through = |pid: u32| PathBuf::from(format!("/proc/{pid}/root/usr/lib/libc.so.6"));
+        for open in [
+            through(dead_pid),
+            through(me),
+            PathBuf::from("/usr/lib/libz.so"),
+        ] {
+            s.module_info(&open, "/usr/lib/libc.so.6");
+        }
+        s.procs.insert(
+            dead_pid,
+            ProcState {
+                maps: ProcessMaps::read(me).unwrap(),
+                root: None,
+                refreshed: false,
+            },
+        );
+        s.forget_exited();
+        assert!(s.procs.contains_key(&me) && !s.procs.contains_key(&dead_pid));
+        assert!(!s.modules.contains_key(&through(dead_pid)));
+        assert!(s.modules.contains_key(&through(me)));
+        assert!(s.modules.contains_key(Path::new("/usr/lib/libz.so")));
+        assert_eq!(pid_of_root_path(Path::new("/proc/12/root/x")), Some(12));
+        assert_eq!(pid_of_root_path(Path::new("/proc/12/exe")), None);
+        assert_eq!(pid_of_root_path(Path::new("/proc/self/root/x")), None);
+    }
 
     #[test]
     fn return_addresses_are_adjusted() {
