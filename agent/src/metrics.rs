@@ -18,6 +18,8 @@ struct Metrics {
     profiles_written: Counter,
     spool_depth: Gauge,
     spool_dropped: Counter,
+    spool_evicted_disk_full: Counter,
+    profiles_given_up: Counter,
     targeted_pids: Gauge,
     python_processes: Gauge,
     python_walks: Family<Vec<(String, String)>, Counter>,
@@ -43,6 +45,8 @@ fn metrics() -> &'static Metrics {
             profiles_written: Counter::default(),
             spool_depth: Gauge::default(),
             spool_dropped: Counter::default(),
+            spool_evicted_disk_full: Counter::default(),
+            profiles_given_up: Counter::default(),
             targeted_pids: Gauge::default(),
             python_processes: Gauge::default(),
             python_walks: Family::default(),
@@ -84,6 +88,16 @@ fn metrics() -> &'static Metrics {
             "spool_dropped",
             "Profiles dropped because the spool was full",
             m.spool_dropped.clone(),
+        );
+        registry.register(
+            "spool_evicted_disk_full",
+            "Profiles removed from the spool to make room on a full disk (oldest first)",
+            m.spool_evicted_disk_full.clone(),
+        );
+        registry.register(
+            "profiles_given_up",
+            "Profiles given up because the API server kept refusing them (see the ProfileRefused events)",
+            m.profiles_given_up.clone(),
         );
         registry.register(
             "targeted_pids",
@@ -167,6 +181,14 @@ pub fn profile_written() {
 
 pub fn spool_dropped(n: u64) {
     metrics().spool_dropped.inc_by(n);
+}
+
+pub fn profiles_given_up(n: u64) {
+    metrics().profiles_given_up.inc_by(n);
+}
+
+pub fn spool_evicted_disk_full(n: u64) {
+    metrics().spool_evicted_disk_full.inc_by(n);
 }
 
 pub fn set_spool_depth(n: usize) {

@@ -125,6 +125,19 @@ pub fn cpu_cores(cpu_seconds: f64, start: SystemTime, end: SystemTime) -> f64 {
     }
 }
 
+/// The longest name (function, thread, location, warning) a Profile object carries: names come
+/// from the profiled code, and one of a megabyte would make the object too large for the API
+/// server, losing the window. The artifacts keep them whole.
+const MAX_NAME_CHARS: usize = 512;
+
+/// `s`, cut to [`MAX_NAME_CHARS`] characters (marked with `…`).
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_NAME_CHARS) {
+        None => s.to_owned(),
+        Some((at, _)) => format!("{}…", &s[..at]),
+    }
+}
+
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
@@ -147,14 +160,14 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
     let top = rows
         .first()
         .filter(|_| total > 0)
-        .map(|r| format!("{} {:.1}%", r.function, r.self_percent))
+        .map(|r| format!("{} {:.1}%", clip(&r.function), r.self_percent))
         .unwrap_or_default();
     let top_functions = rows
         .iter()
         .take(TOP_FUNCTIONS)
         .map(|r| TopFunction {
-            function: r.function.to_string(),
-            location: r.location.clone(),
+            function: clip(&r.function),
+            location: r.location.as_deref().map(clip),
             self_percent: round1(r.self_percent),
             total_percent: round1(r.total_percent),
         })
@@ -170,7 +183,7 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let mut warnings = w.warnings.clone();
+    let mut warnings: Vec<String> = w.warnings.iter().map(|w| clip(w)).collect();
     if total == 0 {
         warnings.push(match w.profile_type {
             ProfileType::Lock => {
@@ -271,12 +284,12 @@ pub fn thread_summary(r: &ThreadReport) -> ThreadSummary {
             .map(|t| ThreadInfo {
                 pid: t.pid,
                 tid: t.tid,
-                name: t.name.to_string(),
+                name: clip(&t.name),
                 state: t.state.to_string(),
                 cpu_seconds: secs(t.cpu_ns),
                 off_cpu_seconds: secs(t.off_cpu_ns),
                 created: t.created,
-                created_by: t.creator.as_deref().map(creator_name),
+                created_by: t.creator.as_deref().map(creator_name).map(|c| clip(&c)),
             })
             .collect(),
         threads_omitted: u32::try_from(rows.len().saturating_sub(THREAD_ROWS)).unwrap_or(0),
@@ -287,16 +300,16 @@ pub fn thread_summary(r: &ThreadReport) -> ThreadSummary {
             .map(|t| IdleThreadInfo {
                 pid: t.pid,
                 tid: t.tid,
-                name: t.name.to_string(),
+                name: clip(&t.name),
                 age_seconds: t.age_s,
                 cpu_seconds: secs(t.cpu_ns),
                 blocked_in: t
                     .blocked_in
                     .iter()
                     .take(BLOCKED_FRAMES)
-                    .map(ToString::to_string)
+                    .map(|f| clip(&f.to_string()))
                     .collect(),
-                created_by: t.creator.as_deref().map(creator_name),
+                created_by: t.creator.as_deref().map(creator_name).map(|c| clip(&c)),
             })
             .collect(),
         leak_suspected: !r.leaks.is_empty(),
@@ -431,6 +444,51 @@ mod tests {
             label_value(&format!("{}-z", "p".repeat(62))),
             "p".repeat(62)
         );
+    }
+
+    #[test]
+    fn names_from_the_profiled_code_are_clipped_in_the_profile_object_only() {
+        let mut w = window();
+        // A tenant's function name of a megabyte (and multi-byte characters at the cut).
+        let huge = format!("é{}", "x".repeat(1 << 20));
+        let stack: Arc<[Frame]> = vec![Frame::new(FrameKind::Native, huge.as_str())].into();
+        w.samples.add(
+            SampleKey {
+                pid: 7,
+                tid: 1,
+                thread: "t".into(),
+                wait: None,
+                gil_held: None,
+                stack,
+            },
+            10_000,
+        );
+        w.warnings.push("w".repeat(1 << 20));
+        let (p, artifacts) = build_window(&w);
+        let top = &p.spec.top_functions[0].function;
+        assert_eq!(
+            top.chars().count(),
+            MAX_NAME_CHARS + 1,
+            "clipped, with its mark"
+        );
+        assert!(top.starts_with('é') && top.ends_with('…'));
+        assert!(p.spec.top.len() < 2 * MAX_NAME_CHARS);
+        assert!(
+            p.spec
+                .warnings
+                .iter()
+                .all(|w| w.chars().count() <= MAX_NAME_CHARS + 1)
+        );
+        let object = serde_json::to_vec(&p).unwrap();
+        assert!(object.len() < 64 << 10, "{} bytes", object.len());
+        // The pprof keeps the name whole.
+        let pprof = artifacts
+            .iter()
+            .find(|a| a.kind == ArtifactKind::Pprof)
+            .unwrap();
+        let pprof = PprofProfile::decode_bytes(&pprof.bytes).unwrap();
+        assert!(pprof.string_table.contains(&huge));
+        assert_eq!(clip("short"), "short");
     }
 
     #[test]

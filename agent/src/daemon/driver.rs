@@ -574,6 +574,14 @@ impl Daemon {
                         "spool full: dropped the oldest profiles"
                     );
                 }
+                if !o.evicted_for_space.is_empty() {
+                    metrics::spool_evicted_disk_full(o.evicted_for_space.len() as u64);
+                    tracing::warn!(
+                        evicted = o.evicted_for_space.len(),
+                        dir = %self.spool.dir().display(),
+                        "disk full: removed the oldest spooled profiles to keep the newest"
+                    );
+                }
                 tracing::debug!(profile = ?profile.metadata.name, samples = profile.spec.samples, "spooled");
                 self.wake.notify_one();
             }

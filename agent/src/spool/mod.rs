@@ -4,8 +4,9 @@
 //! (`profile.pb.gz`, `flamegraph.svg`) and `manifest.json` (the Profile object and, per artifact,
 //! its file, content type, `sha256:` digest and size). An entry is written under a `.tmp-` name
 //! and renamed into place, so a crash never leaves a half entry behind (leftover `.tmp-` dirs
-//! are removed at open). Entries are taken oldest first; the spool is bounded by entry count and
-//! bytes, and when full the oldest entries are dropped (logged and counted by the caller).
+//! are removed at open); files and directories are synced before and after the rename. Entries
+//! are taken oldest first; the spool is bounded by entry count and bytes, and when full — or
+//! when the disk is — the oldest entries are dropped (logged and counted by the caller).
 use std::{
     fs, io,
     path::{Path, PathBuf},
@@ -126,6 +127,8 @@ pub struct PutOutcome {
     pub dir: PathBuf,
     /// Oldest entries dropped to stay within the limits.
     pub dropped: Vec<PathBuf>,
+    /// Oldest entries removed to make room on a full disk.
+    pub evicted_for_space: Vec<PathBuf>,
 }
 
 /// The spool directory.
@@ -162,13 +165,55 @@ impl Spool {
         &self.dir
     }
 
-    /// Writes one entry atomically and enforces the limits (dropping the oldest entries).
+    /// Writes one entry atomically and enforces the limits (dropping the oldest entries). On a
+    /// full disk the oldest entries are removed until the new one fits: the newest windows are
+    /// the ones worth keeping.
     pub fn put(
         &self,
         profile: &Profile,
         artifacts: Vec<NewArtifact>,
     ) -> Result<PutOutcome, SpoolError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut evicted_for_space = Vec::new();
+        let dir = loop {
+            match self.write_entry(profile, &artifacts) {
+                Ok(dir) => break dir,
+                Err(e) if is_out_of_space(&e) => {
+                    // An entry that could not fit even in an empty spool evicts nothing.
+                    let entries = self.list();
+                    if evicted_for_space.is_empty() {
+                        let needed: u64 =
+                            artifacts.iter().map(|a| a.bytes.len() as u64).sum::<u64>() + 8192;
+                        let reclaimable: u64 = entries.iter().map(|d| dir_size(d)).sum();
+                        if needed > free_bytes(&self.dir).saturating_add(reclaimable) {
+                            return Err(e);
+                        }
+                    }
+                    match entries.into_iter().next() {
+                        Some(oldest) if fs::remove_dir_all(&oldest).is_ok() => {
+                            evicted_for_space.push(oldest);
+                        }
+                        _ => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let dropped = self.enforce_limits(&dir);
+        Ok(PutOutcome {
+            dir,
+            dropped,
+            evicted_for_space,
+        })
+    }
+
+    /// Writes an entry under a temporary name, syncs it and renames it into place; a failed
+    /// write leaves nothing behind.
+    fn write_entry(
+        &self,
+        profile: &Profile,
+        artifacts: &[NewArtifact],
+    ) -> Result<PathBuf, SpoolError> {
         let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -177,37 +222,45 @@ impl Spool {
         let name = profile.metadata.name.as_deref().unwrap_or("profile");
         let final_name = format!("{ms:014}-{seq:06}-{name}");
         let tmp = self.dir.join(format!("{TMP_PREFIX}{final_name}"));
-        fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let mut metas = Vec::new();
-        for a in artifacts {
-            let path = tmp.join(a.kind.file_name());
-            fs::write(&path, &a.bytes).map_err(io_err(&path))?;
-            metas.push(ArtifactMeta {
-                kind: a.kind,
-                file: a.kind.file_name().to_owned(),
-                content_type: a.kind.content_type().to_owned(),
-                digest: Digest::of(&a.bytes).to_string(),
-                size: a.bytes.len() as u64,
-            });
+        let written = (|| {
+            fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+            let mut metas = Vec::new();
+            for a in artifacts {
+                let path = tmp.join(a.kind.file_name());
+                write_synced(&path, &a.bytes)?;
+                metas.push(ArtifactMeta {
+                    kind: a.kind,
+                    file: a.kind.file_name().to_owned(),
+                    content_type: a.kind.content_type().to_owned(),
+                    digest: Digest::of(&a.bytes).to_string(),
+                    size: a.bytes.len() as u64,
+                });
+            }
+            let manifest = Manifest {
+                profile: profile.clone(),
+                artifacts: metas,
+            };
+            let mpath = tmp.join(MANIFEST);
+            let json =
+                serde_json::to_vec_pretty(&manifest).map_err(|source| SpoolError::Manifest {
+                    path: mpath.clone(),
+                    source,
+                })?;
+            write_synced(&mpath, &json)?;
+            sync_dir(&tmp)
+        })();
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        let manifest = Manifest {
-            profile: profile.clone(),
-            artifacts: metas,
-        };
-        let mpath = tmp.join(MANIFEST);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|source| SpoolError::Manifest {
-            path: mpath.clone(),
-            source,
-        })?;
-        fs::write(&mpath, json).map_err(io_err(&mpath))?;
-        // Durability of the data before the rename that publishes it.
-        if let Ok(f) = fs::File::open(&mpath) {
-            let _ = f.sync_all();
-        }
+        // The data is durable before the rename that publishes it, and the rename after it.
         let dir = self.dir.join(&final_name);
-        fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-        let dropped = self.enforce_limits(&dir);
-        Ok(PutOutcome { dir, dropped })
+        if let Err(e) = fs::rename(&tmp, &dir) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(io_err(&dir)(e));
+        }
+        sync_dir(&self.dir)?;
+        Ok(dir)
     }
 
     fn enforce_limits(&self, keep: &Path) -> Vec<PathBuf> {
@@ -277,6 +330,43 @@ impl Spool {
     }
 }
 
+/// Writes `bytes` to a new file at `path` and syncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    use io::Write as _;
+    let mut f = fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Syncs a directory: its entries (a new file, a rename) survive a crash.
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Bytes free for an unprivileged writer on the file system of `dir` (0 when unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: a valid NUL-terminated path and a zeroed out-parameter.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_bavail.saturating_mul(st.f_frsize)
+    }
+}
+
+/// Whether the error is a full disk (or quota).
+fn is_out_of_space(e: &SpoolError) -> bool {
+    matches!(e, SpoolError::Io { source, .. }
+        if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+}
+
 fn dir_size(d: &Path) -> u64 {
     fs::read_dir(d)
         .into_iter()
@@ -324,6 +414,93 @@ mod tests {
         );
         p.metadata.namespace = Some("ns".into());
         p
+    }
+
+    /// A small tmpfs mounted for the test's life (root only).
+    struct SmallDisk(tempfile::TempDir);
+
+    impl SmallDisk {
+        fn mount(bytes: usize) -> Option<SmallDisk> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return None;
+            }
+            let dir = tempfile::tempdir().ok()?;
+            let c = |s: &str| std::ffi::CString::new(s).unwrap();
+            let (target, opts) = (c(dir.path().to_str()?), c(&format!("size={bytes}")));
+            // SAFETY: valid NUL-terminated strings.
+            let r = unsafe {
+                libc::mount(
+                    c("tmpfs").as_ptr(),
+                    target.as_ptr(),
+                    c("tmpfs").as_ptr(),
+                    0,
+                    opts.as_ptr().cast(),
+                )
+            };
+            (r == 0).then_some(SmallDisk(dir))
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let target = std::ffi::CString::new(self.0.path().to_str().unwrap()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    #[test]
+    fn a_full_disk_evicts_the_oldest_windows_and_keeps_the_newest() {
+        let Some(disk) = SmallDisk::mount(96 << 10) else {
+            eprintln!(
+                "SKIPPED a_full_disk_evicts_the_oldest_windows_and_keeps_the_newest: needs root to mount a small tmpfs (make test runs it as root)"
+            );
+            return;
+        };
+        let spool = Spool::open(disk.0.path().join("spool"), Limits::default()).unwrap();
+        let (mut evicted, mut written) = (0, Vec::new());
+        for i in 0..12 {
+            let name = format!("w{i:02}");
+            let o = spool
+                .put(
+                    &profile(&name),
+                    vec![art(ArtifactKind::Pprof, &[7; 20 << 10])],
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            evicted += o.evicted_for_space.len();
+            written.push(name);
+        }
+        let left = names(&spool);
+        assert!(evicted > 0, "the disk never filled");
+        assert_eq!(left.len() + evicted, 12, "{left:?}");
+        // The newest windows, in order.
+        assert_eq!(left[..], written[12 - left.len()..], "{left:?}");
+        for d in spool.list() {
+            let e = spool.load(&d).unwrap();
+            assert_eq!(
+                fs::read(e.artifact_path(&e.manifest.artifacts[0]))
+                    .unwrap()
+                    .len(),
+                20 << 10
+            );
+        }
+        // An entry larger than the disk evicts nothing and leaves nothing half-written.
+        let before = names(&spool);
+        let err = spool
+            .put(
+                &profile("huge"),
+                vec![art(ArtifactKind::Pprof, &[1; 200 << 10])],
+            )
+            .unwrap_err();
+        assert!(is_out_of_space(&err), "{err}");
+        assert_eq!(names(&spool), before);
+        let leftovers = fs::read_dir(spool.dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX))
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     fn art(kind: ArtifactKind, b: &[u8]) -> NewArtifact {

@@ -1,9 +1,13 @@
 //! Drains the spool: uploads each entry's artifacts to the profile store (or, without a store,
 //! publishes them as `file://` paths under the agent's state directory), then creates the
 //! Profile. Transient failures (store or API server away, token refused) keep the entry and back
-//! off; a Profile that already exists (a retry after a lost answer) counts as done, since names
-//! are deterministic; errors that can never succeed drop the entry with an error log.
+//! off — per namespace, so one namespace whose Profiles are refused does not hold back the
+//! others; a Profile that already exists (a retry after a lost answer) counts as done, since
+//! names are deterministic; a Profile the API server keeps refusing (a quota, a missing CRD) is
+//! given up after [`MAX_REFUSALS`] attempts with an Event; errors that can never succeed drop
+//! the entry with an error log.
 use std::{
+    collections::{HashMap, HashSet},
     fs, io,
     path::{Path, PathBuf},
     sync::Arc,
@@ -49,6 +53,10 @@ pub enum UploadError {
     },
     #[error("API server: {0}")]
     Api(#[source] kube::Error),
+    /// Refused for now: a quota, a missing CRD (being reinstalled), RBAC. Retried a bounded
+    /// number of times.
+    #[error("the API server refused the Profile ({code}): {message}")]
+    Refused { code: u16, message: String },
     #[error("the API server refused the Profile for good ({code}): {message}")]
     Rejected { code: u16, message: String },
 }
@@ -66,9 +74,46 @@ impl UploadError {
             Self::StoreAuth(_) | Self::Token { .. } => "store_auth",
             Self::Local { .. } => "spool_io",
             Self::Api(_) => "apiserver",
+            Self::Refused { .. } => "profile_refused",
             Self::Rejected { .. } => "profile_rejected",
         }
     }
+
+    /// The API server's answer to creating a Profile, as an outcome: `Ok` when it exists now.
+    fn of_create(e: kube::Error) -> Result<(), UploadError> {
+        match e {
+            kube::Error::Api(s) if s.code == 409 => Ok(()), // a retry: already there
+            // A namespace that is gone takes its Profiles with it; any other 404 is the
+            // Profile type missing (a CRD being reinstalled): that passes.
+            kube::Error::Api(s) if s.code == 404 && namespace_gone(&s.message) => {
+                Err(Self::Rejected {
+                    code: s.code,
+                    message: s.message,
+                })
+            }
+            // Malformed, too large, invalid: the same object never passes.
+            kube::Error::Api(s) if matches!(s.code, 400 | 413 | 422) => Err(Self::Rejected {
+                code: s.code,
+                message: s.message,
+            }),
+            // The agent's own credentials (401), a timeout (408), overload (429): an outage,
+            // retried without bound like a 5xx.
+            kube::Error::Api(s)
+                if (400..500).contains(&s.code) && !matches!(s.code, 401 | 408 | 429) =>
+            {
+                Err(Self::Refused {
+                    code: s.code,
+                    message: s.message,
+                })
+            }
+            e => Err(Self::Api(e)),
+        }
+    }
+}
+
+/// Whether a 404's message says the namespace itself does not exist.
+fn namespace_gone(message: &str) -> bool {
+    message.starts_with("namespaces \"") && message.ends_with("not found")
 }
 
 /// Where artifacts go.
@@ -205,14 +250,7 @@ impl Uploader {
                 self.announce_leaks(&profile).await;
                 Ok(())
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()), // a retry: already there
-            Err(kube::Error::Api(s)) if matches!(s.code, 400 | 404 | 422) => {
-                Err(UploadError::Rejected {
-                    code: s.code,
-                    message: s.message,
-                })
-            }
-            Err(e) => Err(UploadError::Api(e)),
+            Err(e) => UploadError::of_create(e),
         }
     }
 }
@@ -230,14 +268,6 @@ impl Uploader {
         {
             return;
         }
-        let Some(owner) = profile
-            .metadata
-            .owner_references
-            .as_ref()
-            .and_then(|o| o.first())
-        else {
-            return;
-        };
         let leaks: Vec<&str> = profile
             .spec
             .warnings
@@ -251,6 +281,19 @@ impl Uploader {
             profile.spec.container,
             leaks.join("; ")
         );
+        self.warn_target(profile, "ThreadLeak", &note).await;
+    }
+
+    /// A Warning Event on the ProfilingTarget that owns `profile` (best effort).
+    async fn warn_target(&self, profile: &Profile, reason: &str, note: &str) {
+        let Some(owner) = profile
+            .metadata
+            .owner_references
+            .as_ref()
+            .and_then(|o| o.first())
+        else {
+            return;
+        };
         let reference = k8s_openapi::api::core::v1::ObjectReference {
             api_version: Some(owner.api_version.clone()),
             kind: Some(owner.kind.clone()),
@@ -268,20 +311,77 @@ impl Uploader {
         );
         let event = Event {
             type_: EventType::Warning,
-            reason: "ThreadLeak".into(),
+            reason: reason.into(),
             // Event notes are limited to 1 kB.
             note: Some(note.chars().take(1000).collect()),
             action: "Profile".into(),
             secondary: None,
         };
         if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::debug!(error = %e, "publishing a thread leak event failed");
+            tracing::debug!(error = %e, reason, "publishing an event failed");
         }
     }
 }
 
+/// How many times a Profile the API server refuses (a quota, RBAC, a missing CRD) is tried
+/// before it is given up: with the backoff, about six minutes.
+pub const MAX_REFUSALS: u32 = 10;
+
+/// The uploader's waits, per namespace: a failure holds back that namespace's entries only, so
+/// one namespace whose Profiles are refused (a quota, a terminating namespace) does not stop
+/// the others. Within a namespace the order is kept.
+#[derive(Debug, Default)]
+pub struct Holds {
+    by_namespace: HashMap<String, Hold>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: tokio::time::Instant,
+    backoff: Duration,
+}
+
+impl Holds {
+    /// Whether `ns` waits at `now`.
+    pub fn held(&self, ns: &str, now: tokio::time::Instant) -> bool {
+        self.by_namespace.get(ns).is_some_and(|h| h.until > now)
+    }
+
+    /// A failure in `ns`: it waits twice as long as last time (1 s to 60 s).
+    pub fn fail(&mut self, ns: &str, now: tokio::time::Instant) -> Duration {
+        let backoff = self
+            .by_namespace
+            .get(ns)
+            .map_or(Duration::ZERO, |h| h.backoff)
+            .saturating_mul(2)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        self.by_namespace.insert(
+            ns.to_owned(),
+            Hold {
+                until: now + backoff,
+                backoff,
+            },
+        );
+        backoff
+    }
+
+    /// A success in `ns`.
+    pub fn clear(&mut self, ns: &str) {
+        self.by_namespace.remove(ns);
+    }
+
+    /// When the first hold ends (none: nothing waits).
+    pub fn next_end(&self) -> Option<tokio::time::Instant> {
+        self.by_namespace.values().map(|h| h.until).min()
+    }
+
+    pub fn any(&self) -> bool {
+        !self.by_namespace.is_empty()
+    }
+}
+
 /// Drains the spool until `shutdown` is set and (then) the spool is empty or `drain_deadline`
-/// passed. Wakes on `wake` (a new entry) or when a backoff elapses.
+/// passed. Wakes on `wake` (a new entry) or when a namespace's backoff elapses.
 pub async fn run(
     uploader: Uploader,
     spool: Arc<Spool>,
@@ -289,16 +389,28 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     drain_deadline: Duration,
 ) {
-    let mut backoff = Duration::ZERO;
+    let mut holds = Holds::default();
+    // Refusals per entry, up to MAX_REFUSALS.
+    let mut refusals: HashMap<PathBuf, u32> = HashMap::new();
+    // The namespace of each entry seen: entries of a waiting namespace are skipped unread.
+    let mut namespaces: HashMap<PathBuf, String> = HashMap::new();
     let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
         if stop_at.is_none() && *shutdown.borrow() {
             stop_at = Some(tokio::time::Instant::now() + drain_deadline);
         }
-        let mut failed = false;
+        // Namespaces that failed in this pass: their later entries wait too (order kept).
+        let mut failed: HashSet<String> = HashSet::new();
         for dir in spool.list() {
-            if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            let now = tokio::time::Instant::now();
+            if stop_at.is_some_and(|t| now >= t) {
                 break;
+            }
+            if namespaces
+                .get(&dir)
+                .is_some_and(|ns| failed.contains(ns) || holds.held(ns, now))
+            {
+                continue;
             }
             let entry = match spool.load(&dir) {
                 Ok(e) => e,
@@ -311,32 +423,49 @@ pub async fn run(
                     continue;
                 }
             };
-            let name = entry
-                .manifest
-                .profile
-                .metadata
-                .name
-                .clone()
-                .unwrap_or_default();
+            let profile = &entry.manifest.profile;
+            let ns = profile.metadata.namespace.clone().unwrap_or_default();
+            namespaces.insert(dir.clone(), ns.clone());
+            if failed.contains(&ns) || holds.held(&ns, now) {
+                continue;
+            }
+            let name = profile.metadata.name.clone().unwrap_or_default();
             match uploader.upload(&entry).await {
                 Ok(()) => {
                     tracing::info!(profile = %name, "profile written");
                     metrics::profile_written();
+                    holds.clear(&ns);
+                    refusals.remove(&dir);
                     let _ = spool.remove(&dir);
                 }
                 Err(e) if e.retryable() => {
                     metrics::error(e.category());
-                    tracing::warn!(profile = %name, error = %e, "upload failed; keeping it in the spool");
-                    failed = true;
-                    break; // keep the order; retry after the backoff
+                    failed.insert(ns.clone());
+                    let backoff = holds.fail(&ns, tokio::time::Instant::now());
+                    let refused = matches!(e, UploadError::Refused { .. });
+                    let n = if refused {
+                        let n = refusals.entry(dir.clone()).or_default();
+                        *n += 1;
+                        *n
+                    } else {
+                        0
+                    };
+                    if n >= MAX_REFUSALS {
+                        give_up(&uploader, &spool, &entry, &e, &mut refusals).await;
+                    } else {
+                        tracing::warn!(profile = %name, namespace = %ns, error = %e, retry_in = ?backoff, "upload failed; keeping it in the spool");
+                    }
                 }
                 Err(e) => {
                     metrics::error(e.category());
                     tracing::error!(profile = %name, error = %e, "dropping a profile that can never be written");
+                    refusals.remove(&dir);
                     let _ = spool.remove(&dir);
                 }
             }
         }
+        refusals.retain(|d, _| d.exists());
+        namespaces.retain(|d, _| d.exists());
         metrics::set_spool_depth(spool.depth());
         let empty = spool.depth() == 0;
         if let Some(t) = stop_at
@@ -347,35 +476,75 @@ pub async fn run(
             }
             return;
         }
-        backoff = if failed {
-            (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(60))
-        } else {
-            Duration::ZERO
-        };
-        let sleep = if failed {
-            backoff
-        } else {
-            Duration::from_secs(30)
-        };
-        // Shutting down: never wait past the drain deadline (the pod's grace period is short;
-        // what is left stays in the spool for the next start).
-        let until = tokio::time::Instant::now() + sleep;
+        // Until the first hold ends, or a periodic look; never past the drain deadline (the
+        // pod's grace period is short; what is left stays in the spool for the next start).
+        let until = holds
+            .next_end()
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(30));
         let until = stop_at.map_or(until, |t| until.min(t));
         loop {
             tokio::select! {
                 () = wake.notified() => {
-                    if !failed {
+                    // A new entry is tried at once unless everything waits (an outage of the
+                    // store or the API server: no hammering); the depth gauge counts it anyway
+                    // (it is what an outage alert watches).
+                    metrics::set_spool_depth(spool.depth());
+                    if !holds.any() || ready_entry(&spool, &holds, &namespaces) {
                         break;
                     }
-                    // Backing off: a new entry does not cut the wait short, but the depth gauge
-                    // must still count it (it is what an outage alert watches).
-                    metrics::set_spool_depth(spool.depth());
                 }
                 () = tokio::time::sleep_until(until) => break,
                 _ = shutdown.changed(), if stop_at.is_none() => break,
             }
         }
     }
+}
+
+/// Whether the spool has an entry of a namespace that does not wait (entries already seen are
+/// not read again).
+fn ready_entry(spool: &Spool, holds: &Holds, namespaces: &HashMap<PathBuf, String>) -> bool {
+    let now = tokio::time::Instant::now();
+    spool.list().iter().any(|d| {
+        let ns = match namespaces.get(d) {
+            Some(ns) => ns.clone(),
+            None => match spool.load(d) {
+                Ok(e) => e.manifest.profile.metadata.namespace.unwrap_or_default(),
+                Err(_) => return true, // unreadable: the pass drops it
+            },
+        };
+        !holds.held(&ns, now)
+    })
+}
+
+/// A Profile refused [`MAX_REFUSALS`] times is given up, with the spooled Profiles of its
+/// namespace behind it (they meet the same refusal, and would hold spool space the other
+/// namespaces need): counted, logged, and a Warning Event on its ProfilingTarget.
+async fn give_up(
+    uploader: &Uploader,
+    spool: &Spool,
+    entry: &Entry,
+    e: &UploadError,
+    refusals: &mut HashMap<PathBuf, u32>,
+) {
+    let profile = &entry.manifest.profile;
+    let ns = profile.metadata.namespace.clone().unwrap_or_default();
+    let mut dropped = 0u64;
+    for d in spool.list() {
+        let same_ns = spool
+            .load(&d)
+            .is_ok_and(|o| o.manifest.profile.metadata.namespace.as_deref() == Some(ns.as_str()));
+        if same_ns && spool.remove(&d).is_ok() {
+            refusals.remove(&d);
+            dropped += 1;
+        }
+    }
+    metrics::profiles_given_up(dropped);
+    let note = format!(
+        "{dropped} Profile(s) of pod {} given up after {MAX_REFUSALS} refusals: {e}",
+        profile.spec.pod
+    );
+    tracing::error!(namespace = %ns, dropped, error = %e, "giving up Profiles the API server keeps refusing");
+    uploader.warn_target(profile, "ProfileRefused", &note).await;
 }
 
 /// `file://` artifacts directory under the agent's state directory.
@@ -608,5 +777,65 @@ mod tests {
             UploadError::StoreUnreachable(String::new()).category(),
             "store"
         );
+    }
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status::failure(message, "")
+                .with_code(code)
+                .boxed(),
+        )
+    }
+
+    #[test]
+    fn the_api_servers_answers_are_told_apart() {
+        let outcome = |code, message| UploadError::of_create(api_error(code, message));
+        assert!(outcome(409, "already exists").is_ok());
+        // A quota, RBAC, a missing CRD: refused for now, retried a bounded number of times.
+        for (code, message) in [
+            (
+                403,
+                "exceeded quota: profiles, requested: count/profiles.kprof.io=1",
+            ),
+            (404, "the server could not find the requested resource"),
+        ] {
+            let e = outcome(code, message).unwrap_err();
+            assert!(
+                matches!(e, UploadError::Refused { .. }) && e.retryable(),
+                "{e}"
+            );
+        }
+        // The namespace is gone, or the object can never pass: dropped.
+        for (code, message) in [
+            (404, "namespaces \"gone\" not found"),
+            (422, "Profile.kprof.io \"x\" is invalid"),
+            (413, "Request entity too large"),
+        ] {
+            let e = outcome(code, message).unwrap_err();
+            assert!(
+                matches!(e, UploadError::Rejected { .. }) && !e.retryable(),
+                "{e}"
+            );
+        }
+        // Overload and server errors: an outage, retried without bound.
+        for code in [401, 429, 500, 503] {
+            let e = outcome(code, "busy").unwrap_err();
+            assert!(matches!(e, UploadError::Api(_)) && e.retryable(), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_namespace_that_fails_waits_alone_and_longer_each_time() {
+        let mut holds = Holds::default();
+        let t0 = tokio::time::Instant::now();
+        assert!(!holds.any() && holds.next_end().is_none());
+        assert_eq!(holds.fail("a", t0), Duration::from_secs(1));
+        assert!(holds.held("a", t0) && !holds.held("b", t0));
+        assert_eq!(holds.next_end(), Some(t0 + Duration::from_secs(1)));
+        assert!(!holds.held("a", t0 + Duration::from_secs(1)));
+        let backoffs: Vec<u64> = (0..8).map(|_| holds.fail("a", t0).as_secs()).collect();
+        assert_eq!(backoffs, [2, 4, 8, 16, 32, 60, 60, 60]);
+        holds.clear("a");
+        assert!(!holds.held("a", t0) && !holds.any());
     }
 }
