@@ -146,6 +146,42 @@ pub struct Engine {
     targeted_at: std::collections::HashMap<u32, u64>,
     /// Who created each thread, across windows (threads profiles).
     threads: ThreadRegistry,
+    /// Processes whose events panicked the pipeline: their later events are dropped.
+    pub quarantine: Quarantine,
+}
+
+/// Processes whose data made per-event work panic (a parser meeting bytes nobody foresaw). The
+/// sampling thread survives: the event is dropped, the process is set aside with a warning and
+/// a metric, and every other process keeps being profiled.
+#[derive(Debug, Default)]
+pub struct Quarantine {
+    pids: std::collections::HashSet<u32>,
+}
+
+impl Quarantine {
+    /// Runs `work` for an event of `pid`, unless `pid` is set aside; a panic sets it aside.
+    pub fn run(&mut self, pid: u32, work: impl FnOnce()) {
+        if self.pids.contains(&pid) {
+            return;
+        }
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+            crate::metrics::error("panic");
+            tracing::warn!(
+                pid,
+                "an internal error while handling this process's data: it is no longer profiled"
+            );
+            self.pids.insert(pid);
+        }
+    }
+
+    pub fn contains(&self, pid: u32) -> bool {
+        self.pids.contains(&pid)
+    }
+
+    /// Forgets processes that exited (their pids may be reused).
+    pub fn retain_alive(&mut self) {
+        self.pids.retain(|p| crate::proc::is_alive(*p));
+    }
 }
 
 impl Engine {
@@ -163,6 +199,7 @@ impl Engine {
             off_cpu: OffCpuTracker::default(),
             targeted_at: Default::default(),
             threads: ThreadRegistry::default(),
+            quarantine: Quarantine::default(),
         })
     }
 
@@ -283,6 +320,7 @@ impl Engine {
             decoder,
             off_cpu,
             threads,
+            quarantine,
             ..
         } = self;
         // An interpreter's GIL created since its detection is looked for before this drain's
@@ -296,7 +334,7 @@ impl Engine {
             match decoder.decode(&item, period) {
                 Ok(ev) => {
                     n += 1;
-                    match ev.kind {
+                    quarantine.run(ev.tgid, || match ev.kind {
                         EventKind::OffCpu | EventKind::OffCpuEnd => off_cpu.on_record(&ev, |e| {
                             sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }),
@@ -308,12 +346,13 @@ impl Engine {
                                 .on_event(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger));
                             sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }
-                    }
+                    });
                 }
                 Err(_) => *malformed += 1,
             }
         }
         threads.new_round();
+        quarantine.retain_alive();
         n
     }
 
@@ -449,5 +488,32 @@ impl Engine {
     /// Run count and run time of the sampler program of the current load.
     pub fn kernel_cost(&self) -> KernelCost {
         self.sampler.kernel_cost()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_whose_event_panics_is_set_aside_and_the_others_go_on() {
+        let me = std::process::id();
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let gone = dead.id();
+        dead.wait().unwrap();
+        let mut q = Quarantine::default();
+        let mut handled = Vec::new();
+        for pid in [me, gone] {
+            q.run(pid, || panic!("a parser met bytes nobody foresaw"));
+        }
+        q.run(me, || handled.push(me));
+        q.run(1, || handled.push(1));
+        assert_eq!(handled, [1], "the set-aside process's events are dropped");
+        assert!(q.contains(me) && q.contains(gone));
+        q.retain_alive();
+        assert!(
+            q.contains(me) && !q.contains(gone),
+            "a gone pid may be reused"
+        );
     }
 }

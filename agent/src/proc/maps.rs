@@ -10,6 +10,8 @@ pub struct MapEntry {
     pub offset: u64,
     /// `r-xp` and the like.
     pub perms: String,
+    /// The device and inode of the mapped file (0 for anonymous memory).
+    pub dev: u64,
     pub inode: u64,
     /// The path, or a pseudo name like `[vdso]`; empty for anonymous memory.
     pub path: String,
@@ -24,6 +26,20 @@ impl MapEntry {
     /// A file-backed mapping (an absolute path, not `[heap]`, `[vdso]` or anonymous memory).
     pub fn is_file(&self) -> bool {
         self.path.starts_with('/') && self.inode != 0
+    }
+
+    /// Whether `md` (a `stat` of the path, as the agent would open it now) is the file this
+    /// mapping maps: a regular file with its device and inode. A tenant may have replaced the
+    /// path since — with another file, a FIFO, or a symlink that the agent would resolve
+    /// against the host's root.
+    pub fn is_mapped_file(&self, md: &fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        // Btrfs shows a subvolume's file with one anonymous device in `maps` and another in
+        // `stat`: two anonymous devices (major 0) pass on the inode alone.
+        let anonymous = |dev: u64| libc::major(dev) == 0;
+        md.is_file()
+            && md.ino() == self.inode
+            && (md.dev() == self.dev || anonymous(md.dev()) && anonymous(self.dev))
     }
 
     /// The file offset that `addr` (inside this mapping) corresponds to.
@@ -43,7 +59,11 @@ fn parse_line(line: &str) -> Option<MapEntry> {
     let range = it.next()?;
     let perms = it.next()?;
     let offset = u64::from_str_radix(it.next()?, 16).ok()?;
-    let _dev = it.next()?;
+    let (major, minor) = it.next()?.split_once(':')?;
+    let dev = libc::makedev(
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
     let inode = it.next()?.parse().ok()?;
     let path = it.next().unwrap_or("").trim_start().to_owned();
     let (start, end) = range.split_once('-')?;
@@ -52,6 +72,7 @@ fn parse_line(line: &str) -> Option<MapEntry> {
         end: u64::from_str_radix(end, 16).ok()?,
         offset,
         perms: perms.to_owned(),
+        dev,
         inode,
         path,
     })
@@ -67,6 +88,18 @@ pub fn read_maps(pid: u32) -> io::Result<Vec<MapEntry>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_mapping_knows_its_file_and_no_other() {
+        let exe = std::fs::read_link("/proc/self/exe").unwrap();
+        let maps = read_maps(std::process::id()).unwrap();
+        let mine = maps.iter().find(|m| Path::new(&m.path) == exe).unwrap();
+        assert!(mine.is_mapped_file(&fs::metadata(&exe).unwrap()));
+        // Another file, a directory, a FIFO: not it.
+        assert!(!mine.is_mapped_file(&fs::metadata("/proc/self/status").unwrap()));
+        assert!(!mine.is_mapped_file(&fs::metadata("/").unwrap()));
+    }
 
     #[test]
     fn parses_maps_lines() {
@@ -76,6 +109,7 @@ mod tests {
                     garbage line\n";
         let m = parse_maps(text);
         assert_eq!(m.len(), 3);
+        assert_eq!((m[0].dev, m[0].inode), (libc::makedev(0xfe, 1), 1234));
         assert_eq!(m[0].start, 0x55d0c8a00000);
         assert_eq!(m[0].path, "/usr/bin/python3.11");
         assert!(!m[0].is_exec());

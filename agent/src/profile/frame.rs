@@ -39,7 +39,7 @@ pub struct Frame {
     pub line: u32,
     /// The mapping the code belongs to: an ELF path, `[kernel.kallsyms]`, `[vdso]`, …
     pub module: Option<Arc<str>>,
-    /// Kernel frames: the kernel address. Native frames: the file offset inside `module` (stable
+    /// Kernel frames: the offset in the function (never the kernel address). Native frames: the file offset inside `module` (stable
     /// across processes and ASLR). Python frames: the code object address (informational).
     pub address: u64,
     /// The frame is an inlined call inside the next (outer) frame.

@@ -221,7 +221,16 @@ enum Attempt {
 }
 
 fn attempt(pid: u32) -> Attempt {
-    match PyProcess::detect(pid) {
+    // A process's files and memory are a tenant's: whatever they hold, a panic while reading
+    // them costs that process its Python frames, not the agent its watcher.
+    let detected = std::panic::catch_unwind(|| PyProcess::detect(pid)).unwrap_or_else(|_| {
+        crate::metrics::error("panic");
+        Err(DetectError::Unsupported {
+            version: "?".into(),
+            reason: "an internal error while reading the interpreter".into(),
+        })
+    });
+    match detected {
         Ok(p) => {
             let mut warnings = p
                 .notes

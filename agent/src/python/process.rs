@@ -161,7 +161,15 @@ impl PyProcess {
         let maps = read_maps(pid).map_err(io_err)?;
         let mem = ProcMem::new(pid);
         for path in candidates(pid, &maps) {
-            let elf = match ElfInfo::open_cached(&proc_root_path(pid, &path)) {
+            let open = proc_root_path(pid, &path);
+            // Only the file the process mapped: not what a tenant put at its path since.
+            let mapped = maps.iter().find(|m| m.path == path);
+            if !mapped
+                .is_some_and(|m| std::fs::metadata(&open).is_ok_and(|md| m.is_mapped_file(&md)))
+            {
+                continue;
+            }
+            let elf = match ElfInfo::open_cached(&open) {
                 Ok(e) => e,
                 Err(_) => continue,
             };

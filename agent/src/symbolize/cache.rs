@@ -12,19 +12,43 @@ pub struct CacheStats {
     pub evictions: u64,
 }
 
-/// Bounded map (module, offset) → frames (innermost first; several when inlined).
+/// The most bytes of names a [`SymbolCache`] holds by default: a tenant's binary may carry
+/// symbols of any length.
+pub const SYMBOL_CACHE_BYTES: usize = 64 << 20;
+
+/// Bounded map (module, offset) → frames (innermost first; several when inlined), by entries
+/// and by the bytes of their names.
 #[derive(Debug)]
 pub struct SymbolCache {
     map: HashMap<(ModuleId, u64), Arc<[Frame]>>,
     capacity: usize,
+    bytes: usize,
+    max_bytes: usize,
     stats: CacheStats,
+}
+
+/// Roughly what an entry holds: its names and paths (shared ones counted each time) and the
+/// frames themselves.
+fn entry_bytes(frames: &[Frame]) -> usize {
+    frames
+        .iter()
+        .map(|f| {
+            std::mem::size_of::<Frame>() + f.function.len() + f.file.as_ref().map_or(0, |s| s.len())
+        })
+        .sum()
 }
 
 impl SymbolCache {
     pub fn new(capacity: usize) -> Self {
+        Self::with_limits(capacity, SYMBOL_CACHE_BYTES)
+    }
+
+    pub fn with_limits(capacity: usize, max_bytes: usize) -> Self {
         SymbolCache {
             map: HashMap::new(),
             capacity: capacity.max(1),
+            bytes: 0,
+            max_bytes,
             stats: CacheStats::default(),
         }
     }
@@ -42,11 +66,21 @@ impl SymbolCache {
     /// Inserts a result. When full, the cache is cleared first (simple and bounded; entries are
     /// cheap to recompute while the process lives).
     pub fn insert(&mut self, module: ModuleId, offset: u64, frames: Arc<[Frame]>) {
-        if self.map.len() >= self.capacity {
+        let size = entry_bytes(&frames);
+        if self.map.len() >= self.capacity || self.bytes + size > self.max_bytes {
             self.stats.evictions += self.map.len() as u64;
             self.map.clear();
+            self.bytes = 0;
         }
-        self.map.insert((module, offset), frames);
+        if let Some(old) = self.map.insert((module, offset), frames) {
+            self.bytes -= entry_bytes(&old);
+        }
+        self.bytes += size;
+    }
+
+    /// Bytes held, as [`SymbolCache`] counts them.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {
@@ -69,6 +103,22 @@ mod tests {
 
     fn frames(name: &str) -> Arc<[Frame]> {
         vec![Frame::new(FrameKind::Native, name)].into()
+    }
+
+    #[test]
+    fn bounded_by_the_bytes_of_its_names() {
+        let mut c = SymbolCache::with_limits(1 << 20, 1 << 20);
+        let m = ModuleId::Path("/bin/x".into());
+        let huge = "f".repeat(300 << 10);
+        for i in 0..10 {
+            c.insert(m.clone(), i, frames(&huge));
+            assert!(c.bytes() <= 1 << 20, "{} bytes", c.bytes());
+        }
+        assert!(c.len() <= 3 && c.stats().evictions >= 7);
+        // Replacing an entry does not count it twice.
+        let before = c.bytes();
+        c.insert(m.clone(), 9, frames(&huge));
+        assert_eq!(c.bytes(), before);
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct Symbolizer {
     procs: HashMap<u32, ProcState>,
     /// (open path) → module identity and display path.
     modules: HashMap<PathBuf, ModuleInfo>,
+    /// Open paths that are not the file their process mapped (replaced, a FIFO, a symlink out
+    /// of the process's root): never read; their frames stay unresolved.
+    refused: std::collections::HashSet<PathBuf>,
     self_mnt_ns: Option<PathBuf>,
 }
 
@@ -73,6 +76,7 @@ impl Symbolizer {
             user: SymbolCache::new(1 << 20),
             procs: HashMap::new(),
             modules: HashMap::new(),
+            refused: Default::default(),
             self_mnt_ns: fs::read_link("/proc/self/ns/mnt").ok(),
         }
     }
@@ -93,7 +97,7 @@ impl Symbolizer {
         for e in maps.entries() {
             if e.is_file() {
                 let open = open_path(root.as_deref(), &e.path);
-                self.module_info(&open, &e.path);
+                self.module_info(&open, e);
             }
         }
         self.procs.insert(
@@ -117,8 +121,10 @@ impl Symbolizer {
     pub fn forget_exited(&mut self) {
         self.procs.retain(|pid, _| crate::proc::is_alive(*pid));
         let procs = &self.procs;
-        self.modules
-            .retain(|open, _| pid_of_root_path(open).is_none_or(|pid| procs.contains_key(&pid)));
+        let live =
+            |open: &PathBuf| pid_of_root_path(open).is_none_or(|pid| procs.contains_key(&pid));
+        self.modules.retain(|open, _| live(open));
+        self.refused.retain(live);
     }
 
     /// Marks every process as allowed one more maps re-read on an unknown address.
@@ -138,12 +144,21 @@ impl Symbolizer {
         self.user.stats()
     }
 
-    fn module_info(&mut self, open: &Path, display: &str) -> ModuleInfo {
+    fn module_info(&mut self, open: &Path, mapped: &MapEntry) -> ModuleInfo {
         if let Some(m) = self.modules.get(open) {
             return m.clone();
         }
-        let id = match blazesym::helper::read_elf_build_id(&open) {
-            Ok(Some(b)) if !b.is_empty() => ModuleId::from_build_id(&b),
+        let display = mapped.path.as_str();
+        let is_it = fs::metadata(open).is_ok_and(|md| mapped.is_mapped_file(&md));
+        if !is_it && self.refused.insert(open.to_owned()) {
+            crate::metrics::error("module_replaced");
+            tracing::warn!(
+                path = %mapped.path,
+                "a mapped file is no longer at its path (replaced, deleted, or not a regular file): its frames stay unresolved"
+            );
+        }
+        let id = match is_it.then(|| blazesym::helper::read_elf_build_id(&open)) {
+            Some(Ok(Some(b))) if !b.is_empty() => ModuleId::from_build_id(&b),
             _ => ModuleId::Path(display.into()),
         };
         let info = ModuleInfo {
@@ -229,6 +244,7 @@ impl Symbolizer {
                 module,
                 offset,
             } = r
+                && !self.refused.contains(open)
                 && self.user.get(&module.id, *offset).is_none()
             {
                 batches
@@ -299,7 +315,7 @@ impl Symbolizer {
         let offset = entry.file_offset(addr);
         if entry.is_file() {
             let open = open_path(root.as_deref(), &entry.path);
-            let module = self.module_info(&open, &entry.path);
+            let module = self.module_info(&open, &entry);
             Resolved::File {
                 open,
                 module,
@@ -397,6 +413,68 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_mapped_file_replaced_at_its_path_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libx.so");
+        let exe = fs::read_link("/proc/self/exe").unwrap();
+        fs::copy(&exe, &lib).unwrap();
+        let md = fs::metadata(&lib).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        let mapped = MapEntry {
+            start: 0x1000,
+            end: 0x2000,
+            offset: 0,
+            perms: "r-xp".into(),
+            dev: md.dev(),
+            inode: md.ino(),
+            path: lib.to_string_lossy().into(),
+        };
+        let mut s = Symbolizer::new();
+        let m = s.module_info(&lib, &mapped);
+        assert!(
+            matches!(m.id, ModuleId::BuildId(_)),
+            "the file itself is read: {:?}",
+            m.id
+        );
+        assert!(s.refused.is_empty());
+        // The tenant swaps it for a symlink to a host file, or a FIFO.
+        let swapped = dir.path().join("liby.so");
+        std::os::unix::fs::symlink("/etc/hostname", &swapped).unwrap();
+        let fifo = dir.path().join("libz.so");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for open in [&swapped, &fifo] {
+            let m = s.module_info(open, &mapped);
+            assert!(
+                matches!(m.id, ModuleId::Path(_)),
+                "{open:?} was read: {:?}",
+                m.id
+            );
+            assert!(s.refused.contains(open.as_path()));
+        }
+        let mut frames = Vec::new();
+        s.procs.insert(
+            1,
+            ProcState {
+                maps: ProcessMaps::new(vec![MapEntry {
+                    path: swapped.to_string_lossy().into(),
+                    ..mapped.clone()
+                }]),
+                root: None,
+                refreshed: true,
+            },
+        );
+        s.user_frames(1, &[0x1010], true, &mut frames);
+        assert_eq!(frames.len(), 1);
+        assert!(
+            frames[0].function.contains("+0x"),
+            "unresolved: {:?}",
+            frames[0]
+        );
+    }
+
+    #[test]
     fn exited_processes_and_the_modules_seen_through_them_are_forgotten() {
         let mut dead = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = dead.id();
@@ -405,12 +483,21 @@ mod tests {
         let mut s = Symbolizer::new();
         assert!(s.track(me));
         let through = |pid: u32| PathBuf::from(format!("/proc/{pid}/root/usr/lib/libc.so.6"));
+        let mapped = MapEntry {
+            start: 0,
+            end: 1,
+            offset: 0,
+            perms: "r-xp".into(),
+            dev: 0,
+            inode: 1,
+            path: "/usr/lib/libc.so.6".into(),
+        };
         for open in [
             through(dead_pid),
             through(me),
             PathBuf::from("/usr/lib/libz.so"),
         ] {
-            s.module_info(&open, "/usr/lib/libc.so.6");
+            s.module_info(&open, &mapped);
         }
         s.procs.insert(
             dead_pid,

@@ -9,13 +9,16 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, DaemonSetSpec},
         core::v1::{
-            Affinity, Capabilities, Container, EnvVar, EnvVarSource, HostPathVolumeSource,
-            LocalObjectReference, NodeAffinity, NodeSelector, NodeSelectorRequirement,
-            NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec, PodTemplateSpec, SecurityContext,
-            Volume, VolumeMount,
+            Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+            HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
+            NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec,
+            PodTemplateSpec, Probe, SecurityContext, Volume, VolumeMount,
         },
     },
-    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
     jiff::Timestamp,
 };
 use kprof_crds::ProfilingTarget;
@@ -32,6 +35,9 @@ use crate::{
 
 /// Annotation holding a digest of the desired DaemonSet, so an unchanged one is not re-applied.
 pub const SPEC_HASH_ANNOTATION: &str = "kprof.io/spec-hash";
+
+/// The agent's `/metrics` and `/healthz` port (its liveness probe).
+pub const AGENT_METRICS_PORT: i32 = 9464;
 
 /// The nodes that run selected pods of any active target (valid, not suspended, not completed).
 pub fn active_nodes<'a>(
@@ -128,6 +134,7 @@ pub fn desired_daemonset(
     if !cfg.store_url.is_empty() {
         env_vars.push(env("KPROF_STORE_URL", &cfg.store_url));
     }
+    env_vars.push(env("KPROF_METRICS_PORT", &AGENT_METRICS_PORT.to_string()));
     env_vars.extend(cfg.env.iter().cloned());
 
     let mut mounts = vec![VolumeMount {
@@ -184,6 +191,25 @@ pub fn desired_daemonset(
             ..Default::default()
         }),
         volume_mounts: Some(mounts),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: AGENT_METRICS_PORT,
+            ..Default::default()
+        }]),
+        // `/healthz` fails when the sampling loop has not turned for 10 s; a minute of that
+        // (not a slow window) restarts the agent.
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::String("metrics".into()),
+                ..Default::default()
+            }),
+            initial_delay_seconds: Some(30),
+            period_seconds: Some(10),
+            timeout_seconds: Some(5),
+            failure_threshold: Some(6),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     // The API server allows exactly one value for a `matchFields` requirement on
@@ -324,6 +350,16 @@ mod tests {
         let c = &pod["containers"][0];
         assert_eq!(c["name"], "agent");
         assert_eq!(c["args"], serde_json::json!(["run"]));
+        // Restarted when its sampling loop stops turning.
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
+        assert_eq!(c["ports"][0]["containerPort"], AGENT_METRICS_PORT);
+        assert!(
+            c["env"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!({"name": "KPROF_METRICS_PORT", "value": "9464"}))
+        );
         assert_eq!(
             c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"],
             "spec.nodeName"
@@ -371,7 +407,7 @@ mod tests {
             c["env"][2],
             serde_json::json!({"name": "KPROF_STORE_URL", "value": "http://store:8080"})
         );
-        assert_eq!(c["env"][3]["name"], "RUST_LOG");
+        assert_eq!(c["env"][4]["name"], "RUST_LOG");
         assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 1);
         assert_eq!(
             c["securityContext"]["allowPrivilegeEscalation"], true,
