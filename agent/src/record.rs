@@ -29,6 +29,23 @@ pub use kprof_crds::ProfileType;
 /// of samples at full rate (`loader::ring_size`).
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long a command has to exit after SIGTERM at the end of a recording.
+const CHILD_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits up to `limit` for `c` to exit.
+fn wait_at_most(c: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return Some(st);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// How often the target map is pruned, new children registered and progress shown.
 pub const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -424,6 +441,17 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         if exit_status.is_none() {
             // SAFETY: signal to our own child.
             unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            exit_status = wait_at_most(&mut c, CHILD_GRACE);
+        }
+        if exit_status.is_none() {
+            // It ignores SIGTERM — e.g. `unshare --pid --fork`, which waits for a child that is
+            // PID 1 of its namespace and so ignores it too: the command and everything it
+            // started (the followed targets) are killed.
+            tracing::warn!(pid = c.id(), grace = ?CHILD_GRACE, "the command ignored SIGTERM: killing it and its children");
+            for pid in engine.target_pids().into_iter().chain([c.id()]) {
+                // SAFETY: signals to processes of our own child's tree.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
             exit_status = c.wait().ok();
         }
     }

@@ -12,7 +12,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{Mutex, MutexGuard, OnceLock},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use kprof_agent::pprof::{self, PprofProfile};
@@ -598,4 +598,31 @@ fn native_sampler_cost_is_reported() {
     eprintln!("{summary}");
     assert!(summary["bpf_run_count"].is_u64(), "no bpf_run_count");
     assert_eq!(summary["dropped"], 0, "no samples dropped at 99 Hz");
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_with_its_children_at_the_end() {
+    let Some(_m) = machine("a_command_that_ignores_sigterm_is_killed_with_its_children_at_the_end")
+    else {
+        return;
+    };
+    // `unshare --fork` waits for its child, PID 1 of a new PID namespace, which ignores
+    // SIGTERM: before, `record` waited for it for ever.
+    let marker = "4242.4242";
+    let start = Instant::now();
+    let r = record_command(2, 99, &["unshare", "--pid", "--fork", "sleep", marker]);
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "record took {took:?} for a 2 s recording"
+    );
+    drop(r);
+    let leftovers: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(marker))
+        .collect();
+    assert!(leftovers.is_empty(), "still running: {leftovers:?}");
 }

@@ -468,6 +468,15 @@ impl Engine {
         kept
     }
 
+    /// The processes (and followed threads) in the target map now.
+    pub fn target_pids(&self) -> Vec<u32> {
+        self.sampler
+            .target_pids()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
     /// The default pruning rule: exited processes go, and so do the fork follower's entries
     /// for threads.
     pub fn is_live_target(t: &TargetState) -> bool {

@@ -160,6 +160,8 @@ impl PyProcess {
     pub fn detect(pid: u32) -> Result<Self, DetectError> {
         let maps = read_maps(pid).map_err(io_err)?;
         let mem = ProcMem::new(pid);
+        // An interpreter whose file the dynamic loader is still mapping (segment by segment).
+        let mut loading = None;
         for path in candidates(pid, &maps) {
             let open = proc_root_path(pid, &path);
             // Only the file the process mapped: not what a tenant put at its path since.
@@ -178,9 +180,18 @@ impl PyProcess {
             };
             let file_maps: Vec<&MapEntry> = maps.iter().filter(|m| m.path == path).collect();
             let Some(bias) = elf.load_bias(&file_maps) else {
+                loading.get_or_insert(path);
                 continue;
             };
             return Self::from_elf(pid, mem, &maps, path, &elf, bias, bias.wrapping_add(rt_sym));
+        }
+        if let Some(path) = loading {
+            // Seen mid-`exec`: not a verdict (taking it for one left processes without Python
+            // frames, at random, for their first second or for ever).
+            return Err(DetectError::NotReady(format!(
+                "{} is still being mapped",
+                basename(&path)
+            )));
         }
         // A CPython without `_PyRuntime` (2.x, ≤ 3.6) is still reported, not silently dropped.
         for m in &maps {
@@ -194,7 +205,12 @@ impl PyProcess {
                     .take_while(|c| c.is_ascii_digit() || *c == '.')
                     .collect();
                 let ver = ver.trim_end_matches('.');
-                if ver.starts_with('2') || ver.starts_with("3.") {
+                let old = ver.starts_with('2')
+                    || ver
+                        .strip_prefix("3.")
+                        .and_then(|m| m.split('.').next()?.parse::<u32>().ok())
+                        .is_some_and(|minor| minor < 7);
+                if old {
                     return Err(DetectError::Unsupported {
                         version: ver.to_string(),
                         reason: "no _PyRuntime (CPython older than 3.7)".into(),
