@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail, ensure};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
 
-use crate::{build_image, cluster_required, kubeconfig_path, kubectl, random_suffix};
+use crate::{build_image, cluster_required, kubeconfig_path, kubectl, poll_until, random_suffix};
 
 /// The image of the CPU-bound workload ([`build_spin_image`]).
 pub const SPIN_IMAGE: &str = "kprof.local/e2e/spin:1";
@@ -307,6 +307,22 @@ pub fn http_get(port: u16, path: &str) -> Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
+}
+
+/// Waits (up to 30 s) until the agent serving `/healthz` on `port` answers 200.
+pub async fn wait_agent_healthy(port: u16) -> Result<()> {
+    poll_until(
+        "agent /healthz",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            Ok(http_get(port, "/healthz")
+                .ok()
+                .filter(|r| r.contains("200 OK"))
+                .map(|_| ()))
+        },
+    )
+    .await
 }
 
 /// The value of one series in a Prometheus text exposition, e.g.

@@ -23,7 +23,7 @@ use kprof_e2e::{
     agent::{
         AgentProcess, HOT_FUNCTION, SPIN_IMAGE as IMAGE, agent_binary, build_spin_image,
         ensure_crds, http_get, kprof_resource as resource, profiling_target, require_root,
-        spin_binary,
+        spin_binary, wait_agent_healthy,
     },
     free_port, poll_until, random_suffix, require_cluster, wait_pod_running,
 };
@@ -102,18 +102,7 @@ async fn scenario(
         .create(&PostParams::default(), &target("decoy", want.app)?)
         .await?;
     // Let the agent start (health endpoint up) so the figure below is apply → Profile.
-    poll_until(
-        "agent /healthz",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async {
-            Ok(http_get(port, "/healthz")
-                .ok()
-                .filter(|r| r.contains("200 OK"))
-                .map(|_| ()))
-        },
-    )
-    .await?;
+    wait_agent_healthy(port).await?;
     // The spool left by a "previous run" is drained at start.
     poll_until(
         "the spooled Profile of a previous run",

@@ -21,7 +21,7 @@ use kprof_e2e::{
     TestNamespace,
     agent::{
         AgentProcess, SPIN_IMAGE, build_spin_image, ensure_crds, http_get, kprof_resource, metric,
-        profiling_target, require_root,
+        profiling_target, require_root, wait_agent_healthy,
     },
     free_port, poll_until, require_cluster, wait_pod_running,
 };
@@ -93,18 +93,7 @@ async fn a_namespace_whose_profiles_are_refused_does_not_stop_the_others() -> Re
     let port = free_port()?;
     let mut agent = AgentProcess::start(&tb.node, port, |_, _| Ok(()))?;
     let outcome: Result<()> = async {
-        poll_until(
-            "agent /healthz",
-            Duration::from_secs(30),
-            Duration::from_millis(200),
-            || async {
-                Ok(http_get(port, "/healthz")
-                    .ok()
-                    .filter(|r| r.contains("200 OK"))
-                    .map(|_| ()))
-            },
-        )
-        .await?;
+        wait_agent_healthy(port).await?;
         let pt = kprof_resource("ProfilingTarget", "profilingtargets");
         for ns in [&refused, &open] {
             let targets: Api<DynamicObject> =

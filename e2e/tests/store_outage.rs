@@ -25,10 +25,9 @@ use kprof_e2e::{
     TestNamespace,
     agent::{
         AgentProcess, HOT_FUNCTION, SPIN_IMAGE, build_spin_image, ensure_crds, http_get,
-        kprof_resource, metric, profiling_target, require_root,
+        kprof_resource, metric, profiling_target, require_root, wait_agent_healthy,
     },
-    free_port, http_get_bytes, poll_until, require_cluster, service_account_token,
-    wait_pod_running,
+    free_port, http_get_bytes, require_cluster, service_account_token, wait_pod_running,
 };
 use kprof_operator::store::{self, Digest, StoreConfig, StoreError, StoreMetrics};
 use kube::{
@@ -325,18 +324,7 @@ async fn store_outage_loses_no_profile() -> Result<()> {
     // On failure, show what the agent and the cluster saw (an error return is no panic, so
     // neither the agent's nor the namespace's drop would print them).
     let outcome: Result<()> = async {
-        poll_until(
-            "agent /healthz",
-            Duration::from_secs(30),
-            Duration::from_millis(200),
-            || async {
-                Ok(http_get(metrics_port, "/healthz")
-                    .ok()
-                    .filter(|r| r.contains("200 OK"))
-                    .map(|_| ()))
-            },
-        )
-        .await?;
+        wait_agent_healthy(metrics_port).await?;
 
         let targets: Api<DynamicObject> = Api::namespaced_with(
             tb.client.clone(),
