@@ -94,19 +94,24 @@ pub fn agent_binary() -> Result<PathBuf> {
 /// Compiles the CPU-bound workload (static, frame pointers, symbols) into a temp dir named
 /// after the source, so that test runs share one binary instead of leaving one each.
 pub fn spin_binary() -> Result<PathBuf> {
+    static_binary("kprof-spin", SPIN_C)
+}
+
+/// Compiles the C program `source` into a static binary named `name` (cached by source).
+pub fn static_binary(name: &str, source: &str) -> Result<PathBuf> {
     use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(SPIN_C);
-    let dir = std::env::temp_dir().join(format!("kprof-e2e-spin-{hash:016x}"));
+    let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(source);
+    let dir = std::env::temp_dir().join(format!("{name}-{hash:016x}"));
     std::fs::create_dir_all(&dir)?;
-    let bin = dir.join("kprof-spin");
+    let bin = dir.join(name);
     if bin.exists() {
         return Ok(bin);
     }
     // Tests (and test processes) may compile at once: build under a private name, then rename.
     let tmp = format!("{}-{}", std::process::id(), random_suffix());
-    let src = dir.join(format!("spin-{tmp}.c"));
-    let out_bin = dir.join(format!("kprof-spin-{tmp}"));
-    std::fs::write(&src, SPIN_C)?;
+    let src = dir.join(format!("{name}-{tmp}.c"));
+    let out_bin = dir.join(format!("{name}-{tmp}"));
+    std::fs::write(&src, source)?;
     let out = Command::new("cc")
         .args(["-O1", "-g", "-fno-omit-frame-pointer", "-static", "-o"])
         .arg(&out_bin)
