@@ -307,9 +307,13 @@ pub const MAX_OFF_CPU_THREADS: u32 = 32768;
 pub struct OffCpuThread {
     /// `bpf_ktime_get_ns` of the switch-out the thread is off CPU since (0: it runs).
     pub ts_out: u64,
-    /// Capture credit in nanoseconds (see [`Config::offcpu_gap_ns`]) and when it was earned.
-    pub credit_ns: u64,
+    /// When capture credit was last earned (see [`Config::offcpu_gap_ns`]).
     pub credit_at: u64,
+    /// Capture credit in nanoseconds per [`wait::stratum`] (at most gap × burst, which fits
+    /// 32 bits): a burst of one kind of switch-out (preemptions, say) must not use up the
+    /// credit of the others, or the waits it precedes go uncaptured every time and their time
+    /// is shared out over other waits of their stratum (a timed sleep read as I/O).
+    pub credit_ns: [u32; wait::STRATA],
     /// The current wait's first syscall argument (see [`EventHeader::addr`]).
     pub addr: u64,
     /// Nanoseconds and count of the waits whose stacks were not captured, by
@@ -324,7 +328,7 @@ pub struct OffCpuThread {
     /// The target slot of the thread's process.
     pub slot: u32,
 }
-const _: () = assert!(size_of::<OffCpuThread>() == 112);
+const _: () = assert!(size_of::<OffCpuThread>() == 120);
 
 /// The largest record: a header with every stack full.
 pub const MAX_EVENT_BYTES: usize = size_of::<EventHeader>()

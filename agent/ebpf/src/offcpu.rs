@@ -137,13 +137,18 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, c
     let now = clock(now);
     let (nr, addr) = syscall(cfg);
     let w = wait::of_raw(prev_state as u32, nr);
+    let s = wait::stratum(w);
+    if s >= wait::STRATA {
+        return;
+    }
 
     let t = match OFF_CPU.get_ptr_mut(&tid) {
         Some(t) => t,
         None => {
+            let full = cfg.offcpu_gap_ns.wrapping_mul(cfg.offcpu_burst as u64) as u32;
             let fresh = OffCpuThread {
-                // A new thread starts with a full bucket: its first waits are all captured.
-                credit_ns: cfg.offcpu_gap_ns.wrapping_mul(cfg.offcpu_burst as u64),
+                // A new thread starts with full buckets: its first waits are all captured.
+                credit_ns: [full; wait::STRATA],
                 credit_at: now,
                 tgid,
                 slot,
@@ -160,18 +165,23 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, c
     };
     // SAFETY: pointer from a successful lookup (see `switched_in`).
     let capture = unsafe {
+        // Every kind of wait earns credit with time; this one spends from its own bucket
+        // (`s` < STRATA, checked above).
         let cap = cfg.offcpu_gap_ns.wrapping_mul(cfg.offcpu_burst as u64);
         let earned = now.saturating_sub((*t).credit_at);
         (*t).credit_at = now;
-        let mut credit = (*t).credit_ns.saturating_add(earned);
-        if credit > cap {
-            credit = cap;
+        let mut capture = false;
+        for i in 0..wait::STRATA {
+            let mut credit = ((*t).credit_ns[i] as u64).saturating_add(earned);
+            if credit > cap {
+                credit = cap;
+            }
+            if i == s && credit >= cfg.offcpu_gap_ns {
+                capture = true;
+                credit -= cfg.offcpu_gap_ns;
+            }
+            (*t).credit_ns[i] = credit as u32;
         }
-        let capture = credit >= cfg.offcpu_gap_ns;
-        if capture {
-            credit -= cfg.offcpu_gap_ns;
-        }
-        (*t).credit_ns = credit;
         (*t).tgid = tgid;
         (*t).slot = slot;
         (*t).wait = w;
