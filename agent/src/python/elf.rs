@@ -28,6 +28,9 @@ pub const WANTED_SYMBOLS: &[&str] = &[
 /// tenant's container may claim any size).
 const MAX_RODATA: u64 = 16 << 20;
 
+/// The largest symbol or string table read (a libpython's are ~0.5 MiB each).
+const MAX_SYMBOL_TABLE: u64 = 64 << 20;
+
 /// A parsed ELF file: the [`WANTED_SYMBOLS`] it defines (first definition wins, `.symtab`
 /// before `.dynsym`), sections and loadable segments.
 #[derive(Debug, Default)]
@@ -70,6 +73,7 @@ fn wanted_symbols<'d, R: object::ReadRef<'d>>(
     }
     let data = |name: &str| {
         file.section_by_name(name)
+            .filter(|s| s.size() <= MAX_SYMBOL_TABLE)
             .and_then(|s| s.data().ok())
             .unwrap_or_default()
     };
@@ -120,6 +124,7 @@ impl ElfInfo {
 
     /// Reads only what is needed (headers, symbol tables, `.rodata`) through a read cache
     /// instead of the whole file.
+    ///
     /// Only regular files are read, opened without blocking: a tenant may have put a FIFO
     /// where its interpreter was.
     pub fn open(path: &str) -> Result<Self, String> {

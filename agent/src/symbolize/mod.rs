@@ -44,6 +44,17 @@ fn unresolved(kind: FrameKind, module: Option<Arc<str>>, addr: u64) -> Frame {
     Frame::unresolved(kind, module, addr)
 }
 
+/// A mapped file: its open path and the device and inode the mapping names.
+type ModuleKey = (PathBuf, u64, u64);
+
+/// A mapped file as the symbolizer knows it.
+#[derive(Clone, Debug)]
+struct Module {
+    info: ModuleInfo,
+    /// Whether the path still is the mapped file (else it is never read).
+    readable: bool,
+}
+
 /// Symbolizer with per-module caches.
 pub struct Symbolizer {
     inner: bs::Symbolizer,
@@ -51,10 +62,8 @@ pub struct Symbolizer {
     user: SymbolCache,
     procs: HashMap<u32, ProcState>,
     /// (open path) → module identity and display path.
-    modules: HashMap<PathBuf, ModuleInfo>,
-    /// Open paths that are not the file their process mapped (replaced, a FIFO, a symlink out
-    /// of the process's root): never read; their frames stay unresolved.
-    refused: std::collections::HashSet<PathBuf>,
+    /// Keyed by the file's identity too: a path may name another file later (an upgrade).
+    modules: HashMap<ModuleKey, Module>,
     self_mnt_ns: Option<PathBuf>,
 }
 
@@ -76,7 +85,6 @@ impl Symbolizer {
             user: SymbolCache::new(1 << 20),
             procs: HashMap::new(),
             modules: HashMap::new(),
-            refused: Default::default(),
             self_mnt_ns: fs::read_link("/proc/self/ns/mnt").ok(),
         }
     }
@@ -123,8 +131,7 @@ impl Symbolizer {
         let procs = &self.procs;
         let live =
             |open: &PathBuf| pid_of_root_path(open).is_none_or(|pid| procs.contains_key(&pid));
-        self.modules.retain(|open, _| live(open));
-        self.refused.retain(live);
+        self.modules.retain(|(open, ..), _| live(open));
     }
 
     /// Marks every process as allowed one more maps re-read on an unknown address.
@@ -136,7 +143,7 @@ impl Symbolizer {
 
     /// All modules seen so far.
     pub fn modules(&self) -> impl Iterator<Item = &ModuleInfo> {
-        self.modules.values()
+        self.modules.values().map(|m| &m.info)
     }
 
     /// Statistics of the user-space symbol cache.
@@ -144,29 +151,35 @@ impl Symbolizer {
         self.user.stats()
     }
 
-    fn module_info(&mut self, open: &Path, mapped: &MapEntry) -> ModuleInfo {
-        if let Some(m) = self.modules.get(open) {
+    /// What is known of the file `mapped` names, opened at `open`. A path that is no longer
+    /// the mapped file (replaced, a FIFO, a symlink out of the process's root) is never read:
+    /// its frames stay unresolved.
+    fn module_info(&mut self, open: &Path, mapped: &MapEntry) -> Module {
+        let key = (open.to_owned(), mapped.dev, mapped.inode);
+        if let Some(m) = self.modules.get(&key) {
             return m.clone();
         }
-        let display = mapped.path.as_str();
-        let is_it = fs::metadata(open).is_ok_and(|md| mapped.is_mapped_file(&md));
-        if !is_it && self.refused.insert(open.to_owned()) {
+        let readable = fs::metadata(open).is_ok_and(|md| mapped.is_mapped_file(&md));
+        if !readable {
             crate::metrics::error("module_replaced");
             tracing::warn!(
                 path = %mapped.path,
                 "a mapped file is no longer at its path (replaced, deleted, or not a regular file): its frames stay unresolved"
             );
         }
-        let id = match is_it.then(|| blazesym::helper::read_elf_build_id(&open)) {
+        let id = match readable.then(|| blazesym::helper::read_elf_build_id(&open)) {
             Some(Ok(Some(b))) if !b.is_empty() => ModuleId::from_build_id(&b),
-            _ => ModuleId::Path(display.into()),
+            _ => ModuleId::Path(mapped.path.as_str().into()),
         };
-        let info = ModuleInfo {
-            path: display.into(),
-            id,
+        let module = Module {
+            info: ModuleInfo {
+                path: mapped.path.as_str().into(),
+                id,
+            },
+            readable,
         };
-        self.modules.insert(open.to_owned(), info.clone());
-        info
+        self.modules.insert(key, module.clone());
+        module
     }
 
     /// Symbolizes kernel return addresses (innermost first). `ips[0]` is the interrupted
@@ -243,8 +256,8 @@ impl Symbolizer {
                 open,
                 module,
                 offset,
+                readable: true,
             } = r
-                && !self.refused.contains(open)
                 && self.user.get(&module.id, *offset).is_none()
             {
                 batches
@@ -315,11 +328,12 @@ impl Symbolizer {
         let offset = entry.file_offset(addr);
         if entry.is_file() {
             let open = open_path(root.as_deref(), &entry.path);
-            let module = self.module_info(&open, &entry);
+            let Module { info, readable } = self.module_info(&open, &entry);
             Resolved::File {
                 open,
-                module,
+                module: info,
                 offset,
+                readable,
             }
         } else {
             let name = if entry.path.is_empty() {
@@ -340,6 +354,8 @@ enum Resolved {
         open: PathBuf,
         module: ModuleInfo,
         offset: u64,
+        /// The path still is the mapped file.
+        readable: bool,
     },
     Special {
         name: Arc<str>,
@@ -432,11 +448,10 @@ mod tests {
         let mut s = Symbolizer::new();
         let m = s.module_info(&lib, &mapped);
         assert!(
-            matches!(m.id, ModuleId::BuildId(_)),
+            m.readable && matches!(m.info.id, ModuleId::BuildId(_)),
             "the file itself is read: {:?}",
-            m.id
+            m.info.id
         );
-        assert!(s.refused.is_empty());
         // The tenant swaps it for a symlink to a host file, or a FIFO.
         let swapped = dir.path().join("liby.so");
         std::os::unix::fs::symlink("/etc/hostname", &swapped).unwrap();
@@ -447,12 +462,19 @@ mod tests {
         for open in [&swapped, &fifo] {
             let m = s.module_info(open, &mapped);
             assert!(
-                matches!(m.id, ModuleId::Path(_)),
+                !m.readable && matches!(m.info.id, ModuleId::Path(_)),
                 "{open:?} was read: {:?}",
-                m.id
+                m.info.id
             );
-            assert!(s.refused.contains(open.as_path()));
         }
+        // A path that names another file later (a library upgraded on disk) is looked at
+        // afresh for the processes that map the new file.
+        let upgraded = MapEntry {
+            inode: md.ino() + 1,
+            ..mapped.clone()
+        };
+        assert!(!s.module_info(&lib, &upgraded).readable);
+        assert!(s.module_info(&lib, &mapped).readable);
         let mut frames = Vec::new();
         s.procs.insert(
             1,
@@ -509,9 +531,10 @@ mod tests {
         );
         s.forget_exited();
         assert!(s.procs.contains_key(&me) && !s.procs.contains_key(&dead_pid));
-        assert!(!s.modules.contains_key(&through(dead_pid)));
-        assert!(s.modules.contains_key(&through(me)));
-        assert!(s.modules.contains_key(Path::new("/usr/lib/libz.so")));
+        let opens: Vec<&PathBuf> = s.modules.keys().map(|(open, ..)| open).collect();
+        assert!(!opens.contains(&&through(dead_pid)));
+        assert!(opens.contains(&&through(me)));
+        assert!(opens.contains(&&PathBuf::from("/usr/lib/libz.so")));
         assert_eq!(pid_of_root_path(Path::new("/proc/12/root/x")), Some(12));
         assert_eq!(pid_of_root_path(Path::new("/proc/12/exe")), None);
         assert_eq!(pid_of_root_path(Path::new("/proc/self/root/x")), None);

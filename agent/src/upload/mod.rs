@@ -370,9 +370,14 @@ impl Holds {
         self.by_namespace.remove(ns);
     }
 
-    /// When the first hold ends (none: nothing waits).
-    pub fn next_end(&self) -> Option<tokio::time::Instant> {
-        self.by_namespace.values().map(|h| h.until).min()
+    /// When the first hold still running at `now` ends (none: nothing waits). A hold that
+    /// ended is kept for its backoff, but there is nothing to wake up for.
+    pub fn next_end(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        self.by_namespace
+            .values()
+            .map(|h| h.until)
+            .filter(|&until| until > now)
+            .min()
     }
 
     pub fn any(&self) -> bool {
@@ -478,9 +483,8 @@ pub async fn run(
         }
         // Until the first hold ends, or a periodic look; never past the drain deadline (the
         // pod's grace period is short; what is left stays in the spool for the next start).
-        let until = holds
-            .next_end()
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(30));
+        let now = tokio::time::Instant::now();
+        let until = holds.next_end(now).unwrap_or(now + Duration::from_secs(30));
         let until = stop_at.map_or(until, |t| until.min(t));
         loop {
             tokio::select! {
@@ -828,11 +832,15 @@ mod tests {
     async fn a_namespace_that_fails_waits_alone_and_longer_each_time() {
         let mut holds = Holds::default();
         let t0 = tokio::time::Instant::now();
-        assert!(!holds.any() && holds.next_end().is_none());
+        assert!(!holds.any() && holds.next_end(t0).is_none());
         assert_eq!(holds.fail("a", t0), Duration::from_secs(1));
         assert!(holds.held("a", t0) && !holds.held("b", t0));
-        assert_eq!(holds.next_end(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(holds.next_end(t0), Some(t0 + Duration::from_secs(1)));
         assert!(!holds.held("a", t0 + Duration::from_secs(1)));
+        // Once over, a hold is nothing to wait for (the uploader would spin), though its
+        // backoff is remembered.
+        assert_eq!(holds.next_end(t0 + Duration::from_secs(1)), None);
+        assert!(holds.any());
         let backoffs: Vec<u64> = (0..8).map(|_| holds.fail("a", t0).as_secs()).collect();
         assert_eq!(backoffs, [2, 4, 8, 16, 32, 60, 60, 60]);
         holds.clear("a");
