@@ -45,6 +45,52 @@ __attribute__((noinline)) uint64_t kprof_spin_hot(uint64_t n) {
 int main(void) { for (uint64_t n = 0;; n++) sink = kprof_spin_hot(n); }
 "#;
 
+/// A hostNetwork pod `name` labelled `app=<app>` running `image` (imported, never pulled),
+/// limited to `cpu_limit` when given (several must not load a 2-core node).
+pub fn host_network_pod(
+    name: &str,
+    app: &str,
+    image: &str,
+    cpu_limit: Option<&str>,
+) -> Result<k8s_openapi::api::core::v1::Pod> {
+    let mut container = json!({"name": name, "image": image, "imagePullPolicy": "Never"});
+    if let Some(cpu) = cpu_limit {
+        container["resources"] = json!({"limits": {"cpu": cpu}, "requests": {"cpu": "10m"}});
+    }
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": app}},
+        "spec": {
+            "hostNetwork": true,
+            "terminationGracePeriodSeconds": 1,
+            "automountServiceAccountToken": false,
+            "containers": [container]
+        }
+    }))?)
+}
+
+/// Creates a cpu ProfilingTarget `name` in `namespace` ([`profiling_target`]).
+pub async fn create_target(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    app: &str,
+    window_secs: u64,
+) -> Result<()> {
+    let targets: kube::Api<DynamicObject> = kube::Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &kprof_resource("ProfilingTarget", "profilingtargets"),
+    );
+    targets
+        .create(
+            &Default::default(),
+            &profiling_target(name, app, window_secs)?,
+        )
+        .await?;
+    Ok(())
+}
+
 /// `kprof.io/v1alpha1` resource of `kind` (for dynamic API handles).
 pub fn kprof_resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("kprof.io", "v1alpha1", kind), plural)

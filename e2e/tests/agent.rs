@@ -22,8 +22,8 @@ use kprof_e2e::{
     TestBed, TestNamespace,
     agent::{
         AgentProcess, HOT_FUNCTION, SPIN_IMAGE as IMAGE, agent_binary, build_spin_image,
-        ensure_crds, http_get, kprof_resource as resource, profiling_target, require_root,
-        spin_binary, wait_agent_healthy,
+        ensure_crds, host_network_pod, http_get, kprof_resource as resource, profiling_target,
+        require_root, spin_binary, wait_agent_healthy,
     },
     free_port, poll_until, random_suffix, require_cluster, wait_pod_running,
 };
@@ -274,16 +274,7 @@ async fn agent_writes_profiles_for_selected_pods_on_its_node() -> Result<()> {
     let other = TestNamespace::new(&tb.client, "agent-other").await?;
     let app = "kprof-spin";
     let pods: Api<Pod> = ns.api();
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spin", "labels": {"app": app}},
-        "spec": {
-            "hostNetwork": true,
-            "terminationGracePeriodSeconds": 1,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "spin", "image": IMAGE, "imagePullPolicy": "Never"}]
-        }
-    }))?;
+    let pod = host_network_pod("spin", app, IMAGE, None)?;
     pods.create(&PostParams::default(), &pod).await?;
     if let Err(e) = wait_pod_running(&pods, "spin", Duration::from_secs(90)).await {
         panic!("the workload pod did not start (test bed problem?): {e:#}");

@@ -22,16 +22,15 @@ use kprof_crds::Profile;
 use kprof_e2e::{
     TestNamespace,
     agent::{
-        AgentProcess, HOT_FUNCTION, SPIN_IMAGE, build_spin_image, ensure_crds, http_get,
-        kprof_resource, metric, profiling_target, require_root, static_binary, wait_agent_healthy,
+        AgentProcess, HOT_FUNCTION, SPIN_IMAGE, build_spin_image, create_target, ensure_crds,
+        host_network_pod, http_get, metric, require_root, static_binary, wait_agent_healthy,
     },
     build_image, free_port, poll_until, require_cluster, wait_pod_running,
 };
 use kube::{
     Api,
-    api::{DynamicObject, ListParams, PostParams},
+    api::{ListParams, PostParams},
 };
-use serde_json::json;
 
 const WINDOW_SECS: u64 = 5;
 const APP: &str = "kprof-hostile";
@@ -80,22 +79,6 @@ int main(void) {
 }
 "#;
 
-fn pod(name: &str, image: &str) -> Result<Pod> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "labels": {"app": APP}},
-        "spec": {
-            "hostNetwork": true,
-            "terminationGracePeriodSeconds": 1,
-            "automountServiceAccountToken": false,
-            "containers": [{
-                "name": name, "image": image, "imagePullPolicy": "Never",
-                "resources": {"limits": {"cpu": "200m"}, "requests": {"cpu": "10m"}}
-            }]
-        }
-    }))?)
-}
-
 /// The Profiles of `pod` with samples, and whether one has `function` on top.
 async fn profiles_of(api: &Api<Profile>, pod: &str, function: &str) -> Result<(usize, bool)> {
     let mine: Vec<Profile> = api
@@ -128,10 +111,16 @@ async fn a_hostile_pod_does_not_blind_the_agent() -> Result<()> {
     )?;
     let ns = TestNamespace::new(&tb.client, "hostile").await?;
     let pods: Api<Pod> = ns.api();
-    pods.create(&PostParams::default(), &pod("hostile", HOSTILE_IMAGE)?)
-        .await?;
-    pods.create(&PostParams::default(), &pod("good", SPIN_IMAGE)?)
-        .await?;
+    pods.create(
+        &PostParams::default(),
+        &host_network_pod("hostile", APP, HOSTILE_IMAGE, Some("200m"))?,
+    )
+    .await?;
+    pods.create(
+        &PostParams::default(),
+        &host_network_pod("good", APP, SPIN_IMAGE, Some("200m"))?,
+    )
+    .await?;
     for name in ["hostile", "good"] {
         wait_pod_running(&pods, name, Duration::from_secs(90))
             .await
@@ -142,17 +131,7 @@ async fn a_hostile_pod_does_not_blind_the_agent() -> Result<()> {
     let mut agent = AgentProcess::start(&tb.node, port, |_, _| Ok(()))?;
     let outcome: Result<()> = async {
         wait_agent_healthy(port).await?;
-        let targets: Api<DynamicObject> = Api::namespaced_with(
-            tb.client.clone(),
-            ns.name(),
-            &kprof_resource("ProfilingTarget", "profilingtargets"),
-        );
-        targets
-            .create(
-                &PostParams::default(),
-                &profiling_target("both", APP, WINDOW_SECS)?,
-            )
-            .await?;
+        create_target(&tb.client, ns.name(), "both", APP, WINDOW_SECS).await?;
         let profiles: Api<Profile> = ns.api();
         let start = Instant::now();
         let unhealthy = std::sync::Mutex::new(None::<String>);

@@ -20,37 +20,20 @@ use kprof_crds::Profile;
 use kprof_e2e::{
     TestNamespace,
     agent::{
-        AgentProcess, SPIN_IMAGE, build_spin_image, ensure_crds, http_get, kprof_resource, metric,
-        profiling_target, require_root, wait_agent_healthy,
+        AgentProcess, SPIN_IMAGE, build_spin_image, create_target, ensure_crds, host_network_pod,
+        http_get, metric, require_root, wait_agent_healthy,
     },
     free_port, poll_until, require_cluster, wait_pod_running,
 };
 use kube::{
     Api,
-    api::{DeleteParams, DynamicObject, ListParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::json;
 
 const WINDOW_SECS: u64 = 5;
 const APP: &str = "kprof-spin-refusal";
 const REFUSED: &str = "kprof_agent_errors_total{category=\"profile_refused\"}";
-
-/// A spin pod limited to a fifth of a CPU (two of them must not load the 2-core node).
-fn spin_pod() -> Result<Pod> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spin", "labels": {"app": APP}},
-        "spec": {
-            "hostNetwork": true,
-            "terminationGracePeriodSeconds": 1,
-            "automountServiceAccountToken": false,
-            "containers": [{
-                "name": "spin", "image": SPIN_IMAGE, "imagePullPolicy": "Never",
-                "resources": {"limits": {"cpu": "200m"}, "requests": {"cpu": "10m"}}
-            }]
-        }
-    }))?)
-}
 
 async fn profile_count(api: &Api<Profile>) -> Result<usize> {
     Ok(api.list(&ListParams::default()).await?.items.len())
@@ -82,7 +65,11 @@ async fn a_namespace_whose_profiles_are_refused_does_not_stop_the_others() -> Re
 
     for ns in [&refused, &open] {
         let pods: Api<Pod> = ns.api();
-        pods.create(&PostParams::default(), &spin_pod()?).await?;
+        pods.create(
+            &PostParams::default(),
+            &host_network_pod("spin", APP, SPIN_IMAGE, Some("200m"))?,
+        )
+        .await?;
     }
     for ns in [&refused, &open] {
         wait_pod_running(&ns.api(), "spin", Duration::from_secs(90))
@@ -94,16 +81,8 @@ async fn a_namespace_whose_profiles_are_refused_does_not_stop_the_others() -> Re
     let mut agent = AgentProcess::start(&tb.node, port, |_, _| Ok(()))?;
     let outcome: Result<()> = async {
         wait_agent_healthy(port).await?;
-        let pt = kprof_resource("ProfilingTarget", "profilingtargets");
         for ns in [&refused, &open] {
-            let targets: Api<DynamicObject> =
-                Api::namespaced_with(tb.client.clone(), ns.name(), &pt);
-            targets
-                .create(
-                    &PostParams::default(),
-                    &profiling_target("spin", APP, WINDOW_SECS)?,
-                )
-                .await?;
+            create_target(&tb.client, ns.name(), "spin", APP, WINDOW_SECS).await?;
         }
         let (profiles_refused, profiles_open): (Api<Profile>, Api<Profile>) =
             (refused.api(), open.api());

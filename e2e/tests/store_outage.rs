@@ -24,8 +24,8 @@ use kprof_crds::{ArtifactRef, Profile};
 use kprof_e2e::{
     TestNamespace,
     agent::{
-        AgentProcess, HOT_FUNCTION, SPIN_IMAGE, build_spin_image, ensure_crds, http_get,
-        kprof_resource, metric, profiling_target, require_root, wait_agent_healthy,
+        AgentProcess, HOT_FUNCTION, SPIN_IMAGE, build_spin_image, create_target, ensure_crds,
+        host_network_pod, http_get, kprof_resource, metric, require_root, wait_agent_healthy,
     },
     free_port, http_get_bytes, require_cluster, service_account_token, wait_pod_running,
 };
@@ -34,7 +34,6 @@ use kube::{
     Api, Client,
     api::{DynamicObject, ListParams, PostParams},
 };
-use serde_json::json;
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// The shortest window a target may ask for.
@@ -300,16 +299,7 @@ async fn store_outage_loses_no_profile() -> Result<()> {
     let server = StoreServer::start(&store_dir, addr, tb.client.clone(), &uploader).await?;
 
     let pods: Api<Pod> = ns.api();
-    let pod: Pod = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "spin", "labels": {"app": APP}},
-        "spec": {
-            "hostNetwork": true,
-            "terminationGracePeriodSeconds": 1,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "spin", "image": SPIN_IMAGE, "imagePullPolicy": "Never"}]
-        }
-    }))?;
+    let pod = host_network_pod("spin", APP, SPIN_IMAGE, None)?;
     pods.create(&PostParams::default(), &pod).await?;
     wait_pod_running(&pods, "spin", Duration::from_secs(90))
         .await
@@ -326,17 +316,7 @@ async fn store_outage_loses_no_profile() -> Result<()> {
     let outcome: Result<()> = async {
         wait_agent_healthy(metrics_port).await?;
 
-        let targets: Api<DynamicObject> = Api::namespaced_with(
-            tb.client.clone(),
-            ns.name(),
-            &kprof_resource("ProfilingTarget", "profilingtargets"),
-        );
-        targets
-            .create(
-                &PostParams::default(),
-                &profiling_target("spin", APP, WINDOW.as_secs())?,
-            )
-            .await?;
+        create_target(&tb.client, ns.name(), "spin", APP, WINDOW.as_secs()).await?;
         let profiles: Api<Profile> = ns.api();
 
         // 1. The store works: a Profile whose artifacts are in it.
