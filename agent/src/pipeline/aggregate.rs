@@ -213,6 +213,7 @@ impl Aggregator {
             self.add_warnings(pid, warnings);
         }
         self.processes.insert(pid, meta);
+        self.take_refusals();
     }
 
     /// Adds one event.
@@ -296,6 +297,7 @@ impl Aggregator {
         let mut native = Vec::with_capacity(raw.user.len());
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
+        self.take_refusals();
         let user = match merger.as_mut() {
             Some(m) if !ev.py.frames.is_empty() => m.merge(pid, native, ev.py),
             _ => native,
@@ -377,6 +379,13 @@ impl Aggregator {
         if let Some(meta) = self.processes.get_mut(&pid) {
             meta.name = crate::proc::name(pid);
             meta.runtime = None;
+        }
+    }
+
+    /// The symbolizer's unreadable files become their processes' warnings.
+    fn take_refusals(&mut self) {
+        for (pid, w) in self.symbolizer.take_refusals() {
+            self.add_warnings(pid, vec![w]);
         }
     }
 

@@ -34,12 +34,15 @@ impl MapEntry {
     /// against the host's root.
     pub fn is_mapped_file(&self, md: &fs::Metadata) -> bool {
         use std::os::unix::fs::MetadataExt as _;
-        // Btrfs shows a subvolume's file with one anonymous device in `maps` and another in
-        // `stat`: two anonymous devices (major 0) pass on the inode alone.
+        // Some file systems show a file with another device in `maps` than in `stat`, one of
+        // them anonymous (major 0): btrfs subvolumes, and overlayfs before Linux 6.8, whose
+        // `maps` names the layer's file while `stat` gives the overlay's device. The inode
+        // decides there. (Leaving the process's root is prevented by how the file is opened,
+        // see `proc::files`; this check only tells a replaced file.)
         let anonymous = |dev: u64| libc::major(dev) == 0;
         md.is_file()
             && md.ino() == self.inode
-            && (md.dev() == self.dev || anonymous(md.dev()) && anonymous(self.dev))
+            && (md.dev() == self.dev || anonymous(md.dev()) || anonymous(self.dev))
     }
 
     /// The file offset that `addr` (inside this mapping) corresponds to.

@@ -1,6 +1,7 @@
 //! What the agent reads of a process under `/proc/<pid>`: its mappings ([`maps`]), its
-//! container ([`cgroup`]), its name and the identity of its executable.
+//! container ([`cgroup`]), its files ([`files`]), its name and the identity of its executable.
 pub mod cgroup;
+pub mod files;
 pub mod maps;
 pub mod threads;
 

@@ -46,8 +46,9 @@ pub struct ElfInfo {
     rodata: Vec<u8>,
 }
 
-/// Parsed files by (path, device, inode, size, mtime): processes of one interpreter share them.
-type ElfKey = (String, u64, u64, u64, i64);
+/// Parsed files by (device, inode, size, mtime): processes of one interpreter share them,
+/// whatever path or container they map it from.
+type ElfKey = (u64, u64, u64, i64);
 static CACHE: OnceLock<Mutex<HashMap<ElfKey, Arc<ElfInfo>>>> = OnceLock::new();
 
 /// The [`WANTED_SYMBOLS`] `file` defines. Each symbol and string table is read whole, in one
@@ -104,16 +105,15 @@ fn wanted_symbols<'d, R: object::ReadRef<'d>>(
 }
 
 impl ElfInfo {
-    /// Parse `path`, or return the cached parse of the same file.
-    pub fn open_cached(path: &str) -> Result<Arc<Self>, String> {
-        use std::os::unix::fs::MetadataExt;
-        let md = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
-        let key = (path.to_string(), md.dev(), md.ino(), md.size(), md.mtime());
+    /// Parses `file` (a target's, opened with [`crate::proc::files`]; `name` is for errors),
+    /// or returns the cached parse of the same file.
+    pub fn open_cached(file: std::fs::File, name: &str) -> Result<Arc<Self>, String> {
+        let key = crate::proc::files::identity(&file).map_err(|e| format!("{name}: {e}"))?;
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         if let Some(e) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(Arc::clone(e));
         }
-        let e = Arc::new(Self::open(path)?);
+        let e = Arc::new(Self::open(file, name)?);
         let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
         if c.len() > 64 {
             c.clear();
@@ -123,23 +123,10 @@ impl ElfInfo {
     }
 
     /// Reads only what is needed (headers, symbol tables, `.rodata`) through a read cache
-    /// instead of the whole file.
-    ///
-    /// Only regular files are read, opened without blocking: a tenant may have put a FIFO
-    /// where its interpreter was.
-    pub fn open(path: &str) -> Result<Self, String> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)
-            .map_err(|e| format!("{path}: {e}"))?;
-        let md = file.metadata().map_err(|e| format!("{path}: {e}"))?;
-        if !md.is_file() {
-            return Err(format!("{path}: not a regular file"));
-        }
+    /// instead of the whole file, never mapping it (a tenant could truncate it under us).
+    pub fn open(file: std::fs::File, name: &str) -> Result<Self, String> {
         let cache = object::ReadCache::new(file);
-        Self::from_data(&cache).map_err(|e| format!("{path}: {e}"))
+        Self::from_data(&cache).map_err(|e| format!("{name}: {e}"))
     }
 
     pub fn parse(data: &[u8]) -> Result<Self, String> {
@@ -254,17 +241,6 @@ mod tests {
             rodata: bytes.to_vec(),
             ..ElfInfo::default()
         }
-    }
-
-    #[test]
-    fn a_fifo_is_refused_without_blocking() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("libpython3.12.so");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let err = ElfInfo::open(fifo.to_str().unwrap()).unwrap_err();
-        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -11,8 +11,11 @@ use kprof_common::python::{
 
 use super::elf::ElfInfo;
 use super::layout::{self, Layout, PyVersion};
-use super::procmem::{ProcMem, proc_root_path};
-use crate::proc::maps::{MapEntry, read_maps};
+use super::procmem::ProcMem;
+use crate::proc::{
+    files,
+    maps::{MapEntry, read_maps},
+};
 
 /// Why a process could not be set up for Python walking.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,17 +166,20 @@ impl PyProcess {
         // An interpreter whose file the dynamic loader is still mapping (segment by segment).
         let mut loading = None;
         for path in candidates(pid, &maps) {
-            let open = proc_root_path(pid, &path);
             // Only the file the process mapped: not what a tenant put at its path since.
-            let mapped = maps.iter().find(|m| m.path == path);
-            if !mapped
-                .is_some_and(|m| std::fs::metadata(&open).is_ok_and(|md| m.is_mapped_file(&md)))
-            {
+            let Some(mapped) = maps.iter().find(|m| m.path == path) else {
                 continue;
-            }
-            let elf = match ElfInfo::open_cached(&open) {
-                Ok(e) => e,
-                Err(_) => continue,
+            };
+            let read = {
+                let (mapped, path) = (mapped.clone(), path.clone());
+                // A tenant's file system may hang: never wait for it here.
+                files::within(files::READ_TIME_LIMIT, move || {
+                    let file = files::open_mapped(pid, &mapped).map_err(|e| e.to_string())?;
+                    ElfInfo::open_cached(file, &path)
+                })
+            };
+            let Ok(Ok(elf)) = read else {
+                continue;
             };
             let Some(rt_sym) = elf.symbol("_PyRuntime") else {
                 continue;

@@ -104,11 +104,6 @@ impl ProcMem {
     }
 }
 
-/// Path under which a file mapped by `pid` can be opened from here, across mount namespaces.
-pub fn proc_root_path(pid: u32, path: &str) -> String {
-    format!("/proc/{pid}/root{path}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

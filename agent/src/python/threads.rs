@@ -17,7 +17,8 @@ use super::code::{StrHeader, decode_chars, parse_str_header};
 use super::elf::ElfInfo;
 use super::layout::PyVersion;
 use super::process::{PyProcess, free_threaded_name};
-use super::procmem::{ProcMem, proc_root_path};
+use super::procmem::ProcMem;
+use crate::proc::files;
 
 /// One Python thread as `threading` names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -659,7 +660,12 @@ impl PyProcess {
     /// `PyDict_Type`, `PyUnicode_Type`, `PyLong_Type` in the target, from the interpreter
     /// file's symbols (none when the file cannot be read).
     fn known_types(&self) -> KnownTypes {
-        let Ok(elf) = ElfInfo::open_cached(&proc_root_path(self.pid, &self.file)) else {
+        let (pid, path) = (self.pid, self.file.clone());
+        let read = files::within(files::READ_TIME_LIMIT, move || {
+            let file = files::open_in_root(pid, &path).map_err(|e| e.to_string())?;
+            ElfInfo::open_cached(file, &path)
+        });
+        let Ok(Ok(elf)) = read else {
             return KnownTypes::default();
         };
         let at = |name: &str| elf.symbol(name).map(|a| self.bias.wrapping_add(a));

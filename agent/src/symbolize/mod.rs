@@ -1,17 +1,18 @@
 //! Address → [`Frame`] resolution: kernel addresses through `/proc/kallsyms`, user addresses
-//! through `/proc/<pid>/maps` and the ELF symbols / DWARF of the mapped file (opened through
-//! `/proc/<pid>/root` when the process lives in another mount namespace), with blazesym.
+//! through `/proc/<pid>/maps` and the ELF symbols / DWARF of the mapped file, with blazesym.
 //!
-//! Results are cached per module (build id) and file offset, and every process's maps are read
-//! when it is first seen, so a process that exits later in the window still resolves.
+//! A mapped file is opened inside its process's root and checked to be the mapped file
+//! ([`crate::proc::files`]); blazesym reads a private copy of its tables ([`snapshot`]), never
+//! the tenant's file. Results are cached per module (build id) and file offset, and every
+//! process's maps and files are read when it is first seen, so a process that exits later in
+//! the window still resolves.
 pub mod cache;
 pub mod kallsyms;
 pub mod maps;
+pub mod snapshot;
 
 use std::{
-    collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
+    collections::{HashMap, HashSet},
     sync::Arc,
 };
 
@@ -24,8 +25,16 @@ pub use crate::profile::{ModuleId, ModuleInfo};
 pub use cache::{CacheStats, SymbolCache};
 pub use kallsyms::KernelSymbols;
 pub use maps::{MapEntry, ProcessMaps};
+use snapshot::{Snapshot, SnapshotError};
+
+use crate::proc::files::{self, OpenError, TimedOut};
 
 use crate::profile::{Frame, FrameKind};
+
+/// The most one file's copy may take ([`snapshot`]): its DWARF is left out beyond it.
+const MAX_SNAPSHOT_BYTES: u64 = 128 << 20;
+/// The most all copies may take together: the least recently used are dropped beyond it.
+const MAX_SNAPSHOTS_BYTES: u64 = 192 << 20;
 
 /// Module name used for kernel frames.
 pub const KERNEL_MODULE: &str = kprof_pprof::mappings::KERNEL;
@@ -33,8 +42,6 @@ pub const KERNEL_MODULE: &str = kprof_pprof::mappings::KERNEL;
 #[derive(Debug)]
 struct ProcState {
     maps: ProcessMaps,
-    /// Prefix to open the process's files (`/proc/<pid>/root` in another mount namespace).
-    root: Option<PathBuf>,
     /// Whether a re-read of the maps was already tried for an unknown address this round.
     refreshed: bool,
 }
@@ -44,15 +51,19 @@ fn unresolved(kind: FrameKind, module: Option<Arc<str>>, addr: u64) -> Frame {
     Frame::unresolved(kind, module, addr)
 }
 
-/// A mapped file: its open path and the device and inode the mapping names.
-type ModuleKey = (PathBuf, u64, u64);
+/// A mapped file: the device and inode the mapping names (shared by every process and
+/// container that maps it).
+type ModuleKey = (u64, u64);
 
 /// A mapped file as the symbolizer knows it.
 #[derive(Clone, Debug)]
 struct Module {
     info: ModuleInfo,
-    /// Whether the path still is the mapped file (else it is never read).
-    readable: bool,
+    /// The copy blazesym reads; none when the file could not be read (replaced, not an ELF,
+    /// too large): its frames stay unresolved.
+    snapshot: Option<Arc<Snapshot>>,
+    /// When it was last used ([`Symbolizer::clock`]), to drop the least recently used copy.
+    used: u64,
 }
 
 /// Symbolizer with per-module caches.
@@ -61,10 +72,15 @@ pub struct Symbolizer {
     kernel: HashMap<u64, Arc<[Frame]>>,
     user: SymbolCache,
     procs: HashMap<u32, ProcState>,
-    /// (open path) → module identity and display path.
-    /// Keyed by the file's identity too: a path may name another file later (an upgrade).
     modules: HashMap<ModuleKey, Module>,
-    self_mnt_ns: Option<PathBuf>,
+    /// Devices whose files took too long to read: not tried again.
+    slow_devices: HashSet<u64>,
+    /// Files of a process that could not be read, for its profile's warnings.
+    refusals: Vec<(u32, String)>,
+    /// Bytes the modules' copies take, and the most they may ([`MAX_SNAPSHOTS_BYTES`]).
+    snapshot_bytes: u64,
+    snapshot_budget: u64,
+    clock: u64,
 }
 
 impl Default for Symbolizer {
@@ -76,16 +92,16 @@ impl Default for Symbolizer {
 impl Symbolizer {
     pub fn new() -> Self {
         Symbolizer {
-            inner: bs::Symbolizer::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .enable_demangling(true)
-                .build(),
+            inner: blazesym_symbolizer(),
             kernel: HashMap::new(),
             user: SymbolCache::new(1 << 20),
             procs: HashMap::new(),
             modules: HashMap::new(),
-            self_mnt_ns: fs::read_link("/proc/self/ns/mnt").ok(),
+            slow_devices: HashSet::new(),
+            refusals: Vec::new(),
+            snapshot_bytes: 0,
+            snapshot_budget: MAX_SNAPSHOTS_BYTES,
+            clock: 0,
         }
     }
 
@@ -98,21 +114,16 @@ impl Symbolizer {
         let Ok(maps) = ProcessMaps::read(pid) else {
             return false;
         };
-        let ns = fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
-        let root = (ns.is_some() && ns != self.self_mnt_ns)
-            .then(|| PathBuf::from(format!("/proc/{pid}/root")));
-        // Open the modules while the process is alive (build ids, paths through its root).
+        // Read the code's files while the process is alive (its root is gone with it).
         for e in maps.entries() {
-            if e.is_file() {
-                let open = open_path(root.as_deref(), &e.path);
-                self.module_info(&open, e);
+            if e.is_file() && e.is_exec() {
+                self.module(pid, e);
             }
         }
         self.procs.insert(
             pid,
             ProcState {
                 maps,
-                root,
                 refreshed: false,
             },
         );
@@ -124,14 +135,21 @@ impl Symbolizer {
         self.procs.remove(&pid);
     }
 
-    /// Forgets the processes that exited and the modules opened through their roots (the
-    /// symbolizer lives as long as the agent; the cached frames stay, keyed by module).
+    /// Forgets the processes that exited and the files no live process maps (the symbolizer
+    /// lives as long as the agent; the cached frames stay, keyed by module).
     pub fn forget_exited(&mut self) {
         self.procs.retain(|pid, _| crate::proc::is_alive(*pid));
-        let procs = &self.procs;
-        let live =
-            |open: &PathBuf| pid_of_root_path(open).is_none_or(|pid| procs.contains_key(&pid));
-        self.modules.retain(|(open, ..), _| live(open));
+        let mapped: HashSet<ModuleKey> = self
+            .procs
+            .values()
+            .flat_map(|p| p.maps.entries())
+            .map(|e| (e.dev, e.inode))
+            .collect();
+        let before = self.modules.len();
+        self.modules.retain(|key, _| mapped.contains(key));
+        if self.modules.len() != before {
+            self.snapshots_dropped();
+        }
     }
 
     /// Marks every process as allowed one more maps re-read on an unknown address.
@@ -151,35 +169,110 @@ impl Symbolizer {
         self.user.stats()
     }
 
-    /// What is known of the file `mapped` names, opened at `open`. A path that is no longer
-    /// the mapped file (replaced, a FIFO, a symlink out of the process's root) is never read:
-    /// its frames stay unresolved.
-    fn module_info(&mut self, open: &Path, mapped: &MapEntry) -> Module {
-        let key = (open.to_owned(), mapped.dev, mapped.inode);
-        if let Some(m) = self.modules.get(&key) {
+    /// What is known of the file `mapped` names in process `pid`: read once per file. A path
+    /// that is no longer the mapped file (replaced, a FIFO, a symlink out of the process's
+    /// root) is never read: its frames stay unresolved.
+    fn module(&mut self, pid: u32, mapped: &MapEntry) -> Module {
+        self.clock += 1;
+        let key = (mapped.dev, mapped.inode);
+        if let Some(m) = self.modules.get_mut(&key) {
+            m.used = self.clock;
             return m.clone();
         }
-        let readable = fs::metadata(open).is_ok_and(|md| mapped.is_mapped_file(&md));
-        if !readable {
-            crate::metrics::error("module_replaced");
-            tracing::warn!(
-                path = %mapped.path,
-                "a mapped file is no longer at its path (replaced, deleted, or not a regular file): its frames stay unresolved"
-            );
-        }
-        let id = match readable.then(|| blazesym::helper::read_elf_build_id(&open)) {
-            Some(Ok(Some(b))) if !b.is_empty() => ModuleId::from_build_id(&b),
-            _ => ModuleId::Path(mapped.path.as_str().into()),
+        let snapshot = match self.read_module(pid, mapped) {
+            Ok(s) => Some(s),
+            Err(Unreadable::Snapshot(_, SnapshotError::NotElf(_))) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "a mapped file cannot be read (replaced, deleted, not a regular file, or too slow): its frames stay unresolved");
+                if !matches!(e, Unreadable::Open(OpenError::Io { .. })) {
+                    self.refusals
+                        .push((pid, format!("{e}: its frames are not symbolized")));
+                }
+                None
+            }
+        };
+        let id = match snapshot.as_ref().and_then(|s| s.build_id()) {
+            Some(b) => ModuleId::from_build_id(&b),
+            None => ModuleId::Path(mapped.path.as_str().into()),
         };
         let module = Module {
             info: ModuleInfo {
                 path: mapped.path.as_str().into(),
                 id,
             },
-            readable,
+            snapshot,
+            used: self.clock,
         };
+        self.snapshot_bytes += module.snapshot.as_ref().map_or(0, |s| s.bytes());
         self.modules.insert(key, module.clone());
+        self.keep_snapshots_bounded(key);
         module
+    }
+
+    /// Opens and copies the file `mapped` names, off this thread and within a time limit.
+    fn read_module(&mut self, pid: u32, mapped: &MapEntry) -> Result<Arc<Snapshot>, Unreadable> {
+        if self.slow_devices.contains(&mapped.dev) {
+            return Err(Unreadable::SlowDevice(mapped.path.clone()));
+        }
+        let entry = mapped.clone();
+        let read = files::within(files::READ_TIME_LIMIT, move || {
+            let file = files::open_mapped(pid, &entry).map_err(Unreadable::Open)?;
+            Snapshot::shared(&file, MAX_SNAPSHOT_BYTES)
+                .map_err(|e| Unreadable::Snapshot(entry.path.clone(), e))
+        });
+        let out = match read {
+            Ok(out) => out,
+            Err(e) => {
+                // Its file system hangs: the process's other files there are not tried.
+                self.slow_devices.insert(mapped.dev);
+                Err(Unreadable::Slow(mapped.path.clone(), e))
+            }
+        };
+        if let Err(e) = &out {
+            crate::metrics::error(e.category());
+        }
+        out
+    }
+
+    /// The files that could not be read since the last call, by process (for warnings: a
+    /// replaced or odd file is a tenant's doing, or an upgrade under a running process).
+    pub fn take_refusals(&mut self) -> Vec<(u32, String)> {
+        std::mem::take(&mut self.refusals)
+    }
+
+    /// Drops the least recently used modules (they are read again when next needed) until
+    /// their copies fit the budget; `keep` is the one in use now.
+    fn keep_snapshots_bounded(&mut self, keep: ModuleKey) {
+        if self.snapshot_bytes <= self.snapshot_budget {
+            return;
+        }
+        let mut by_use: Vec<(u64, ModuleKey)> = self
+            .modules
+            .iter()
+            .filter(|(k, m)| **k != keep && m.snapshot.is_some())
+            .map(|(k, m)| (m.used, *k))
+            .collect();
+        by_use.sort_unstable();
+        for (_, key) in by_use {
+            if self.snapshot_bytes <= self.snapshot_budget {
+                break;
+            }
+            self.modules.remove(&key);
+            self.snapshots_dropped();
+        }
+        crate::metrics::error("symbol_copies_evicted");
+    }
+
+    /// After modules were dropped: recounts the copies' bytes and lets blazesym (which maps
+    /// the copies it read) let go of the dropped ones.
+    fn snapshots_dropped(&mut self) {
+        self.snapshot_bytes = self
+            .modules
+            .values()
+            .filter_map(|m| m.snapshot.as_ref())
+            .map(|s| s.bytes())
+            .sum();
+        self.inner = blazesym_symbolizer();
     }
 
     /// Symbolizes kernel return addresses (innermost first). `ips[0]` is the interrupted
@@ -250,27 +343,27 @@ impl Symbolizer {
             resolved.push(self.resolve_user(pid, addr));
         }
         // Batch the cache misses per module.
-        let mut batches: HashMap<PathBuf, (ModuleInfo, Vec<u64>)> = HashMap::new();
+        let mut batches: HashMap<ModuleKey, (ModuleInfo, Arc<Snapshot>, Vec<u64>)> = HashMap::new();
         for r in &resolved {
             if let Resolved::File {
-                open,
+                key,
                 module,
                 offset,
-                readable: true,
+                snapshot: Some(snapshot),
             } = r
                 && self.user.get(&module.id, *offset).is_none()
             {
                 batches
-                    .entry(open.clone())
-                    .or_insert_with(|| (module.clone(), Vec::new()))
-                    .1
+                    .entry(*key)
+                    .or_insert_with(|| (module.clone(), snapshot.clone(), Vec::new()))
+                    .2
                     .push(*offset);
             }
         }
-        for (open, (module, mut offsets)) in batches {
+        for (module, snapshot, mut offsets) in batches.into_values() {
             offsets.sort_unstable();
             offsets.dedup();
-            let src = Source::Elf(Elf::new(open));
+            let src = Source::Elf(Elf::new(snapshot.path()));
             let results = self
                 .inner
                 .symbolize(&src, Input::FileOffset(&offsets))
@@ -321,19 +414,17 @@ impl Symbolizer {
                 state.maps = m;
             }
         }
-        let root = state.root.clone();
         let Some(entry) = state.maps.find(addr).cloned() else {
             return Resolved::Unknown(addr);
         };
         let offset = entry.file_offset(addr);
         if entry.is_file() {
-            let open = open_path(root.as_deref(), &entry.path);
-            let Module { info, readable } = self.module_info(&open, &entry);
+            let Module { info, snapshot, .. } = self.module(pid, &entry);
             Resolved::File {
-                open,
+                key: (entry.dev, entry.inode),
                 module: info,
                 offset,
-                readable,
+                snapshot,
             }
         } else {
             let name = if entry.path.is_empty() {
@@ -349,13 +440,37 @@ impl Symbolizer {
     }
 }
 
+/// Why a mapped file was not read.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error(transparent)]
+    Open(OpenError),
+    #[error("{0}: {1}")]
+    Snapshot(String, SnapshotError),
+    #[error("{0}: {1}")]
+    Slow(String, TimedOut),
+    #[error("{0}: its file system was too slow before")]
+    SlowDevice(String),
+}
+
+impl Unreadable {
+    /// Its `kprof_agent_errors_total` category.
+    fn category(&self) -> &'static str {
+        match self {
+            Unreadable::Open(e) => e.category(),
+            Unreadable::Snapshot(..) => "module_unreadable",
+            Unreadable::Slow(..) | Unreadable::SlowDevice(_) => "file_read_timeout",
+        }
+    }
+}
+
 enum Resolved {
     File {
-        open: PathBuf,
+        key: ModuleKey,
         module: ModuleInfo,
         offset: u64,
-        /// The path still is the mapped file.
-        readable: bool,
+        /// The copy of the file's tables (none when it could not be read).
+        snapshot: Option<Arc<Snapshot>>,
     },
     Special {
         name: Arc<str>,
@@ -370,12 +485,14 @@ fn lookup_addr(index: usize, ip: u64) -> u64 {
     if index == 0 { ip } else { ip.saturating_sub(1) }
 }
 
-fn open_path(root: Option<&Path>, path: &str) -> PathBuf {
-    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-    match root {
-        Some(r) => r.join(path.trim_start_matches('/')),
-        None => PathBuf::from(path),
-    }
+fn blazesym_symbolizer() -> bs::Symbolizer {
+    bs::Symbolizer::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(true)
+        // Split debug files would be looked up on the agent's (the host's) file system.
+        .set_debug_dirs(Some(Vec::<std::path::PathBuf>::new()))
+        .build()
 }
 
 /// Frames for one symbolized address, innermost (deepest inlined call) first.
@@ -416,77 +533,74 @@ fn sym_frames(kind: FrameKind, sym: &bs::Sym<'_>, address: u64, module: &str) ->
     frames.into()
 }
 
-/// The process whose root `open` goes through (`/proc/<pid>/root/…`).
-fn pid_of_root_path(open: &Path) -> Option<u32> {
-    let rest = open.strip_prefix("/proc").ok()?;
-    let mut parts = rest.components();
-    let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
-    (parts.next()?.as_os_str() == "root").then_some(pid)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
-    #[test]
-    fn a_mapped_file_replaced_at_its_path_is_never_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let lib = dir.path().join("libx.so");
-        let exe = fs::read_link("/proc/self/exe").unwrap();
-        fs::copy(&exe, &lib).unwrap();
-        let md = fs::metadata(&lib).unwrap();
-        use std::os::unix::fs::MetadataExt as _;
-        let mapped = MapEntry {
+    /// A mapping of `path` as it is now, in this process.
+    fn mapping_of(path: &Path) -> MapEntry {
+        let md = fs::metadata(path).unwrap();
+        MapEntry {
             start: 0x1000,
             end: 0x2000,
             offset: 0,
             perms: "r-xp".into(),
             dev: md.dev(),
             inode: md.ino(),
-            path: lib.to_string_lossy().into(),
-        };
+            path: path.to_string_lossy().into(),
+        }
+    }
+
+    /// A copy of this test binary at `dir/name`.
+    fn library(dir: &Path, name: &str) -> std::path::PathBuf {
+        let lib = dir.join(name);
+        fs::copy("/proc/self/exe", &lib).unwrap();
+        lib
+    }
+
+    #[test]
+    fn a_mapped_file_replaced_at_its_path_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
         let mut s = Symbolizer::new();
-        let m = s.module_info(&lib, &mapped);
+        let lib = library(dir.path(), "libx.so");
+        let m = s.module(me, &mapping_of(&lib));
         assert!(
-            m.readable && matches!(m.info.id, ModuleId::BuildId(_)),
+            m.snapshot.is_some() && matches!(m.info.id, ModuleId::BuildId(_)),
             "the file itself is read: {:?}",
             m.info.id
         );
-        // The tenant swaps it for a symlink to a host file, or a FIFO.
-        let swapped = dir.path().join("liby.so");
-        std::os::unix::fs::symlink("/etc/hostname", &swapped).unwrap();
-        let fifo = dir.path().join("libz.so");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        for open in [&swapped, &fifo] {
-            let m = s.module_info(open, &mapped);
+        // Mapped, then swapped by the tenant for a symlink to a host file, or a FIFO.
+        let mut swapped = Vec::new();
+        for (name, swap) in [("liby.so", "symlink"), ("libz.so", "fifo")] {
+            let lib = library(dir.path(), name);
+            let mapped = mapping_of(&lib);
+            fs::remove_file(&lib).unwrap();
+            if swap == "symlink" {
+                std::os::unix::fs::symlink("/etc/hostname", &lib).unwrap();
+            } else {
+                let c = std::ffi::CString::new(lib.to_str().unwrap()).unwrap();
+                // SAFETY: a valid NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+            }
+            let m = s.module(me, &mapped);
             assert!(
-                !m.readable && matches!(m.info.id, ModuleId::Path(_)),
-                "{open:?} was read: {:?}",
+                m.snapshot.is_none() && matches!(m.info.id, ModuleId::Path(_)),
+                "{lib:?} was read: {:?}",
                 m.info.id
             );
+            swapped.push(mapped);
         }
-        // A path that names another file later (a library upgraded on disk) is looked at
-        // afresh for the processes that map the new file.
-        let upgraded = MapEntry {
-            inode: md.ino() + 1,
-            ..mapped.clone()
-        };
-        assert!(!s.module_info(&lib, &upgraded).readable);
-        assert!(s.module_info(&lib, &mapped).readable);
-        let mut frames = Vec::new();
+        // Its frames stay unresolved.
         s.procs.insert(
             1,
             ProcState {
-                maps: ProcessMaps::new(vec![MapEntry {
-                    path: swapped.to_string_lossy().into(),
-                    ..mapped.clone()
-                }]),
-                root: None,
+                maps: ProcessMaps::new(swapped),
                 refreshed: true,
             },
         );
+        let mut frames = Vec::new();
         s.user_frames(1, &[0x1010], true, &mut frames);
         assert_eq!(frames.len(), 1);
         assert!(
@@ -497,62 +611,56 @@ mod tests {
     }
 
     #[test]
-    fn exited_processes_and_the_modules_seen_through_them_are_forgotten() {
+    fn exited_processes_and_the_files_only_they_mapped_are_forgotten() {
         let mut dead = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = dead.id();
         dead.wait().unwrap();
         let me = std::process::id();
         let mut s = Symbolizer::new();
         assert!(s.track(me));
-        let through = |pid: u32| PathBuf::from(format!("/proc/{pid}/root/usr/lib/libc.so.6"));
-        let mapped = MapEntry {
-            start: 0,
-            end: 1,
-            offset: 0,
-            perms: "r-xp".into(),
-            dev: 0,
-            inode: 1,
-            path: "/usr/lib/libc.so.6".into(),
-        };
-        for open in [
-            through(dead_pid),
-            through(me),
-            PathBuf::from("/usr/lib/libz.so"),
-        ] {
-            s.module_info(&open, &mapped);
-        }
+        let own_modules = s.modules.len();
+        assert!(own_modules > 0);
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = mapping_of(&library(dir.path(), "libdead.so"));
+        assert!(s.module(me, &theirs).snapshot.is_some());
+        let bytes_with = s.snapshot_bytes;
         s.procs.insert(
             dead_pid,
             ProcState {
-                maps: ProcessMaps::read(me).unwrap(),
-                root: None,
+                maps: ProcessMaps::new(vec![theirs.clone()]),
                 refreshed: false,
             },
         );
         s.forget_exited();
         assert!(s.procs.contains_key(&me) && !s.procs.contains_key(&dead_pid));
-        let opens: Vec<&PathBuf> = s.modules.keys().map(|(open, ..)| open).collect();
-        assert!(!opens.contains(&&through(dead_pid)));
-        assert!(opens.contains(&&through(me)));
-        assert!(opens.contains(&&PathBuf::from("/usr/lib/libz.so")));
-        assert_eq!(pid_of_root_path(Path::new("/proc/12/root/x")), Some(12));
-        assert_eq!(pid_of_root_path(Path::new("/proc/12/exe")), None);
-        assert_eq!(pid_of_root_path(Path::new("/proc/self/root/x")), None);
+        assert!(!s.modules.contains_key(&(theirs.dev, theirs.inode)));
+        assert_eq!(s.modules.len(), own_modules);
+        assert!(s.snapshot_bytes < bytes_with);
+    }
+
+    #[test]
+    fn copies_stay_within_their_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        let mut s = Symbolizer::new();
+        let first = mapping_of(&library(dir.path(), "liba.so"));
+        let one = s.module(me, &first).snapshot.unwrap().bytes();
+        s.snapshot_budget = one + one / 2;
+        let second = mapping_of(&library(dir.path(), "libb.so"));
+        assert!(s.module(me, &second).snapshot.is_some());
+        // The older copy made room; the newer one is kept.
+        assert!(!s.modules.contains_key(&(first.dev, first.inode)));
+        assert!(s.modules.contains_key(&(second.dev, second.inode)));
+        assert_eq!(s.snapshot_bytes, one);
+        // Needed again: read again.
+        assert!(s.module(me, &first).snapshot.is_some());
+        assert!(s.snapshot_bytes <= s.snapshot_budget);
     }
 
     #[test]
     fn return_addresses_are_adjusted() {
         assert_eq!(lookup_addr(0, 0x1000), 0x1000);
         assert_eq!(lookup_addr(1, 0x1000), 0xfff);
-    }
-
-    #[test]
-    fn files_of_other_mount_namespaces_open_through_proc_root() {
-        assert_eq!(
-            open_path(Some(Path::new("/proc/7/root")), "/usr/bin/python3.12"),
-            PathBuf::from("/proc/7/root/usr/bin/python3.12")
-        );
-        assert_eq!(open_path(None, "/bin/x (deleted)"), PathBuf::from("/bin/x"));
     }
 
     #[test]
