@@ -79,34 +79,31 @@ impl UploadError {
         }
     }
 
-    /// The API server's answer to creating a Profile, as an outcome: `Ok` when it exists now.
-    fn of_create(e: kube::Error) -> Result<(), UploadError> {
+    /// The API server's refusal to create a Profile (a 409 is told by [`same_window`]).
+    fn of_create(e: kube::Error) -> UploadError {
         match e {
-            kube::Error::Api(s) if s.code == 409 => Ok(()), // a retry: already there
             // A namespace that is gone takes its Profiles with it; any other 404 is the
             // Profile type missing (a CRD being reinstalled): that passes.
-            kube::Error::Api(s) if s.code == 404 && namespace_gone(&s.message) => {
-                Err(Self::Rejected {
-                    code: s.code,
-                    message: s.message,
-                })
-            }
-            // Malformed, too large, invalid: the same object never passes.
-            kube::Error::Api(s) if matches!(s.code, 400 | 413 | 422) => Err(Self::Rejected {
+            kube::Error::Api(s) if s.code == 404 && namespace_gone(&s.message) => Self::Rejected {
                 code: s.code,
                 message: s.message,
-            }),
+            },
+            // Malformed, too large, invalid: the same object never passes.
+            kube::Error::Api(s) if matches!(s.code, 400 | 413 | 422) => Self::Rejected {
+                code: s.code,
+                message: s.message,
+            },
             // The agent's own credentials (401), a timeout (408), overload (429): an outage,
             // retried without bound like a 5xx.
             kube::Error::Api(s)
                 if (400..500).contains(&s.code) && !matches!(s.code, 401 | 408 | 429) =>
             {
-                Err(Self::Refused {
+                Self::Refused {
                     code: s.code,
                     message: s.message,
-                })
+                }
             }
-            e => Err(Self::Api(e)),
+            e => Self::Api(e),
         }
     }
 }
@@ -250,9 +247,57 @@ impl Uploader {
                 self.announce_leaks(&profile).await;
                 Ok(())
             }
-            Err(e) => UploadError::of_create(e),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Ours from an attempt whose answer was lost, or another writer's.
+                let name = profile.metadata.name.as_deref().unwrap_or_default();
+                let existing = api.get(name).await.map_err(UploadError::Api)?;
+                same_window(&existing, &profile)
+            }
+            Err(e) => Err(UploadError::of_create(e)),
         }
     }
+}
+
+/// Whether the Profile already under this name is this one (the same container, window and
+/// type, and the same pprof): a name taken by another writer, or by another window, is an
+/// error and not a silent success. Compared on what identifies a window, not the whole spec,
+/// which the API server may normalise (timestamps to the second, defaults).
+fn same_window(existing: &Profile, ours: &Profile) -> Result<(), UploadError> {
+    let key = |p: &Profile| {
+        let s = &p.spec;
+        (
+            s.node.clone(),
+            s.pod.clone(),
+            s.container.clone(),
+            s.profile_type,
+            s.window_start.0.as_second(),
+            s.window_end.0.as_second(),
+            s.artifacts.pprof.as_ref().map(|a| a.digest.clone()),
+        )
+    };
+    if key(existing) == key(ours) {
+        return Ok(());
+    }
+    let (e, o) = (&existing.spec, &ours.spec);
+    Err(UploadError::Rejected {
+        code: 409,
+        message: format!(
+            "a different Profile already has the name {}: it is {} of {}/{} on {} for {}..{} (this one: {} of {}/{} on {} for {}..{})",
+            ours.metadata.name.as_deref().unwrap_or_default(),
+            e.profile_type.as_str(),
+            e.pod,
+            e.container,
+            e.node,
+            e.window_start.0,
+            e.window_end.0,
+            o.profile_type.as_str(),
+            o.pod,
+            o.container,
+            o.node,
+            o.window_start.0,
+            o.window_end.0,
+        ),
+    })
 }
 
 impl Uploader {
@@ -792,9 +837,52 @@ mod tests {
     }
 
     #[test]
+    fn a_name_taken_by_another_window_is_an_error() {
+        use kprof_crds::ArtifactRef;
+        let at = |s: i64| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(s).unwrap(),
+            )
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut ours = entry(dir.path()).manifest.profile;
+        ours.spec.window_start = at(60);
+        ours.spec.window_end = at(120);
+        ours.spec.artifacts.pprof = Some(ArtifactRef {
+            url: "https://store/a".into(),
+            digest: "sha256:aa".into(),
+            size_bytes: 1,
+        });
+        // Our own, stored with its timestamps cut to the second and a warning added since.
+        let mut stored = ours.clone();
+        stored.spec.window_start = at(60);
+        stored.spec.warnings.push("later".into());
+        assert!(same_window(&stored, &ours).is_ok());
+        for change in [
+            |p: &mut Profile| p.spec.pod = "other".into(),
+            |p: &mut Profile| p.spec.node = "n2".into(),
+            |p: &mut Profile| {
+                p.spec.window_end.0 = k8s_openapi::jiff::Timestamp::from_second(180).unwrap()
+            },
+            |p: &mut Profile| p.spec.artifacts.pprof.as_mut().unwrap().digest = "sha256:bb".into(),
+        ] {
+            let mut theirs = ours.clone();
+            change(&mut theirs);
+            let e = same_window(&theirs, &ours).unwrap_err();
+            assert!(
+                matches!(e, UploadError::Rejected { code: 409, .. }) && !e.retryable(),
+                "{e}"
+            );
+            assert!(
+                e.to_string()
+                    .contains("a different Profile already has the name p-1")
+            );
+        }
+    }
+
+    #[test]
     fn the_api_servers_answers_are_told_apart() {
         let outcome = |code, message| UploadError::of_create(api_error(code, message));
-        assert!(outcome(409, "already exists").is_ok());
         // A quota, RBAC, a missing CRD: refused for now, retried a bounded number of times.
         for (code, message) in [
             (
@@ -803,7 +891,7 @@ mod tests {
             ),
             (404, "the server could not find the requested resource"),
         ] {
-            let e = outcome(code, message).unwrap_err();
+            let e = outcome(code, message);
             assert!(
                 matches!(e, UploadError::Refused { .. }) && e.retryable(),
                 "{e}"
@@ -815,7 +903,7 @@ mod tests {
             (422, "Profile.kprof.io \"x\" is invalid"),
             (413, "Request entity too large"),
         ] {
-            let e = outcome(code, message).unwrap_err();
+            let e = outcome(code, message);
             assert!(
                 matches!(e, UploadError::Rejected { .. }) && !e.retryable(),
                 "{e}"
@@ -823,7 +911,7 @@ mod tests {
         }
         // Overload and server errors: an outage, retried without bound.
         for code in [401, 429, 500, 503] {
-            let e = outcome(code, "busy").unwrap_err();
+            let e = outcome(code, "busy");
             assert!(matches!(e, UploadError::Api(_)) && e.retryable(), "{e}");
         }
     }
