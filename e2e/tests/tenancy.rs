@@ -435,6 +435,7 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         listen: "0.0.0.0:0".parse()?,
         cert_file: dir.path().join("tls.crt"),
         key_file: dir.path().join("tls.key"),
+        reload_interval: std::time::Duration::from_secs(60),
     });
     config.public_url = format!("http://kprof-store.{sns}.svc:8090");
     let bound = store::Store::new(config, tb.client.clone(), StoreMetrics::default())?

@@ -2,7 +2,8 @@
 //! the fake API server: reads only over TLS from a client certificate of the front-proxy CA with
 //! an allowed name and a user header; every read route and the web page refused (401) without
 //! one; the upload port refuses reads (403); the other side of a diff checked with a
-//! SubjectAccessReview. The real API server in front of it is `e2e/tests/tenancy.rs`.
+//! SubjectAccessReview; a rotated front-proxy CA and serving certificate taken without a
+//! restart. The real API server in front of it is `e2e/tests/tenancy.rs`.
 
 mod store_common;
 
@@ -140,6 +141,7 @@ async fn reads_only_from_the_front_proxy_for_a_user() {
             listen: "127.0.0.1:0".parse().unwrap(),
             cert_file: tls_dir.path().join("tls.crt"),
             key_file: tls_dir.path().join("tls.key"),
+            reload_interval: std::time::Duration::from_secs(60),
         }),
         api.clone(),
     )
@@ -257,4 +259,97 @@ async fn reads_only_from_the_front_proxy_for_a_user() {
             .iter()
             .any(|r| r["name"] == "profiles/pprof")
     );
+}
+
+#[tokio::test]
+async fn a_rotated_front_proxy_ca_and_serving_certificate_are_taken_without_a_restart() {
+    let auth = |ca: &Ca| {
+        json!({
+            "requestheader-client-ca-file": ca.cert.pem(),
+            "requestheader-allowed-names": "[\"front-proxy-client\"]",
+        })
+    };
+    let (old_ca, new_ca) = (ca("front-proxy-ca-1"), ca("front-proxy-ca-2"));
+    let (old_proxy, new_proxy) = (
+        leak(leaf(&old_ca, "front-proxy-client", &[])),
+        leak(leaf(&new_ca, "front-proxy-client", &[])),
+    );
+    let (old_serving_ca, new_serving_ca) = (ca("kprof-api-ca-1"), ca("kprof-api-ca-2"));
+    let serving = |ca: &Ca| leaf(ca, "kprof-api", &["kprof-api.kprof-system.svc"]);
+    let tls_dir = tempfile::tempdir().unwrap();
+    let write_serving = |cert: &(_, _, String, String)| {
+        std::fs::write(tls_dir.path().join("tls.crt"), &cert.2).unwrap();
+        std::fs::write(tls_dir.path().join("tls.key"), &cert.3).unwrap();
+    };
+    write_serving(&serving(&old_serving_ca));
+    let api: Shared = Arc::new(Mutex::new(FakeApi {
+        auth_configmap: auth(&old_ca),
+        readers: vec![("alice".into(), "shop".into())],
+        ..Default::default()
+    }));
+    let s = TestStore::start_with(
+        1 << 20,
+        Readers::FrontProxy(ApiListener {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert_file: tls_dir.path().join("tls.crt"),
+            key_file: tls_dir.path().join("tls.key"),
+            reload_interval: std::time::Duration::from_millis(100),
+        }),
+        api.clone(),
+    )
+    .await;
+    let addr = s.api_addr.expect("the API listener");
+    let (old_serving_ca, new_serving_ca) = (leak(old_serving_ca), leak(new_serving_ca));
+    let get = |serving_ca, proxy| rotated_get(addr, serving_ca, proxy);
+    assert_eq!(get(old_serving_ca, old_proxy).await, StatusCode::OK);
+    assert_ne!(get(old_serving_ca, new_proxy).await, StatusCode::OK);
+
+    // Both rotate: the API server's front-proxy CA, and the Secret behind the serving files.
+    api.lock().unwrap().auth_configmap = auth(&new_ca);
+    write_serving(&serving(new_serving_ca));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(new_serving_ca, new_proxy).await != StatusCode::OK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated CA and certificate were not taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The old front-proxy certificate no longer passes, and the old serving certificate is gone.
+    assert_ne!(get(new_serving_ca, old_proxy).await, StatusCode::OK);
+    assert_ne!(get(old_serving_ca, new_proxy).await, StatusCode::OK);
+}
+
+type Leaf = (
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+    String,
+    String,
+);
+
+fn leak<T>(t: T) -> &'static T {
+    Box::leak(Box::new(t))
+}
+
+/// A user's read through `proxy`, trusting `serving_ca`: its status, or 502 when a side
+/// refused the handshake.
+async fn rotated_get(
+    addr: std::net::SocketAddr,
+    serving_ca: &'static Ca,
+    proxy: &'static Leaf,
+) -> StatusCode {
+    let path = format!("{API}/namespaces/shop/profiles");
+    tokio::spawn(async move {
+        tls_get(
+            addr,
+            serving_ca,
+            Some(proxy),
+            &path,
+            &[("X-Remote-User", "alice")],
+        )
+        .await
+    })
+    .await
+    .map(|(status, _)| status)
+    .unwrap_or(StatusCode::BAD_GATEWAY)
 }

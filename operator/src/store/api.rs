@@ -26,7 +26,7 @@ use serde_json::json;
 
 use super::access::{self, API_PREFIX, GROUP, Reader, VERSION};
 use super::backend::{Digest, sniff_content_type};
-use super::frontproxy::Peer;
+use super::frontproxy::{FrontProxy, Peer};
 use super::server::{
     bytes_response, error, load_pprof_bytes, load_profile, load_stacks, query_get, query_pairs,
     split_ref, title,
@@ -68,19 +68,18 @@ pub(crate) fn discovery() -> Router<Arc<State>> {
 async fn identify(AxState(st): St, mut req: Request, next: Next) -> Response {
     let reader = match &st.config.readers {
         Readers::Unauthenticated => Reader::Anyone,
-        Readers::FrontProxy(_) => {
-            let Some(fp) = &st.front_proxy else {
-                return error(StatusCode::UNAUTHORIZED, "no front proxy configured");
-            };
-            match req.extensions().get::<Peer>() {
-                Some(Peer::FrontProxy) => match fp.user(req.headers()) {
-                    Some(u) => Reader::User(u),
-                    None => return unauthorized("the front proxy named no user"),
-                },
-                Some(Peer::Unverified(why)) => return unauthorized(why),
-                None => return unauthorized("not a TLS connection"),
-            }
-        }
+        // The connection's peer, and the request-header settings it was verified with.
+        Readers::FrontProxy(_) => match (
+            req.extensions().get::<Peer>(),
+            req.extensions().get::<Arc<FrontProxy>>(),
+        ) {
+            (Some(Peer::FrontProxy), Some(fp)) => match fp.user(req.headers()) {
+                Some(u) => Reader::User(u),
+                None => return unauthorized("the front proxy named no user"),
+            },
+            (Some(Peer::Unverified(why)), _) => return unauthorized(why),
+            _ => return unauthorized("not a TLS connection"),
+        },
     };
     req.extensions_mut().insert(reader);
     next.run(req).await
@@ -285,12 +284,10 @@ async fn diff(
 /// [`Peer`] its client certificate makes it.
 pub(crate) async fn serve_tls(
     listener: tokio::net::TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    front_proxy: Arc<super::frontproxy::FrontProxy>,
+    trust: super::frontproxy::TrustWatch,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -304,8 +301,10 @@ pub(crate) async fn serve_tls(
                 }
             },
         };
-        let (acceptor, front_proxy, router) =
-            (acceptor.clone(), front_proxy.clone(), router.clone());
+        // Each connection with the trust in force when it arrives (certificates rotate).
+        let super::frontproxy::Trust { front_proxy, tls } = trust.borrow().clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let router = router.clone();
         tokio::spawn(async move {
             let handshake =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp));
@@ -318,8 +317,11 @@ pub(crate) async fn serve_tls(
                 Err(_) => return,
             };
             let peer = front_proxy.peer(stream.get_ref().1.peer_certificates());
-            let svc =
-                hyper_util::service::TowerToHyperService::new(router.layer(axum::Extension(peer)));
+            let svc = hyper_util::service::TowerToHyperService::new(
+                router
+                    .layer(axum::Extension(peer))
+                    .layer(axum::Extension(front_proxy)),
+            );
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(30))

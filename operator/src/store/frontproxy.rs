@@ -6,10 +6,14 @@
 //! connection whose client certificate chains to the request-header CA and whose common name is
 //! an allowed name, both published by the API server in the
 //! `kube-system/extension-apiserver-authentication` ConfigMap.
+//!
+//! Both that CA and the store's serving certificate rotate: [`keep_fresh`] re-reads them and
+//! hands new connections the [`Trust`] built from what is current, without a restart.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::HeaderMap;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -24,7 +28,7 @@ const AUTH_CONFIGMAP_NS: &str = "kube-system";
 const AUTH_CONFIGMAP: &str = "extension-apiserver-authentication";
 
 /// The request-header settings of the API server.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontProxy {
     /// PEM of the CA that signs the front proxy's client certificate.
     pub client_ca_pem: String,
@@ -33,6 +37,81 @@ pub struct FrontProxy {
     pub username_headers: Vec<String>,
     pub group_headers: Vec<String>,
     pub extra_headers_prefixes: Vec<String>,
+}
+
+/// What the API listener trusts and shows now: the request-header settings, and the TLS
+/// configuration built from them and the serving certificate.
+#[derive(Clone, Debug)]
+pub struct Trust {
+    pub front_proxy: Arc<FrontProxy>,
+    pub tls: Arc<rustls::ServerConfig>,
+}
+
+/// The [`Trust`] in force, for each new connection and request.
+pub type TrustWatch = tokio::sync::watch::Receiver<Trust>;
+
+/// Where the [`Trust`] comes from, and what it was built from last.
+pub struct TrustSource {
+    client: Client,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    built_from: Option<(FrontProxy, Vec<u8>, Vec<u8>)>,
+}
+
+impl TrustSource {
+    pub fn new(client: Client, cert_file: PathBuf, key_file: PathBuf) -> Self {
+        Self {
+            client,
+            cert_file,
+            key_file,
+            built_from: None,
+        }
+    }
+
+    /// Reads the settings and the serving certificate; a new [`Trust`] when they changed since
+    /// the last call (always on the first).
+    pub async fn read(&mut self) -> Result<Option<Trust>, StoreError> {
+        let fp = FrontProxy::from_cluster(&self.client).await?;
+        let file = |p: &Path| {
+            std::fs::read(p).map_err(|e| StoreError::Config(format!("{}: {e}", p.display())))
+        };
+        let (cert, key) = (file(&self.cert_file)?, file(&self.key_file)?);
+        let current = (fp, cert, key);
+        if self.built_from.as_ref() == Some(&current) {
+            return Ok(None);
+        }
+        let tls = current.0.tls_config(&self.cert_file, &self.key_file)?;
+        let trust = Trust {
+            front_proxy: Arc::new(current.0.clone()),
+            tls: Arc::new(tls),
+        };
+        self.built_from = Some(current);
+        Ok(Some(trust))
+    }
+}
+
+/// Re-reads the trust every `interval` and publishes it when it changed. A failed read keeps
+/// the trust in force (logged): a rotation half done, or the API server away for a moment.
+pub async fn keep_fresh(
+    mut source: TrustSource,
+    publish: tokio::sync::watch::Sender<Trust>,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match source.read().await {
+            Ok(Some(trust)) => {
+                tracing::info!(
+                    "the front-proxy CA or the serving certificate changed: new connections use them"
+                );
+                publish.send_replace(trust);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "re-reading the front-proxy CA and serving certificate")
+            }
+        }
+    }
 }
 
 /// A user the API server has authenticated and authorized for the request.

@@ -164,6 +164,8 @@ pub struct ApiListener {
     pub listen: SocketAddr,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// How often the front-proxy CA and the serving certificate are read again (both rotate).
+    pub reload_interval: Duration,
 }
 
 /// Everything the store needs to run.
@@ -204,6 +206,7 @@ impl StoreConfig {
                 listen: args.store_api_listen,
                 cert_file: args.store_tls_cert_file.clone(),
                 key_file: args.store_tls_key_file.clone(),
+                reload_interval: Duration::from_secs(60),
             }),
             backend: match &args.store_url {
                 Some(u) => Backend::Url(u.clone()),
@@ -267,8 +270,6 @@ pub(crate) struct State {
     pub client: kube::Client,
     pub metrics: StoreMetrics,
     pub exporter: Option<Arc<exporter::Exporter>>,
-    /// The API server's request-header settings ([`Readers::FrontProxy`]).
-    pub front_proxy: Option<Arc<frontproxy::FrontProxy>>,
 }
 
 /// A store, configured but not yet listening.
@@ -280,8 +281,15 @@ pub struct Store {
 pub struct BoundStore {
     state: Arc<State>,
     listener: tokio::net::TcpListener,
-    api: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// The API listener, and what keeps its trust fresh.
+    api: Option<(tokio::net::TcpListener, ApiRefresh)>,
 }
+
+type ApiRefresh = (
+    frontproxy::TrustSource,
+    tokio::sync::watch::Sender<frontproxy::Trust>,
+    Duration,
+);
 
 impl Store {
     /// Open the backend; `metrics` lets the caller share the counters with its own registry.
@@ -318,7 +326,6 @@ impl Store {
                 client,
                 metrics,
                 exporter,
-                front_proxy: None,
             },
         })
     }
@@ -330,10 +337,15 @@ impl Store {
         let api = match &state.config.readers {
             Readers::Unauthenticated => None,
             Readers::FrontProxy(l) => {
-                let fp = frontproxy::FrontProxy::from_cluster(&state.client).await?;
-                let tls = Arc::new(fp.tls_config(&l.cert_file, &l.key_file)?);
-                state.front_proxy = Some(Arc::new(fp));
-                Some((tokio::net::TcpListener::bind(l.listen).await?, tls))
+                let mut source = frontproxy::TrustSource::new(
+                    state.client.clone(),
+                    l.cert_file.clone(),
+                    l.key_file.clone(),
+                );
+                let trust = source.read().await?.expect("the first read builds a trust");
+                let (publish, _) = tokio::sync::watch::channel(trust);
+                let refresh = (source, publish, l.reload_interval);
+                Some((tokio::net::TcpListener::bind(l.listen).await?, refresh))
             }
         };
         let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
@@ -382,20 +394,21 @@ impl BoundStore {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let api = self.api.map(|(listener, tls)| {
-            let fp = state
-                .front_proxy
-                .clone()
-                .expect("bind() sets the front proxy with the API listener");
-            tracing::info!(addr = ?listener.local_addr().ok(), "aggregated API {} listening (TLS)", access::API_PREFIX);
-            tokio::spawn(api::serve_tls(
-                listener,
-                tls,
-                fp,
-                server::api_router(state.clone()),
-                stopped(),
-            ))
-        });
+        let (api, refresh) = match self.api {
+            Some((listener, (source, publish, interval))) => {
+                let trust = publish.subscribe();
+                tracing::info!(addr = ?listener.local_addr().ok(), "aggregated API {} listening (TLS)", access::API_PREFIX);
+                let serve = tokio::spawn(api::serve_tls(
+                    listener,
+                    trust,
+                    server::api_router(state.clone()),
+                    stopped(),
+                ));
+                let refresh = tokio::spawn(frontproxy::keep_fresh(source, publish, interval));
+                (Some(serve), Some(refresh))
+            }
+            None => (None, None),
+        };
         tokio::spawn(async move {
             shutdown.await;
             stop_tx.send_replace(true);
@@ -404,7 +417,7 @@ impl BoundStore {
         let result = axum::serve(self.listener, router)
             .with_graceful_shutdown(stopped())
             .await;
-        for task in [gc, exporter, api].into_iter().flatten() {
+        for task in [gc, exporter, api, refresh].into_iter().flatten() {
             task.abort();
         }
         result.map_err(StoreError::Io)
