@@ -11,6 +11,10 @@ use sha2::{Digest as _, Sha256};
 /// names are case-insensitive; this is how they travel in HTTP/2 and how `http` spells them).
 pub const NAMESPACE_HEADER: &str = "x-kprof-namespace";
 
+/// The audience of the tokens agents upload with: a projected ServiceAccount token meant for
+/// the store only (the API server refuses it, and the store refuses the API server's tokens).
+pub const UPLOAD_AUDIENCE: &str = "kprof-store";
+
 /// Path prefix of the artifacts, followed by `/sha256:<hex>`.
 pub const ARTIFACTS_PATH: &str = "/v1/artifacts";
 

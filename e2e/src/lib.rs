@@ -685,6 +685,17 @@ pub async fn service_account_token(
     sa: &str,
     seconds: i64,
 ) -> Result<String> {
+    service_account_token_for(client, ns, sa, seconds, None).await
+}
+
+/// [`service_account_token`] meant for `audiences` (none: the API server's).
+pub async fn service_account_token_for(
+    client: &Client,
+    ns: &str,
+    sa: &str,
+    seconds: i64,
+    audiences: Option<Vec<String>>,
+) -> Result<String> {
     let api: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
     if api.get_opt(sa).await?.is_none() {
         let mut obj = ServiceAccount::default();
@@ -694,6 +705,7 @@ pub async fn service_account_token(
     let tr = TokenRequest {
         spec: TokenRequestSpec {
             expiration_seconds: Some(seconds),
+            audiences: audiences.unwrap_or_default(),
             ..Default::default()
         },
         ..Default::default()

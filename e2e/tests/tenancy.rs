@@ -37,9 +37,15 @@ const API: &str = "/apis/data.kprof.io/v1alpha1";
 const APISERVICE: &str = "v1alpha1.data.kprof.io";
 const RELEASE: &str = "kprof-e2e-tenancy";
 
-/// A 10-minute token of `ns/sa` (the API server's minimum lifetime).
+/// A 10-minute token of `ns/sa` (the API server's minimum lifetime), meant for the API server.
 async fn token(client: &Client, ns: &str, sa: &str) -> Result<String> {
     kprof_e2e::service_account_token(client, ns, sa, 600).await
+}
+
+/// A 10-minute token of `ns/sa` meant for the store (what the agent DaemonSet projects).
+async fn store_token(client: &Client, ns: &str, sa: &str) -> Result<String> {
+    let audience = vec![kprof_crds::store_api::UPLOAD_AUDIENCE.to_string()];
+    kprof_e2e::service_account_token_for(client, ns, sa, 600, Some(audience)).await
 }
 
 /// PUT an artifact straight to the store; (status, body).
@@ -436,7 +442,9 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         cert_file: dir.path().join("tls.crt"),
         key_file: dir.path().join("tls.key"),
         reload_interval: std::time::Duration::from_secs(60),
+        tls_uploads: false,
     });
+    config.upload_audience = Some(kprof_crds::store_api::UPLOAD_AUDIENCE.into());
     config.public_url = format!("http://kprof-store.{sns}.svc:8090");
     let bound = store::Store::new(config, tb.client.clone(), StoreMetrics::default())?
         .bind()
@@ -508,19 +516,25 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         .encode_gzip()
     };
     let (before, after) = (hot(60, 20), hot(20, 60));
-    let agent_token = token(&tb.client, &sns, "kprof-agent").await?;
-    let other_token = token(&tb.client, &a, "default").await?;
+    let agent_token = store_token(&tb.client, &sns, "kprof-agent").await?;
+    let agent_api_token = token(&tb.client, &sns, "kprof-agent").await?;
+    let other_token = store_token(&tb.client, &a, "default").await?;
     let (s, body) = upload(&upload_addr, &before, None).await?;
     assert_eq!(s, 401, "no token: {body}");
     let (s, body) = upload(&upload_addr, &before, Some("not-a-token")).await?;
     assert_eq!(s, 401, "invalid token: {body}");
+    // The agent's own, but meant for the API server: whoever holds it may not upload.
+    let (s, body) = upload(&upload_addr, &before, Some(&agent_api_token)).await?;
+    assert_eq!(s, 401, "the agent's API-server token: {body}");
     let (s, body) = upload(&upload_addr, &before, Some(&other_token)).await?;
     assert_eq!(s, 403, "another ServiceAccount: {body}");
     for bytes in [&before, &after] {
         let (s, body) = upload(&upload_addr, bytes, Some(&agent_token)).await?;
         assert_eq!(s, 201, "agent: {body}");
     }
-    println!("uploads: none/invalid -> 401, other SA -> 403, agent -> 201");
+    println!(
+        "uploads: none/invalid/the API server's audience -> 401, other SA -> 403, agent -> 201"
+    );
 
     // Profiles in A (before, after) and B.
     for (ns, name, bytes) in [(&a, "p1", &before), (&a, "p2", &after), (&b, "p1", &before)] {

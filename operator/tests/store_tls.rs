@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use kprof_operator::store::{ApiListener, Readers};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -75,6 +75,24 @@ async fn tls_get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (StatusCode, String) {
+    tls_request(addr, serving_ca, client, "GET", path, headers, Bytes::new()).await
+}
+
+/// A request over TLS to the store, naming it `kprof-api.kprof-system.svc`; (status, body).
+async fn tls_request(
+    addr: std::net::SocketAddr,
+    serving_ca: &Ca,
+    client: Option<&(
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        String,
+        String,
+    )>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (StatusCode, String) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(serving_ca.cert.der().clone()).unwrap();
@@ -98,12 +116,15 @@ async fn tls_get(
         .await
         .unwrap();
     tokio::spawn(conn);
-    let mut req = http::Request::get(path).header("host", "kprof-api");
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "kprof-api");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let res = sender
-        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .send_request(req.body(http_body_util::Full::new(body)).unwrap())
         .await
         .unwrap();
     let status = res.status();
@@ -142,6 +163,7 @@ async fn reads_only_from_the_front_proxy_for_a_user() {
             cert_file: tls_dir.path().join("tls.crt"),
             key_file: tls_dir.path().join("tls.key"),
             reload_interval: std::time::Duration::from_secs(60),
+            tls_uploads: false,
         }),
         api.clone(),
     )
@@ -294,6 +316,7 @@ async fn a_rotated_front_proxy_ca_and_serving_certificate_are_taken_without_a_re
             cert_file: tls_dir.path().join("tls.crt"),
             key_file: tls_dir.path().join("tls.key"),
             reload_interval: std::time::Duration::from_millis(100),
+            tls_uploads: false,
         }),
         api.clone(),
     )
@@ -352,4 +375,67 @@ async fn rotated_get(
     .await
     .map(|(status, _)| status)
     .unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+#[tokio::test]
+async fn uploads_go_over_tls_with_a_token_meant_for_the_store() {
+    let front_proxy_ca = ca("front-proxy-ca");
+    let serving_ca = ca("kprof-api-ca");
+    let serving = leaf(
+        &serving_ca,
+        "kprof-api",
+        &["kprof-api.kprof-system.svc", "kprof-store.kprof-system.svc"],
+    );
+    let tls_dir = tempfile::tempdir().unwrap();
+    std::fs::write(tls_dir.path().join("tls.crt"), &serving.2).unwrap();
+    std::fs::write(tls_dir.path().join("tls.key"), &serving.3).unwrap();
+    let api: Shared = Arc::new(Mutex::new(FakeApi {
+        auth_configmap: json!({"requestheader-client-ca-file": front_proxy_ca.cert.pem()}),
+        ..Default::default()
+    }));
+    let readers = Readers::FrontProxy(ApiListener {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert_file: tls_dir.path().join("tls.crt"),
+        key_file: tls_dir.path().join("tls.key"),
+        reload_interval: std::time::Duration::from_secs(60),
+        tls_uploads: true,
+    });
+    let s = TestStore::start_configured(api, |c| {
+        c.readers = readers;
+        c.upload_audience = Some(kprof_operator::store::UPLOAD_AUDIENCE.into());
+    })
+    .await;
+    let pprof = Bytes::from(sample_pprof(60, 20));
+    let d = store_common::Digest::of(&pprof);
+    let path = format!("/v1/artifacts/{d}");
+    let put = |token: &'static str| {
+        let (pprof, path, ca) = (pprof.clone(), path.clone(), &serving_ca);
+        let auth = format!("Bearer {token}");
+        async move {
+            let headers = [
+                ("authorization", auth.as_str()),
+                ("x-kprof-namespace", "shop"),
+            ];
+            tls_request(s.addr, ca, None, "PUT", &path, &headers, pprof).await
+        }
+    };
+    // The agent's ordinary token (the API server's audience) is refused; the store's passes.
+    let (status, body) = put(AGENT_API_TOKEN).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(
+        body.contains("not meant for kprof-store") || body.contains("audiences"),
+        "{body}"
+    );
+    let (status, body) = put(AGENT_TOKEN).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // Plain HTTP on the upload port gets no answer.
+    let url = s.url(&path);
+    let plain = tokio::spawn(async move {
+        tokio::time::timeout(std::time::Duration::from_secs(5), request_with(&url, &[])).await
+    })
+    .await;
+    assert!(
+        !matches!(&plain, Ok(Ok((StatusCode::OK | StatusCode::CREATED, ..)))),
+        "plain HTTP was served"
+    );
 }

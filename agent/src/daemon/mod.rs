@@ -45,9 +45,14 @@ pub struct RunArgs {
     /// Profile store base URL; without it artifacts stay on the node (`file://` references).
     #[arg(long, env = "KPROF_STORE_URL")]
     pub store_url: Option<String>,
-    /// ServiceAccount token presented to the store (re-read for every upload).
+    /// ServiceAccount token presented to the store (re-read for every upload); the DaemonSet
+    /// projects one meant for the store's audience only.
     #[arg(long, env = "KPROF_TOKEN_FILE", default_value = upload::DEFAULT_TOKEN_FILE)]
     pub token_file: PathBuf,
+    /// CA certificates (PEM) the store's serving certificate is checked against, besides the
+    /// system's (re-read for every upload).
+    #[arg(long, env = "KPROF_STORE_CA_FILE")]
+    pub store_ca_file: Option<PathBuf>,
     /// State directory: `spool/` and, without a store, `artifacts/`.
     #[arg(long, env = "KPROF_STATE_DIR", default_value = "/var/lib/kprof")]
     pub state_dir: PathBuf,
@@ -167,6 +172,7 @@ async fn run_async(args: RunArgs) -> Result<(), RunError> {
         Some(url) if !url.is_empty() => ArtifactSink::Store {
             url: url.clone(),
             token_file: args.token_file.clone(),
+            ca_file: args.store_ca_file.clone(),
         },
         _ => ArtifactSink::Local {
             dir: upload::local_artifacts_dir(&args.state_dir),

@@ -45,6 +45,12 @@ pub enum UploadError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read the store's CA bundle {}: {source}", path.display())]
+    StoreCa {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("local artifact {}: {source}", path.display())]
     Local {
         path: PathBuf,
@@ -71,7 +77,7 @@ impl UploadError {
     pub fn category(&self) -> &'static str {
         match self {
             Self::StoreUnreachable(_) | Self::StoreStatus { .. } => "store",
-            Self::StoreAuth(_) | Self::Token { .. } => "store_auth",
+            Self::StoreAuth(_) | Self::Token { .. } | Self::StoreCa { .. } => "store_auth",
             Self::Local { .. } => "spool_io",
             Self::Api(_) => "apiserver",
             Self::Refused { .. } => "profile_refused",
@@ -108,6 +114,25 @@ impl UploadError {
     }
 }
 
+/// An HTTP client for the store, trusting the PEM certificates in `ca` besides the system's
+/// (an unreadable bundle is logged and left out: the handshake then says what is wrong).
+fn http_client(ca: Option<&[u8]>) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(60));
+    if let Some(pem) = ca {
+        match reqwest::Certificate::from_pem_bundle(pem) {
+            Ok(certs) => {
+                for c in certs {
+                    b = b.add_root_certificate(c);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the store CA bundle cannot be read"),
+        }
+    }
+    b.build().unwrap_or_default()
+}
+
 /// Whether a 404's message says the namespace itself does not exist.
 fn namespace_gone(message: &str) -> bool {
     message.starts_with("namespaces \"") && message.ends_with("not found")
@@ -116,8 +141,14 @@ fn namespace_gone(message: &str) -> bool {
 /// Where artifacts go.
 #[derive(Clone, Debug)]
 pub enum ArtifactSink {
-    /// The kprof profile store (`PUT {url}/v1/artifacts/sha256:{hex}`).
-    Store { url: String, token_file: PathBuf },
+    /// The kprof profile store (`PUT {url}/v1/artifacts/sha256:{hex}`), with the token in
+    /// `token_file` (meant for the store's audience), trusting the CA in `ca_file` besides the
+    /// system's.
+    Store {
+        url: String,
+        token_file: PathBuf,
+        ca_file: Option<PathBuf>,
+    },
     /// No store: artifacts stay on the node under this directory, referenced as `file://`.
     Local { dir: PathBuf },
 }
@@ -125,18 +156,34 @@ pub enum ArtifactSink {
 /// Uploads spool entries.
 pub struct Uploader {
     client: Client,
-    http: reqwest::Client,
+    /// The HTTP client, and the store CA it trusts (read again for every upload: it rotates).
+    http: std::sync::Mutex<(Option<Vec<u8>>, reqwest::Client)>,
     sink: ArtifactSink,
 }
 
 impl Uploader {
     pub fn new(client: Client, sink: ArtifactSink) -> Uploader {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
-        Uploader { client, http, sink }
+        Uploader {
+            client,
+            http: std::sync::Mutex::new((None, http_client(None))),
+            sink,
+        }
+    }
+
+    /// The HTTP client trusting the store CA in `ca_file` as it is now.
+    fn http(&self, ca_file: Option<&Path>) -> Result<reqwest::Client, UploadError> {
+        let ca = match ca_file {
+            Some(f) => Some(fs::read(f).map_err(|source| UploadError::StoreCa {
+                path: f.to_owned(),
+                source,
+            })?),
+            None => None,
+        };
+        let mut cached = self.http.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != ca {
+            *cached = (ca.clone(), http_client(ca.as_deref()));
+        }
+        Ok(cached.1.clone())
     }
 
     /// Publishes one artifact and returns its reference.
@@ -174,7 +221,11 @@ impl Uploader {
                     size_bytes: a.size,
                 }))
             }
-            ArtifactSink::Store { url, token_file } => {
+            ArtifactSink::Store {
+                url,
+                token_file,
+                ca_file,
+            } => {
                 let body = tokio::fs::read(&path)
                     .await
                     .map_err(|source| UploadError::Local {
@@ -190,7 +241,7 @@ impl Uploader {
                     })?;
                 let target = store_api::artifact_url(url, &a.digest);
                 let resp = self
-                    .http
+                    .http(ca_file.as_deref())?
                     .put(&target)
                     .bearer_auth(token.trim())
                     .header(store_api::NAMESPACE_HEADER, namespace)
@@ -710,6 +761,7 @@ mod tests {
             ArtifactSink::Store {
                 url: url.clone(),
                 token_file: token.clone(),
+                ca_file: None,
             },
         );
         let r = up.publish(&e, a, "shop").await.unwrap().unwrap();
@@ -765,6 +817,7 @@ mod tests {
             ArtifactSink::Store {
                 url: format!("http://{closed}"),
                 token_file: token,
+                ca_file: None,
             },
         );
         let (tx, rx) = watch::channel(false);

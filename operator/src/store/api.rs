@@ -280,10 +280,21 @@ async fn diff(
     bytes_response("image/svg+xml", None, Bytes::from(svg))
 }
 
-/// Serve `router` over TLS on `listener` until `shutdown`: each connection's requests carry the
-/// [`Peer`] its client certificate makes it.
+/// Which of the store's TLS listeners a connection arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Listener {
+    /// The aggregated API: the front proxy's client certificate is verified, and each request
+    /// carries the [`Peer`] it makes the connection and the settings it was verified with.
+    Api,
+    /// Uploads: the serving certificate only (uploaders show a token).
+    Upload,
+}
+
+/// Serve `router` over TLS on `listener` until `shutdown`, with the trust in force when each
+/// connection arrives.
 pub(crate) async fn serve_tls(
     listener: tokio::net::TcpListener,
+    which: Listener,
     trust: super::frontproxy::TrustWatch,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -302,8 +313,15 @@ pub(crate) async fn serve_tls(
             },
         };
         // Each connection with the trust in force when it arrives (certificates rotate).
-        let super::frontproxy::Trust { front_proxy, tls } = trust.borrow().clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let super::frontproxy::Trust {
+            front_proxy,
+            tls,
+            upload_tls,
+        } = trust.borrow().clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(match which {
+            Listener::Api => tls,
+            Listener::Upload => upload_tls,
+        });
         let router = router.clone();
         tokio::spawn(async move {
             let handshake =
@@ -316,18 +334,22 @@ pub(crate) async fn serve_tls(
                 }
                 Err(_) => return,
             };
-            let peer = front_proxy.peer(stream.get_ref().1.peer_certificates());
-            let svc = hyper_util::service::TowerToHyperService::new(
-                router
-                    .layer(axum::Extension(peer))
-                    .layer(axum::Extension(front_proxy)),
-            );
+            let router = match which {
+                Listener::Api => {
+                    let peer = front_proxy.peer(stream.get_ref().1.peer_certificates());
+                    router
+                        .layer(axum::Extension(peer))
+                        .layer(axum::Extension(front_proxy))
+                }
+                Listener::Upload => router,
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(router);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
-                tracing::debug!(%remote, error = %e, "API connection ended");
+                tracing::debug!(%remote, ?which, error = %e, "TLS connection ended");
             }
         });
     }

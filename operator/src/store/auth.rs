@@ -1,5 +1,7 @@
-//! Who may upload: the bearer token is checked with a TokenReview; positive answers are cached
-//! briefly (keyed by the token's SHA-256, never the token itself).
+//! Who may upload: the bearer token is checked with a TokenReview, for the store's own audience
+//! (a token meant for the API server is refused: whoever holds one of the agent's ordinary
+//! tokens cannot upload, and an upload token is no use against the API server); positive
+//! answers are cached briefly (keyed by the token's SHA-256, never the token itself).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,6 +27,7 @@ pub struct Authenticator {
     client: Client,
     allowed: Vec<String>,
     ttl: Duration,
+    audience: Option<String>,
     cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
     reviews: prometheus_client::metrics::counter::Counter,
 }
@@ -37,12 +40,14 @@ impl Authenticator {
         client: Client,
         allowed: Vec<String>,
         ttl: Duration,
+        audience: Option<String>,
         reviews: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         Self {
             client,
             allowed,
             ttl,
+            audience,
             cache: Mutex::new(HashMap::new()),
             reviews,
         }
@@ -74,7 +79,7 @@ impl Authenticator {
                 let review = TokenReview {
                     spec: TokenReviewSpec {
                         token: Some(token.to_string()),
-                        ..Default::default()
+                        audiences: self.audience.clone().map(|a| vec![a]),
                     },
                     ..Default::default()
                 };
@@ -85,6 +90,15 @@ impl Authenticator {
                 if status.authenticated != Some(true) {
                     let why = status.error.unwrap_or_else(|| "token not accepted".into());
                     return Ok(AuthOutcome::Unauthenticated(why));
+                }
+                // The API server answers with the audiences the token is good for among those
+                // asked; one that ignores them would say nothing of ours.
+                if let Some(a) = &self.audience
+                    && !status.audiences.as_ref().is_some_and(|got| got.contains(a))
+                {
+                    return Ok(AuthOutcome::Unauthenticated(format!(
+                        "the token is not meant for {a}"
+                    )));
                 }
                 let user = status.user.and_then(|u| u.username).unwrap_or_default();
                 let mut cache = self.cache.lock().expect("auth cache lock");

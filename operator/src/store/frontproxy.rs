@@ -45,6 +45,8 @@ pub struct FrontProxy {
 pub struct Trust {
     pub front_proxy: Arc<FrontProxy>,
     pub tls: Arc<rustls::ServerConfig>,
+    /// The upload listener's: the same certificate, no client certificates asked for.
+    pub upload_tls: Arc<rustls::ServerConfig>,
 }
 
 /// The [`Trust`] in force, for each new connection and request.
@@ -81,9 +83,11 @@ impl TrustSource {
             return Ok(None);
         }
         let tls = current.0.tls_config(&self.cert_file, &self.key_file)?;
+        let upload_tls = serving_only_tls(&self.cert_file, &self.key_file)?;
         let trust = Trust {
             front_proxy: Arc::new(current.0.clone()),
             tls: Arc::new(tls),
+            upload_tls: Arc::new(upload_tls),
         };
         self.built_from = Some(current);
         Ok(Some(trust))
@@ -112,6 +116,34 @@ pub async fn keep_fresh(
             }
         }
     }
+}
+
+/// The serving certificate chain and key from their PEM files.
+fn serving_certificate(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), StoreError> {
+    let certs = CertificateDer::pem_file_iter(cert_file)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| StoreError::Config(format!("{}: {e}", cert_file.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| StoreError::Config(format!("{}: {e}", key_file.display())))?;
+    Ok((certs, key))
+}
+
+/// TLS with the serving certificate only (the upload listener: uploaders prove who they are
+/// with a token, not a certificate).
+fn serving_only_tls(cert_file: &Path, key_file: &Path) -> Result<rustls::ServerConfig, StoreError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (certs, key) = serving_certificate(cert_file, key_file)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StoreError::Config(format!("serving certificate: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// A user the API server has authenticated and authorized for the request.
@@ -193,11 +225,7 @@ impl FrontProxy {
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| StoreError::Config(format!("request-header CA: {e}")))?;
-        let certs = CertificateDer::pem_file_iter(cert_file)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| StoreError::Config(format!("{}: {e}", cert_file.display())))?;
-        let key = PrivateKeyDer::from_pem_file(key_file)
-            .map_err(|e| StoreError::Config(format!("{}: {e}", key_file.display())))?;
+        let (certs, key) = serving_certificate(cert_file, key_file)?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| StoreError::Config(e.to_string()))?

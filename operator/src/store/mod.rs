@@ -44,7 +44,7 @@ pub const DEFAULT_PORT: u16 = 8090;
 pub const DEFAULT_API_PORT: u16 = 8443;
 /// Name of the Service in front of the store.
 pub const SERVICE_NAME: &str = "kprof-store";
-pub use kprof_crds::store_api::NAMESPACE_HEADER;
+pub use kprof_crds::store_api::{NAMESPACE_HEADER, UPLOAD_AUDIENCE};
 
 /// The store's command line, flattened into `kprof-operator run`.
 #[derive(clap::Args, Clone, Debug)]
@@ -100,7 +100,20 @@ pub struct StoreArgs {
         value_delimiter = ','
     )]
     pub store_allowed_uploader: Vec<String>,
-    /// Base URL written into artifact URLs; default `http://kprof-store.<operator namespace>.svc:8090`.
+    /// Audience the agents' upload tokens must be meant for (the chart's agents project a
+    /// ServiceAccount token for `kprof-store`; the API server's own tokens are then refused);
+    /// empty: any token the API server accepts.
+    #[arg(
+        long = "store-upload-audience",
+        env = "KPROF_STORE_UPLOAD_AUDIENCE",
+        default_value = ""
+    )]
+    pub store_upload_audience: String,
+    /// Serve uploads over TLS, with the aggregated API's serving certificate (which must name
+    /// the `kprof-store` Service); the chart turns it on.
+    #[arg(long = "store-tls-uploads", env = "KPROF_STORE_TLS_UPLOADS")]
+    pub store_tls_uploads: bool,
+    /// Base URL written into artifact URLs; default `http(s)://kprof-store.<operator namespace>.svc:8090`.
     #[arg(long = "store-public-url", env = "KPROF_STORE_PUBLIC_URL")]
     pub store_public_url: Option<String>,
     /// How often unreferenced artifacts are deleted (Go duration; `0s` disables).
@@ -166,6 +179,8 @@ pub struct ApiListener {
     pub key_file: PathBuf,
     /// How often the front-proxy CA and the serving certificate are read again (both rotate).
     pub reload_interval: Duration,
+    /// The upload listener serves TLS too, with the same certificate.
+    pub tls_uploads: bool,
 }
 
 /// Everything the store needs to run.
@@ -184,6 +199,9 @@ pub struct StoreConfig {
     pub gc_grace: Duration,
     /// How long a positive TokenReview answer is reused.
     pub token_cache_ttl: Duration,
+    /// The audience upload tokens must be meant for ([`UPLOAD_AUDIENCE`]); none: whatever the
+    /// API server accepts (its own audience: tests only).
+    pub upload_audience: Option<String>,
     /// Push new profiles to the exporters of their ProfilingTarget (and the global ones).
     pub exporters: bool,
     /// Exporters every Profile goes to.
@@ -207,6 +225,7 @@ impl StoreConfig {
                 cert_file: args.store_tls_cert_file.clone(),
                 key_file: args.store_tls_key_file.clone(),
                 reload_interval: Duration::from_secs(60),
+                tls_uploads: args.store_tls_uploads,
             }),
             backend: match &args.store_url {
                 Some(u) => Backend::Url(u.clone()),
@@ -217,16 +236,29 @@ impl StoreConfig {
             public_url: args
                 .store_public_url
                 .clone()
-                .unwrap_or_else(|| format!("http://{SERVICE_NAME}.{namespace}.svc:{DEFAULT_PORT}"))
+                .unwrap_or_else(|| {
+                    let scheme = if args.store_tls_uploads {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    format!("{scheme}://{SERVICE_NAME}.{namespace}.svc:{DEFAULT_PORT}")
+                })
                 .trim_end_matches('/')
                 .to_string(),
             gc_interval: args.store_gc_interval,
             gc_grace: args.store_gc_grace,
             token_cache_ttl: Duration::from_secs(60),
+            upload_audience: Some(args.store_upload_audience.clone()).filter(|a| !a.is_empty()),
             exporters: true,
             global_exporters: args.store_export.clone(),
             export_allow: args.store_export_allow.clone(),
         }
+    }
+
+    /// Whether uploads are served over TLS.
+    pub fn tls_uploads(&self) -> bool {
+        matches!(&self.readers, Readers::FrontProxy(l) if l.tls_uploads)
     }
 
     /// A configuration for tests and the benchmark: a directory store on `listen` that serves
@@ -242,6 +274,7 @@ impl StoreConfig {
             gc_interval: Duration::ZERO,
             gc_grace: Duration::from_secs(600),
             token_cache_ttl: Duration::from_secs(60),
+            upload_audience: None,
             exporters: false,
             global_exporters: Vec::new(),
             export_allow: Vec::new(),
@@ -306,6 +339,7 @@ impl Store {
             client.clone(),
             config.allowed_uploaders.clone(),
             config.token_cache_ttl,
+            config.upload_audience.clone(),
             metrics.tokenreviews.clone(),
         );
         let exporter = config.exporters.then(|| {
@@ -350,7 +384,12 @@ impl Store {
         };
         let listener = tokio::net::TcpListener::bind(state.config.listen).await?;
         if state.config.public_url.is_empty() {
-            state.config.public_url = format!("http://{}", listener.local_addr()?);
+            let scheme = if state.config.tls_uploads() {
+                "https"
+            } else {
+                "http"
+            };
+            state.config.public_url = format!("{scheme}://{}", listener.local_addr()?);
         }
         Ok(BoundStore {
             state: Arc::new(state),
@@ -394,29 +433,39 @@ impl BoundStore {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let (api, refresh) = match self.api {
+        let (api, refresh, upload_trust) = match self.api {
             Some((listener, (source, publish, interval))) => {
-                let trust = publish.subscribe();
                 tracing::info!(addr = ?listener.local_addr().ok(), "aggregated API {} listening (TLS)", access::API_PREFIX);
                 let serve = tokio::spawn(api::serve_tls(
                     listener,
-                    trust,
+                    api::Listener::Api,
+                    publish.subscribe(),
                     server::api_router(state.clone()),
                     stopped(),
                 ));
+                let upload_trust = state.config.tls_uploads().then(|| publish.subscribe());
                 let refresh = tokio::spawn(frontproxy::keep_fresh(source, publish, interval));
-                (Some(serve), Some(refresh))
+                (Some(serve), Some(refresh), upload_trust)
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         tokio::spawn(async move {
             shutdown.await;
             stop_tx.send_replace(true);
         });
         let router = server::router(state.clone());
-        let result = axum::serve(self.listener, router)
-            .with_graceful_shutdown(stopped())
-            .await;
+        let result = match upload_trust {
+            Some(trust) => {
+                let uploads = self.listener;
+                api::serve_tls(uploads, api::Listener::Upload, trust, router, stopped()).await;
+                Ok(())
+            }
+            None => {
+                axum::serve(self.listener, router)
+                    .with_graceful_shutdown(stopped())
+                    .await
+            }
+        };
         for task in [gc, exporter, api, refresh].into_iter().flatten() {
             task.abort();
         }

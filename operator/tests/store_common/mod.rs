@@ -21,6 +21,15 @@ use serde_json::json;
 pub const AGENT: &str = "system:serviceaccount:kprof-system:kprof-agent";
 pub const AGENT_TOKEN: &str = "agent-token";
 pub const OTHER_TOKEN: &str = "other-token";
+/// The agent's ordinary ServiceAccount token: meant for the API server, not the store.
+pub const AGENT_API_TOKEN: &str = "agent-api-token";
+/// The audiences each token is meant for (as the API server knows them).
+fn audiences_of(token: &str) -> &'static [&'static str] {
+    match token {
+        AGENT_API_TOKEN => &["https://kubernetes.default.svc"],
+        _ => &[kprof_crds::store_api::UPLOAD_AUDIENCE],
+    }
+}
 
 /// What the fake API server knows.
 #[derive(Default)]
@@ -65,12 +74,33 @@ async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube:
         (Method::POST, ["apis", "authentication.k8s.io", "v1", "tokenreviews"]) => {
             api.lock().unwrap().tokenreviews += 1;
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-            let status = match v["spec"]["token"].as_str() {
-                Some(AGENT_TOKEN) => json!({"authenticated": true, "user": {"username": AGENT}}),
-                Some(OTHER_TOKEN) => {
-                    json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:default"}})
+            let token = v["spec"]["token"].as_str().unwrap_or_default();
+            // As the API server does: asked for audiences, the token must be meant for one of
+            // them, and the answer names those it is meant for.
+            let asked: Option<Vec<&str>> = v["spec"]["audiences"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_str()).collect());
+            let good: Vec<&str> = match &asked {
+                Some(asked) => audiences_of(token)
+                    .iter()
+                    .copied()
+                    .filter(|a| asked.contains(a))
+                    .collect(),
+                None => audiences_of(token).to_vec(),
+            };
+            let user = match token {
+                AGENT_TOKEN | AGENT_API_TOKEN => Some(AGENT),
+                OTHER_TOKEN => Some("system:serviceaccount:shop:default"),
+                _ => None,
+            };
+            let status = match user {
+                Some(_) if good.is_empty() => {
+                    json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
                 }
-                _ => json!({"authenticated": false, "error": "invalid bearer token"}),
+                Some(u) => {
+                    json!({"authenticated": true, "user": {"username": u}, "audiences": good})
+                }
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
             };
             respond(
                 StatusCode::CREATED,
@@ -210,6 +240,15 @@ impl TestStore {
 
     /// A store whose readers are `readers`, against the fake API server `api`.
     pub async fn start_with(max_upload: u64, readers: store::Readers, api: Shared) -> Self {
+        Self::start_configured(api, |config| {
+            config.max_upload_bytes = max_upload;
+            config.readers = readers;
+        })
+        .await
+    }
+
+    /// A directory store configured by `configure`, against the fake API server `api`.
+    pub async fn start_configured(api: Shared, configure: impl FnOnce(&mut StoreConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let client = fake_client(api.clone());
         let mut config = StoreConfig::for_dir(
@@ -217,8 +256,7 @@ impl TestStore {
             "127.0.0.1:0".parse().unwrap(),
             AGENT,
         );
-        config.max_upload_bytes = max_upload;
-        config.readers = readers;
+        configure(&mut config);
         let metrics = StoreMetrics::default();
         let bound = store::Store::new(config, client.clone(), metrics.clone())
             .unwrap()
