@@ -6,7 +6,8 @@
 //! processes), `symbolize` (addresses → frames), `python` (the CPython runtime), `pipeline` (the
 //! engine both drivers run: draining, the event model, aggregation), `profile` (the model),
 //! `pprof`; the drivers `record` (one window written to files) and `daemon` (aligned windows
-//! per target, to the spool); the cluster side `k8s`, `spool`, `upload`; `metrics` (a leaf);
+//! per target, to the spool); the cluster side `k8s`, `spool`, `upload`, `privilege` (the
+//! agent's uid, capabilities and seccomp filter); `metrics` (a leaf);
 //! `cli` (argument helpers).
 pub mod cli;
 pub mod daemon;
@@ -15,6 +16,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod pipeline;
 pub mod pprof;
+pub mod privilege;
 pub mod proc;
 pub mod profile;
 pub mod python;

@@ -31,6 +31,8 @@ struct Metrics {
     unresolved_addresses: Counter,
     cpu_seconds: Counter<f64, AtomicU64>,
     bpf_run_seconds: Counter<f64, AtomicU64>,
+    uid: Gauge,
+    seccomp_enforced: Gauge,
 }
 
 fn metrics() -> &'static Metrics {
@@ -58,6 +60,8 @@ fn metrics() -> &'static Metrics {
             unresolved_addresses: Counter::default(),
             cpu_seconds: Counter::default(),
             bpf_run_seconds: Counter::default(),
+            uid: Gauge::default(),
+            seccomp_enforced: Gauge::default(),
         };
         registry.register(
             "samples",
@@ -151,6 +155,16 @@ fn metrics() -> &'static Metrics {
             "Run time of the sampler program in kernel (when kernel.bpf_stats_enabled is on)",
             m.bpf_run_seconds.clone(),
         );
+        registry.register(
+            "uid",
+            "The user id the agent runs as after start-up",
+            m.uid.clone(),
+        );
+        registry.register(
+            "seccomp_enforced",
+            "1 when the agent's seccomp deny list is installed and its self-test saw ptrace and process_vm_writev denied",
+            m.seccomp_enforced.clone(),
+        );
         Metrics { registry, ..m }
     })
 }
@@ -207,6 +221,13 @@ pub fn set_python_processes(n: usize) {
     metrics()
         .python_processes
         .set(i64::try_from(n).unwrap_or(i64::MAX));
+}
+
+/// The rights the agent runs with (set once at start-up).
+pub fn set_rights(uid: u32, seccomp_enforced: bool) {
+    let m = metrics();
+    m.uid.set(i64::from(uid));
+    m.seccomp_enforced.set(i64::from(seccomp_enforced));
 }
 
 /// Raises a counter to a running total read from elsewhere (kernel stats, rusage).

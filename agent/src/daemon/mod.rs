@@ -78,6 +78,19 @@ pub struct RunArgs {
     /// the node's targets ask for). 0: load the eBPF sampler only when a target needs it.
     #[arg(long, env = "KPROF_SAMPLE_HZ", default_value_t = 99, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub sample_hz: u32,
+    /// Started as root: hand the state directory to this user and switch to it at start-up,
+    /// keeping every capability but CHOWN, SETUID and SETGID (0: stay as started). The
+    /// DaemonSet passes 65532.
+    #[arg(long, env = "KPROF_RUN_AS_USER", default_value_t = 0)]
+    pub run_as_user: u32,
+    /// The group to switch to with `--run-as-user` (default: the same number).
+    #[arg(long, env = "KPROF_RUN_AS_GROUP")]
+    pub run_as_group: Option<u32>,
+    /// Install the agent's seccomp deny list (ptrace, process_vm_writev, mounts, namespaces,
+    /// modules, kexec, keys, ...; see `privilege::DENIED`) and refuse to run unless its
+    /// self-test sees it enforced.
+    #[arg(long, env = "KPROF_SECCOMP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub seccomp: bool,
 }
 
 /// Errors of `run`.
@@ -101,10 +114,16 @@ pub enum RunError {
     Driver(#[from] driver::DriverError),
     #[error("the sampling thread panicked")]
     SamplerPanic,
+    #[error("least privilege: {0}")]
+    Privilege(#[from] crate::privilege::PrivilegeError),
+    #[error("least privilege: {0}")]
+    SeccompSelfTest(String),
 }
 
 /// Runs the agent until SIGTERM / SIGINT.
 pub fn run(args: RunArgs) -> Result<(), RunError> {
+    // First, while the process has one thread: shed what only start-up needs.
+    least_privilege(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,6 +131,29 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         .build()
         .map_err(RunError::Runtime)?;
     rt.block_on(run_async(args))
+}
+
+/// Switches to `--run-as-user` and installs the seccomp deny list (see [`crate::privilege`]).
+fn least_privilege(args: &RunArgs) -> Result<(), RunError> {
+    use crate::privilege;
+    let uid = args.run_as_user;
+    let gid = args.run_as_group.unwrap_or(uid);
+    let rights = privilege::drop_to(uid, gid, &args.state_dir)?;
+    let mut enforced = false;
+    if args.seccomp {
+        privilege::install_seccomp()?;
+        privilege::seccomp_self_test().map_err(RunError::SeccompSelfTest)?;
+        enforced = true;
+    }
+    crate::metrics::set_rights(rights.uid, enforced);
+    tracing::info!(
+        uid = rights.uid,
+        gid = rights.gid,
+        capabilities = ?rights.cap_names(),
+        seccomp = if enforced { "deny list enforced" } else { "off" },
+        "running with"
+    );
+    Ok(())
 }
 
 async fn run_async(args: RunArgs) -> Result<(), RunError> {
