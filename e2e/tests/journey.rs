@@ -1,6 +1,6 @@
 //! The user journey with the Helm chart on the real test bed: install, a bad target refused at
 //! `kubectl apply`, a Python Deployment profiled (its own functions on top), the agent without
-//! `privileged` and with only the chart's capabilities, `helm upgrade` keeping the Profiles, and
+//! `privileged` and with only the chart's capabilities (and the start-up ones it drops), `helm upgrade` keeping the Profiles, and
 //! `helm uninstall` leaving no agent behind.
 //!
 //! Needs the images `kprof/operator:dev` and `kprof/agent:dev` (`make images`; e2e/cluster-tests.sh
@@ -307,15 +307,29 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         summary.exited
     );
 
-    // The agent: never privileged, exactly the chart's capabilities.
+    // The agent: never privileged, exactly the chart's capabilities, plus the three it drops
+    // at start-up when it switches to its own user (tests/least_privilege.rs checks the process).
     let agents: Api<DaemonSet> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
     let ds = agents.get("kprof-agent").await?;
     let container = &ds.spec.unwrap().template.spec.unwrap().containers[0];
     let sc = container.security_context.clone().unwrap_or_default();
     ensure!(sc.privileged != Some(true), "the agent runs privileged");
+    ensure!(
+        sc.allow_privilege_escalation == Some(false),
+        "the agent may escalate"
+    );
     let caps = sc.capabilities.unwrap_or_default();
     ensure!(
-        caps.add.unwrap_or_default() == ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"],
+        caps.add.unwrap_or_default()
+            == [
+                "BPF",
+                "PERFMON",
+                "SYS_PTRACE",
+                "SYSLOG",
+                "CHOWN",
+                "SETGID",
+                "SETUID"
+            ],
         "agent capabilities differ from the chart's"
     );
     ensure!(

@@ -28,6 +28,9 @@
 //!   spoolDir: /var/lib/kprof         # hostPath mounted read-write at the same path
 //!   mountBtf: true                   # /sys/kernel/btf read-only
 //!   capabilities: {add: [BPF, PERFMON, SYS_PTRACE, SYSLOG], drop: [ALL]}
+//!   runAsUser: 65532                 # the agent switches to it at start-up; 0: stays root
+//!   runAsGroup: 65532
+//!   seccomp: true                    # RuntimeDefault profile + the agent's own deny list
 //!   podLabels: {}                    # extra labels on the agent pods
 //!   podAnnotations: {}
 //!   ownerDeployment: ""            # e.g. kprof-operator: the DaemonSet is garbage collected with it
@@ -122,7 +125,18 @@ pub struct AgentConfig {
     pub host_network: bool,
     pub spool_dir: String,
     pub mount_btf: bool,
+    /// The capabilities the agent runs with. With a non-zero `run_as_user` the pod also gets
+    /// CHOWN, SETGID and SETUID, which the agent drops at start-up.
     pub capabilities: Capabilities,
+    /// The user the agent switches to at start-up, keeping only `capabilities` (the container
+    /// starts as uid 0: without ambient capabilities in the CRI a non-root container gets
+    /// none). 0: the agent stays root.
+    pub run_as_user: u32,
+    /// Its group (supplementary groups are cleared).
+    pub run_as_group: u32,
+    /// `seccompProfile: RuntimeDefault` on the agent container, and the agent's own deny list
+    /// on top of it (ptrace, process_vm_writev, mounts, namespaces, modules, ...).
+    pub seccomp: bool,
     pub pod_labels: BTreeMap<String, String>,
     pub pod_annotations: BTreeMap<String, String>,
     /// A Deployment in the operator's namespace (the operator's own) that owns the agent
@@ -156,6 +170,9 @@ impl Default for AgentConfig {
             spool_dir: "/var/lib/kprof".into(),
             mount_btf: true,
             capabilities: Capabilities::default(),
+            run_as_user: 65532,
+            run_as_group: 65532,
+            seccomp: true,
             pod_labels: BTreeMap::new(),
             pod_annotations: BTreeMap::new(),
             owner_deployment: String::new(),
@@ -246,6 +263,11 @@ mod tests {
             ["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"]
         );
         assert!(cfg.leader_election.enabled);
+        assert_eq!(
+            (cfg.agent.run_as_user, cfg.agent.run_as_group),
+            (65532, 65532)
+        );
+        assert!(cfg.agent.seccomp);
     }
 
     #[test]

@@ -11,8 +11,9 @@ use k8s_openapi::{
         core::v1::{
             Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
             HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
-            NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod, PodSpec,
-            PodTemplateSpec, Probe, SecurityContext, Volume, VolumeMount,
+            NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+            Volume, VolumeMount,
         },
     },
     apimachinery::pkg::{
@@ -38,6 +39,11 @@ pub const SPEC_HASH_ANNOTATION: &str = "kprof.io/spec-hash";
 
 /// The agent's `/metrics` and `/healthz` port (its liveness probe).
 pub const AGENT_METRICS_PORT: i32 = 9464;
+
+/// Capabilities the agent needs only at start-up, to hand its state directory (a hostPath the
+/// kubelet creates root-owned) and its identity to `runAsUser`; it drops them before it starts
+/// anything else (agent/src/privilege.rs).
+pub const START_UP_CAPABILITIES: [&str; 3] = ["CHOWN", "SETGID", "SETUID"];
 
 /// The nodes that run selected pods of any active target (valid, not suspended, not completed).
 pub fn active_nodes<'a>(
@@ -135,6 +141,9 @@ pub fn desired_daemonset(
         env_vars.push(env("KPROF_STORE_URL", &cfg.store_url));
     }
     env_vars.push(env("KPROF_METRICS_PORT", &AGENT_METRICS_PORT.to_string()));
+    env_vars.push(env("KPROF_RUN_AS_USER", &cfg.run_as_user.to_string()));
+    env_vars.push(env("KPROF_RUN_AS_GROUP", &cfg.run_as_group.to_string()));
+    env_vars.push(env("KPROF_SECCOMP", &cfg.seccomp.to_string()));
     env_vars.extend(cfg.env.iter().cloned());
 
     let mut mounts = vec![VolumeMount {
@@ -173,6 +182,14 @@ pub fn desired_daemonset(
         .add
         .iter()
         .any(|c| c.trim_start_matches("CAP_") == "SYS_ADMIN");
+    let mut cap_add = cfg.capabilities.add.clone();
+    if cfg.run_as_user != 0 {
+        for c in START_UP_CAPABILITIES {
+            if !cap_add.iter().any(|a| a.trim_start_matches("CAP_") == c) {
+                cap_add.push(c.into());
+            }
+        }
+    }
     let container = Container {
         name: "agent".into(),
         image: Some(cfg.image.clone()),
@@ -185,8 +202,19 @@ pub fn desired_daemonset(
             allow_privilege_escalation: Some(adds_sys_admin),
             read_only_root_filesystem: Some(true),
             capabilities: Some(Capabilities {
-                add: Some(cfg.capabilities.add.clone()),
+                add: Some(cap_add),
                 drop: Some(cfg.capabilities.drop.clone()),
+            }),
+            // Started as root, whatever the image says: a non-root container gets no
+            // capabilities. The agent itself switches to `runAsUser` before it does anything.
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            // The runtime's default profile (it lets bpf and perf_event_open through with
+            // CAP_BPF / CAP_PERFMON on containerd 1.6); the agent adds its own deny list.
+            seccomp_profile: cfg.seccomp.then(|| SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
             }),
             ..Default::default()
         }),
@@ -257,6 +285,12 @@ pub fn desired_daemonset(
                 .iter()
                 .map(|n| LocalObjectReference { name: n.clone() })
                 .collect()
+        }),
+        // The kubelet writes the ServiceAccount token 0600 for the container's user (uid 0 here);
+        // with an fsGroup it is also readable by that group, which the agent switches to.
+        security_context: (cfg.run_as_user != 0).then(|| PodSecurityContext {
+            fs_group: Some(i64::from(cfg.run_as_group)),
+            ..Default::default()
         }),
         termination_grace_period_seconds: Some(30),
         containers: vec![container],
@@ -374,9 +408,42 @@ mod tests {
         assert_eq!(sc["allowPrivilegeEscalation"], false);
         assert_eq!(
             sc["capabilities"]["add"],
-            serde_json::json!(["BPF", "PERFMON", "SYS_PTRACE", "SYSLOG"])
+            serde_json::json!([
+                "BPF",
+                "PERFMON",
+                "SYS_PTRACE",
+                "SYSLOG",
+                "CHOWN",
+                "SETGID",
+                "SETUID"
+            ]),
+            "the run-time capabilities, then the start-up ones the agent drops"
         );
         assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        // Started as uid 0 (a non-root container gets no capabilities); the agent switches to
+        // 65532 and installs its deny list on top of the runtime's default profile.
+        assert_eq!(sc["runAsUser"], 0);
+        assert_eq!(sc["runAsGroup"], 0);
+        assert_eq!(sc["runAsNonRoot"], false);
+        assert_eq!(
+            pod["securityContext"]["fsGroup"], 65532,
+            "the token is readable by the agent's group"
+        );
+        assert_eq!(
+            sc["seccompProfile"],
+            serde_json::json!({"type": "RuntimeDefault"})
+        );
+        let envs = c["env"].as_array().unwrap();
+        for (name, value) in [
+            ("KPROF_RUN_AS_USER", "65532"),
+            ("KPROF_RUN_AS_GROUP", "65532"),
+            ("KPROF_SECCOMP", "true"),
+        ] {
+            assert!(
+                envs.contains(&serde_json::json!({"name": name, "value": value})),
+                "{name}={value} missing: {envs:?}"
+            );
+        }
         assert_eq!(
             c["volumeMounts"][0],
             serde_json::json!({"name": "spool", "mountPath": "/var/lib/kprof"})
@@ -407,12 +474,55 @@ mod tests {
             c["env"][2],
             serde_json::json!({"name": "KPROF_STORE_URL", "value": "http://store:8080"})
         );
-        assert_eq!(c["env"][4]["name"], "RUST_LOG");
+        assert_eq!(c["env"][7]["name"], "RUST_LOG");
         assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 1);
         assert_eq!(
             c["securityContext"]["allowPrivilegeEscalation"], true,
             "SYS_ADMIN needs it"
         );
+    }
+
+    #[test]
+    fn root_and_no_seccomp_when_configured() {
+        let cfg = OperatorConfig::from_yaml(
+            "agent:\n  runAsUser: 0\n  seccomp: false\n  capabilities: {add: [BPF, PERFMON, SETUID], drop: [ALL]}\n",
+        )
+        .unwrap();
+        let ds = desired_daemonset(&cfg.agent, "ns", &set(&["n"]));
+        let v = serde_json::to_value(&ds).unwrap();
+        let c = &v["spec"]["template"]["spec"]["containers"][0];
+        let sc = &c["securityContext"];
+        assert_eq!(
+            sc["capabilities"]["add"],
+            serde_json::json!(["BPF", "PERFMON", "SETUID"]),
+            "staying root: no start-up capabilities added"
+        );
+        assert!(sc.get("seccompProfile").is_none(), "{sc}");
+        assert!(
+            v["spec"]["template"]["spec"]
+                .get("securityContext")
+                .is_none()
+        );
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        let envs = c["env"].as_array().unwrap();
+        assert!(envs.contains(&serde_json::json!({"name": "KPROF_RUN_AS_USER", "value": "0"})));
+        assert!(envs.contains(&serde_json::json!({"name": "KPROF_SECCOMP", "value": "false"})));
+
+        let cfg = OperatorConfig::from_yaml(
+            "agent:\n  runAsUser: 1000\n  runAsGroup: 2000\n  capabilities: {add: [BPF, PERFMON, CAP_SETUID], drop: [ALL]}\n",
+        )
+        .unwrap();
+        let ds = desired_daemonset(&cfg.agent, "ns", &set(&["n"]));
+        let v = serde_json::to_value(&ds).unwrap();
+        let c = &v["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            c["securityContext"]["capabilities"]["add"],
+            serde_json::json!(["BPF", "PERFMON", "CAP_SETUID", "CHOWN", "SETGID"]),
+            "a start-up capability already given is not repeated"
+        );
+        let envs = c["env"].as_array().unwrap();
+        assert!(envs.contains(&serde_json::json!({"name": "KPROF_RUN_AS_USER", "value": "1000"})));
+        assert!(envs.contains(&serde_json::json!({"name": "KPROF_RUN_AS_GROUP", "value": "2000"})));
     }
 
     #[test]
