@@ -311,7 +311,7 @@ async fn a_hostile_pod_does_not_blind_the_agent() -> Result<()> {
             bail!("the agent exited");
         }
         let log = agent.log();
-        if !log.contains("a mapped file cannot be opened") {
+        if !log.contains("a mapped file cannot be read") {
             bail!("the refusal was not logged");
         }
         Ok(())
