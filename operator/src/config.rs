@@ -24,6 +24,8 @@
 //!   priorityClassName: ""            # e.g. system-node-critical
 //!   env: []                          # extra EnvVars for the agent container
 //!   storeUrl: ""                     # KPROF_STORE_URL (the profile store); empty: not set
+//!   storeCaConfigMap: ""             # ConfigMap with ca.crt for the store's certificate
+//!   storeTokenAudience: ""           # projected upload token's audience; empty: the pod's token
 //!   hostNetwork: false
 //!   spoolDir: /var/lib/kprof         # hostPath mounted read-write at the same path
 //!   mountBtf: true                   # /sys/kernel/btf read-only
@@ -122,6 +124,12 @@ pub struct AgentConfig {
     pub priority_class_name: String,
     pub env: Vec<EnvVar>,
     pub store_url: String,
+    /// A ConfigMap (key `ca.crt`) with the CA the store's certificate is checked against;
+    /// empty: the system's CAs only.
+    pub store_ca_config_map: String,
+    /// The audience of the ServiceAccount token projected for uploads (the store's own, so
+    /// the token is no use against the API server); empty: the pod's ordinary token.
+    pub store_token_audience: String,
     pub host_network: bool,
     pub spool_dir: String,
     pub mount_btf: bool,
@@ -166,6 +174,8 @@ impl Default for AgentConfig {
             priority_class_name: String::new(),
             env: Vec::new(),
             store_url: String::new(),
+            store_ca_config_map: String::new(),
+            store_token_audience: String::new(),
             host_network: false,
             spool_dir: "/var/lib/kprof".into(),
             mount_btf: true,

@@ -9,11 +9,12 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, DaemonSetSpec},
         core::v1::{
-            Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-            HostPathVolumeSource, LocalObjectReference, NodeAffinity, NodeSelector,
-            NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod,
-            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
-            Volume, VolumeMount,
+            Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+            EnvVarSource, HTTPGetAction, HostPathVolumeSource, LocalObjectReference, NodeAffinity,
+            NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+            SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount,
+            VolumeProjection,
         },
     },
     apimachinery::pkg::{
@@ -104,6 +105,10 @@ fn selector_labels() -> BTreeMap<String, String> {
     ])
 }
 
+/// Where the agent finds its upload token and the store's CA.
+const STORE_TOKEN_DIR: &str = "/var/run/secrets/kprof-store";
+const STORE_CA_DIR: &str = "/etc/kprof-store-ca";
+
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -144,7 +149,6 @@ pub fn desired_daemonset(
     env_vars.push(env("KPROF_RUN_AS_USER", &cfg.run_as_user.to_string()));
     env_vars.push(env("KPROF_RUN_AS_GROUP", &cfg.run_as_group.to_string()));
     env_vars.push(env("KPROF_SECCOMP", &cfg.seccomp.to_string()));
-    env_vars.extend(cfg.env.iter().cloned());
 
     let mut mounts = vec![VolumeMount {
         name: "spool".into(),
@@ -159,6 +163,53 @@ pub fn desired_daemonset(
         }),
         ..Default::default()
     }];
+    // Uploads: a token meant for the store only, and the store's CA.
+    if !cfg.store_token_audience.is_empty() {
+        mounts.push(VolumeMount {
+            name: "store-token".into(),
+            mount_path: STORE_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "store-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(cfg.store_token_audience.clone()),
+                        expiration_seconds: Some(3600),
+                        path: "token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        env_vars.push(env("KPROF_TOKEN_FILE", &format!("{STORE_TOKEN_DIR}/token")));
+    }
+    if !cfg.store_ca_config_map.is_empty() {
+        mounts.push(VolumeMount {
+            name: "store-ca".into(),
+            mount_path: STORE_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "store-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cfg.store_ca_config_map.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        env_vars.push(env(
+            "KPROF_STORE_CA_FILE",
+            &format!("{STORE_CA_DIR}/ca.crt"),
+        ));
+    }
+    // The chart's own settings last: they override.
+    env_vars.extend(cfg.env.iter().cloned());
     if cfg.mount_btf {
         mounts.push(VolumeMount {
             name: "btf".into(),
@@ -480,6 +531,53 @@ mod tests {
             c["securityContext"]["allowPrivilegeEscalation"], true,
             "SYS_ADMIN needs it"
         );
+    }
+
+    #[test]
+    fn uploads_get_a_token_meant_for_the_store_and_its_ca() {
+        let cfg = OperatorConfig::from_yaml(
+            "agent:\n  storeUrl: https://kprof-store.ns.svc:8090\n  storeCaConfigMap: kprof-store-ca\n  storeTokenAudience: kprof-store\n  env: [{name: KPROF_TOKEN_FILE, value: /mine}]\n",
+        )
+        .unwrap();
+        let ds = desired_daemonset(&cfg.agent, "ns", &set(&["n"]));
+        let v = serde_json::to_value(&ds).unwrap();
+        let pod = &v["spec"]["template"]["spec"];
+        let volumes = pod["volumes"].as_array().unwrap();
+        let token = volumes.iter().find(|v| v["name"] == "store-token").unwrap();
+        assert_eq!(
+            token["projected"]["sources"][0]["serviceAccountToken"],
+            serde_json::json!({"audience": "kprof-store", "expirationSeconds": 3600, "path": "token"})
+        );
+        let ca = volumes.iter().find(|v| v["name"] == "store-ca").unwrap();
+        assert_eq!(ca["configMap"]["name"], "kprof-store-ca");
+        let c = &pod["containers"][0];
+        let envs = c["env"].as_array().unwrap();
+        let at = |name: &str| envs.iter().rposition(|e| e["name"] == name).unwrap();
+        assert_eq!(
+            envs[at("KPROF_STORE_CA_FILE")]["value"],
+            "/etc/kprof-store-ca/ca.crt"
+        );
+        // The projected token, unless the chart's own env says otherwise (it comes last).
+        let token_envs: Vec<&serde_json::Value> = envs
+            .iter()
+            .filter(|e| e["name"] == "KPROF_TOKEN_FILE")
+            .collect();
+        assert_eq!(token_envs[0]["value"], "/var/run/secrets/kprof-store/token");
+        assert_eq!(envs[at("KPROF_TOKEN_FILE")]["value"], "/mine");
+        for name in ["store-token", "store-ca"] {
+            let m = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == name)
+                .unwrap();
+            assert_eq!(m["readOnly"], true);
+        }
+        // Without them, the pod's ordinary token and the system's CAs.
+        let plain = desired_daemonset(&OperatorConfig::default().agent, "ns", &set(&["n"]));
+        let v = serde_json::to_value(&plain).unwrap();
+        assert!(!v.to_string().contains("store-token"));
+        assert!(!v.to_string().contains("KPROF_STORE_CA_FILE"));
     }
 
     #[test]
