@@ -38,7 +38,7 @@ deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, K
 # test-unit is reached through this target; `make test-unit` alone skips them loudly).
 test: export KPROF_REQUIRE_S3 := 1
 test: export KPROF_REQUIRE_OTELCOL := 1
-test: deps test-unit test-kernel test-cluster ## Run every test tier (needs root for the kernel and cluster tiers)
+test: deps test-unit fuzz-ci test-kernel test-cluster ## Run every test tier (needs root for the kernel and cluster tiers)
 
 .PHONY: test-unit
 test-unit: ## Unit and in-process tests: pure logic, API schema and CEL, store, CLI errors; no root
@@ -46,6 +46,14 @@ test-unit: ## Unit and in-process tests: pure logic, API schema and CEL, store, 
 	$(CARGO) test -p kprof-crds --test '*'
 	$(CARGO) test -p kprof-operator --test '*'
 	$(CARGO) test -p kprof-agent --test cli
+
+.PHONY: fuzz fuzz-ci
+FUZZ_SECONDS ?= 300
+fuzz: ## Fuzz every parser of untrusted input for FUZZ_SECONDS each (default 300; nightly, cargo-fuzz)
+	fuzz/run.sh $(FUZZ_SECONDS)
+
+fuzz-ci: ## The short fuzzing run of make test: every target, 20 s each, on its committed seeds
+	fuzz/run.sh 20
 
 .PHONY: test-kernel
 test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads

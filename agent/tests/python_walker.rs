@@ -11,6 +11,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
+use kprof_agent::python::procmem::RemoteMemory as _;
 use kprof_agent::python::{PyProcess, PythonSupport};
 use kprof_common::python::PYFRAME_RUN_END;
 

@@ -7,7 +7,7 @@ use std::io;
 use super::layout::Layout;
 use super::linetable;
 use super::process::PyProcess;
-use super::procmem::ProcMem;
+use super::procmem::RemoteMemory;
 
 /// What a code object tells about its function.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -99,7 +99,7 @@ pub fn decode_chars(width: u64, bytes: &[u8]) -> String {
 }
 
 /// A Python `str` (compact ASCII, compact non-ASCII or legacy), read from `addr`.
-pub fn read_unicode(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<String> {
+pub fn read_unicode(mem: &impl RemoteMemory, l: &Layout, addr: u64) -> io::Result<String> {
     if addr == 0 {
         return Ok(String::new());
     }
@@ -124,7 +124,7 @@ pub fn read_unicode(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<String> 
 }
 
 /// A Python `bytes` object's contents.
-pub fn read_bytes(mem: &ProcMem, l: &Layout, addr: u64) -> io::Result<Vec<u8>> {
+pub fn read_bytes(mem: &impl RemoteMemory, l: &Layout, addr: u64) -> io::Result<Vec<u8>> {
     if addr == 0 {
         return Ok(Vec::new());
     }
@@ -177,32 +177,33 @@ pub fn module_name(filename: &str) -> String {
     rel.replace('/', ".")
 }
 
+/// The code object at `code` in `mem`, laid out as `l` says.
+pub fn read_code_object(mem: &impl RemoteMemory, l: &Layout, code: u64) -> io::Result<CodeInfo> {
+    let field = |off: u64| mem.read_u64(code.wrapping_add(off));
+    let name = read_unicode(mem, l, field(l.co_name)?)?;
+    let qualname = match l.co_qualname {
+        Some(o) => read_unicode(mem, l, field(o)?)?,
+        None => name.clone(),
+    };
+    let filename = read_unicode(mem, l, field(l.co_filename)?)?;
+    let firstlineno = mem.read_i32(code.wrapping_add(l.co_firstlineno))?.max(0) as u32;
+    let table = read_bytes(mem, l, field(l.co_linetable)?)?;
+    let module = module_name(&filename);
+    Ok(CodeInfo {
+        name,
+        qualname,
+        filename,
+        module,
+        firstlineno,
+        table,
+        lines: HashMap::new(),
+    })
+}
+
 impl PyProcess {
     /// Read a code object.
     pub fn read_code(&self, code: u64) -> io::Result<CodeInfo> {
-        let l = &self.layout;
-        let field = |off: u64| self.mem.read_u64(code.wrapping_add(off));
-        let name = read_unicode(&self.mem, l, field(l.co_name)?)?;
-        let qualname = match l.co_qualname {
-            Some(o) => read_unicode(&self.mem, l, field(o)?)?,
-            None => name.clone(),
-        };
-        let filename = read_unicode(&self.mem, l, field(l.co_filename)?)?;
-        let firstlineno = self
-            .mem
-            .read_i32(code.wrapping_add(l.co_firstlineno))?
-            .max(0) as u32;
-        let table = read_bytes(&self.mem, l, field(l.co_linetable)?)?;
-        let module = module_name(&filename);
-        Ok(CodeInfo {
-            name,
-            qualname,
-            filename,
-            module,
-            firstlineno,
-            table,
-            lines: HashMap::new(),
-        })
+        read_code_object(&self.mem, &self.layout, code)
     }
 
     /// The line of `lasti` (kernel units) in `code`.
@@ -221,7 +222,65 @@ impl PyProcess {
 
 #[cfg(test)]
 mod tests {
-    use super::{ProcMem, decode_chars, module_name, parse_str_header, read_bytes, read_unicode};
+    use super::super::procmem::{MemoryImage, ProcMem};
+    use super::{
+        decode_chars, module_name, parse_str_header, read_bytes, read_code_object, read_unicode,
+    };
+
+    #[test]
+    fn a_code_object_is_read_from_any_memory() {
+        // A 3.12 code object, its names (compact ASCII str) and line table (bytes), laid out
+        // in an image as the interpreter would lay them out in its heap.
+        let l = super::super::layout::table(12).unwrap();
+        let base = 0x10_000u64;
+        let mut image = MemoryImage {
+            base,
+            bytes: vec![0; 0x1000],
+        };
+        let put = |img: &mut MemoryImage, at: u64, b: &[u8]| {
+            let at = (at - base) as usize;
+            img.bytes[at..at + b.len()].copy_from_slice(b);
+        };
+        let str_at = |img: &mut MemoryImage, at: u64, text: &str| {
+            put(img, at + 16, &(text.len() as i64).to_le_bytes());
+            put(img, at + 32, &(1u32 << 2 | 1 << 5 | 1 << 6).to_le_bytes());
+            put(img, at + l.ascii_data, text.as_bytes());
+        };
+        let code = base;
+        str_at(&mut image, base + 0x200, "handle");
+        str_at(&mut image, base + 0x300, "/app/shop/views.py");
+        put(&mut image, code + l.co_name, &(base + 0x200).to_le_bytes());
+        if let Some(q) = l.co_qualname {
+            put(&mut image, code + q, &(base + 0x200).to_le_bytes());
+        }
+        put(
+            &mut image,
+            code + l.co_filename,
+            &(base + 0x300).to_le_bytes(),
+        );
+        put(&mut image, code + l.co_firstlineno, &42i32.to_le_bytes());
+        put(
+            &mut image,
+            code + l.co_linetable,
+            &(base + 0x400).to_le_bytes(),
+        );
+        put(&mut image, base + 0x400 + l.bytes_size, &2i64.to_le_bytes());
+        put(
+            &mut image,
+            base + 0x400 + l.bytes_data,
+            &[0x80 | 13 << 3, 2],
+        );
+        let info = read_code_object(&image, &l, code).unwrap();
+        assert_eq!(
+            (info.name.as_str(), info.filename.as_str(), info.firstlineno),
+            ("handle", "/app/shop/views.py", 42)
+        );
+        assert_eq!(info.module, "views");
+        assert_eq!(info.table, [0x80 | 13 << 3, 2]);
+        // A pointer out of the image is an error, not a panic.
+        put(&mut image, code + l.co_filename, &u64::MAX.to_le_bytes());
+        assert!(read_code_object(&image, &l, code).is_err());
+    }
 
     #[test]
     fn a_garbage_pointer_at_the_top_of_memory_is_an_error_not_a_panic() {

@@ -17,7 +17,8 @@ pub fn line_for(
     lasti: Option<u32>,
 ) -> Option<u32> {
     let Some(lasti) = lasti else {
-        return Some(firstlineno);
+        // Line 0 is no line (a code object read from a target may say anything).
+        return Some(firstlineno).filter(|&l| l > 0);
     };
     let line = match kind {
         LineTableKind::Lnotab => Some(lnotab(table, firstlineno as i64, lasti as i64)),
@@ -114,7 +115,7 @@ fn locations(table: &[u8], first: i64, lasti: i64) -> Option<i64> {
                 Some(line)
             }
             10..=12 => {
-                line += (code - 10) as i64;
+                line = line.wrapping_add((code - 10) as i64);
                 pos += 2; // column, end column
                 Some(line)
             }
@@ -145,6 +146,8 @@ mod tests {
         assert_eq!(line_for(LineTableKind::Lnotab, &t, 1, Some(3)), Some(2));
         assert_eq!(line_for(LineTableKind::Lnotab, &t, 1, Some(6)), Some(3));
         assert_eq!(line_for(LineTableKind::Lnotab, &t, 1, None), Some(1));
+        // Found by fuzzing (linetable): a code object whose first line is 0, not started.
+        assert_eq!(line_for(LineTableKind::Lnotab, &t, 0, None), None);
         // negative increments (loops jumping back)
         let t = [0u8, 2, 6, 0xff];
         assert_eq!(line_for(LineTableKind::Lnotab, &t, 10, Some(7)), Some(11));
@@ -167,6 +170,28 @@ mod tests {
             line_for(LineTableKind::LineTable310, &t, 5, Some(5)),
             Some(8)
         );
+    }
+
+    #[test]
+    fn locations_that_run_past_any_line_are_no_line() {
+        // Found by fuzzing (linetable): a delta to near i64::MAX, then a one-line entry (code
+        // 12: +2) overflowed.
+        let varint = |mut v: u64| {
+            let mut out = Vec::new();
+            loop {
+                let b = (v & 63) as u8;
+                v >>= 6;
+                if v == 0 {
+                    out.push(b);
+                    return out;
+                }
+                out.push(b | 64);
+            }
+        };
+        let mut t = vec![0x80 | 13 << 3];
+        t.extend(varint((i64::MAX as u64 - 100) << 1));
+        t.extend([0x80 | 12 << 3, 0, 0]);
+        assert_eq!(line_for(LineTableKind::Locations, &t, 100, Some(1)), None);
     }
 
     #[test]

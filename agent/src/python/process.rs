@@ -11,7 +11,7 @@ use kprof_common::python::{
 
 use super::elf::ElfInfo;
 use super::layout::{self, Layout, PyVersion};
-use super::procmem::ProcMem;
+use super::procmem::{ProcMem, RemoteMemory as _};
 use crate::proc::{
     files,
     maps::{MapEntry, read_maps},

@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::PythonSupport;
+use super::procmem::RemoteMemory as _;
 use crate::profile::Frame;
 
 /// How soon the names of one process are read again when an unknown thread is asked for.

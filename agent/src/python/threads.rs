@@ -17,7 +17,7 @@ use super::code::{StrHeader, decode_chars, parse_str_header};
 use super::elf::ElfInfo;
 use super::layout::PyVersion;
 use super::process::{PyProcess, free_threaded_name};
-use super::procmem::ProcMem;
+use super::procmem::{ProcMem, RemoteMemory as _};
 use crate::proc::files;
 
 /// One Python thread as `threading` names it.

@@ -360,14 +360,28 @@ impl Symbolizer {
                     .push(*offset);
             }
         }
-        for (module, snapshot, mut offsets) in batches.into_values() {
+        for (key, (module, snapshot, mut offsets)) in batches {
             offsets.sort_unstable();
             offsets.dedup();
             let src = Source::Elf(Elf::new(snapshot.path()));
-            let results = self
-                .inner
-                .symbolize(&src, Input::FileOffset(&offsets))
-                .unwrap_or_default();
+            // The reader works on a tenant's bytes: if it panics, that file is never read
+            // again (its frames stay addresses) and the reader starts afresh.
+            let inner = &self.inner;
+            let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                inner.symbolize(&src, Input::FileOffset(&offsets))
+            }));
+            let results = match results {
+                Ok(r) => r.unwrap_or_default(),
+                Err(_) => {
+                    crate::metrics::error("panic");
+                    tracing::warn!(path = %module.path, "reading a mapped file's symbols failed: its frames stay unresolved");
+                    if let Some(m) = self.modules.get_mut(&key) {
+                        m.snapshot = None;
+                    }
+                    self.inner = blazesym_symbolizer();
+                    Vec::new()
+                }
+            };
             for (i, &off) in offsets.iter().enumerate() {
                 let frames = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => {

@@ -22,7 +22,7 @@ use std::{
 use object::{
     Endianness, ReadCache, ReadRef,
     elf::{SHT_DYNSYM, SHT_NOTE, SHT_STRTAB, SHT_SYMTAB},
-    read::elf::{FileHeader, SectionHeader as _},
+    read::elf::{FileHeader, ProgramHeader as _, SectionHeader as _},
 };
 
 /// Why no snapshot was made.
@@ -41,6 +41,7 @@ pub enum SnapshotError {
 pub struct Snapshot {
     memfd: File,
     bytes: u64,
+    build_id: Option<Vec<u8>>,
 }
 
 /// One range of the file to copy.
@@ -111,7 +112,12 @@ impl Snapshot {
             }
         }
         seal(&memfd)?;
-        Ok(Snapshot { memfd, bytes })
+        let build_id = build_id(&memfd);
+        Ok(Snapshot {
+            memfd,
+            bytes,
+            build_id,
+        })
     }
 
     /// Where blazesym opens the copy (this process's descriptor of it).
@@ -124,13 +130,9 @@ impl Snapshot {
         self.bytes
     }
 
-    /// The file's GNU build id, read from the copy.
+    /// The file's GNU build id.
     pub fn build_id(&self) -> Option<Vec<u8>> {
-        blazesym::helper::read_elf_build_id(&self.path())
-            .ok()
-            .flatten()
-            .map(|b| b.into_owned())
-            .filter(|b| !b.is_empty())
+        self.build_id.clone()
     }
 
     #[cfg(test)]
@@ -147,8 +149,12 @@ fn parts(file: &File, size: u64) -> Result<Vec<Part>, SnapshotError> {
         .read_bytes_at(0, 5)
         .map_err(|()| SnapshotError::NotElf("shorter than an ELF header".into()))?;
     let mut parts = match class {
-        [0x7f, b'E', b'L', b'F', 2] => parts_of::<object::elf::FileHeader64<Endianness>, _>(&data),
-        [0x7f, b'E', b'L', b'F', 1] => parts_of::<object::elf::FileHeader32<Endianness>, _>(&data),
+        [0x7f, b'E', b'L', b'F', 2] => {
+            parts_of::<object::elf::FileHeader64<Endianness>, _>(&data, size)
+        }
+        [0x7f, b'E', b'L', b'F', 1] => {
+            parts_of::<object::elf::FileHeader32<Endianness>, _>(&data, size)
+        }
         _ => Err(SnapshotError::NotElf("no ELF magic".into())),
     }?;
     for p in &parts {
@@ -163,7 +169,7 @@ fn parts(file: &File, size: u64) -> Result<Vec<Part>, SnapshotError> {
     Ok(parts)
 }
 
-fn parts_of<'d, Elf, R>(data: R) -> Result<Vec<Part>, SnapshotError>
+fn parts_of<'d, Elf, R>(data: R, file_size: u64) -> Result<Vec<Part>, SnapshotError>
 where
     Elf: FileHeader<Endian = Endianness>,
     R: ReadRef<'d>,
@@ -177,15 +183,34 @@ where
         dwarf: None,
     };
     let mut parts = vec![part(0, std::mem::size_of::<Elf>() as u64)];
-    let phnum = header.phnum(endian, data).map_err(bad)? as u64;
+    // Counts and sizes are the file's word: a product past u64 is a lie, not a panic.
+    let table = |num: usize, entsize: u16| {
+        (num as u64)
+            .checked_mul(u64::from(entsize))
+            .ok_or_else(|| SnapshotError::NotElf("a header table larger than any file".into()))
+    };
+    let phnum = header.phnum(endian, data).map_err(bad)?;
     parts.push(part(
         header.e_phoff(endian).into(),
-        phnum * u64::from(header.e_phentsize(endian)),
+        table(phnum, header.e_phentsize(endian))?,
     ));
+    // A loaded segment must lie in the file: the reader turns file offsets into addresses
+    // through them.
+    for ph in header.program_headers(endian, data).map_err(bad)? {
+        if ph.p_type(endian) == object::elf::PT_LOAD {
+            let (offset, size): (u64, u64) =
+                (ph.p_offset(endian).into(), ph.p_filesz(endian).into());
+            if offset.checked_add(size).is_none_or(|end| end > file_size) {
+                return Err(SnapshotError::NotElf(format!(
+                    "a loaded segment at {offset:#x}+{size:#x} lies past the end ({file_size:#x})"
+                )));
+            }
+        }
+    }
     let shoff: u64 = header.e_shoff(endian).into();
     let shentsize = u64::from(header.e_shentsize(endian));
-    let shnum = header.shnum(endian, data).map_err(bad)? as u64;
-    parts.push(part(shoff, shnum * shentsize));
+    let shnum = header.shnum(endian, data).map_err(bad)?;
+    parts.push(part(shoff, table(shnum, header.e_shentsize(endian))?));
     let sections = header.sections(endian, data).map_err(bad)?;
     for (index, section) in sections.iter().enumerate() {
         let name = sections.section_name(endian, section).unwrap_or(b"");
@@ -196,8 +221,11 @@ where
         ) || dwarf
             || name == b".gnu_debuglink";
         if let (true, Some((offset, len))) = (wanted, section.file_range(endian)) {
-            // `sh_type` is the second word of a section header in both ELF classes.
-            let type_at = shoff + index as u64 * shentsize + 4;
+            // `sh_type` is the second word of a section header in both ELF classes (the table
+            // was read, so this lies within the file).
+            let type_at = shoff
+                .wrapping_add((index as u64).wrapping_mul(shentsize))
+                .wrapping_add(4);
             parts.push(Part {
                 dwarf: dwarf.then_some((type_at, endian)),
                 ..part(offset, len)
@@ -205,6 +233,19 @@ where
         }
     }
     Ok(parts)
+}
+
+/// The GNU build id in the copy's notes (read with `object`, which returns errors on any
+/// input; blazesym's reader asserts on odd note alignments).
+fn build_id(copy: &File) -> Option<Vec<u8>> {
+    let data = ReadCache::new(copy);
+    let file = object::File::parse(&data).ok()?;
+    use object::Object as _;
+    file.build_id()
+        .ok()
+        .flatten()
+        .filter(|b| !b.is_empty())
+        .map(<[u8]>::to_vec)
 }
 
 /// An anonymous in-memory file of `size` bytes, all a hole.
@@ -350,6 +391,41 @@ mod tests {
         assert!(again.is_err() || again.unwrap().set_len(1).is_err());
         // Truncated while copied: an error, not a crash.
         assert!(Snapshot::of(&file, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn a_loaded_segment_past_the_end_is_an_error() {
+        // Found by fuzzing (elf_symbolize): a PT_LOAD whose offset + size overflows made
+        // blazesym's offset-to-address translation panic.
+        let mut bytes = std::fs::read("/proc/self/exe").unwrap();
+        let phoff = u64::from_le_bytes(bytes[0x20..0x28].try_into().unwrap()) as usize;
+        let phentsize = u16::from_le_bytes(bytes[0x36..0x38].try_into().unwrap()) as usize;
+        let load = (0..16)
+            .map(|i| phoff + i * phentsize)
+            .find(|&at| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) == 1)
+            .unwrap();
+        bytes[load + 0x20..load + 0x28].copy_from_slice(&u64::MAX.to_le_bytes()); // p_filesz
+        let dir = tempfile::tempdir().unwrap();
+        let lying = dir.path().join("segment.so");
+        std::fs::write(&lying, &bytes).unwrap();
+        assert!(matches!(
+            Snapshot::of(&File::open(&lying).unwrap(), 1 << 30),
+            Err(SnapshotError::NotElf(_))
+        ));
+    }
+
+    #[test]
+    fn a_section_count_past_any_file_is_an_error() {
+        // Found by fuzzing (elf_symbolize): e_shnum 0 and section 0's sh_size (the real count)
+        // near u64::MAX overflowed the size of the section header table.
+        let mut bytes = std::fs::read("/proc/self/exe").unwrap();
+        let shoff = u64::from_le_bytes(bytes[0x28..0x30].try_into().unwrap()) as usize;
+        bytes[0x3c..0x3e].copy_from_slice(&0u16.to_le_bytes());
+        bytes[shoff + 0x20..shoff + 0x28].copy_from_slice(&(u64::MAX / 3).to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let lying = dir.path().join("many.so");
+        std::fs::write(&lying, &bytes).unwrap();
+        assert!(Snapshot::of(&File::open(&lying).unwrap(), 1 << 30).is_err());
     }
 
     #[test]
