@@ -15,6 +15,7 @@
 //! (the default `KUBERNETES_SERVICE_HOST` is a ClusterIP, which is routed nowhere here).
 
 pub mod agent;
+pub mod chart;
 pub mod operator;
 
 use std::collections::BTreeMap;

@@ -6,82 +6,20 @@
 //! Needs the images `kprof/operator:dev` and `kprof/agent:dev` (`make images`; e2e/cluster-tests.sh
 //! builds them) and installs the release `kprof` in `kprof-system`, as `make demo` does.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment},
-    core::v1::Pod,
-};
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
 use kprof_crds::{Profile, labels};
-use kprof_e2e::{TestNamespace, build_python_image, poll_until, require_cluster};
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
+use kprof_e2e::{
+    TestNamespace, build_python_image,
+    chart::{
+        RELEASE, SHOP_IMAGE, SYSTEM_NS, helm, install, kubectl_apply, repo, run, shop_cpu_profile,
+        shop_cpu_selector, start_shop,
+    },
+    poll_until, require_cluster,
 };
-
-const SYSTEM_NS: &str = "kprof-system";
-const RELEASE: &str = "kprof";
-const SHOP_IMAGE: &str = "kprof/demo-shop:dev";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Runs a command with the test bed's tools; returns stdout, or fails with stderr.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
-}
-
-fn helm(args: &[&str]) -> Command {
-    let mut cmd = Command::new(kprof_e2e::k8s_bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", kprof_e2e::kubeconfig_path())
-        .args(args)
-        .current_dir(repo());
-    cmd
-}
-
-fn install(extra: &[&str]) -> Result<String> {
-    let mut args = vec![
-        "upgrade",
-        "--install",
-        RELEASE,
-        "charts/kprof",
-        "-n",
-        SYSTEM_NS,
-        "--create-namespace",
-        "--wait",
-        "--timeout",
-        "3m",
-        "-f",
-        "e2e/demo/testbed-values.yaml",
-    ];
-    args.extend_from_slice(extra);
-    run(&mut helm(&args))
-}
-
-fn kubectl_apply(yaml: &str) -> std::io::Result<std::process::Output> {
-    use std::io::Write;
-    let mut child = kprof_e2e::kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child.stdin.take().unwrap().write_all(yaml.as_bytes())?;
-    child.wait_with_output()
-}
+use kube::{Api, api::ListParams};
 
 #[tokio::test]
 async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
@@ -112,59 +50,11 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         "refusal does not explain the window: {stderr}"
     );
 
-    // The sample service and a target for it.
-    // Its own port: the pods share the host's network (a `make demo` shop may hold 8765).
-    let port = kprof_e2e::free_port()?.to_string();
-    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?
-        .replace("kprof-demo", ns.name())
-        .replace("8765", &port);
-    let deployments: Api<Deployment> = ns.api();
-    deployments
-        .create(&PostParams::default(), &serde_yaml::from_str(&shop)?)
-        .await?;
-    let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
-        .replace("kprof-demo", ns.name())
-        .replace("window: 10s", "window: 5s");
-    let out = kubectl_apply(&target)?;
-    ensure!(
-        out.status.success(),
-        "target refused: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    // Profiles of the service, with its own Python functions on top.
+    // The sample service and a target for it; Profiles with its own Python functions on top.
+    start_shop(&ns).await?;
     let profiles: Api<Profile> = ns.api();
-    let by_target = ListParams::default().labels(&format!(
-        "{}=shop,{}=cpu",
-        labels::TARGET,
-        labels::PROFILE_TYPE
-    ));
-    let first = poll_until(
-        "a Profile of the shop with samples",
-        Duration::from_secs(150),
-        Duration::from_secs(2),
-        || {
-            let profiles = profiles.clone();
-            let by_target = by_target.clone();
-            async move {
-                let list = profiles.list(&by_target).await?;
-                Ok(list.items.into_iter().find(|p| p.spec.samples > 20))
-            }
-        },
-    )
-    .await?;
-    let top: Vec<&str> = first
-        .spec
-        .top_functions
-        .iter()
-        .take(3)
-        .map(|f| f.function.as_str())
-        .collect();
-    ensure!(
-        top.iter()
-            .any(|f| f.starts_with("main.price_cart") || f.starts_with("main.render_receipt")),
-        "the top functions are not the service's Python functions: {top:?}"
-    );
+    let first = shop_cpu_profile(&profiles).await?;
+    let by_target = shop_cpu_selector();
     ensure!(
         first.spec.runtime.starts_with("cpython 3."),
         "runtime {:?}",

@@ -12,56 +12,27 @@
 //!
 //! Run: `KPROF_REQUIRE_CLUSTER=1 cargo test -p kprof-e2e --test least_privilege -- --nocapture`
 
-use std::{os::unix::fs::MetadataExt as _, path::PathBuf, process::Command, time::Duration};
+use std::os::unix::fs::MetadataExt as _;
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
-use kprof_crds::{Profile, labels};
+use k8s_openapi::api::core::v1::Pod;
+use kprof_crds::Profile;
 use kprof_e2e::{
     TestNamespace,
     agent::{http_get, metric},
-    build_python_image, poll_until, require_cluster,
+    build_python_image,
+    chart::{
+        RELEASE, SHOP_IMAGE, SYSTEM_NS, helm, install, repo, run, shop_cpu_profile, start_shop,
+    },
+    require_cluster,
 };
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-};
+use kube::{Api, api::ListParams};
 
-const SYSTEM_NS: &str = "kprof-system";
-const RELEASE: &str = "kprof";
-const SHOP_IMAGE: &str = "kprof/demo-shop:dev";
 const AGENT_UID: &str = "65532";
 /// CAP_SYS_PTRACE (19), CAP_SYSLOG (34), CAP_PERFMON (38), CAP_BPF (39).
 const AGENT_CAPS: u64 = (1 << 19) | (1 << 34) | (1 << 38) | (1 << 39);
 /// The agent's metrics port (hostNetwork on the test bed).
 const METRICS_PORT: u16 = 9464;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
-}
-
-fn helm(args: &[&str]) -> Command {
-    let mut cmd = Command::new(kprof_e2e::k8s_bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", kprof_e2e::kubeconfig_path())
-        .args(args)
-        .current_dir(repo());
-    cmd
-}
 
 /// `Field:\tvalue` of a `/proc/.../status` text.
 fn field<'a>(status: &'a str, name: &str) -> Result<&'a str> {
@@ -99,81 +70,14 @@ fn pid_of_container(id: &str, comm: &str) -> Result<u32> {
 async fn the_agent_runs_unprivileged_under_seccomp_and_still_profiles() -> Result<()> {
     let tb = require_cluster!(Ok(()));
     build_python_image(SHOP_IMAGE, &repo().join("e2e/demo/shop"), None)?;
-    run(&mut helm(&[
-        "upgrade",
-        "--install",
-        RELEASE,
-        "charts/kprof",
-        "-n",
-        SYSTEM_NS,
-        "--create-namespace",
-        "--wait",
-        "--timeout",
-        "3m",
-        "-f",
-        "e2e/demo/testbed-values.yaml",
-    ]))?;
+    install(&[])?;
     let ns = TestNamespace::new(&tb.client, "least-privilege").await?;
 
-    // A Python service and a target for it: the agent comes up for it.
-    let port = kprof_e2e::free_port()?.to_string();
-    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?
-        .replace("kprof-demo", ns.name())
-        .replace("8765", &port);
-    let deployments: Api<Deployment> = ns.api();
-    deployments
-        .create(&PostParams::default(), &serde_yaml::from_str(&shop)?)
-        .await?;
-    let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
-        .replace("kprof-demo", ns.name())
-        .replace("window: 10s", "window: 5s");
-    {
-        use std::io::Write as _;
-        let mut child = kprof_e2e::kubectl()
-            .args(["apply", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        child.stdin.take().unwrap().write_all(target.as_bytes())?;
-        ensure!(
-            child.wait()?.success(),
-            "kubectl apply of the target failed"
-        );
-    }
-
-    // It still profiles: a CPU Profile of the shop with its Python functions on top.
+    // A Python service and a target for it: the agent comes up for it, and still profiles: a
+    // CPU Profile of the shop with its Python functions on top.
+    start_shop(&ns).await?;
     let profiles: Api<Profile> = ns.api();
-    let by_target = ListParams::default().labels(&format!(
-        "{}=shop,{}=cpu",
-        labels::TARGET,
-        labels::PROFILE_TYPE
-    ));
-    let profile = poll_until(
-        "a CPU Profile of the shop with samples",
-        Duration::from_secs(150),
-        Duration::from_secs(2),
-        || {
-            let profiles = profiles.clone();
-            let by_target = by_target.clone();
-            async move {
-                let list = profiles.list(&by_target).await?;
-                Ok(list.items.into_iter().find(|p| p.spec.samples > 20))
-            }
-        },
-    )
-    .await?;
-    let top: Vec<&str> = profile
-        .spec
-        .top_functions
-        .iter()
-        .take(3)
-        .map(|f| f.function.as_str())
-        .collect();
-    ensure!(
-        top.iter()
-            .any(|f| f.starts_with("main.price_cart") || f.starts_with("main.render_receipt")),
-        "the top functions are not the shop's Python functions: {top:?}"
-    );
+    shop_cpu_profile(&profiles).await?;
 
     // The pod as the chart asks for it: started as uid 0 (without ambient capabilities in the
     // CRI a non-root container has none), no privilege escalation, the runtime's profile.

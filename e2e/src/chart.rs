@@ -1,0 +1,151 @@
+//! The Helm chart on the test bed, as the journey tests install it, and the demo's Python shop
+//! profiled under it.
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use kprof_crds::{Profile, labels};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+
+use crate::{TestNamespace, poll_until};
+
+/// Where the chart installs kprof, and its release name (as `make demo` does).
+pub const SYSTEM_NS: &str = "kprof-system";
+pub const RELEASE: &str = "kprof";
+/// The demo shop's image (`build_python_image(SHOP_IMAGE, repo().join("e2e/demo/shop"))`).
+pub const SHOP_IMAGE: &str = "kprof/demo-shop:dev";
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ is inside the repository")
+        .to_path_buf()
+}
+
+/// Runs a command with the test bed's tools; returns stdout, or fails with stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+/// `helm ARGS` against the test bed, from the repository's root.
+pub fn helm(args: &[&str]) -> Command {
+    let mut cmd = Command::new(crate::k8s_bin_dir().join("helm"));
+    cmd.env("KUBECONFIG", crate::kubeconfig_path())
+        .args(args)
+        .current_dir(repo());
+    cmd
+}
+
+/// `helm upgrade --install` of the chart with the test bed's values and `extra` arguments.
+pub fn install(extra: &[&str]) -> Result<String> {
+    let mut args = vec![
+        "upgrade",
+        "--install",
+        RELEASE,
+        "charts/kprof",
+        "-n",
+        SYSTEM_NS,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "3m",
+        "-f",
+        "e2e/demo/testbed-values.yaml",
+    ];
+    args.extend_from_slice(extra);
+    run(&mut helm(&args))
+}
+
+/// `kubectl apply -f -` of `yaml`.
+pub fn kubectl_apply(yaml: &str) -> std::io::Result<std::process::Output> {
+    use std::io::Write;
+    let mut child = crate::kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(yaml.as_bytes())?;
+    child.wait_with_output()
+}
+
+/// The demo shop (`e2e/demo/shop.yaml`) in `ns`, on a port of its own (the pods share the
+/// host's network, where a `make demo` shop may hold 8765), and its target with 5 s windows.
+pub async fn start_shop(ns: &TestNamespace) -> Result<()> {
+    let port = crate::free_port()?.to_string();
+    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?
+        .replace("kprof-demo", ns.name())
+        .replace("8765", &port);
+    let deployments: Api<Deployment> = ns.api();
+    deployments
+        .create(&PostParams::default(), &serde_yaml::from_str(&shop)?)
+        .await?;
+    let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
+        .replace("kprof-demo", ns.name())
+        .replace("window: 10s", "window: 5s");
+    let out = kubectl_apply(&target)?;
+    ensure!(
+        out.status.success(),
+        "target refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The shop target's CPU Profiles.
+pub fn shop_cpu_selector() -> ListParams {
+    ListParams::default().labels(&format!(
+        "{}=shop,{}=cpu",
+        labels::TARGET,
+        labels::PROFILE_TYPE
+    ))
+}
+
+/// The first CPU Profile of the shop with samples, checked to have the shop's own Python
+/// functions on top.
+pub async fn shop_cpu_profile(profiles: &Api<Profile>) -> Result<Profile> {
+    let by_target = shop_cpu_selector();
+    let first = poll_until(
+        "a CPU Profile of the shop with samples",
+        Duration::from_secs(150),
+        Duration::from_secs(2),
+        || {
+            let profiles = profiles.clone();
+            let by_target = by_target.clone();
+            async move {
+                let list = profiles.list(&by_target).await?;
+                Ok(list.items.into_iter().find(|p| p.spec.samples > 20))
+            }
+        },
+    )
+    .await?;
+    let top: Vec<&str> = first
+        .spec
+        .top_functions
+        .iter()
+        .take(3)
+        .map(|f| f.function.as_str())
+        .collect();
+    ensure!(
+        top.iter()
+            .any(|f| f.starts_with("main.price_cart") || f.starts_with("main.render_receipt")),
+        "the top functions are not the shop's Python functions: {top:?}"
+    );
+    Ok(first)
+}
