@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the single-node test bed cluster (make cluster-up):
 #   etcd -> kube-apiserver -> kube-controller-manager -> kube-scheduler
-#   -> containerd (own config/socket) -> pause image -> CNI config -> kubelet -> node Ready.
+#   -> containerd (own config/socket) -> pause image -> CNI config -> kubelet -> node Ready
+#   -> storage.sh (default StorageClass + local PersistentVolumes for PVCs).
 # Idempotent: on a running, healthy cluster it says so and exits 0; a half-started one is
 # torn down (down.sh) and started again. Every wait has a timeout; nothing sleeps blindly.
 # Options: --no-node   control plane only (etcd, apiserver, KCM, scheduler).
@@ -103,6 +104,8 @@ running=0; for n in "${all[@]}"; do pid_alive "$n" && running=$((running + 1)); 
 aggregation_on() { tr '\0' ' ' <"/proc/$(cat "$PIDS/kube-apiserver.pid")/cmdline" 2>/dev/null | grep -q -- --requestheader-client-ca-file; }
 if (( running == ${#all[@]} )) && api_ready && aggregation_on && { (( NO_NODE )) || node_ready; }; then
   log "test bed already running and healthy (node $NODE_NAME)"
+  # Volumes whose claims were deleted since: Available again.
+  (( NO_NODE )) || "$KPROF_TESTBED_DIR/storage.sh"
   (( NO_NODE )) || kc get nodes -o wide
   echo "export KUBECONFIG=$KUBECONFIG"
   exit 0
@@ -359,6 +362,9 @@ wait_for "node $NODE_NAME Ready" 180 node_ready || { kc describe node "$NODE_NAM
 # Node Ready can briefly precede the controller manager removing the not-ready taint.
 no_taints() { [[ -z "$(kc get node "$NODE_NAME" -o jsonpath='{.spec.taints}' 2>/dev/null)" ]]; }
 wait_for "node $NODE_NAME untainted (schedulable)" 60 no_taints || kc get node "$NODE_NAME" -o jsonpath='{.spec.taints}' >&2
+
+# --- storage: a default StorageClass and local PersistentVolumes (no provisioner here) ---------
+"$KPROF_TESTBED_DIR/storage.sh" || die "storage.sh failed"
 
 log "test bed up in $(( $(date +%s) - T0 ))s"
 kc get nodes -o wide

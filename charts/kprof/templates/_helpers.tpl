@@ -16,3 +16,19 @@ app.kubernetes.io/component: operator
 {{- define "kprof.image" -}}
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
 {{- end -}}
+
+{{/* Where the store keeps artifacts: "none" (store.url, an object store), "pvc" or "emptyDir". */}}
+{{- define "kprof.storeVolume" -}}
+{{- if .Values.store.url -}}none
+{{- else if .Values.store.persistence.enabled -}}pvc
+{{- else -}}emptyDir
+{{- end -}}
+{{- end -}}
+
+{{/* Non-empty when every replica on any node sees the same artifacts: an object store, or a
+     ReadWriteMany volume. */}}
+{{- define "kprof.storeShared" -}}
+{{- if .Values.store.url -}}true
+{{- else if and .Values.store.persistence.enabled (has "ReadWriteMany" .Values.store.persistence.accessModes) -}}true
+{{- end -}}
+{{- end -}}
