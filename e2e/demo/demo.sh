@@ -88,8 +88,16 @@ for type in wall lock threads; do
   echo "\$ kubectl kprof top -n $NS $p        # $type: $what"
   kubectl kprof top -n "$NS" "$p" | head -n 12
 done
-p=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop,kprof.io/type=threads \
-      --sort-by=.metadata.creationTimestamp -o jsonpath='{.items[-1:].metadata.name}')
+# A window's threads Profile arrives a few seconds after its cpu one: wait for it (an empty
+# list has no last item for `{.items[-1:]}`, hence the range).
+p=""
+for _ in $(seq 30); do
+  p=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop,kprof.io/type=threads \
+        --sort-by=.metadata.creationTimestamp \
+        -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}' | tail -n 1)
+  [[ -n "$p" ]] && break
+  sleep 1
+done
 if [[ -n "$p" ]]; then
   echo
   echo "\$ kubectl get profile -n $NS $p -o jsonpath='{.spec.threadSummary}'        # threads: counts, who creates them"
