@@ -18,7 +18,13 @@ if (( ${#targets[@]} == 0 )); then
   mapfile -t targets < <(cargo +"$NIGHTLY" fuzz list)
 fi
 # Every target is built once, up front (cargo fuzz run would build each on its turn).
-cargo +"$NIGHTLY" fuzz build -O --debug-assertions 2>&1 | grep -E "^(error|Finished)" || true
+build_log="$(mktemp)"
+if ! cargo +"$NIGHTLY" fuzz build -O --debug-assertions >"$build_log" 2>&1; then
+  cat "$build_log"
+  exit 1
+fi
+grep -E "^ *Finished" "$build_log" || true
+rm -f "$build_log"
 report=()
 status=0
 for t in "${targets[@]}"; do
@@ -26,10 +32,11 @@ for t in "${targets[@]}"; do
   cp -n seeds/"$t"/* "corpus/$t/" 2>/dev/null || true
   log="$(mktemp)"
   start=$(date +%s)
-  # Memory capped; the store's in-process server keeps buffers for the run (no leak checks).
+  # Memory capped, and time per input (a slow input is a bug too); the store's in-process
+  # server keeps buffers for the run (no leak checks).
   if cargo +"$NIGHTLY" fuzz run -O --debug-assertions "$t" "corpus/$t" -- \
-      -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -max_len=262144 -detect_leaks=0 \
-      -print_final_stats=1 >"$log" 2>&1; then
+      -max_total_time="$SECONDS_EACH" -rss_limit_mb=2048 -max_len=262144 -timeout=30 \
+      -detect_leaks=0 -print_final_stats=1 >"$log" 2>&1; then
     result=ok
   else
     result=CRASH

@@ -187,6 +187,20 @@ async fn flamegraph_top_and_pprof_by_profile() {
     let (status, _, _) =
         get(&s.url("/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/missing/top")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Fuzzing (store_routes): a name no object can have is no Profile (it was a 502: the
+    // store's request to the API server with it in the URL did not parse).
+    for bad in ["%60", "..", "A%3Fb"] {
+        let (status, _, _) = get(&s.url(&format!(
+            "/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/{bad}/top"
+        )))
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{bad}");
+    }
+    let (status, _, _) = get(&s.url(
+        "/apis/data.kprof.io/v1alpha1/namespaces/shop/profiles/checkout-cpu-1/diff?base=shop/%60",
+    ))
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // Diff and the web pages.
     let pprof2 = sample_pprof(10, 70);

@@ -10,6 +10,7 @@ pub mod builder;
 pub mod merge;
 pub mod types;
 pub mod views;
+mod wire;
 
 use std::io::{Read, Write};
 
@@ -50,6 +51,12 @@ pub mod mappings {
 
 /// Refuse to inflate a profile to more than this (a zip bomb guard): 512 MiB.
 pub const MAX_DECODED_BYTES: u64 = 512 << 20;
+
+/// Refuse a profile whose decoded messages would hold more than this in memory: 1 GiB. A few
+/// bytes on the wire can stand for a struct of tens (an empty sample: 2 bytes, 72 in memory),
+/// so a profile within [`MAX_DECODED_BYTES`] could otherwise ask for gigabytes; one as the
+/// agent writes it holds a few times its encoded size.
+pub const MAX_DECODED_MEMORY: u64 = 1 << 30;
 
 /// `perftools.profiles.Profile`.
 #[derive(Clone, PartialEq, Message)]
@@ -192,6 +199,8 @@ pub enum PprofError {
     Io(#[from] std::io::Error),
     #[error("the profile inflates to more than {MAX_DECODED_BYTES} bytes")]
     TooLarge,
+    #[error("the profile would take more than {MAX_DECODED_MEMORY} bytes of memory decoded")]
+    TooMuchMemory,
 }
 
 impl Profile {
@@ -204,10 +213,18 @@ impl Profile {
             if raw.len() as u64 > MAX_DECODED_BYTES {
                 return Err(PprofError::TooLarge);
             }
-            Ok(Self::decode(raw.as_slice())?)
+            Self::decode_bounded(&raw)
         } else {
-            Ok(Self::decode(bytes)?)
+            Self::decode_bounded(bytes)
         }
+    }
+
+    /// Decode `profile.proto` unless the result would take more than [`MAX_DECODED_MEMORY`].
+    fn decode_bounded(raw: &[u8]) -> Result<Self, PprofError> {
+        if wire::decoded_memory(raw).is_some_and(|m| m > MAX_DECODED_MEMORY) {
+            return Err(PprofError::TooMuchMemory);
+        }
+        Ok(Self::decode(raw)?)
     }
 
     /// Encode as gzip-compressed `profile.proto` (what `go tool pprof` and Pyroscope read).

@@ -30,6 +30,16 @@ pub struct Stack {
     pub value: i64,
 }
 
+/// The most that [`Stacks::from_profile`] copies out of a profile: 64 MiB of frames and
+/// process names (a profile as the agent writes one holds well under a MiB).
+pub const MAX_STACKS_BYTES: usize = 64 << 20;
+
+/// What one frame or stack costs besides its names, for [`MAX_STACKS_BYTES`].
+const STACK_BYTES: usize = std::mem::size_of::<Frame>();
+
+/// The one frame of the samples that [`Stacks::from_profile`] had no room left for.
+pub const TRUNCATED: &str = "[truncated: more stacks than kprof shows]";
+
 /// The stacks of a profile with their value for one sample type.
 #[derive(Clone, Debug, Default)]
 pub struct Stacks {
@@ -46,6 +56,11 @@ pub struct Stacks {
 
 impl Stacks {
     /// Resolve every sample of `p` into frames, with the value at `value_index`.
+    ///
+    /// Every frame is its own copy of its names, so a few bytes of a profile (a location id,
+    /// a label) can stand for a name of any length: the stacks hold at most
+    /// [`MAX_STACKS_BYTES`] of frames and process names. The samples past that limit are
+    /// counted in one [`TRUNCATED`] stack, so that the total still adds up.
     pub fn from_profile(p: &Profile, value_index: usize) -> Self {
         let functions: HashMap<u64, _> = p.function.iter().map(|f| (f.id, f)).collect();
         let locations: HashMap<u64, _> = p.location.iter().map(|l| (l.id, l)).collect();
@@ -63,11 +78,25 @@ impl Stacks {
             }),
             ..Default::default()
         };
-        for s in &p.sample {
+        // What the stacks hold so far, and where the samples past the limit are counted.
+        let mut held = 0usize;
+        let mut truncated: Option<usize> = None;
+        'samples: for s in &p.sample {
             let value = s.value.get(value_index).copied().unwrap_or(0);
             if value == 0 {
                 continue;
             }
+            out.total = out.total.saturating_add(value);
+            if let Some(i) = truncated {
+                out.stacks[i].value = out.stacks[i].value.saturating_add(value);
+                continue;
+            }
+            let mut budget = |bytes: usize| {
+                held = held.saturating_add(STACK_BYTES.saturating_add(bytes));
+                held <= MAX_STACKS_BYTES
+            };
+            let process = process(p, s);
+            let mut fits = budget(process.as_ref().map_or(0, String::len));
             let mut frames = Vec::new();
             for id in &s.location_id {
                 let Some(loc) = locations.get(id) else {
@@ -75,6 +104,10 @@ impl Stacks {
                 };
                 let module = modules.get(&loc.mapping_id).copied().unwrap_or("");
                 if loc.line.is_empty() {
+                    fits = fits && budget(module.len() + 18);
+                    if !fits {
+                        break;
+                    }
                     frames.push(Frame {
                         function: format!("0x{:x}", loc.address),
                         file: String::new(),
@@ -90,22 +123,42 @@ impl Stacks {
                             } else {
                                 p.str(f.system_name)
                             };
-                            (name.to_owned(), p.str(f.filename).to_owned())
+                            (name, p.str(f.filename))
                         }
-                        None => ("?".to_owned(), String::new()),
+                        None => ("?", ""),
                     };
+                    fits = fits && budget(function.len() + file.len() + module.len());
+                    if !fits {
+                        break;
+                    }
                     frames.push(Frame {
-                        function,
-                        file,
+                        function: function.to_owned(),
+                        file: file.to_owned(),
                         line: l.line,
                         module: module.to_owned(),
                     });
                 }
+                if !fits {
+                    break;
+                }
+            }
+            if !fits {
+                truncated = Some(out.stacks.len());
+                out.stacks.push(Stack {
+                    process: None,
+                    frames: vec![Frame {
+                        function: TRUNCATED.to_owned(),
+                        file: String::new(),
+                        line: 0,
+                        module: String::new(),
+                    }],
+                    value,
+                });
+                continue 'samples;
             }
             frames.reverse(); // leaf first in pprof, root first here
-            out.total = out.total.saturating_add(value);
             out.stacks.push(Stack {
-                process: process(p, s),
+                process,
                 frames,
                 value,
             });
@@ -127,7 +180,9 @@ impl Stacks {
             } else {
                 parts.join(";")
             };
-            *agg.entry(key).or_default() += s.value;
+            // Saturating, as `total` is: a profile's values are anyone's numbers.
+            let count = agg.entry(key).or_default();
+            *count = count.saturating_add(s.value);
         }
         agg.into_iter().map(|(k, v)| format!("{k} {v}")).collect()
     }
@@ -159,10 +214,10 @@ impl Stacks {
                 let key = (f.function.as_str(), f.file.as_str());
                 let e = acc.entry(key).or_default();
                 if seen.insert(key) {
-                    e.total += s.value;
+                    e.total = e.total.saturating_add(s.value);
                 }
                 if i == self_at {
-                    e.self_ += s.value;
+                    e.self_ = e.self_.saturating_add(s.value);
                 }
                 if f.line > 0 && (e.line == 0 || f.line < e.line) {
                     e.line = f.line;
@@ -208,7 +263,13 @@ fn process(p: &Profile, s: &crate::Sample) -> Option<String> {
 }
 
 fn folded_frame(f: &Frame) -> String {
-    let mut s = sanitize(&f.function);
+    // A frame without a name would be an empty box, and a stack of only such frames a line
+    // that inferno cannot read (its count taken for the stack): both show as `[unknown]`.
+    let mut s = if f.function.trim().is_empty() {
+        "[unknown]".to_owned()
+    } else {
+        sanitize(&f.function)
+    };
     if f.module == mappings::KERNEL {
         s.push_str("_[k]");
     } else if f.module == mappings::PYTHON && f.line > 0 && !f.file.is_empty() {
@@ -611,5 +672,77 @@ mod tests {
         assert_eq!(g[0].delta_percent, 60.0);
         let svg = String::from_utf8(diff_svg(&before, &after, "diff")).unwrap();
         assert!(svg.contains("app.idle"));
+    }
+
+    /// Fuzzing (pprof_views): two samples of one stack whose values add past i64::MAX
+    /// overflowed the folded stacks' and the top table's sums (a panic with overflow checks,
+    /// a wrapped negative count without). They saturate, as the total does.
+    #[test]
+    fn huge_values_saturate_in_folded_and_top() {
+        let mut p = synthetic(
+            &[(&["main", "app.work"], 1), (&["main", "app.work"], 1)],
+            1,
+            1,
+        );
+        for s in &mut p.sample {
+            s.value = vec![i64::MAX, i64::MAX];
+        }
+        let s = Stacks::from_profile(&p, 0);
+        assert_eq!(s.total, i64::MAX);
+        assert_eq!(s.folded(), vec![format!("main;app.work {}", i64::MAX)]);
+        let top = s.top();
+        assert_eq!(top[0].self_value, i64::MAX);
+        assert!(top.iter().all(|r| r.total_value == i64::MAX));
+        assert!(!flamegraph_svg(&s, "t").is_empty());
+        assert!(!diff_svg(&s, &s, "t").is_empty());
+    }
+
+    /// Fuzzing (pprof_views): a 250 KB profile whose one sample repeats a location with a
+    /// 100 KB function name 150,000 times asked for 15 GB of frames (and as much again for the
+    /// folded stacks). The stacks stop at MAX_STACKS_BYTES; what is left is counted in one
+    /// truncated stack, and the total still adds up.
+    #[test]
+    fn long_names_in_deep_stacks_are_truncated_not_copied_without_end() {
+        let long = "f".repeat(1 << 20);
+        let deep: Vec<&str> = vec![long.as_str(); 100];
+        let p = synthetic(
+            &[(&["main", "app.work"], 1), (&deep, 2), (&["main"], 4)],
+            1,
+            1,
+        );
+        let s = Stacks::from_profile(&p, 0);
+        assert_eq!(s.total, 7);
+        assert_eq!(s.stacks.len(), 2);
+        assert_eq!(s.stacks[0].frames.len(), 2);
+        assert_eq!(s.stacks[1].frames[0].function, TRUNCATED);
+        assert_eq!(s.stacks[1].value, 6);
+        let held: usize = s
+            .stacks
+            .iter()
+            .flat_map(|s| &s.frames)
+            .map(|f| f.function.len() + f.file.len())
+            .sum();
+        assert!(held <= MAX_STACKS_BYTES);
+        assert_eq!(
+            s.folded(),
+            vec![
+                "[truncated: more stacks than kprof shows] 6",
+                "main;app.work 1"
+            ]
+        );
+    }
+
+    /// Fuzzing (pprof_views, crash-a1088dff): a stack whose frames have no name folded to
+    /// " 2", which inferno trims to "2" and drops: the flame graph showed 11 of 13 samples.
+    #[test]
+    fn nameless_frames_fold_to_unknown_and_count_in_the_flame_graph() {
+        let p = synthetic(&[(&[""], 2), (&["", " "], 4), (&["main"], 1)], 1, 1);
+        let s = Stacks::from_profile(&p, 0);
+        assert_eq!(
+            s.folded(),
+            vec!["[unknown] 2", "[unknown];[unknown] 4", "main 1"]
+        );
+        let svg = String::from_utf8(flamegraph_svg(&s, "t")).unwrap();
+        assert!(svg.contains("<title>all (7 count, 100%)</title>"), "{svg}");
     }
 }
