@@ -68,6 +68,19 @@ pub fn install(extra: &[&str]) -> Result<String> {
     run(&mut helm(&args))
 }
 
+/// `helm uninstall` of the release, waiting for its objects to go.
+pub fn uninstall() -> Result<String> {
+    run(&mut helm(&[
+        "uninstall",
+        RELEASE,
+        "-n",
+        SYSTEM_NS,
+        "--wait",
+        "--timeout",
+        "2m",
+    ]))
+}
+
 /// `kubectl apply -f -` of `yaml`.
 pub fn kubectl_apply(yaml: &str) -> std::io::Result<std::process::Output> {
     use std::io::Write;
@@ -86,16 +99,28 @@ pub fn kubectl_apply(yaml: &str) -> std::io::Result<std::process::Output> {
 }
 
 /// The demo shop (`e2e/demo/shop.yaml`) in `ns`, on a port of its own (the pods share the
-/// host's network, where a `make demo` shop may hold 8765), and its target with 5 s windows.
-pub async fn start_shop(ns: &TestNamespace) -> Result<()> {
+/// host's network, where a `make demo` shop may hold 8765).
+pub async fn create_shop(ns: &TestNamespace) -> Result<()> {
     let port = crate::free_port()?.to_string();
     let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?
         .replace("kprof-demo", ns.name())
-        .replace("8765", &port);
+        .replace("8765", &port)
+        // The shop does not handle SIGTERM: without this, deleting its namespace waits out the
+        // default 30 s grace period, whatever kprof does.
+        .replace(
+            "      hostNetwork: true",
+            "      hostNetwork: true\n      terminationGracePeriodSeconds: 1",
+        );
     let deployments: Api<Deployment> = ns.api();
     deployments
         .create(&PostParams::default(), &serde_yaml::from_str(&shop)?)
         .await?;
+    Ok(())
+}
+
+/// [`create_shop`] and the demo's target for it, with 5 s windows.
+pub async fn start_shop(ns: &TestNamespace) -> Result<()> {
+    create_shop(ns).await?;
     let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
         .replace("kprof-demo", ns.name())
         .replace("window: 10s", "window: 5s");

@@ -14,8 +14,8 @@ use kprof_crds::{Profile, labels};
 use kprof_e2e::{
     TestNamespace, build_python_image,
     chart::{
-        RELEASE, SHOP_IMAGE, SYSTEM_NS, helm, install, kubectl_apply, repo, run, shop_cpu_profile,
-        shop_cpu_selector, start_shop,
+        SHOP_IMAGE, SYSTEM_NS, install, kubectl_apply, repo, shop_cpu_profile, shop_cpu_selector,
+        start_shop, uninstall,
     },
     poll_until, require_cluster,
 };
@@ -264,15 +264,7 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
     .await?;
 
     // helm uninstall: no operator, no agent DaemonSet, no agent pod left.
-    run(&mut helm(&[
-        "uninstall",
-        RELEASE,
-        "-n",
-        SYSTEM_NS,
-        "--wait",
-        "--timeout",
-        "2m",
-    ]))?;
+    uninstall()?;
     let pods: Api<Pod> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
     poll_until(
         "no kprof object left in kprof-system",

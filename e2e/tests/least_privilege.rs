@@ -21,9 +21,7 @@ use kprof_e2e::{
     TestNamespace,
     agent::{http_get, metric},
     build_python_image,
-    chart::{
-        RELEASE, SHOP_IMAGE, SYSTEM_NS, helm, install, repo, run, shop_cpu_profile, start_shop,
-    },
+    chart::{SHOP_IMAGE, SYSTEM_NS, install, repo, shop_cpu_profile, start_shop, uninstall},
     require_cluster,
 };
 use kube::{Api, api::ListParams};
@@ -188,14 +186,6 @@ async fn the_agent_runs_unprivileged_under_seccomp_and_still_profiles() -> Resul
         spool.gid()
     );
 
-    run(&mut helm(&[
-        "uninstall",
-        RELEASE,
-        "-n",
-        SYSTEM_NS,
-        "--wait",
-        "--timeout",
-        "2m",
-    ]))?;
+    uninstall()?;
     Ok(())
 }

@@ -25,7 +25,6 @@
 
 use std::{
     io::Write as _,
-    path::PathBuf,
     process::Command,
     sync::{
         Arc, Mutex,
@@ -41,11 +40,15 @@ use k8s_openapi::api::{
     core::v1::{Namespace, PersistentVolumeClaim, Pod},
 };
 use kprof_crds::{Profile, labels};
-use kprof_e2e::{TestNamespace, build_python_image, poll_until, require_cluster};
+use kprof_e2e::{
+    TestNamespace, build_python_image,
+    chart::{SHOP_IMAGE, SYSTEM_NS, create_shop, install, kubectl_apply, repo, run, uninstall},
+    poll_until, require_cluster,
+};
 use kprof_operator::store::pprof;
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams},
     client::Body,
 };
 use tokio::{
@@ -53,9 +56,6 @@ use tokio::{
     task::JoinHandle,
 };
 
-const SYSTEM_NS: &str = "kprof-system";
-const RELEASE: &str = "kprof";
-const SHOP_IMAGE: &str = "kprof/demo-shop:dev";
 const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=kprof,app.kubernetes.io/component=operator";
 const API: &str = "/apis/data.kprof.io/v1alpha1";
 /// How long one read may take, retries included, while a replica is down.
@@ -65,37 +65,9 @@ const KILL_WINDOW: Duration = Duration::from_secs(30);
 /// The bound for deleting a namespace while one replica is down.
 const NS_DELETE_BOUND: Duration = Duration::from_secs(90);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 /// Figures for the log even when the test passes (libtest captures `eprintln!`).
 fn report(line: &str) {
     let _ = std::io::stderr().write_all(format!("store_ha: {line}\n").as_bytes());
-}
-
-/// Runs a command with the test bed's tools; returns stdout, or fails with stderr.
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
-}
-
-fn helm(args: &[&str]) -> Command {
-    let mut cmd = Command::new(kprof_e2e::k8s_bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", kprof_e2e::kubeconfig_path())
-        .args(args)
-        .current_dir(repo());
-    cmd
 }
 
 fn kubectl(args: &[&str]) -> Result<String> {
@@ -275,32 +247,83 @@ async fn read_until_ok(
     }
 }
 
-/// The shop (hostNetwork, its own port) and a cpu ProfilingTarget for it in `ns` (retention
-/// high enough that no Profile is deleted while the test runs).
+/// Reads done while a replica was away.
+struct Reads {
+    count: u32,
+    retried: u32,
+    extra_attempts: u32,
+    /// Sorted.
+    latencies: Vec<Duration>,
+}
+
+impl std::fmt::Display for Reads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} reads, all served; {} needed a retry ({} extra attempts); latency p50 {:?}, p99 {:?}, max {:?}",
+            self.count,
+            self.retried,
+            self.extra_attempts,
+            percentile(&self.latencies, 0.5),
+            percentile(&self.latencies, 0.99),
+            self.latencies.last().copied().unwrap_or_default()
+        )
+    }
+}
+
+/// Reads `profiles` round robin until `window` after `since` (`after` names the event), each
+/// within [`READ_BUDGET`]: one that fails for good fails the test.
+async fn read_for(
+    client: &Client,
+    profiles: &[Profile],
+    since: Instant,
+    window: Duration,
+    after: &str,
+) -> Result<Reads> {
+    let mut r = Reads {
+        count: 0,
+        retried: 0,
+        extra_attempts: 0,
+        latencies: Vec::new(),
+    };
+    while since.elapsed() < window {
+        let p = &profiles[r.count as usize % profiles.len()];
+        let (attempts, took) = read_until_ok(client, p, READ_BUDGET)
+            .await
+            .with_context(|| {
+                format!(
+                    "read {} at {:?} after {after}",
+                    r.count + 1,
+                    since.elapsed()
+                )
+            })?;
+        r.count += 1;
+        if attempts > 1 {
+            r.retried += 1;
+            r.extra_attempts += attempts - 1;
+        }
+        r.latencies.push(took);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r.latencies.sort();
+    Ok(r)
+}
+
+/// The shop and a cpu ProfilingTarget for it in `ns` (retention high enough that no Profile
+/// is deleted while the test runs).
 async fn start_shop(ns: &TestNamespace) -> Result<()> {
-    let port = kprof_e2e::free_port()?.to_string();
-    let shop = std::fs::read_to_string(repo().join("e2e/demo/shop.yaml"))?
-        .replace("kprof-demo", ns.name())
-        .replace("8765", &port)
-        // The shop does not handle SIGTERM: without this a namespace deletion would wait the
-        // default 30 s grace period for its pod, whatever kprof does.
-        .replace(
-            "      hostNetwork: true",
-            "      hostNetwork: true\n      terminationGracePeriodSeconds: 1",
-        );
-    let deployments: Api<Deployment> = ns.api();
-    deployments
-        .create(&PostParams::default(), &serde_yaml::from_str(&shop)?)
-        .await?;
+    create_shop(ns).await?;
     let target = format!(
         "apiVersion: kprof.io/v1alpha1\nkind: ProfilingTarget\nmetadata: {{name: shop, namespace: {}}}\n\
          spec: {{selector: {{matchLabels: {{app: shop}}}}, profileTypes: [cpu], sampleHz: 99, window: 5s, retention: {{maxProfiles: 500}}}}\n",
         ns.name()
     );
-    let path = std::env::temp_dir().join(format!("store-ha-target-{}.yaml", ns.name()));
-    std::fs::write(&path, target)?;
-    kubectl(&["apply", "-f", &path.display().to_string()])?;
-    let _ = std::fs::remove_file(path);
+    let out = kubectl_apply(&target)?;
+    ensure!(
+        out.status.success(),
+        "target refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -394,26 +417,9 @@ async fn two_replicas_survive_a_kill_and_a_restart_keeps_artifacts() -> Result<(
     )?;
     let values_arg = values.display().to_string();
     let install = |extra: &[&str]| {
-        let mut args = vec![
-            "upgrade",
-            "--install",
-            RELEASE,
-            "charts/kprof",
-            "-n",
-            SYSTEM_NS,
-            "--create-namespace",
-            "--wait",
-            "--timeout",
-            "3m",
-            "-f",
-            "e2e/demo/testbed-values.yaml",
-            "-f",
-            &values_arg,
-            "--set",
-            "operator.replicas=2",
-        ];
+        let mut args = vec!["-f", &values_arg, "--set", "operator.replicas=2"];
         args.extend_from_slice(extra);
-        run(&mut helm(&args))
+        install(&args)
     };
     install(&[])?;
 
@@ -530,27 +536,7 @@ async fn two_replicas_survive_a_kill_and_a_restart_keeps_artifacts() -> Result<(
     };
 
     // Reads for KILL_WINDOW, round robin over A's Profiles.
-    let mut latencies = Vec::new();
-    let (mut reads, mut retried, mut extra_attempts) = (0u32, 0u32, 0u32);
-    while killed_at.elapsed() < KILL_WINDOW {
-        let p = &before[reads as usize % before.len()];
-        let (attempts, took) = read_until_ok(&client, p, READ_BUDGET)
-            .await
-            .with_context(|| {
-                format!(
-                    "read {} at {:?} after the kill",
-                    reads + 1,
-                    killed_at.elapsed()
-                )
-            })?;
-        reads += 1;
-        if attempts > 1 {
-            retried += 1;
-            extra_attempts += attempts - 1;
-        }
-        latencies.push(took);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let reads = read_for(&client, &before, killed_at, KILL_WINDOW, "the kill").await?;
     let (ns_took, discovery_failures) = deletion.await??;
     let serving = operator_pods(&client)
         .await?
@@ -561,14 +547,9 @@ async fn two_replicas_survive_a_kill_and_a_restart_keeps_artifacts() -> Result<(
         serving == 1,
         "{serving} operator replicas ready during the kill phase, want exactly 1"
     );
-    latencies.sort();
     report(&format!(
-        "one replica down for {:?}: {reads} reads, all served; {retried} needed a retry \
-         ({extra_attempts} extra attempts); latency p50 {:?}, p99 {:?}, max {:?}",
-        killed_at.elapsed(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or_default()
+        "one replica down for {:?}: {reads}",
+        killed_at.elapsed()
     ));
     report(&format!(
         "namespace {ns_b_name} (with Profiles) deleted in {ns_took:?} with one replica down \
@@ -647,35 +628,17 @@ async fn two_replicas_survive_a_kill_and_a_restart_keeps_artifacts() -> Result<(
     report(&format!(
         "SIGKILLed the operator process {pid} of {new_leader} (its pod stays; the kubelet restarts it)"
     ));
-    let mut latencies = Vec::new();
-    let (mut reads, mut retried, mut extra_attempts) = (0u32, 0u32, 0u32);
-    while sigkill_at.elapsed() < Duration::from_secs(20) {
-        let p = &before[reads as usize % before.len()];
-        let (attempts, took) = read_until_ok(&client, p, READ_BUDGET)
-            .await
-            .with_context(|| {
-                format!(
-                    "read {} at {:?} after the SIGKILL",
-                    reads + 1,
-                    sigkill_at.elapsed()
-                )
-            })?;
-        reads += 1;
-        if attempts > 1 {
-            retried += 1;
-            extra_attempts += attempts - 1;
-        }
-        latencies.push(took);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    latencies.sort();
+    let reads = read_for(
+        &client,
+        &before,
+        sigkill_at,
+        Duration::from_secs(20),
+        "the SIGKILL",
+    )
+    .await?;
     report(&format!(
-        "process killed: {reads} reads in {:?}, all served; {retried} needed a retry \
-         ({extra_attempts} extra attempts); latency p50 {:?}, p99 {:?}, max {:?}",
-        sigkill_at.elapsed(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or_default()
+        "process killed: {reads} in {:?}",
+        sigkill_at.elapsed()
     ));
     poll_until(
         "the killed replica restarted and 2 replicas ready",
@@ -776,15 +739,7 @@ async fn two_replicas_survive_a_kill_and_a_restart_keeps_artifacts() -> Result<(
     ));
 
     // --- clean up --------------------------------------------------------------------------
-    run(&mut helm(&[
-        "uninstall",
-        RELEASE,
-        "-n",
-        SYSTEM_NS,
-        "--wait",
-        "--timeout",
-        "2m",
-    ]))?;
+    uninstall()?;
     let _ = std::fs::remove_file(&values);
     poll_until(
         "no operator pod left",

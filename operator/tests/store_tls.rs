@@ -39,16 +39,7 @@ fn ca(name: &str) -> Ca {
 }
 
 /// A certificate signed by `ca`: (chain, key).
-fn leaf(
-    ca: &Ca,
-    cn: &str,
-    sans: &[&str],
-) -> (
-    Vec<CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-    String,
-    String,
-) {
+fn leaf(ca: &Ca, cn: &str, sans: &[&str]) -> Leaf {
     let mut p =
         CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     p.distinguished_name.push(DnType::CommonName, cn);
@@ -66,12 +57,7 @@ fn leaf(
 async fn tls_get(
     addr: std::net::SocketAddr,
     serving_ca: &Ca,
-    client: Option<&(
-        Vec<CertificateDer<'static>>,
-        PrivateKeyDer<'static>,
-        String,
-        String,
-    )>,
+    client: Option<&Leaf>,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (StatusCode, String) {
@@ -82,12 +68,7 @@ async fn tls_get(
 async fn tls_request(
     addr: std::net::SocketAddr,
     serving_ca: &Ca,
-    client: Option<&(
-        Vec<CertificateDer<'static>>,
-        PrivateKeyDer<'static>,
-        String,
-        String,
-    )>,
+    client: Option<&Leaf>,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -142,8 +123,7 @@ async fn reads_only_from_the_front_proxy_for_a_user() {
     let serving_ca = Arc::new(ca("kprof-api-ca"));
     let serving = leaf(&serving_ca, "kprof-api", &["kprof-api.kprof-system.svc"]);
     let tls_dir = tempfile::tempdir().unwrap();
-    std::fs::write(tls_dir.path().join("tls.crt"), &serving.2).unwrap();
-    std::fs::write(tls_dir.path().join("tls.key"), &serving.3).unwrap();
+    write_serving(tls_dir.path(), &serving);
 
     let api: Shared = Arc::new(Mutex::new(FakeApi {
         auth_configmap: json!({
@@ -158,13 +138,7 @@ async fn reads_only_from_the_front_proxy_for_a_user() {
     }));
     let s = TestStore::start_with(
         1 << 20,
-        Readers::FrontProxy(ApiListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert_file: tls_dir.path().join("tls.crt"),
-            key_file: tls_dir.path().join("tls.key"),
-            reload_interval: std::time::Duration::from_secs(60),
-            tls_uploads: false,
-        }),
+        front_proxy(tls_dir.path(), std::time::Duration::from_secs(60), false),
         api.clone(),
     )
     .await;
@@ -299,11 +273,7 @@ async fn a_rotated_front_proxy_ca_and_serving_certificate_are_taken_without_a_re
     let (old_serving_ca, new_serving_ca) = (ca("kprof-api-ca-1"), ca("kprof-api-ca-2"));
     let serving = |ca: &Ca| leaf(ca, "kprof-api", &["kprof-api.kprof-system.svc"]);
     let tls_dir = tempfile::tempdir().unwrap();
-    let write_serving = |cert: &(_, _, String, String)| {
-        std::fs::write(tls_dir.path().join("tls.crt"), &cert.2).unwrap();
-        std::fs::write(tls_dir.path().join("tls.key"), &cert.3).unwrap();
-    };
-    write_serving(&serving(&old_serving_ca));
+    write_serving(tls_dir.path(), &serving(&old_serving_ca));
     let api: Shared = Arc::new(Mutex::new(FakeApi {
         auth_configmap: auth(&old_ca),
         readers: vec![("alice".into(), "shop".into())],
@@ -311,13 +281,7 @@ async fn a_rotated_front_proxy_ca_and_serving_certificate_are_taken_without_a_re
     }));
     let s = TestStore::start_with(
         1 << 20,
-        Readers::FrontProxy(ApiListener {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            cert_file: tls_dir.path().join("tls.crt"),
-            key_file: tls_dir.path().join("tls.key"),
-            reload_interval: std::time::Duration::from_millis(100),
-            tls_uploads: false,
-        }),
+        front_proxy(tls_dir.path(), std::time::Duration::from_millis(100), false),
         api.clone(),
     )
     .await;
@@ -329,7 +293,7 @@ async fn a_rotated_front_proxy_ca_and_serving_certificate_are_taken_without_a_re
 
     // Both rotate: the API server's front-proxy CA, and the Secret behind the serving files.
     api.lock().unwrap().auth_configmap = auth(&new_ca);
-    write_serving(&serving(new_serving_ca));
+    write_serving(tls_dir.path(), &serving(new_serving_ca));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while get(new_serving_ca, new_proxy).await != StatusCode::OK {
         assert!(
@@ -341,6 +305,28 @@ async fn a_rotated_front_proxy_ca_and_serving_certificate_are_taken_without_a_re
     // The old front-proxy certificate no longer passes, and the old serving certificate is gone.
     assert_ne!(get(new_serving_ca, old_proxy).await, StatusCode::OK);
     assert_ne!(get(old_serving_ca, new_proxy).await, StatusCode::OK);
+}
+
+/// The store's readers as `kprof-operator run` configures them, with the serving certificate in
+/// `dir` (see [`write_serving`]).
+fn front_proxy(
+    dir: &std::path::Path,
+    reload_interval: std::time::Duration,
+    tls_uploads: bool,
+) -> Readers {
+    Readers::FrontProxy(ApiListener {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert_file: dir.join("tls.crt"),
+        key_file: dir.join("tls.key"),
+        reload_interval,
+        tls_uploads,
+    })
+}
+
+/// The serving certificate and key as the Secret's files in `dir`.
+fn write_serving(dir: &std::path::Path, cert: &Leaf) {
+    std::fs::write(dir.join("tls.crt"), &cert.2).unwrap();
+    std::fs::write(dir.join("tls.key"), &cert.3).unwrap();
 }
 
 type Leaf = (
@@ -387,19 +373,12 @@ async fn uploads_go_over_tls_with_a_token_meant_for_the_store() {
         &["kprof-api.kprof-system.svc", "kprof-store.kprof-system.svc"],
     );
     let tls_dir = tempfile::tempdir().unwrap();
-    std::fs::write(tls_dir.path().join("tls.crt"), &serving.2).unwrap();
-    std::fs::write(tls_dir.path().join("tls.key"), &serving.3).unwrap();
+    write_serving(tls_dir.path(), &serving);
     let api: Shared = Arc::new(Mutex::new(FakeApi {
         auth_configmap: json!({"requestheader-client-ca-file": front_proxy_ca.cert.pem()}),
         ..Default::default()
     }));
-    let readers = Readers::FrontProxy(ApiListener {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        cert_file: tls_dir.path().join("tls.crt"),
-        key_file: tls_dir.path().join("tls.key"),
-        reload_interval: std::time::Duration::from_secs(60),
-        tls_uploads: true,
-    });
+    let readers = front_proxy(tls_dir.path(), std::time::Duration::from_secs(60), true);
     let s = TestStore::start_configured(api, |c| {
         c.readers = readers;
         c.upload_audience = Some(kprof_operator::store::UPLOAD_AUDIENCE.into());

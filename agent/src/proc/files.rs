@@ -183,6 +183,14 @@ pub fn identity(file: &File) -> io::Result<(u64, u64, u64, i64)> {
     Ok((md.dev(), md.ino(), md.size(), md.mtime()))
 }
 
+/// A FIFO at `path`, where a tenant would put one (tests).
+#[cfg(test)]
+pub(crate) fn make_fifo(path: &std::path::Path) {
+    let c = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,9 +205,7 @@ mod tests {
         assert!(open_in_root(me, exe.to_str().unwrap()).is_ok());
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("libfifo.so");
-        let c = CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        make_fifo(&fifo);
         // Returns at once (non-blocking) and refuses it.
         let err = open_in_root(me, fifo.to_str().unwrap()).unwrap_err();
         assert!(matches!(err, OpenError::NotRegular { .. }), "{err}");

@@ -594,9 +594,7 @@ mod tests {
             if swap == "symlink" {
                 std::os::unix::fs::symlink("/etc/hostname", &lib).unwrap();
             } else {
-                let c = std::ffi::CString::new(lib.to_str().unwrap()).unwrap();
-                // SAFETY: a valid NUL-terminated path.
-                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+                crate::proc::files::make_fifo(&lib);
             }
             let m = s.module(me, &mapped);
             assert!(
