@@ -176,7 +176,10 @@ fn attribute(p: &AggregatedProfile, pids: Option<&[u32]>) -> Attribution {
                 .stack
                 .iter()
                 .take(12)
-                .map(|f| f.function.to_string())
+                .map(|f| match f.module.as_deref() {
+                    Some(m) => format!("{}@{}", f.function, m.rsplit('/').next().unwrap_or(m)),
+                    None => f.function.to_string(),
+                })
                 .collect();
             a.uncategorized_top
                 .push((n, format!("[{}] {}", key.thread, s.join(" <- "))));
@@ -285,7 +288,10 @@ fn attribution_every_version() {
             py(PyStat::NoThreadState) + py(PyStat::TsdReadErr) + py(PyStat::NoFrame),
         );
         let walked_pct = 100.0 * walked as f64 / rec.stats.events.max(1) as f64;
-        line.push_str(&format!(" walked={walked_pct:.1}%"));
+        line.push_str(&format!(
+            " walked={walked_pct:.1}% frame_read_err={}",
+            py(PyStat::FrameReadErr)
+        ));
         if walked_pct < 90.0 || py(PyStat::Frames) < 3 * walked {
             errs.push(format!(
                 "walker counters: {:?} of {} samples",
@@ -295,6 +301,11 @@ fn attribution_every_version() {
         eprintln!("{}{line}", if errs.is_empty() { "PASS " } else { "FAIL " });
         if !errs.is_empty() {
             eprintln!("      {errs:?} warnings={:?}", a.warnings);
+            let mut top = a.uncategorized_top.clone();
+            top.sort_by_key(|x| std::cmp::Reverse(x.0));
+            for (n, s) in top.iter().take(5) {
+                eprintln!("      uncategorized {n}: {}", &s[..s.len().min(400)]);
+            }
             failures.push(interp.name.clone());
         }
         report.push(line);
