@@ -44,8 +44,11 @@ test: deps test-unit fuzz-ci test-kernel test-cluster ## Run every test tier (ne
 test-unit: ## Unit and in-process tests: pure logic, API schema and CEL, store, CLI errors; no root
 	$(CARGO) test --workspace --lib --bins
 	$(CARGO) test -p kprof-crds --test '*'
-	$(CARGO) test -p kprof-operator --test '*'
+	$(CARGO) test -p kprof-store --test '*'
 	$(CARGO) test -p kprof-agent --test cli
+	@# kubectl-kprof is a client: it must not link the store's server side.
+	@if $(CARGO) tree -p kprof-plugin -e normal --prefix none | grep -E '^(axum|object_store|opentelemetry-proto|reqwest|kprof-store) '; then \
+		echo "kprof-plugin links the store's server side (above)"; exit 1; fi
 
 .PHONY: fuzz fuzz-ci
 FUZZ_SECONDS ?= 300
@@ -75,7 +78,7 @@ cluster-down: ## Stop the test cluster and everything it started
 
 .PHONY: images
 images: ## Build the operator and agent images and import them into the test cluster's containerd
-	$(CARGO) build --bins -p kprof-operator -p kprof-agent
+	$(CARGO) build --bins -p kprof-operator -p kprof-plugin -p kprof-agent
 	e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof
 	e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent
 
@@ -88,7 +91,7 @@ bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, a
 	agent/bench/shop.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh
-	$(CARGO) run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000
+	$(CARGO) run --release -p kprof-store --bin kprof-store-bench -- --uploaders 100 --profiles 3000
 	. e2e/testbed/env.sh && e2e/testbed/up.sh && $(CARGO) run --release -p kprof-e2e --bin kprof-operator-bench
 
 .PHONY: demo

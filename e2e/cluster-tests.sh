@@ -17,7 +17,7 @@ trap cleanup EXIT
 
 # The e2e tests run the agent and the plugin binaries from target/debug, and the Helm journey
 # installs the images made from them.
-cargo build --bins -p kprof-agent -p kprof-operator
+cargo build --bins -p kprof-agent -p kprof-operator -p kprof-plugin
 e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof >/dev/null
 e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent >/dev/null
 # Tests run their own operator and store on this host: a release left by `make demo` would

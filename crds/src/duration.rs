@@ -42,6 +42,20 @@ impl GoDuration {
     }
 }
 
+/// A Go duration on a command line (`90s`, `5m`, `1h30m`; `0` is none), as clap's
+/// `value_parser`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err("\"\" is not a duration such as 30s, 5m or 1h".into());
+    }
+    GoDuration::from_str(s)
+        .and_then(|d| d.to_std())
+        .map_err(|e| e.to_string())
+}
+
 impl FromStr for GoDuration {
     type Err = DurationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -80,5 +94,24 @@ impl schemars::JsonSchema for GoDuration {
             "pattern": "^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$",
             "maxLength": 32,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn command_line_durations_are_go_durations_or_zero() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("300ms"), Ok(Duration::from_millis(300)));
+        for bad in ["-1s", "ten", "5", ""] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("is not a duration"), "{bad:?}: {e}");
+        }
     }
 }

@@ -14,7 +14,7 @@ pub mod validate;
 use kube::CustomResourceExt;
 use serde::{Deserialize, Serialize};
 
-pub use duration::{DurationError, GoDuration};
+pub use duration::{DurationError, GoDuration, parse_duration};
 pub use profile::{
     ArtifactRef, Artifacts, IdleThreadInfo, Profile, ProfileSpec, ThreadInfo, ThreadSummary,
     TimeSummary, TopFunction,

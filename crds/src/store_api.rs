@@ -15,6 +15,16 @@ pub const NAMESPACE_HEADER: &str = "x-kprof-namespace";
 /// the store only (the API server refuses it, and the store refuses the API server's tokens).
 pub const UPLOAD_AUDIENCE: &str = "kprof-store";
 
+/// The API group through which users read Profiles' data: the store's aggregated API, behind
+/// the API server's authentication and RBAC.
+pub const GROUP: &str = "data.kprof.io";
+pub const VERSION: &str = "v1alpha1";
+/// Where the aggregated API's paths start.
+pub const API_PREFIX: &str = "/apis/data.kprof.io/v1alpha1";
+/// The read rule: reading a Profile's data is `get` on this subresource of `profiles` in the
+/// Profile's namespace (aggregated into the built-in view/edit/admin roles by the chart).
+pub const READ_SUBRESOURCE: &str = "pprof";
+
 /// Path prefix of the artifacts, followed by `/sha256:<hex>`.
 pub const ARTIFACTS_PATH: &str = "/v1/artifacts";
 
@@ -79,6 +89,11 @@ impl fmt::Display for Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_prefix_names_the_group_and_version() {
+        assert_eq!(API_PREFIX, format!("/apis/{GROUP}/{VERSION}"));
+    }
 
     #[test]
     fn digest_of_parse_and_urls() {

@@ -21,7 +21,7 @@ step "2/8 Starting the local single-node cluster (or reusing it)"
 e2e/testbed/up.sh
 
 step "3/8 Building kprof and importing its images into the cluster's containerd"
-cargo build --bins -p kprof-operator -p kprof-agent
+cargo build --bins -p kprof-operator -p kprof-plugin -p kprof-agent
 e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof >/dev/null
 e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent >/dev/null
 e2e/testbed/python-image.sh kprof/demo-shop:dev e2e/demo/shop >/dev/null

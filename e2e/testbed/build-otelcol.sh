@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build an OpenTelemetry Collector (OTLP receiver + debug exporter) from the Go module proxy
 # with the upstream builder (ocb), for the store's OTLP profiles test
-# (operator/tests/store_otlp.rs runs it on 127.0.0.1 with --feature-gates=service.profilesSupport).
+# (store/tests/store_otlp.rs runs it on 127.0.0.1 with --feature-gates=service.profilesSupport).
 #
 # Output: ${KPROF_CACHE:-/var/cache/kprof}/otelcol/v<OTELCOL_VERSION>/bin/otelcol (idempotent: a
 # binary stamped with the right version is kept and nothing is downloaded). Prints its path last.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build MinIO (an S3-compatible server) from the Go module proxy, for the store's S3 test
-# (operator/tests/store_s3.rs runs it on 127.0.0.1 with a temp dir).
+# (store/tests/store_s3.rs runs it on 127.0.0.1 with a temp dir).
 #
 # Output: ${KPROF_CACHE:-/var/cache/kprof}/minio/<MINIO_VERSION>/bin/minio (idempotent: a binary
 # stamped with the right version is kept and nothing is downloaded). Prints its path last.

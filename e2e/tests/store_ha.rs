@@ -45,7 +45,7 @@ use kprof_e2e::{
     chart::{SHOP_IMAGE, SYSTEM_NS, create_shop, install, kubectl_apply, repo, run, uninstall},
     poll_until, require_cluster,
 };
-use kprof_operator::store::pprof;
+use kprof_store::pprof;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams},

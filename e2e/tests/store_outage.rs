@@ -29,7 +29,7 @@ use kprof_e2e::{
     },
     free_port, http_get_bytes, require_cluster, service_account_token, wait_pod_running,
 };
-use kprof_operator::store::{self, Digest, StoreConfig, StoreError, StoreMetrics};
+use kprof_store::{self as store, Digest, StoreConfig, StoreError, StoreMetrics};
 use kube::{
     Api, Client,
     api::{DynamicObject, ListParams, PostParams},

@@ -29,7 +29,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kprof_crds::{ArtifactRef, Artifacts, Profile, ProfileSpec, ProfileType};
 use kprof_e2e::{TEST_PYTHON_IMAGE, TestNamespace, kubectl, require_cluster, wait_pod_running};
-use kprof_operator::store::{self, ApiListener, Digest, Readers, StoreConfig, StoreMetrics};
+use kprof_store::{self as store, ApiListener, Digest, Readers, StoreConfig, StoreMetrics};
 use kube::api::PostParams;
 use kube::{Api, Client};
 
@@ -48,15 +48,25 @@ async fn store_token(client: &Client, ns: &str, sa: &str) -> Result<String> {
     kprof_e2e::service_account_token_for(client, ns, sa, 600, Some(audience)).await
 }
 
-/// PUT an artifact straight to the store; (status, body).
+/// PUT an artifact straight to the store for namespace `shop`; (status, body).
 async fn upload(addr: &str, bytes: &[u8], token: Option<&str>) -> Result<(u16, String)> {
+    upload_for(addr, bytes, token, "shop").await
+}
+
+/// PUT an artifact straight to the store for namespace `ns`; (status, body).
+async fn upload_for(
+    addr: &str,
+    bytes: &[u8],
+    token: Option<&str>,
+    ns: &str,
+) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     let head = format!(
-        "PUT /v1/artifacts/{} HTTP/1.1\r\nHost: {addr}\r\n{auth}X-Kprof-Namespace: shop\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "PUT /v1/artifacts/{} HTTP/1.1\r\nHost: {addr}\r\n{auth}X-Kprof-Namespace: {ns}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         Digest::of(bytes),
         bytes.len()
     );
@@ -341,7 +351,7 @@ fn raw_as(user: &str, path: &str) -> (bool, String, String) {
 /// The plugin in-process; (ok, stdout, error).
 async fn kprof(args: &[&str]) -> (bool, String, String) {
     let mut out = Vec::new();
-    let r = kprof_operator::plugin::run_args(args, &mut out).await;
+    let r = kprof_plugin::run_args(args, &mut out).await;
     (
         r.is_ok(),
         String::from_utf8_lossy(&out).into_owned(),
@@ -874,5 +884,45 @@ async fn an_agent_writes_profiles_only_for_its_own_node() -> Result<()> {
         "a token not bound to a pod: {s} {body}"
     );
     println!("own node: 201; a token not bound to a pod: {s}");
+
+    // Its uploads, with the same pod-bound identity in a token meant for the store: only for
+    // namespaces that run a pod on the token's node.
+    let dir = tempfile::tempdir()?;
+    let agent = format!("system:serviceaccount:{n}:kprof-agent");
+    let mut config = StoreConfig::for_dir(dir.path().join("store"), "127.0.0.1:0".parse()?, &agent);
+    config.upload_audience = Some(kprof_crds::store_api::UPLOAD_AUDIENCE.into());
+    let bound_store = store::Store::new(config, tb.client.clone(), StoreMetrics::default())?
+        .bind()
+        .await?;
+    let addr = bound_store.local_addr().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(bound_store.run(async move {
+        let _ = stopped.await;
+    }));
+    let mut tr_store = tr.clone();
+    tr_store.spec.audiences = vec![kprof_crds::store_api::UPLOAD_AUDIENCE.into()];
+    let bound_store_token = sas
+        .create_token_request("kprof-agent", &PostParams::default(), &tr_store)
+        .await?
+        .status
+        .context("no token")?
+        .token;
+    let (own, own_body) = upload_for(&addr, b"own node", Some(&bound_store_token), &n).await?;
+    let elsewhere = format!("{n}-no-pods");
+    let (other, other_body) =
+        upload_for(&addr, b"another node", Some(&bound_store_token), &elsewhere).await?;
+    let unbound_store_token = store_token(&tb.client, &n, "kprof-agent").await?;
+    let (unbound_s, unbound_body) =
+        upload_for(&addr, b"unbound", Some(&unbound_store_token), &elsewhere).await?;
+    let _ = stop.send(());
+    let _ = server.await;
+    assert_eq!(own, 201, "upload for its own node's namespace: {own_body}");
+    assert!(
+        other == 403 && other_body.contains("runs no pod there"),
+        "upload for a namespace without a pod on its node: {other} {other_body}"
+    );
+    // A token bound to no pod names no node (only who may mint tokens has one).
+    assert_eq!(unbound_s, 201, "a token bound to no pod: {unbound_body}");
+    println!("uploads: its node's namespace 201, another namespace {other}, unbound token 201");
     Ok(())
 }

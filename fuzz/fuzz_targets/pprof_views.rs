@@ -106,7 +106,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // OTLP: one profile per sample type, values carried over, every index in its table.
-    let req = kprof_operator::store::otlp::convert(&p, Vec::new());
+    let req = kprof_store::otlp::convert(&p, Vec::new());
     let dict = req.dictionary.as_ref().unwrap();
     let profiles = &req.resource_profiles[0].scope_profiles[0].profiles;
     assert_eq!(profiles.len(), p.sample_type.len());

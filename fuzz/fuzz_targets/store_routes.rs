@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
-use kprof_operator::store::{Store, StoreConfig, StoreMetrics};
+use kprof_store::{Store, StoreConfig, StoreMetrics};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 

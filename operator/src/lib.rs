@@ -21,11 +21,9 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
-pub mod plugin;
 pub mod reconcile;
 pub mod run;
 pub mod selector;
-pub mod store;
 
 pub use config::OperatorConfig;
 pub use error::{Error, Result};

@@ -4,7 +4,8 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use kprof_operator::{Operator, OperatorConfig, http, store};
+use kprof_operator::{Operator, OperatorConfig, http};
+use kprof_store as store;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -46,7 +47,7 @@ struct RunArgs {
     log_format: LogFormat,
     /// The profile store served next to the operator (`--store-*`).
     #[command(flatten)]
-    store: kprof_operator::store::StoreArgs,
+    store: store::StoreArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use opentelemetry_proto::tonic::profiles::v1development as otlp;
 
-use crate::store::pprof;
+use crate::pprof;
 
 /// Append `v` to a dictionary table; its index.
 pub(super) fn push<T>(table: &mut Vec<T>, v: T) -> i32 {

@@ -14,8 +14,8 @@ use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use kprof_crds::{ArtifactRef, Artifacts, Profile, ProfileSpec, ProfileType};
-pub use kprof_operator::store::Digest;
-use kprof_operator::store::{self, StoreConfig, StoreMetrics};
+pub use kprof_store::Digest;
+use kprof_store::{self as store, StoreConfig, StoreMetrics};
 use serde_json::json;
 
 pub const AGENT: &str = "system:serviceaccount:kprof-system:kprof-agent";
@@ -23,6 +23,9 @@ pub const AGENT_TOKEN: &str = "agent-token";
 pub const OTHER_TOKEN: &str = "other-token";
 /// The agent's ordinary ServiceAccount token: meant for the API server, not the store.
 pub const AGENT_API_TOKEN: &str = "agent-api-token";
+/// The agent's tokens as the kubelet projects them: bound to its pod, and so to a node.
+pub const NODE_A_TOKEN: &str = "agent-token-node-a";
+pub const NODE_B_TOKEN: &str = "agent-token-node-b";
 /// The audiences each token is meant for (as the API server knows them).
 fn audiences_of(token: &str) -> &'static [&'static str] {
     match token {
@@ -41,6 +44,9 @@ pub struct FakeApi {
     /// (user, namespace) pairs a SubjectAccessReview for reading profiles allows.
     pub readers: Vec<(String, String)>,
     pub subjectaccessreviews: usize,
+    /// (namespace, node) of the pods the cluster runs.
+    pub pods: Vec<(String, String)>,
+    pub pod_lists: usize,
 }
 
 pub type Shared = Arc<Mutex<FakeApi>>;
@@ -62,6 +68,7 @@ fn not_found(what: &str) -> Response<kube::client::Body> {
 
 async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube::client::Body> {
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
     let method = req.method().clone();
     let body = req
         .into_body()
@@ -88,8 +95,13 @@ async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube:
                     .collect(),
                 None => audiences_of(token).to_vec(),
             };
+            let node = match token {
+                NODE_A_TOKEN => Some("node-a"),
+                NODE_B_TOKEN => Some("node-b"),
+                _ => None,
+            };
             let user = match token {
-                AGENT_TOKEN | AGENT_API_TOKEN => Some(AGENT),
+                AGENT_TOKEN | AGENT_API_TOKEN | NODE_A_TOKEN | NODE_B_TOKEN => Some(AGENT),
                 OTHER_TOKEN => Some("system:serviceaccount:shop:default"),
                 _ => None,
             };
@@ -98,7 +110,9 @@ async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube:
                     json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
                 }
                 Some(u) => {
-                    json!({"authenticated": true, "user": {"username": u}, "audiences": good})
+                    let extra =
+                        node.map(|n| json!({"authentication.kubernetes.io/node-name": [n]}));
+                    json!({"authenticated": true, "user": {"username": u, "extra": extra}, "audiences": good})
                 }
                 None => json!({"authenticated": false, "error": "invalid bearer token"}),
             };
@@ -200,6 +214,25 @@ async fn handle(api: Shared, req: Request<kube::client::Body>) -> Response<kube:
             StatusCode::OK,
             json!({"apiVersion":"kprof.io/v1alpha1","kind":"ProfilingTargetList","metadata":{"resourceVersion":"1"},"items":[]}),
         ),
+        (Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => {
+            // Only what the store asks: the pods of a namespace on one node.
+            let node = form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "fieldSelector")
+                .and_then(|(_, v)| v.strip_prefix("spec.nodeName=").map(str::to_string));
+            let mut api = api.lock().unwrap();
+            api.pod_lists += 1;
+            let items: Vec<serde_json::Value> = api
+                .pods
+                .iter()
+                .enumerate()
+                .filter(|(_, (n, on))| n == ns && node.as_deref().is_none_or(|want| want == on))
+                .map(|(i, _)| json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":format!("pod-{i}"),"namespace":ns}}))
+                .collect();
+            respond(
+                StatusCode::OK,
+                json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadataList","metadata":{"resourceVersion":"1"},"items":items}),
+            )
+        }
         (m, _) => not_found(&format!("{m} {path}")),
     }
 }
@@ -350,11 +383,24 @@ pub async fn request(
     body: &[u8],
     token: Option<&str>,
 ) -> (StatusCode, http::HeaderMap, Bytes) {
+    request_in(method, url, body, token, Some("shop")).await
+}
+
+/// A request naming `namespace` (or none) in the uploads' namespace header.
+pub async fn request_in(
+    method: Method,
+    url: &str,
+    body: &[u8],
+    token: Option<&str>,
+    namespace: Option<&str>,
+) -> (StatusCode, http::HeaderMap, Bytes) {
     let mut b = Request::builder()
         .method(method)
         .uri(url)
-        .header("x-kprof-namespace", "shop")
         .header("content-type", "application/octet-stream");
+    if let Some(ns) = namespace {
+        b = b.header("x-kprof-namespace", ns);
+    }
     if let Some(t) = token {
         b = b.header("authorization", format!("Bearer {t}"));
     }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use http::StatusCode;
-use kprof_operator::store::{self, Digest};
+use kprof_store::{self as store, Digest};
 use store_common::*;
 
 #[tokio::test]
@@ -63,6 +63,46 @@ async fn upload_dedup_and_read() {
             2 * pprof.len()
         )),
         "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_bound_to_a_node_uploads_only_for_namespaces_with_a_pod_there() {
+    let s = TestStore::start(1 << 20).await;
+    s.api
+        .lock()
+        .unwrap()
+        .pods
+        .push(("shop".to_string(), "node-a".to_string()));
+    // `upload` names namespace shop, which runs a pod on node-a only.
+    let (status, body) = s.upload(&sample_pprof(60, 20), Some(NODE_A_TOKEN)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = s.upload(&sample_pprof(20, 60), Some(NODE_B_TOKEN)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(
+        body.contains("on node node-b may not upload for namespace shop: it runs no pod there"),
+        "{body}"
+    );
+    // A window's uploads ask once per node and namespace.
+    for _ in 0..3 {
+        let (status, _) = s.upload(&sample_pprof(60, 20), Some(NODE_A_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(s.api.lock().unwrap().pod_lists, 2);
+    // Without the namespace header, a node-bound uploader is refused.
+    let (status, _, body) = request_in(
+        http::Method::PUT,
+        &s.url(&format!("/v1/artifacts/{}", Digest::of(b"x"))),
+        b"x",
+        Some(NODE_A_TOKEN),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        String::from_utf8_lossy(&body)
     );
 }
 

@@ -24,6 +24,7 @@ pub mod frontproxy;
 pub mod gc;
 pub mod metrics;
 pub mod otlp;
+pub mod placement;
 pub mod pprof;
 mod server;
 mod web;
@@ -31,7 +32,6 @@ mod web;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -141,16 +141,7 @@ pub struct StoreArgs {
     pub store_export_allow: Vec<String>,
 }
 
-/// Parse a Go duration (`90s`, `5m`, `1h30m`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    if s == "0" {
-        return Ok(Duration::ZERO);
-    }
-    kprof_crds::GoDuration::from_str(s)
-        .map_err(|e| e.to_string())?
-        .to_std()
-        .map_err(|e| e.to_string())
-}
+pub use kprof_crds::parse_duration;
 
 /// Where artifacts are kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -300,6 +291,7 @@ pub(crate) struct State {
     pub config: StoreConfig,
     pub artifacts: Artifacts,
     pub auth: auth::Authenticator,
+    pub placement: placement::Placement,
     pub client: kube::Client,
     pub metrics: StoreMetrics,
     pub exporter: Option<Arc<exporter::Exporter>>,
@@ -357,6 +349,7 @@ impl Store {
                 config,
                 artifacts,
                 auth,
+                placement: placement::Placement::new(client.clone()),
                 client,
                 metrics,
                 exporter,

@@ -17,8 +17,8 @@ use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use crate::store::access::{API_PREFIX, GROUP, READ_SUBRESOURCE};
 use kprof_crds::store_api::Digest;
+use kprof_crds::store_api::{API_PREFIX, GROUP, READ_SUBRESOURCE};
 use kprof_pprof::{
     self as pprof,
     views::{self, Stacks, TopReport},
@@ -417,7 +417,7 @@ impl Kprof<'_> {
             let cutoff = match since {
                 Some(s) => {
                     let d =
-                        crate::store::parse_duration(s).map_err(|e| anyhow!("--since {s}: {e}"))?;
+                        kprof_crds::parse_duration(s).map_err(|e| anyhow!("--since {s}: {e}"))?;
                     Some(
                         k8s_openapi::jiff::Timestamp::now()
                             - k8s_openapi::jiff::SignedDuration::try_from(d)?,

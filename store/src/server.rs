@@ -13,7 +13,7 @@ use kprof_crds::Profile;
 use kube::Api;
 use serde_json::json;
 
-use super::auth::AuthOutcome;
+use super::auth::{AuthOutcome, Uploader};
 use super::backend::Digest;
 use super::pprof;
 use kprof_crds::store_api;
@@ -133,8 +133,8 @@ async fn put_artifact(
     let authz = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match st.auth.check(authz).await {
-        Ok(AuthOutcome::Allowed(_)) => {}
+    let uploader = match st.auth.check(authz).await {
+        Ok(AuthOutcome::Allowed(uploader)) => uploader,
         Ok(AuthOutcome::Unauthenticated(why)) => {
             m.upload("unauthenticated");
             let mut r = error(StatusCode::UNAUTHORIZED, format!("unauthenticated: {why}"));
@@ -161,7 +161,7 @@ async fn put_artifact(
                 "cannot verify the token right now (TokenReview failed); retry",
             );
         }
-    }
+    };
     let Some(digest) = Digest::parse(&digest) else {
         m.upload("bad_request");
         return error(
@@ -179,6 +179,9 @@ async fn put_artifact(
             StatusCode::BAD_REQUEST,
             format!("{NAMESPACE_HEADER} {namespace:?} is not a namespace name"),
         );
+    }
+    if let Some(refused) = check_placement(&st, &uploader, namespace).await {
+        return refused;
     }
     let max = st.config.max_upload_bytes;
     let too_large = |size: String| {
@@ -255,6 +258,43 @@ async fn put_artifact(
         status,
         &json!({"digest": digest.to_string(), "size": size, "url": url}),
     )
+}
+
+/// An uploader whose token is bound to a pod uploads only for namespaces with a pod on that
+/// pod's node: an agent cannot upload in the name of another node's pods. Tokens bound to no
+/// pod (minted with TokenRequest by whoever may) name no node and are not limited.
+async fn check_placement(st: &State, uploader: &Uploader, namespace: &str) -> Option<Response> {
+    let node = uploader.node.as_deref()?;
+    let m = &st.metrics;
+    if namespace.is_empty() {
+        m.upload("bad_request");
+        return Some(error(
+            StatusCode::BAD_REQUEST,
+            format!("{NAMESPACE_HEADER} is required of an uploader bound to node {node}"),
+        ));
+    }
+    match st.placement.runs_pods_on(namespace, node).await {
+        Ok(true) => None,
+        Ok(false) => {
+            m.upload("forbidden");
+            Some(error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} on node {node} may not upload for namespace {namespace}: it runs no pod there",
+                    uploader.user
+                ),
+            ))
+        }
+        Err(e) => {
+            m.upload("error");
+            m.error("placement");
+            tracing::warn!(error = %e, node, namespace, "listing the node's pods failed");
+            Some(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot check the uploader's node right now (listing pods failed); retry",
+            ))
+        }
+    }
 }
 
 pub(crate) fn bytes_response(

@@ -10,14 +10,7 @@ use kube::{Api, Client};
 
 use super::frontproxy::User;
 
-/// The API group kprof serves through the API server.
-pub const GROUP: &str = "data.kprof.io";
-pub const VERSION: &str = "v1alpha1";
-/// Where the aggregated API's paths start.
-pub const API_PREFIX: &str = "/apis/data.kprof.io/v1alpha1";
-/// The read rule: reading a Profile's data is `get` on this subresource of `profiles` in the
-/// Profile's namespace (aggregated into the built-in view/edit/admin roles by the chart).
-pub const READ_SUBRESOURCE: &str = "pprof";
+pub use kprof_crds::store_api::{API_PREFIX, GROUP, READ_SUBRESOURCE, VERSION};
 
 /// The reader of a request, as the middleware established it.
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 //! first) with function names, files and lines, inlined frames, mappings and labels.
 
 use super::*;
-use crate::store::pprof::{Label, Line, Mapping, synthetic};
+use crate::pprof::{Label, Line, Mapping, synthetic};
 
 /// A Python-like profile plus what `synthetic` lacks: a label, a mapping and an inlined frame.
 fn fixture() -> pprof::Profile {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use http::{Method, StatusCode};
-use kprof_operator::store::{self, Backend, Digest, StoreConfig, StoreMetrics};
+use kprof_store::{self as store, Backend, Digest, StoreConfig, StoreMetrics};
 use object_store::ObjectStore;
 use store_common::*;
 

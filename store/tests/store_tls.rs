@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use kprof_operator::store::{ApiListener, Readers};
+use kprof_store::{ApiListener, Readers};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
@@ -381,7 +381,7 @@ async fn uploads_go_over_tls_with_a_token_meant_for_the_store() {
     let readers = front_proxy(tls_dir.path(), std::time::Duration::from_secs(60), true);
     let s = TestStore::start_configured(api, |c| {
         c.readers = readers;
-        c.upload_audience = Some(kprof_operator::store::UPLOAD_AUDIENCE.into());
+        c.upload_audience = Some(kprof_store::UPLOAD_AUDIENCE.into());
     })
     .await;
     let pprof = Bytes::from(sample_pprof(60, 20));

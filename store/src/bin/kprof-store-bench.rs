@@ -7,7 +7,7 @@
 //! the figures are the store's own cost. RSS is the whole process (store + load generator; the
 //! payloads are generated before the baseline is taken).
 //!
-//! `cargo run --release -p kprof-operator --bin kprof-store-bench -- --uploaders 100 --profiles 3000`
+//! `cargo run --release -p kprof-store --bin kprof-store-bench -- --uploaders 100 --profiles 3000`
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use kprof_operator::store::{self, Digest, StoreConfig, StoreMetrics};
+use kprof_store::{self as store, Digest, StoreConfig, StoreMetrics};
 
 #[derive(Parser, Debug)]
 struct Args {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kprof_crds::{Exporter as ExporterSpec, ExporterKind};
-use kprof_operator::store::exporter::Exporter;
+use kprof_store::exporter::Exporter;
 use store_common::*;
 
 /// The cached collector: `$KPROF_OTELCOL`, else any version under `$KPROF_CACHE/otelcol`.

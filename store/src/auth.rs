@@ -11,11 +11,21 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, Client};
 
+use super::placement::NODE_NAME_EXTRA;
+
+/// Who uploads: the token's user and, for a token bound to a pod (as the kubelet projects the
+/// agent's), the node that pod runs on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uploader {
+    pub user: String,
+    pub node: Option<String>,
+}
+
 /// The outcome of checking an upload's credentials.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuthOutcome {
     /// A valid token of an allowed uploader.
-    Allowed(String),
+    Allowed(Uploader),
     /// No token, or the API server does not accept it.
     Unauthenticated(String),
     /// A valid token of someone who may not upload.
@@ -28,7 +38,7 @@ pub struct Authenticator {
     allowed: Vec<String>,
     ttl: Duration,
     audience: Option<String>,
-    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    cache: Mutex<HashMap<[u8; 32], (Uploader, Instant)>>,
     reviews: prometheus_client::metrics::counter::Counter,
 }
 
@@ -73,7 +83,7 @@ impl Authenticator {
                 .filter(|(_, at)| at.elapsed() < self.ttl)
                 .map(|(u, _)| u.clone())
         };
-        let user = match cached {
+        let uploader = match cached {
             Some(u) => u,
             None => {
                 let review = TokenReview {
@@ -100,7 +110,18 @@ impl Authenticator {
                         "the token is not meant for {a}"
                     )));
                 }
-                let user = status.user.and_then(|u| u.username).unwrap_or_default();
+                let user = status.user.unwrap_or_default();
+                let node = user
+                    .extra
+                    .as_ref()
+                    .and_then(|extra| extra.get(NODE_NAME_EXTRA))
+                    .and_then(|values| values.first())
+                    .filter(|n| !n.is_empty())
+                    .cloned();
+                let uploader = Uploader {
+                    user: user.username.unwrap_or_default(),
+                    node,
+                };
                 let mut cache = self.cache.lock().expect("auth cache lock");
                 if cache.len() >= MAX_CACHE {
                     cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
@@ -108,14 +129,14 @@ impl Authenticator {
                         cache.clear();
                     }
                 }
-                cache.insert(key, (user.clone(), Instant::now()));
-                user
+                cache.insert(key, (uploader.clone(), Instant::now()));
+                uploader
             }
         };
-        if self.allowed.iter().any(|a| a == &user) {
-            Ok(AuthOutcome::Allowed(user))
+        if self.allowed.iter().any(|a| a == &uploader.user) {
+            Ok(AuthOutcome::Allowed(uploader))
         } else {
-            Ok(AuthOutcome::Forbidden(user))
+            Ok(AuthOutcome::Forbidden(uploader.user))
         }
     }
 }
