@@ -25,18 +25,23 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, a collector, CPython 3.14
+deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, fake-gcs-server, Azurite, a collector, CPython 3.14
 	e2e/testbed/install-deps.sh
 	agent/install-toolchain.sh
 	e2e/testbed/build-binaries.sh
 	e2e/testbed/build-s3.sh
+	e2e/testbed/build-gcs.sh
+	e2e/testbed/install-azurite.sh
 	e2e/testbed/build-otelcol.sh
 	e2e/testbed/build-cpython.sh
 
 .PHONY: test
-# `deps` built MinIO and the collector: their store tests must run, not skip (also when
-# test-unit is reached through this target; `make test-unit` alone skips them loudly).
+# `deps` built MinIO, fake-gcs-server, Azurite and the collector: their store tests must run,
+# not skip (also when test-unit is reached through this target; `make test-unit` alone skips
+# them loudly).
 test: export KPROF_REQUIRE_S3 := 1
+test: export KPROF_REQUIRE_GCS := 1
+test: export KPROF_REQUIRE_AZURE := 1
 test: export KPROF_REQUIRE_OTELCOL := 1
 test: deps test-unit fuzz-ci test-kernel test-cluster ## Run every test tier (needs root for the kernel and cluster tiers)
 

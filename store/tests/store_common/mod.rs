@@ -1,7 +1,9 @@
 //! Shared helpers of the store tests: a fake API server (TokenReview, Profiles,
 //! ProfilingTargets) behind a kube `Client`, a store on 127.0.0.1 with a temp dir, and a
-//! tiny HTTP client.
+//! tiny HTTP client; `backend`: the round trip every object-store backend passes.
 #![allow(dead_code)]
+
+pub mod backend;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
