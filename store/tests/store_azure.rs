@@ -17,7 +17,6 @@ use std::process::Command;
 
 use base64::Engine as _;
 use http::{Method, StatusCode};
-use http_body_util::BodyExt;
 use store_common::backend::*;
 use store_common::*;
 
@@ -33,11 +32,10 @@ struct Azurite(ServerProcess);
 
 impl Azurite {
     async fn start(bin: &PathBuf) -> Self {
-        let port = free_port();
-        let server = ServerProcess::spawn(
-            tempfile::tempdir().unwrap(),
-            format!("http://127.0.0.1:{port}"),
-            |data| {
+        // Any answer means it listens: an unsigned request is refused with 403.
+        let probe = format!("/{ACCOUNT}?comp=list");
+        let server =
+            ServerProcess::start("Azurite", &probe, StatusCode::FORBIDDEN, |data, port| {
                 let mut c = Command::new(bin);
                 c.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
                     .arg("--location")
@@ -46,11 +44,8 @@ impl Azurite {
                     // version than this Azurite knows (the calls it makes are old).
                     .args(["--disableTelemetry", "--skipApiVersionCheck"]);
                 c
-            },
-        );
-        // Any answer means it listens: an unsigned request is refused with 403.
-        let probe = format!("{}/{ACCOUNT}?comp=list", server.endpoint);
-        wait_ready("Azurite", &probe, StatusCode::FORBIDDEN, || server.log()).await;
+            })
+            .await;
         Self(server)
     }
 
@@ -82,28 +77,43 @@ impl Azurite {
         .await;
         let xml = String::from_utf8_lossy(&body);
         assert_eq!(status, StatusCode::OK, "{xml}");
-        // <Blob><Name>…</Name><Properties>…<Content-Length>…</Content-Length>…</Blob>
-        let field = |blob: &str, tag: &str| -> Option<String> {
-            let open = format!("<{tag}>");
-            let start = blob.find(&open)? + open.len();
-            let end = blob[start..].find(&format!("</{tag}>"))? + start;
-            Some(blob[start..end].to_string())
-        };
-        let mut out: Listing = xml
-            .split("<Blob>")
-            .skip(1)
-            .map(|blob| {
-                (
-                    field(blob, "Name").unwrap_or_default(),
-                    field(blob, "Content-Length")
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(u64::MAX),
-                )
-            })
+        let listed: EnumerationResults = quick_xml::de::from_str(&xml).unwrap();
+        let mut out: Listing = listed
+            .blobs
+            .blob
+            .into_iter()
+            .map(|b| (b.name, b.properties.content_length))
             .collect();
         out.sort();
         out
     }
+}
+
+/// The parts of a List Blobs answer the test reads.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EnumerationResults {
+    blobs: Blobs,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Blobs {
+    #[serde(default)]
+    blob: Vec<Blob>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Blob {
+    name: String,
+    properties: BlobProperties,
+}
+
+#[derive(serde::Deserialize)]
+struct BlobProperties {
+    #[serde(rename = "Content-Length")]
+    content_length: u64,
 }
 
 /// A Blob service request on `path` (a container, or `container/blob`), authorized with the account key (Shared Key:
@@ -140,22 +150,18 @@ async fn signed(
     let qs: String = form_urlencoded::Serializer::new(String::new())
         .extend_pairs(query.iter())
         .finish();
-    let req = http::Request::builder()
-        .method(method)
-        .uri(match qs.is_empty() {
-            true => format!("{endpoint}/{ACCOUNT}/{path}"),
-            false => format!("{endpoint}/{ACCOUNT}/{path}?{qs}"),
-        })
-        .header("x-ms-date", &date)
-        .header("x-ms-version", API_VERSION)
-        .header("authorization", format!("SharedKey {ACCOUNT}:{signature}"))
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let resp = client.request(req).await.unwrap();
-    let status = resp.status();
-    (status, resp.into_body().collect().await.unwrap().to_bytes())
+    let url = match qs.is_empty() {
+        true => format!("{endpoint}/{ACCOUNT}/{path}"),
+        false => format!("{endpoint}/{ACCOUNT}/{path}?{qs}"),
+    };
+    let authorization = format!("SharedKey {ACCOUNT}:{signature}");
+    let headers = [
+        ("x-ms-date", date.as_str()),
+        ("x-ms-version", API_VERSION),
+        ("authorization", authorization.as_str()),
+    ];
+    let (status, _, body) = send(method, &url, &headers, bytes::Bytes::new()).await;
+    (status, body)
 }
 
 #[tokio::test]

@@ -34,11 +34,11 @@ struct FakeGcs(ServerProcess);
 
 impl FakeGcs {
     async fn start(bin: &PathBuf) -> Self {
-        let port = free_port();
-        let server = ServerProcess::spawn(
-            tempfile::tempdir().unwrap(),
-            format!("http://127.0.0.1:{port}"),
-            |data| {
+        let server = ServerProcess::start(
+            "fake-gcs-server",
+            "/storage/v1/b",
+            StatusCode::OK,
+            |data, port| {
                 let mut c = Command::new(bin);
                 c.args(["-scheme", "http", "-host", "127.0.0.1"])
                     .args(["-port", &port.to_string()])
@@ -47,9 +47,8 @@ impl FakeGcs {
                     .arg(data.join("root"));
                 c
             },
-        );
-        let ready = format!("{}/storage/v1/b", server.endpoint);
-        wait_ready("fake-gcs-server", &ready, StatusCode::OK, || server.log()).await;
+        )
+        .await;
         Self(server)
     }
 
@@ -59,7 +58,8 @@ impl FakeGcs {
         let (status, _, _) = send(
             Method::POST,
             &format!("{}/storage/v1/b", self.0.endpoint),
-            body.into_bytes(),
+            &[("content-type", "application/json")],
+            Bytes::from(body),
         )
         .await;
         status
@@ -68,7 +68,7 @@ impl FakeGcs {
     /// The objects under the store's prefix, from the server's JSON API: name → size.
     async fn listing(endpoint: String) -> Listing {
         let url = format!("{endpoint}/storage/v1/b/{BUCKET}/o?prefix={PREFIX}/artifacts/sha256/");
-        let (status, _, body) = send(Method::GET, &url, Vec::new()).await;
+        let (status, _, body) = send(Method::GET, &url, &[], Bytes::new()).await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let mut out: Listing = v["items"]
@@ -76,12 +76,12 @@ impl FakeGcs {
             .into_iter()
             .flatten()
             .map(|o| {
-                let size = o["size"]
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .or_else(|| o["size"].as_u64())
-                    .unwrap_or(u64::MAX);
-                (o["name"].as_str().unwrap_or_default().to_string(), size)
+                // The JSON API gives sizes as strings.
+                let size = o["size"].as_str().and_then(|s| s.parse().ok());
+                (
+                    o["name"].as_str().unwrap_or_default().to_string(),
+                    size.unwrap_or(u64::MAX),
+                )
             })
             .collect();
         out.sort();
@@ -89,55 +89,13 @@ impl FakeGcs {
     }
 }
 
-/// One plain HTTP request with a JSON body.
-async fn send(method: Method, url: &str, body: Vec<u8>) -> (StatusCode, http::HeaderMap, Bytes) {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "application/json".parse().unwrap());
-    request(method, url, headers, Bytes::from(body)).await
-}
-
-/// One plain HTTP request.
-async fn request(
-    method: Method,
-    url: &str,
-    headers: http::HeaderMap,
-    body: Bytes,
-) -> (StatusCode, http::HeaderMap, Bytes) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http();
-    let mut req = Request::builder().method(method).uri(url);
-    for (k, v) in &headers {
-        req = req.header(k, v);
-    }
-    let resp = client
-        .request(req.body(Full::new(body)).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = resp.into_parts();
-    let bytes = body.collect().await.unwrap().to_bytes();
-    (parts.status, parts.headers, bytes)
-}
-
 /// `%XX` escapes decoded (object_store escapes every byte of a bucket or object name that is
 /// not alphanumeric).
 fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = || u8::from_str_radix(std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?, 16).ok();
-        match (b[i], hex()) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).unwrap()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .unwrap()
+        .into_owned()
 }
 
 /// The front before fake-gcs-server at `server` (see the module's comment); returns its URL.
@@ -169,8 +127,13 @@ async fn forward(
         .map(|c| c.to_bytes())
         .unwrap_or_default();
     let path = parts.uri.path().trim_start_matches('/');
-    let mut headers = parts.headers.clone();
-    headers.remove(http::header::HOST);
+    // Passed on as they came, but for Host: the server answers the XML API on its own name.
+    let headers: Vec<(&str, &str)> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k != http::header::HOST)
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .collect();
     let object_put = match (&parts.method, parts.uri.query(), path.split_once('/')) {
         (&Method::PUT, None, Some((bucket, object))) => Some((unescape(bucket), unescape(object))),
         _ => None,
@@ -183,7 +146,7 @@ async fn forward(
                 .append_pair("name", &object)
                 .finish();
             let url = format!("{server}/upload/storage/v1/b/{bucket}/o?{query}");
-            let (status, _, got) = request(Method::POST, &url, headers, body).await;
+            let (status, _, got) = send(Method::POST, &url, &headers, body).await;
             if status.is_success() {
                 let v: serde_json::Value = serde_json::from_slice(&got).unwrap_or_default();
                 answer = answer
@@ -200,7 +163,7 @@ async fn forward(
         }
         None => {
             let url = format!("{server}{}", parts.uri.path_and_query().unwrap());
-            request(parts.method, &url, headers, body).await
+            send(parts.method.clone(), &url, &headers, body).await
         }
     };
     // The body is passed whole, so its length stands (HEAD's too, which has no body).
@@ -262,7 +225,8 @@ async fn store_on_fake_gcs_server() {
             "{}/storage/v1/b/{BUCKET}/o/{object}?alt=media",
             gcs.0.endpoint
         ),
-        Vec::new(),
+        &[],
+        Bytes::new(),
     )
     .await;
     assert_eq!(status, StatusCode::OK);

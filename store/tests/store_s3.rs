@@ -67,13 +67,14 @@ fn drive_command(bin: &PathBuf, drive: &std::path::Path) -> (Command, bool) {
 
 impl Minio {
     async fn start(bin: &PathBuf) -> Self {
-        let (port, console) = (free_port(), free_port());
+        let console = free_port();
         let mut on_tmpfs = false;
         let mut drive = PathBuf::new();
-        let server = ServerProcess::spawn(
-            tempfile::tempdir().unwrap(),
-            format!("http://127.0.0.1:{port}"),
-            |data| {
+        let server = ServerProcess::start(
+            "MinIO",
+            "/minio/health/ready",
+            StatusCode::OK,
+            |data, port| {
                 drive = data.join("drive");
                 std::fs::create_dir_all(&drive).unwrap();
                 let mut command;
@@ -94,13 +95,12 @@ impl Minio {
                     .env("MINIO_CALLHOME_ENABLE", "off");
                 command
             },
-        );
+        )
+        .await;
         if on_tmpfs {
             drive = PathBuf::from(format!("/proc/{}/root", server.pid()))
                 .join(drive.strip_prefix("/").unwrap());
         }
-        let ready = format!("{}/minio/health/ready", server.endpoint);
-        wait_ready("MinIO", &ready, StatusCode::OK, || server.log()).await;
         Self { server, drive }
     }
 
@@ -130,18 +130,15 @@ impl Minio {
             "AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={}",
             hex(&key)
         );
-        let req = http::Request::builder()
-            .method(Method::PUT)
-            .uri(format!("{}/{bucket}", self.server.endpoint))
-            .header("x-amz-date", &date)
-            .header("x-amz-content-sha256", &empty)
-            .header("authorization", auth)
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
-        client.request(req).await.unwrap().status()
+        let headers = [
+            ("x-amz-date", date.as_str()),
+            ("x-amz-content-sha256", empty.as_str()),
+            ("authorization", auth.as_str()),
+        ];
+        let url = format!("{}/{bucket}", self.server.endpoint);
+        send(Method::PUT, &url, &headers, bytes::Bytes::new())
+            .await
+            .0
     }
 }
 

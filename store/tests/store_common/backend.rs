@@ -28,23 +28,41 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `command` (given its data directory first, by `args`) serving at `endpoint`.
-    pub fn spawn(
-        data: tempfile::TempDir,
-        endpoint: String,
-        args: impl FnOnce(&std::path::Path) -> std::process::Command,
+    /// Starts `command(data dir, port)` and waits up to 60 s until `GET ready_path` answers
+    /// with `ready`.
+    pub async fn start(
+        what: &str,
+        ready_path: &str,
+        ready: StatusCode,
+        command: impl FnOnce(&std::path::Path, u16) -> std::process::Command,
     ) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let port = free_port();
         let log = std::fs::File::create(data.path().join("server.log")).unwrap();
-        let child = args(data.path())
+        let child = command(data.path(), port)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        Self {
+        let server = Self {
             child,
-            endpoint,
+            endpoint: format!("http://127.0.0.1:{port}"),
             data,
+        };
+        let url = format!("{}{ready_path}", server.endpoint);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = try_send(http::Method::GET, &url, &[], bytes::Bytes::new()).await;
+            if answer.is_ok_and(|(status, _, _)| status == ready) {
+                return server;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} did not become ready in 60 s; its log:\n{}",
+                server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -96,32 +114,6 @@ pub fn set_env(vars: &[(&str, &str)]) {
     for (k, v) in vars {
         // SAFETY: single-threaded with respect to the environment (see above).
         unsafe { std::env::set_var(k, v) };
-    }
-}
-
-/// The status of `GET url`, `None` when nothing answers (yet).
-pub async fn try_get(url: &str) -> Option<StatusCode> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
-    let req = http::Request::get(url)
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .unwrap();
-    client.request(req).await.ok().map(|r| r.status())
-}
-
-/// Waits up to 60 s until `url` answers with `ready`; `log` says why not.
-pub async fn wait_ready(what: &str, url: &str, ready: StatusCode, log: impl Fn() -> String) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if try_get(url).await == Some(ready) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} did not become ready in 60 s; its log:\n{}",
-            log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

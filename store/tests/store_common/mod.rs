@@ -396,26 +396,41 @@ pub async fn request_in(
     token: Option<&str>,
     namespace: Option<&str>,
 ) -> (StatusCode, http::HeaderMap, Bytes) {
-    let mut b = Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/octet-stream");
-    if let Some(ns) = namespace {
-        b = b.header("x-kprof-namespace", ns);
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/octet-stream")];
+    headers.extend(namespace.map(|ns| ("x-kprof-namespace", ns)));
+    headers.extend(bearer.as_deref().map(|b| ("authorization", b)));
+    send(method, url, &headers, Bytes::copy_from_slice(body)).await
+}
+
+/// Any request: (status, headers, body), or the error when nothing answers.
+pub async fn try_send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), hyper_util::client::legacy::Error> {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
     }
-    if let Some(t) = token {
-        b = b.header("authorization", format!("Bearer {t}"));
-    }
-    let res = http()
-        .request(b.body(Full::new(Bytes::copy_from_slice(body))).unwrap())
-        .await
-        .unwrap();
+    let res = http().request(b.body(Full::new(body)).unwrap()).await?;
     let (parts, body) = res.into_parts();
-    (
+    Ok((
         parts.status,
         parts.headers,
         body.collect().await.unwrap().to_bytes(),
-    )
+    ))
+}
+
+/// Any request: (status, headers, body).
+pub async fn send(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> (StatusCode, http::HeaderMap, Bytes) {
+    try_send(method, url, headers, body).await.unwrap()
 }
 
 pub async fn put(
@@ -435,21 +450,8 @@ pub async fn request_with(
     url: &str,
     headers: &[(&str, &str)],
 ) -> (StatusCode, http::HeaderMap, String) {
-    let mut b = Request::builder().method(Method::GET).uri(url);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let res = http()
-        .request(b.body(Full::new(Bytes::new())).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    (
-        parts.status,
-        parts.headers,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    let (status, headers, body) = send(Method::GET, url, headers, Bytes::new()).await;
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// A realistic pprof: a Python service with a hot path.
