@@ -25,7 +25,7 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, fake-gcs-server, Azurite, a collector, CPython 3.14
+deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, fake-gcs-server, Azurite, a collector, an image registry, CPython 3.14
 	e2e/testbed/install-deps.sh
 	agent/install-toolchain.sh
 	e2e/testbed/build-binaries.sh
@@ -33,6 +33,7 @@ deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, K
 	e2e/testbed/build-gcs.sh
 	e2e/testbed/install-azurite.sh
 	e2e/testbed/build-otelcol.sh
+	e2e/testbed/build-registry.sh
 	e2e/testbed/build-cpython.sh
 
 .PHONY: test
@@ -81,19 +82,24 @@ cluster-up: ## Start the single-node test cluster (builds the Kubernetes binarie
 cluster-down: ## Stop the test cluster and everything it started
 	e2e/testbed/down.sh
 
-.PHONY: images
-images: ## Build the operator and agent images and import them into the test cluster's containerd
-	$(CARGO) build --bins -p kprof-operator -p kprof-plugin -p kprof-agent
-	e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof
-	e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent
+.PHONY: images images-debug chart
+images: ## Release images of the operator (with the store) and the agent, tagged with the version, in target/images (imported into the test bed when it runs)
+	e2e/testbed/build-images.sh
+
+images-debug: ## The same images from debug builds, tagged VERSION-debug (install with --set operator.image.tag=...,agent.image.tag=...)
+	e2e/testbed/build-images.sh --debug
+
+chart: ## Package the Helm chart: target/chart/kprof-VERSION.tgz
+	e2e/testbed/package-chart.sh
 
 .PHONY: bench
-bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, Python, store
+bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, Python, the agent daemon on the test bed, store
 	agent/bench/overhead.sh
 	agent/bench/startup.sh
 	agent/bench/offcpu.sh
 	agent/bench/threads.sh
 	agent/bench/shop.sh
+	agent/bench/daemon.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy
 	agent/bench/python-vs-pyspy.sh
 	$(CARGO) run --release -p kprof-store --bin kprof-store-bench -- --uploaders 100 --profiles 3000

@@ -15,11 +15,17 @@ fi
 cleanup() { if (( started )); then echo "==> stopping the test bed"; e2e/testbed/down.sh || true; fi; }
 trap cleanup EXIT
 
-# The e2e tests run the agent and the plugin binaries from target/debug, and the Helm journey
-# installs the images made from them.
+# The e2e tests run the agent and the plugin binaries from target/debug; the Helm tests install
+# the release images (KPROF_DEBUG_IMAGES=1: the debug ones) and the journey the packaged chart.
 cargo build --bins -p kprof-agent -p kprof-operator -p kprof-plugin
-e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof >/dev/null
-e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent >/dev/null
+if [[ "${KPROF_DEBUG_IMAGES:-0}" == 1 ]]; then
+  e2e/testbed/build-images.sh --debug
+  export KPROF_IMAGE_TAG="$(e2e/testbed/version.sh)-debug"
+else
+  e2e/testbed/build-images.sh
+fi
+KPROF_CHART_PACKAGE=$(e2e/testbed/package-chart.sh)
+export KPROF_CHART_PACKAGE
 # Tests run their own operator and store on this host: a release left by `make demo` would
 # reconcile their targets too.
 if helm status kprof -n kprof-system >/dev/null 2>&1; then

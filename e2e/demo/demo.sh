@@ -20,19 +20,28 @@ e2e/testbed/build-binaries.sh
 step "2/8 Starting the local single-node cluster (or reusing it)"
 e2e/testbed/up.sh
 
-step "3/8 Building kprof and importing its images into the cluster's containerd"
-cargo build --bins -p kprof-operator -p kprof-plugin -p kprof-agent
-e2e/testbed/image.sh kprof/operator:dev target/debug/kprof-operator target/debug/kubectl-kprof >/dev/null
-e2e/testbed/image.sh kprof/agent:dev target/debug/kprof-agent >/dev/null
+# KPROF_DEBUG_IMAGES=1 make demo: debug builds (tag VERSION-debug) instead of the release images.
+step "3/8 Building kprof's release images and importing them into the cluster's containerd"
+version=$(e2e/testbed/version.sh)
+set_tags=()
+if [[ "${KPROF_DEBUG_IMAGES:-0}" == 1 ]]; then
+  e2e/testbed/build-images.sh --debug
+  set_tags=(--set "operator.image.tag=$version-debug" --set "agent.image.tag=$version-debug")
+  bin=target/debug
+else
+  e2e/testbed/build-images.sh
+  bin=target/image
+fi
 e2e/testbed/python-image.sh kprof/demo-shop:dev e2e/demo/shop >/dev/null
 # kubectl finds plugins on PATH: make `kubectl kprof` the one just built.
-export PATH="$PWD/target/debug:$PATH"
+export PATH="$PWD/$bin:$PATH"
 
-step "4/8 helm install kprof (charts/kprof) into $SYS"
+step "4/8 helm install kprof $version (the chart packaged by make chart) into $SYS"
+chart=$(e2e/testbed/package-chart.sh)
 # The test bed has no kube-proxy and no cluster DNS: pods use the host network and reach the
 # API server on 127.0.0.1; everything else is the chart's defaults.
-helm upgrade --install kprof charts/kprof -n "$SYS" --create-namespace --wait --timeout 3m \
-  -f e2e/demo/testbed-values.yaml
+helm upgrade --install kprof "$chart" -n "$SYS" --create-namespace --wait --timeout 3m \
+  -f e2e/demo/testbed-values.yaml "${set_tags[@]}"
 kubectl -n "$SYS" get pods -o wide
 
 step "5/8 Starting the sample Python service (e2e/demo/shop) in namespace $NS"

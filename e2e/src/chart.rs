@@ -48,13 +48,91 @@ pub fn helm(args: &[&str]) -> Command {
     cmd
 }
 
-/// `helm upgrade --install` of the chart with the test bed's values and `extra` arguments.
+/// kprof's version: the chart's version and appVersion, and the images' tag.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The tag of the images the chart installs: `KPROF_IMAGE_TAG` (e2e/cluster-tests.sh sets
+/// `VERSION-debug` for `KPROF_DEBUG_IMAGES=1`), else the release images' `VERSION`.
+pub fn image_tag() -> String {
+    std::env::var("KPROF_IMAGE_TAG").unwrap_or_else(|_| VERSION.to_owned())
+}
+
+/// An image `e2e/testbed/build-images.sh` built (and imported into the test bed).
+pub struct BuiltImage {
+    /// `ghcr.io/kprof/NAME:TAG`, the chart's default repository.
+    pub reference: String,
+    /// The OCI archive in `target/images/`.
+    pub archive: PathBuf,
+    /// The image id (`sha256:` of its config), as the CRI reports an imported image.
+    pub id: String,
+    /// The manifest's digest, as the CRI reports an image pulled from a registry.
+    pub manifest: String,
+}
+
+impl BuiltImage {
+    /// Whether the CRI's `imageID` of a container names this image.
+    pub fn is(&self, image_id: &str) -> bool {
+        image_id.ends_with(&self.id) || image_id.ends_with(&self.manifest)
+    }
+}
+
+/// The image `ghcr.io/kprof/NAME:TAG` of [`image_tag`] that `make images` built.
+pub fn built_image(name: &str) -> Result<BuiltImage> {
+    let tag = image_tag();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"));
+    let archive = target.join(format!("images/{name}-{tag}.oci.tar"));
+    let id_file = archive.with_extension("tar.id");
+    let ids = std::fs::read_to_string(&id_file)
+        .with_context(|| format!("reading {} (make images)", id_file.display()))?;
+    let mut ids = ids.lines();
+    let (Some(id), Some(manifest)) = (ids.next(), ids.next()) else {
+        bail!("{}: an image id and a manifest digest", id_file.display());
+    };
+    Ok(BuiltImage {
+        reference: format!("ghcr.io/kprof/{name}:{tag}"),
+        id: id.to_owned(),
+        manifest: manifest.to_owned(),
+        archive,
+    })
+}
+
+/// The packaged chart `target/chart/kprof-VERSION.tgz`: `KPROF_CHART_PACKAGE` when
+/// e2e/cluster-tests.sh made it, else packaged now (`make chart`).
+pub fn chart_package() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("KPROF_CHART_PACKAGE") {
+        return Ok(PathBuf::from(path));
+    }
+    let out = run(Command::new(repo().join("e2e/testbed/package-chart.sh")).current_dir(repo()))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// `helm upgrade --install` of the chart in the tree with the test bed's values and `extra`
+/// arguments.
 pub fn install(extra: &[&str]) -> Result<String> {
+    install_chart("charts/kprof", extra)
+}
+
+/// `helm upgrade --install` of the packaged chart (as a cluster admin installs a release) with
+/// the test bed's values and `extra` arguments.
+pub fn install_package(extra: &[&str]) -> Result<String> {
+    let package = chart_package()?;
+    let package = package
+        .to_str()
+        .context("chart package path is not UTF-8")?;
+    install_chart(package, extra)
+}
+
+fn install_chart(chart: &str, extra: &[&str]) -> Result<String> {
+    let tag = image_tag();
+    let operator_tag = format!("operator.image.tag={tag}");
+    let agent_tag = format!("agent.image.tag={tag}");
     let mut args = vec![
         "upgrade",
         "--install",
         RELEASE,
-        "charts/kprof",
+        chart,
         "-n",
         SYSTEM_NS,
         "--create-namespace",
@@ -63,6 +141,10 @@ pub fn install(extra: &[&str]) -> Result<String> {
         "3m",
         "-f",
         "e2e/demo/testbed-values.yaml",
+        "--set",
+        &operator_tag,
+        "--set",
+        &agent_tag,
     ];
     args.extend_from_slice(extra);
     run(&mut helm(&args))

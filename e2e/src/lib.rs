@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod chart;
 pub mod operator;
+pub mod registry;
 
 use std::collections::BTreeMap;
 use std::fmt;

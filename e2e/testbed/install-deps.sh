@@ -10,7 +10,9 @@ PKGS=(containerd runc containernetworking-plugins iptables openssl ca-certificat
       gcc libc6-dev python3 iproute2 procps util-linux curl
       # the store's web page is checked in a real headless browser; the embedded-libpython
       # Python test links against Debian's libpython3.11
-      chromium libpython3.11-dev)
+      chromium libpython3.11-dev
+      # the Helm journey pushes the release images to a registry as a cluster admin would
+      skopeo)
 
 missing=()
 for p in "${PKGS[@]}"; do

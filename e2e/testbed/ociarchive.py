@@ -15,6 +15,9 @@ can use `image: NAME:TAG` with `imagePullPolicy: Never`.
 --host-tree D     like --host-path, recursively for a directory (skips __pycache__ and
                   *.pyc unless --keep-pyc, and names matching --exclude GLOB).
 --tree SRC:DEST   copy a host directory to DEST recursively.
+--user UID[:GID]  the user the image runs as when the pod does not say (default: root).
+--id-file F       write the image id (the config's digest, as the CRI reports an imported
+                  image) and the manifest's digest (a pulled one's repo digest) to F, a line each.
 
 The output is deterministic: fixed mtimes/owners, sorted entries, gzip mtime 0.
 The image name is normalised like the CRI does (`foo:1` -> `docker.io/library/foo:1`).
@@ -36,8 +39,9 @@ BASE_DIRS = {"/tmp": 0o1777, "/proc": 0o555, "/sys": 0o555, "/dev": 0o755, "/etc
              "/run": 0o755, "/var": 0o755, "/var/tmp": 0o1777, "/root": 0o700,
              "/usr": 0o755, "/usr/local": 0o755, "/usr/local/bin": 0o755}
 ETC_FILES = {
-    "/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-    "/etc/group": "root:x:0:\nnogroup:x:65534:\n",
+    "/etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+                   "nonroot:x:65532:65532:nonroot:/nonexistent:/usr/sbin/nologin\n",
+    "/etc/group": "root:x:0:\nnogroup:x:65534:\nnonroot:x:65532:\n",
     "/etc/nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
 }
 
@@ -177,6 +181,8 @@ def main():
     ap.add_argument("--cmd", action="append", default=[])
     ap.add_argument("--env", action="append", default=[])
     ap.add_argument("--workdir", default="/")
+    ap.add_argument("--user", default="")
+    ap.add_argument("--id-file", default="")
     ap.add_argument("--file", action="append", default=[], metavar="SRC:DEST")
     ap.add_argument("--tree", action="append", default=[], metavar="SRC:DEST")
     ap.add_argument("--host-path", action="append", default=[])
@@ -221,6 +227,8 @@ def main():
         cfg["Entrypoint"] = a.entrypoint
     if a.cmd:
         cfg["Cmd"] = a.cmd
+    if a.user:
+        cfg["User"] = a.user
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "created": "1970-01-01T00:00:00Z",
         "config": cfg,
@@ -259,6 +267,9 @@ def main():
         put("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
         put("index.json", index)
     os.replace(tmp, a.out)
+    if a.id_file:
+        with open(a.id_file, "w") as fh:
+            fh.write(sha(config) + "\n" + sha(manifest) + "\n")
     print(f"{ref} {sha(manifest)} layer={len(raw) // 1024}KiB gz={len(layer_gz) // 1024}KiB -> {a.out}", file=sys.stderr)
     print(ref)
 

@@ -3,8 +3,12 @@
 //! `privileged` and with only the chart's capabilities (and the start-up ones it drops), `helm upgrade` keeping the Profiles, and
 //! `helm uninstall` leaving no agent behind.
 //!
-//! Needs the images `kprof/operator:dev` and `kprof/agent:dev` (`make images`; e2e/cluster-tests.sh
-//! builds them) and installs the release `kprof` in `kprof-system`, as `make demo` does.
+//! Installs as a cluster admin would: the release images (`make images`; e2e/cluster-tests.sh
+//! builds them) pushed with skopeo to a private registry with authentication (the Distribution
+//! registry, `make deps`), and the packaged chart (`make chart`) installed as the release
+//! `kprof` in `kprof-system` with the registry's repositories and a pull secret. It checks that
+//! the pods run exactly the images built, that they hold no shell, and that the store finds
+//! the image's CA bundle.
 
 use std::time::Duration;
 
@@ -14,10 +18,13 @@ use kprof_crds::{Profile, labels};
 use kprof_e2e::{
     TestNamespace, build_python_image,
     chart::{
-        SHOP_IMAGE, SYSTEM_NS, install, kubectl_apply, repo, shop_cpu_profile, shop_cpu_selector,
-        start_shop, uninstall,
+        BuiltImage, RELEASE, SHOP_IMAGE, SYSTEM_NS, VERSION, built_image, helm, image_tag,
+        install_package, kubectl_apply, repo, run, shop_cpu_profile, shop_cpu_selector, start_shop,
+        uninstall,
     },
-    poll_until, require_cluster,
+    kubectl, poll_until,
+    registry::Registry,
+    require_cluster,
 };
 use kube::{Api, api::ListParams};
 
@@ -25,7 +32,39 @@ use kube::{Api, api::ListParams};
 async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
     let tb = require_cluster!(Ok(()));
     build_python_image(SHOP_IMAGE, &repo().join("e2e/demo/shop"), None)?;
-    install(&[])?;
+    // As a cluster admin installs a release: the images pushed to their own registry (with
+    // authentication), the packaged chart installed pulling them with a pull secret.
+    let registry = Registry::start("kprof-admin").await?;
+    let operator_image = built_image("kprof-operator")?;
+    let agent_image = built_image("kprof-agent")?;
+    let tag = image_tag();
+    let operator_ref = registry.push(
+        &operator_image.archive,
+        &format!("kprof/kprof-operator:{tag}"),
+    )?;
+    let agent_ref = registry.push(&agent_image.archive, &format!("kprof/kprof-agent:{tag}"))?;
+    create_pull_secret(&registry)?;
+    let repository = |r: &str| r.rsplit_once(':').map(|(repo, _)| repo.to_owned()).unwrap();
+    let from_registry = [
+        format!("operator.image.repository={}", repository(&operator_ref)),
+        format!("agent.image.repository={}", repository(&agent_ref)),
+        "operator.image.pullPolicy=Always".to_owned(),
+        "agent.image.pullPolicy=Always".to_owned(),
+        format!("operator.imagePullSecrets[0].name={PULL_SECRET}"),
+        format!("agent.imagePullSecrets[0].name={PULL_SECRET}"),
+    ];
+    let set_args = |extra: &[&str]| -> Vec<String> {
+        from_registry
+            .iter()
+            .flat_map(|v| ["--set".to_owned(), v.clone()])
+            .chain(extra.iter().map(|s| (*s).to_owned()))
+            .collect()
+    };
+    let args = set_args(&[]);
+    install_package(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    packaged_chart_installed()?;
+    runs_built_image(&tb.client, "operator", &operator_ref, &operator_image).await?;
+    store_trusts_ca_bundle().await?;
 
     let ns = TestNamespace::new(&tb.client, "journey").await?;
 
@@ -54,6 +93,7 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
     start_shop(&ns).await?;
     let profiles: Api<Profile> = ns.api();
     let first = shop_cpu_profile(&profiles).await?;
+    runs_built_image(&tb.client, "agent", &agent_ref, &agent_image).await?;
     let by_target = shop_cpu_selector();
     ensure!(
         first.spec.runtime.starts_with("cpython 3."),
@@ -238,7 +278,8 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
 
     // helm upgrade keeps the Profiles already written.
     let before = first.metadata.name.clone().unwrap();
-    install(&["--set", "operator.resyncInterval=2m"])?;
+    let args = set_args(&["--set", "operator.resyncInterval=2m"]);
+    install_package(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     ensure!(
         profiles.get_opt(&before).await?.is_some(),
         "Profile {before} lost in helm upgrade"
@@ -265,6 +306,8 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
 
     // helm uninstall: no operator, no agent DaemonSet, no agent pod left.
     uninstall()?;
+    run(kubectl().args(["delete", "secret", "-n", SYSTEM_NS, PULL_SECRET]))?;
+    drop(registry);
     let pods: Api<Pod> = Api::namespaced(tb.client.clone(), SYSTEM_NS);
     poll_until(
         "no kprof object left in kprof-system",
@@ -281,5 +324,144 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// The packaged chart (`make chart`) is what Helm installed, with the version of the source.
+fn packaged_chart_installed() -> Result<()> {
+    let releases: serde_json::Value =
+        serde_json::from_str(&run(&mut helm(&["list", "-n", SYSTEM_NS, "-o", "json"]))?)?;
+    let release = releases
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == RELEASE))
+        .context("helm list shows the release")?;
+    ensure!(
+        release["chart"] == format!("kprof-{VERSION}").as_str()
+            && release["app_version"] == VERSION,
+        "the packaged chart kprof-{VERSION} (appVersion {VERSION}) is installed: {release}"
+    );
+    Ok(())
+}
+
+/// The image pull secret the chart is given for the private registry.
+const PULL_SECRET: &str = "kprof-registry";
+
+/// `kubectl create secret docker-registry` for `registry` in the release's namespace.
+fn create_pull_secret(registry: &Registry) -> Result<()> {
+    let ns = kubectl()
+        .args([
+            "create",
+            "namespace",
+            SYSTEM_NS,
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ])
+        .output()?;
+    kubectl_apply(&String::from_utf8_lossy(&ns.stdout))?;
+    let _ = kubectl()
+        .args([
+            "delete",
+            "secret",
+            "-n",
+            SYSTEM_NS,
+            PULL_SECRET,
+            "--ignore-not-found",
+        ])
+        .output();
+    run(kubectl().args([
+        "create",
+        "secret",
+        "docker-registry",
+        "-n",
+        SYSTEM_NS,
+        PULL_SECRET,
+        &format!("--docker-server={}", registry.host),
+        &format!("--docker-username={}", registry.user),
+        &format!("--docker-password={}", registry.password),
+    ]))?;
+    Ok(())
+}
+
+/// The `component`'s pod runs `reference`, exactly the image `make images` built (the same
+/// image id or manifest digest), and that image holds nothing a shell could use.
+async fn runs_built_image(
+    client: &kube::Client,
+    component: &str,
+    reference: &str,
+    built: &BuiltImage,
+) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NS);
+    let selector = format!("app.kubernetes.io/component={component}");
+    // A running pod, not one of an older ReplicaSet on its way out.
+    let (name, image, image_id) = poll_until(
+        &format!("a running {component} pod"),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+        || {
+            let pods = pods.clone();
+            let selector = selector.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels(&selector)).await?;
+                Ok(list.items.into_iter().find_map(|p| {
+                    if p.metadata.deletion_timestamp.is_some() {
+                        return None;
+                    }
+                    let status = p.status?.container_statuses?.into_iter().next()?;
+                    (status.ready && !status.image_id.is_empty()).then(|| {
+                        (
+                            p.metadata.name.unwrap_or_default(),
+                            status.image,
+                            status.image_id,
+                        )
+                    })
+                }))
+            }
+        },
+    )
+    .await?;
+    ensure!(
+        image.ends_with(reference) && built.is(&image_id),
+        "the {component} runs {image} ({image_id}), not the image built: {reference} ({} or {})",
+        built.id,
+        built.manifest
+    );
+    let exec = kubectl()
+        .args([
+            "exec", "-n", SYSTEM_NS, &name, "--", "/bin/sh", "-c", "true",
+        ])
+        .output()?;
+    ensure!(
+        !exec.status.success(),
+        "the {component} image has a shell: kubectl exec {name} -- /bin/sh worked"
+    );
+    Ok(())
+}
+
+/// The store's https clients (cloud stores, exporters) find the operator image's CA bundle.
+async fn store_trusts_ca_bundle() -> Result<()> {
+    let trusted = poll_until(
+        "the operator's log line on the CA certificates its https clients trust",
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+        || async {
+            let logs = run(kubectl().args([
+                "logs",
+                "-n",
+                SYSTEM_NS,
+                "deploy/kprof-operator",
+                "--tail=-1",
+            ]))?;
+            Ok(logs.lines().find_map(|l| {
+                let rest = l.split("https clients trust ").nth(1)?;
+                rest.split(' ').next()?.parse::<usize>().ok()
+            }))
+        },
+    )
+    .await?;
+    ensure!(
+        trusted >= 100,
+        "the operator image's CA bundle: {trusted} certificates found"
+    );
     Ok(())
 }

@@ -20,7 +20,7 @@
 //! forwarder in this test on 127.0.0.1 that stands in for the `kprof-store` Service: it
 //! passes TLS through to a ready operator pod.
 //!
-//! Needs the images `kprof/operator:dev` and `kprof/agent:dev` (e2e/cluster-tests.sh builds
+//! Needs the release images `ghcr.io/kprof/kprof-{operator,agent}:VERSION` (e2e/cluster-tests.sh builds
 //! them) and installs the release `kprof` in `kprof-system`, as `make demo` does.
 
 use std::{

@@ -63,6 +63,24 @@ pub(crate) fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Logs how many CA certificates the system offers the https clients of cloud stores and
+/// exporters (reqwest verifies against them: SSL_CERT_FILE, SSL_CERT_DIR, else the usual
+/// /etc/ssl paths), and warns when there are none: every https call would then fail.
+pub fn log_system_trust() {
+    let found = rustls_native_certs::load_native_certs();
+    let errors = found.errors.len();
+    match found.certs.len() {
+        0 => tracing::warn!(
+            errors,
+            "no CA certificates found (SSL_CERT_FILE, SSL_CERT_DIR, /etc/ssl/certs): https to cloud stores and exporters will fail; mount a CA bundle at /etc/ssl/certs/ca-certificates.crt"
+        ),
+        n => tracing::info!(
+            errors,
+            "https clients trust {n} CA certificates from the system"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -413,6 +413,7 @@ impl BoundStore {
     ) -> Result<(), StoreError> {
         let state = self.state;
         tracing::info!(addr = %self.listener.local_addr()?, backend = state.artifacts.description(), "profile store listening");
+        cloud::log_system_trust();
         let gc = (state.config.gc_interval > Duration::ZERO)
             .then(|| tokio::spawn(gc::run(state.clone())));
         let exporter = state

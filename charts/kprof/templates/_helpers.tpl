@@ -17,6 +17,20 @@ app.kubernetes.io/component: operator
 {{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
 {{- end -}}
 
+{{/* The names of a list of image pull secrets, given as Kubernetes writes them ({name: x})
+     or as plain names, as a JSON list. */}}
+{{- define "kprof.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range . -}}
+{{- if kindIs "string" . -}}
+{{- $names = append $names . -}}
+{{- else -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $names -}}
+{{- end -}}
+
 {{/* Where the store keeps artifacts: "none" (store.url, an object store), "pvc" or "emptyDir". */}}
 {{- define "kprof.storeVolume" -}}
 {{- if .Values.store.url -}}none
