@@ -333,6 +333,11 @@ rotateCertificates: false
 serverTLSBootstrap: false
 clusterDomain: cluster.local
 resolvConf: /etc/resolv.conf
+# The journey pulls kprof's images from a private registry with a pull secret; the other tests
+# and make demo run the same images (same image ids) imported, with imagePullPolicy Never. By
+# default (KubeletEnsureSecretPulledImages) the kubelet would then refuse those pods, which have
+# no credentials for an image once pulled with some: verify nothing, as before Kubernetes 1.33.
+imagePullCredentialsVerificationPolicy: NeverVerify
 # images are imported by hand and cannot be pulled again: never garbage-collect them
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
