@@ -42,10 +42,12 @@ pub fn filter_pids(p: &AggregatedProfile, pids: &BTreeSet<u32>) -> AggregatedPro
     out.dropped = p.dropped;
     out.modules.clone_from(&p.modules);
     out.threads = p.threads.as_ref().map(|r| r.only(pids));
-    for (k, &c) in &p.samples {
-        if pids.contains(&k.pid) {
-            out.add_value(k.clone(), c, p.value_of(k));
-        }
+    let kept = || p.samples.iter().filter(|(k, _)| pids.contains(&k.pid));
+    let n = kept().count();
+    out.samples.reserve(n);
+    out.values.reserve(n);
+    for (k, &c) in kept() {
+        out.add_value(k.clone(), c, p.value_of(k));
     }
     out.processes = p
         .processes

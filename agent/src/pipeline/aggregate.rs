@@ -113,7 +113,8 @@ pub struct AggregateStats {
 /// Aggregates events into a profile.
 pub struct Aggregator {
     symbolizer: Symbolizer,
-    stacks: HashMap<RawKey, (SampleKey, Totals)>,
+    /// Raw stacks (addresses) of every event: hashed once per event, hence foldhash.
+    stacks: HashMap<RawKey, (SampleKey, Totals), foldhash::fast::RandomState>,
     processes: HashMap<u32, ProcessMeta>,
     /// Identity (device, inode) of each process's executable, to notice `exec` when the
     /// samples carry no exec id.
@@ -139,7 +140,7 @@ impl Aggregator {
     pub fn new() -> Self {
         Aggregator {
             symbolizer: Symbolizer::new(),
-            stacks: HashMap::new(),
+            stacks: HashMap::default(),
             processes: HashMap::new(),
             exe: HashMap::new(),
             exec_ids: HashMap::new(),
@@ -417,6 +418,8 @@ impl Aggregator {
     /// wall profile CPU samples are time in state `running`.
     pub fn finish(&self, kind: ProfileKind, start: SystemTime) -> AggregatedProfile {
         let mut p = AggregatedProfile::of_kind(kind, start);
+        p.samples.reserve(self.stacks.len());
+        p.values.reserve(self.stacks.len());
         for (raw, (key, totals)) in &self.stacks {
             if !kind.takes(raw.kind, key.wait.as_ref()) {
                 continue;
