@@ -43,7 +43,7 @@ sed "s/namespace: kprof-demo/namespace: $NS/" e2e/demo/shop.yaml | kubectl apply
 kubectl -n "$NS" rollout status deploy/shop --timeout=120s >/dev/null
 sed "s/namespace: kprof-demo/namespace: $NS/" e2e/demo/target.yaml | kubectl apply -f - >/dev/null
 
-echo "waiting for the first Profile of the demo service (release image, 99 Hz)" >&2
+echo "waiting for the first Profile of the demo service ($variant, 99 Hz)" >&2
 for _ in $(seq 90); do
   n=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop,kprof.io/type=cpu -o name 2>/dev/null | wc -l)
   (( n > 0 )) && break
