@@ -24,4 +24,5 @@ pub mod record;
 pub mod spool;
 pub mod symbolize;
 pub mod targets;
+pub mod unwind;
 pub mod upload;

@@ -6,6 +6,7 @@
 use core::mem::size_of;
 
 pub mod python;
+pub mod unwind;
 
 /// Maximum kernel frames captured per sample (the kernel's default `perf_event_max_stack`).
 pub const MAX_KERNEL_FRAMES: usize = 127;
