@@ -23,6 +23,8 @@ pub struct CodeInfo {
     pub firstlineno: u32,
     /// Raw line table bytes (`co_lnotab` / `co_linetable`).
     pub table: Vec<u8>,
+    /// What the code object pointed at when it was read ([`read_code_identity`]).
+    pub identity: CodeIdentity,
     /// lasti → line, filled lazily.
     lines: HashMap<u32, Option<u32>>,
 }
@@ -179,24 +181,53 @@ pub fn module_name(filename: &str) -> String {
 
 /// The code object at `code` in `mem`, laid out as `l` says.
 pub fn read_code_object(mem: &impl RemoteMemory, l: &Layout, code: u64) -> io::Result<CodeInfo> {
-    let field = |off: u64| mem.read_u64(code.wrapping_add(off));
-    let name = read_unicode(mem, l, field(l.co_name)?)?;
+    let identity = read_code_identity(mem, l, code)?;
+    let name = read_unicode(mem, l, identity.name)?;
     let qualname = match l.co_qualname {
-        Some(o) => read_unicode(mem, l, field(o)?)?,
+        Some(_) => read_unicode(mem, l, identity.qualname)?,
         None => name.clone(),
     };
-    let filename = read_unicode(mem, l, field(l.co_filename)?)?;
-    let firstlineno = mem.read_i32(code.wrapping_add(l.co_firstlineno))?.max(0) as u32;
-    let table = read_bytes(mem, l, field(l.co_linetable)?)?;
+    let filename = read_unicode(mem, l, identity.filename)?;
+    let table = read_bytes(mem, l, identity.linetable)?;
     let module = module_name(&filename);
     Ok(CodeInfo {
         name,
         qualname,
         filename,
         module,
-        firstlineno,
+        firstlineno: identity.firstlineno.max(0) as u32,
         table,
+        identity,
         lines: HashMap::new(),
+    })
+}
+
+/// The objects a code object points at: its name, qualified name, file name and line table,
+/// and its first line. A code object freed and another allocated at its address (code run by
+/// `exec`, as `site` does for `.pth` files, then the application's) differ here, so a cached
+/// entry is checked against them before it names a frame again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeIdentity {
+    pub name: u64,
+    pub qualname: u64,
+    pub filename: u64,
+    pub linetable: u64,
+    pub firstlineno: i32,
+}
+
+/// Read a code object's [`CodeIdentity`]: pointers only, no strings.
+pub fn read_code_identity(
+    mem: &impl RemoteMemory,
+    l: &Layout,
+    code: u64,
+) -> io::Result<CodeIdentity> {
+    let field = |off: u64| mem.read_u64(code.wrapping_add(off));
+    Ok(CodeIdentity {
+        name: field(l.co_name)?,
+        qualname: l.co_qualname.map(field).transpose()?.unwrap_or(0),
+        filename: field(l.co_filename)?,
+        linetable: field(l.co_linetable)?,
+        firstlineno: mem.read_i32(code.wrapping_add(l.co_firstlineno))?,
     })
 }
 
@@ -204,6 +235,11 @@ impl PyProcess {
     /// Read a code object.
     pub fn read_code(&self, code: u64) -> io::Result<CodeInfo> {
         read_code_object(&self.mem, &self.layout, code)
+    }
+
+    /// Read what a code object points at now, to check a cached [`CodeInfo`].
+    pub fn code_identity(&self, code: u64) -> io::Result<CodeIdentity> {
+        read_code_identity(&self.mem, &self.layout, code)
     }
 
     /// The line of `lasti` (kernel units) in `code`.
@@ -224,7 +260,8 @@ impl PyProcess {
 mod tests {
     use super::super::procmem::{MemoryImage, ProcMem};
     use super::{
-        decode_chars, module_name, parse_str_header, read_bytes, read_code_object, read_unicode,
+        decode_chars, module_name, parse_str_header, read_bytes, read_code_identity,
+        read_code_object, read_unicode,
     };
 
     #[test]
@@ -277,6 +314,14 @@ mod tests {
         );
         assert_eq!(info.module, "views");
         assert_eq!(info.table, [0x80 | 13 << 3, 2]);
+        assert_eq!(read_code_identity(&image, &l, code).unwrap(), info.identity);
+        // Another code object at the same address (the first one freed): new names, so the
+        // identity a cached entry is checked against differs.
+        str_at(&mut image, base + 0x500, "<module>");
+        put(&mut image, code + l.co_name, &(base + 0x500).to_le_bytes());
+        let reused = read_code_identity(&image, &l, code).unwrap();
+        assert_ne!(reused, info.identity);
+        assert_eq!(read_code_object(&image, &l, code).unwrap().name, "<module>");
         // A pointer out of the image is an error, not a panic.
         put(&mut image, code + l.co_filename, &u64::MAX.to_le_bytes());
         assert!(read_code_object(&image, &l, code).is_err());

@@ -527,7 +527,15 @@ impl PythonSupport {
         }
         let mut cache = lock(&self.cache);
         let key = (pid, frame.code);
-        if cache.get_mut(key).is_none() {
+        // Stacks are resolved once per distinct raw stack, so checking a cached entry costs a
+        // read per frame of a new stack, not per sample: it catches a code object freed and
+        // another allocated at its address, which would otherwise keep the old one's name.
+        let stale = cache.get_mut(key).map(|info| {
+            proc_
+                .code_identity(frame.code)
+                .is_ok_and(|now| now != info.identity)
+        });
+        if stale != Some(false) {
             match proc_.read_code(frame.code) {
                 Ok(info) => cache.insert(key, info),
                 Err(_) => return unknown_frame(frame.code),
