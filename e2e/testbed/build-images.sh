@@ -9,8 +9,9 @@
 # holds its binary, the shared libraries it links (glibc's), a CA bundle for https stores and
 # exporters, and /etc/passwd; no shell. The operator runs as 65532 (nonroot); the agent starts
 # as root and drops to the chart's runAsUser itself. Paths are remapped and archives written
-# with fixed times and order, so the same source built on the same toolchain and base packages
-# gives the same image digests (printed at the end).
+# with fixed times and order, so the same source built in the same checkout path on the same
+# toolchain and base packages gives the same image digests (printed at the end; see
+# docs/decisions.md for what another path changes).
 # --debug: debug builds tagged VERSION-debug (backtraces with line numbers; quicker to build).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,7 +23,7 @@ for arg in "$@"; do
   case "$arg" in
     --debug) DEBUG=1 ;;
     --no-import) IMPORT=0 ;;
-    *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,16p' "$0" >&2; exit 2 ;;
   esac
 done
 VERSION=$(e2e/testbed/version.sh)
