@@ -59,8 +59,6 @@ pub fn image_tag() -> String {
 
 /// An image `e2e/testbed/build-images.sh` built (and imported into the test bed).
 pub struct BuiltImage {
-    /// `ghcr.io/kprof/NAME:TAG`, the chart's default repository.
-    pub reference: String,
     /// The OCI archive in `target/images/`.
     pub archive: PathBuf,
     /// The image id (`sha256:` of its config), as the CRI reports an imported image.
@@ -91,7 +89,6 @@ pub fn built_image(name: &str) -> Result<BuiltImage> {
         bail!("{}: an image id and a manifest digest", id_file.display());
     };
     Ok(BuiltImage {
-        reference: format!("ghcr.io/kprof/{name}:{tag}"),
         id: id.to_owned(),
         manifest: manifest.to_owned(),
         archive,

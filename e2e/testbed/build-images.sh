@@ -16,7 +16,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . e2e/testbed/env.sh
-. e2e/testbed/image-lib.sh
 
 DEBUG=0 IMPORT=1
 for arg in "$@"; do
@@ -29,41 +28,37 @@ done
 VERSION=$(e2e/testbed/version.sh)
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 if (( DEBUG )); then
-  TAG="$VERSION-debug" PROFILE=dev BIN="$target/debug"
+  TAG="$VERSION-debug" BIN="$target/debug"
   cargo build --bins -p kprof-operator -p kprof-agent -p kprof-plugin
 else
-  TAG="$VERSION" PROFILE=image BIN="$target/image"
+  TAG="$VERSION" BIN="$target/image"
   # Absolute source paths end up in panic messages: remap them so the binary does not depend
   # on where the checkout or the cargo home is.
   CARGO_ENCODED_RUSTFLAGS="--remap-path-prefix=$PWD=/kprof"$'\x1f'"--remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo" \
-    cargo build --profile "$PROFILE" --bins -p kprof-operator -p kprof-agent -p kprof-plugin
+    cargo build --profile image --bins -p kprof-operator -p kprof-agent -p kprof-plugin
 fi
 
 out="$target/images"
 mkdir -p "$out"
 CA=/etc/ssl/certs/ca-certificates.crt
 [[ -s "$CA" ]] || { echo "build-images.sh: no CA bundle at $CA (apt-get install ca-certificates)" >&2; exit 1; }
+import=(--no-import)
+if (( IMPORT )); then
+  if [[ -S "$KPROF_CONTAINERD_SOCK" ]]; then
+    import=()
+  else
+    echo "build-images.sh: the test bed is not running: images not imported (e2e/testbed/up.sh)" >&2
+  fi
+fi
 # name binary user
 for spec in "kprof-operator kprof-operator 65532:65532" "kprof-agent kprof-agent 0:0"; do
   read -r name bin user <<<"$spec"
   ref="ghcr.io/kprof/$name:$TAG"
   archive="$out/$name-$TAG.oci.tar"
-  args=(--file "$BIN/$bin:/usr/local/bin/$bin" --host-path "$CA")
-  while read -r lib; do
-    [[ "$lib" == MISSING* ]] && { echo "build-images.sh: ldd: library ${lib#MISSING } not found" >&2; exit 1; }
-    args+=(--host-path "$lib")
-  done < <(ldd_deps "$BIN/$bin")
-  python3 e2e/testbed/ociarchive.py --name "$ref" --out "$archive" --user "$user" --id-file "$archive.id" \
-    --entrypoint "/usr/local/bin/$bin" "${args[@]}" 2>"$archive.log" >/dev/null
-  if (( IMPORT )); then
-    if [[ -S "$KPROF_CONTAINERD_SOCK" ]]; then
-      import_archive "$archive"
-    else
-      echo "build-images.sh: the test bed is not running: $ref not imported (e2e/testbed/up.sh)" >&2
-    fi
-  fi
+  e2e/testbed/image.sh "${import[@]}" --out "$archive" --user "$user" --id-file "$archive.id" \
+    --host-path "$CA" "$ref" "$BIN/$bin" >/dev/null 2>"$archive.log" || { cat "$archive.log" >&2; exit 1; }
+  rm -f "$archive.log"
   # The archive is the compressed layer plus two small JSON blobs: what a registry stores.
   printf '%-44s %s compressed, manifest %s\n' "$ref" "$(numfmt --to=iec --suffix=B "$(stat -c %s "$archive")")" \
-    "$(cut -d' ' -f2 "$archive.log")"
-  rm -f "$archive.log"
+    "$(sed -n 2p "$archive.id")"
 done

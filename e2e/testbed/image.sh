@@ -3,24 +3,28 @@
 # libraries ldd reports, at their host paths; nothing extra for static binaries) and import
 # it into the test bed's containerd, so pods can use `image: NAME:TAG` with
 # `imagePullPolicy: Never`. The first binary is the image's entrypoint.
-# Usage: image.sh [--no-import] [--out FILE] NAME:TAG BINARY [BINARY...]
+# Usage: image.sh [--no-import] [--out FILE] [--user UID:GID] [--id-file F] [--host-path P]...
+#                 NAME:TAG BINARY [BINARY...]
+# (--user, --id-file and --host-path go to ociarchive.py: the image's user, where its ids are
+# written, extra host files at their own paths.)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 . "$KPROF_TESTBED_DIR/image-lib.sh"
 
 IMPORT=1 OUT=""
+args=()
 while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in
     --no-import) IMPORT=0; shift ;;
     --out) OUT="$2"; shift 2 ;;
+    --user|--id-file|--host-path) args+=("$1" "$2"); shift 2 ;;
     *) echo "image.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-(( $# >= 2 )) || { sed -n '2,7p' "$0" >&2; exit 2; }
+(( $# >= 2 )) || { sed -n '2,10p' "$0" >&2; exit 2; }
 NAME="$1"; shift
 OUT="${OUT:-$(archive_path "$NAME")}"
 
-args=()
 first=""
 for bin in "$@"; do
   [[ -f "$bin" && -x "$bin" ]] || { echo "image.sh: $bin is not an executable file" >&2; exit 1; }
