@@ -10,7 +10,7 @@
 //! the pods run exactly the images built, that they hold no shell, and that the store finds
 //! the image's CA bundle.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Pod};
@@ -324,6 +324,19 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         },
     )
     .await?;
+    // The pulled references name a registry that is gone: a test bed kept for the next run
+    // should not hold them.
+    forget_pulled_images(&[&operator_ref, &agent_ref])?;
+    Ok(())
+}
+
+/// Removes image references from the test bed's containerd (the CRI's namespace).
+fn forget_pulled_images(references: &[&str]) -> Result<()> {
+    let sock = std::env::var("KPROF_CONTAINERD_SOCK")
+        .context("KPROF_CONTAINERD_SOCK (e2e/testbed/env.sh) names the test bed's containerd")?;
+    run(Command::new("ctr")
+        .args(["--address", &sock, "--namespace", "k8s.io", "images", "rm"])
+        .args(references))?;
     Ok(())
 }
 
@@ -393,7 +406,9 @@ async fn runs_built_image(
 ) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), SYSTEM_NS);
     let selector = format!("app.kubernetes.io/component={component}");
-    // A running pod, not one of an older ReplicaSet on its way out.
+    // A running pod, not one of an older ReplicaSet on its way out. The image it asked for is
+    // its spec's; `status.image` names whichever reference containerd first stored that image
+    // under (an earlier journey's registry port), so only its id is compared.
     let (name, image, image_id) = poll_until(
         &format!("a running {component} pod"),
         Duration::from_secs(60),
@@ -407,13 +422,10 @@ async fn runs_built_image(
                     if p.metadata.deletion_timestamp.is_some() {
                         return None;
                     }
+                    let image = p.spec?.containers.into_iter().next()?.image?;
                     let status = p.status?.container_statuses?.into_iter().next()?;
                     (status.ready && !status.image_id.is_empty()).then(|| {
-                        (
-                            p.metadata.name.unwrap_or_default(),
-                            status.image,
-                            status.image_id,
-                        )
+                        (p.metadata.name.unwrap_or_default(), image, status.image_id)
                     })
                 }))
             }
@@ -421,7 +433,7 @@ async fn runs_built_image(
     )
     .await?;
     ensure!(
-        image.ends_with(reference) && built.is(&image_id),
+        image == reference && built.is(&image_id),
         "the {component} runs {image} ({image_id}), not the image built: {reference} ({} or {})",
         built.id,
         built.manifest
