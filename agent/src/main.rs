@@ -58,6 +58,9 @@ struct RecordArgs {
     /// Do not collect Python frames.
     #[arg(long)]
     no_python: bool,
+    /// Walk native stacks by frame pointers only (no `.eh_frame` unwinding), to compare.
+    #[arg(long)]
+    frame_pointers_only: bool,
     /// Profile types, comma separated: cpu (on-CPU time), wall (on- and off-CPU time per thread,
     /// by state and wait class), lock (time blocked on locks, by site and lock), threads
     /// (counts, names, the code that creates them, idle threads and leaks).
@@ -129,6 +132,7 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         sample_hz: args.hz,
         follow_children: !args.no_follow,
         python: !args.no_python,
+        unwind_tables: !args.frame_pointers_only,
         progress: true,
         clock_jitter: true,
         types: args.types,

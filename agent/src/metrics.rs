@@ -29,6 +29,11 @@ struct Metrics {
     stack_errors: Family<Vec<(String, String)>, Counter>,
     children_followed: Counter,
     unresolved_addresses: Counter,
+    user_stacks_truncated: Counter,
+    unwind_misses: Counter,
+    unwind_tables_refused: Counter,
+    unwind_tables_evicted: Counter,
+    unwind_table_rows: Gauge,
     cpu_seconds: Counter<f64, AtomicU64>,
     bpf_run_seconds: Counter<f64, AtomicU64>,
     uid: Gauge,
@@ -58,6 +63,11 @@ fn metrics() -> &'static Metrics {
             stack_errors: Family::default(),
             children_followed: Counter::default(),
             unresolved_addresses: Counter::default(),
+            user_stacks_truncated: Counter::default(),
+            unwind_misses: Counter::default(),
+            unwind_tables_refused: Counter::default(),
+            unwind_tables_evicted: Counter::default(),
+            unwind_table_rows: Gauge::default(),
             cpu_seconds: Counter::default(),
             bpf_run_seconds: Counter::default(),
             uid: Gauge::default(),
@@ -144,6 +154,34 @@ fn metrics() -> &'static Metrics {
             "unresolved_addresses",
             "Distinct code addresses that could not be symbolized (kept as module+offset)",
             m.unresolved_addresses.clone(),
+        );
+        registry.register(
+            "user_stacks_truncated",
+            "Native user stacks cut where they went wrong (a return address in no mapping, a stack \
+             pointer that did not grow, unreadable memory): marked [truncated] in the profile",
+            m.user_stacks_truncated.clone(),
+        );
+        registry.register(
+            "unwind_misses",
+            "Samples whose process or address had no unwind mappings loaded yet (walked by frame \
+             pointers or cut; the mappings are read again)",
+            m.unwind_misses.clone(),
+        );
+        registry.register(
+            "unwind_tables_refused",
+            "Executable files whose unwind information was refused (broken, hostile, too big or \
+             unreadable): stacks through them are walked by frame pointers",
+            m.unwind_tables_refused.clone(),
+        );
+        registry.register(
+            "unwind_tables_evicted",
+            "Unwind tables evicted from the kernel's table memory to make room (least recently used)",
+            m.unwind_tables_evicted.clone(),
+        );
+        registry.register(
+            "unwind_table_rows",
+            "Rows of unwind tables in the kernel's table memory (8 bytes each)",
+            m.unwind_table_rows.clone(),
         );
         registry.register(
             "cpu_seconds",
@@ -307,6 +345,27 @@ pub fn render() -> String {
 /// looked up; later samples hit the cache).
 pub fn unresolved_address() {
     metrics().unresolved_addresses.inc();
+}
+
+/// Totals of the unwinder's kernel counters (running totals, as for the stack errors).
+pub fn set_unwind_totals(truncated: u64, misses: u64) {
+    let m = metrics();
+    advance(&m.user_stacks_truncated, truncated);
+    advance(&m.unwind_misses, misses);
+}
+
+pub fn unwind_table_refused() {
+    metrics().unwind_tables_refused.inc();
+}
+
+pub fn unwind_table_evicted() {
+    metrics().unwind_tables_evicted.inc();
+}
+
+pub fn set_unwind_table_rows(rows: u64) {
+    metrics()
+        .unwind_table_rows
+        .set(i64::try_from(rows).unwrap_or(i64::MAX));
 }
 
 #[cfg(test)]

@@ -97,6 +97,8 @@ pub struct RecordOptions {
     pub types: Vec<ProfileType>,
     /// Off-CPU stack captures per thread (wall and lock profiles).
     pub off_cpu: OffCpuLimits,
+    /// Unwind native stacks with `.eh_frame` tables (off: frame pointers only, to compare).
+    pub unwind_tables: bool,
 }
 
 impl Default for RecordOptions {
@@ -112,6 +114,7 @@ impl Default for RecordOptions {
             clock_jitter: true,
             types: vec![ProfileType::Cpu],
             off_cpu: OffCpuLimits::default(),
+            unwind_tables: true,
         }
     }
 }
@@ -324,6 +327,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
                 .any(|k| k.needs_off_cpu())
                 .then_some(opts.off_cpu),
             threads: kinds.iter().any(|k| k.needs_thread_events()),
+            unwind_tables: opts.unwind_tables,
         },
         python: opts.python,
         python_wait: Some(PYTHON_WAIT),

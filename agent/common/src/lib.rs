@@ -34,7 +34,7 @@ pub mod names {
     pub const PROG_SWITCH: &str = "kprof_switch";
     /// The same without the CPython walker.
     pub const PROG_SWITCH_NATIVE: &str = "kprof_switch_native";
-    /// Only in objects built with the CPython walker.
+    /// `sched_process_exec`: drops the walker's and the unwinder's view of the old image.
     pub const PROG_EXEC: &str = "kprof_exec";
     /// Thread exits (raw tracepoint `sched_process_exit`), attached for threads profiles.
     pub const PROG_EXIT: &str = "kprof_exit";
@@ -58,6 +58,13 @@ pub const FLAG_IN_KERNEL: u32 = 1 << 2;
 pub const FLAG_GIL_KNOWN: u32 = 1 << 3;
 /// `EventHeader::flags` bit: the thread held the GIL.
 pub const FLAG_GIL_HELD: u32 = 1 << 4;
+/// `EventHeader::flags` bit: the user stack was cut where it went wrong (a return address in
+/// no mapping, a stack pointer that did not grow, unreadable memory, the frame limit); its
+/// outermost frames are missing.
+pub const FLAG_USER_TRUNCATED: u32 = 1 << 5;
+/// `EventHeader::flags` bit: an address fell outside the process's known mappings (or the
+/// process had none loaded): user space should read its mappings again.
+pub const FLAG_UNWIND_MISS: u32 = 1 << 6;
 
 /// Counters kept per CPU in the `STATS` array (index = discriminant). Never reuse an index.
 /// Program runs are not counted here: `kernel.bpf_stats_enabled` reports them (`run_cnt`) without
@@ -81,11 +88,19 @@ pub enum Stat {
     SwitchOuts = 6,
     /// Switch-outs whose stacks were recorded (the rest are counted in `OffCpuThread::rest`).
     SwitchOutsCaptured = 7,
+    /// User stacks cut where they went wrong ([`FLAG_USER_TRUNCATED`]).
+    UserTruncated = 8,
+    /// User stacks that met an address outside the known mappings ([`FLAG_UNWIND_MISS`]).
+    UnwindMiss = 9,
+    /// User frames unwound with an unwind table.
+    FramesByTable = 10,
+    /// User frames unwound by frame pointers (no table covers the address).
+    FramesByFramePointer = 11,
 }
 
 impl Stat {
     /// Number of counters (the `STATS` array length).
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 12;
     /// All counters in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Targeted,
@@ -96,6 +111,10 @@ impl Stat {
         Stat::ChildrenDropped,
         Stat::SwitchOuts,
         Stat::SwitchOutsCaptured,
+        Stat::UserTruncated,
+        Stat::UnwindMiss,
+        Stat::FramesByTable,
+        Stat::FramesByFramePointer,
     ];
 }
 
@@ -125,7 +144,9 @@ pub struct Config {
     /// Byte offset of `se.sum_exec_runtime` (the thread's CPU nanoseconds) in
     /// `struct task_struct` (0: unknown; thread exits then carry no CPU time).
     pub task_runtime_off: u32,
-    pub _pad: u32,
+    /// Non-zero: user stacks are unwound with the `.eh_frame` tables (`unwind.rs`); zero:
+    /// by the kernel's frame-pointer walk (`bpf_get_stack`).
+    pub unwind_tables: u32,
 }
 const _: () = assert!(size_of::<Config>() == 48);
 

@@ -80,8 +80,77 @@ impl UnwindRow {
     }
 }
 
+/// Rows of every loaded table together (the `UNWIND_ROWS` array, 8 bytes each: 16 MiB). User
+/// space places each table in a free extent and evicts the least recently used tables when a
+/// new one does not fit.
+pub const MAX_UNWIND_ROWS: u32 = 1 << 21;
+/// Tables loaded at once (the `UNWIND_TABLES` array, indexed by table id).
+pub const MAX_UNWIND_TABLES: u32 = 4096;
+/// Executable mappings known per process; a process with more is unwound through the first
+/// ones (by address) only, with a warning.
+pub const MAX_PROC_MAPPINGS: usize = 256;
+/// Processes with mappings in `UNWIND_PROCS` (entries are allocated on insert).
+pub const MAX_UNWIND_PROCS: u32 = 8192;
+/// Iterations of the binary search over a process's mappings (2^9 > [`MAX_PROC_MAPPINGS`]).
+pub const MAPPING_SEARCH_STEPS: usize = 9;
+/// Iterations of the binary search over one table's rows (2^22 > [`MAX_UNWIND_ROWS`]).
+pub const ROW_SEARCH_STEPS: usize = 22;
+/// [`ExecMapping::table`] of a mapping without a table (anonymous or JIT code, the vDSO, a file
+/// without CFI or not compiled yet): it is unwound by frame pointers.
+pub const NO_TABLE: u32 = u32::MAX;
+
+/// Where table `id`'s rows lie in `UNWIND_ROWS`; `count == 0`: not loaded (evicted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableRef {
+    pub first: u32,
+    pub count: u32,
+}
+const _: () = assert!(size_of::<TableRef>() == 8);
+
+/// One executable mapping of a process: `[start, end)`, and for an address in it, the row
+/// offset `address - bias` in table `table` (the bias folds the load address and the table's
+/// base together).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecMapping {
+    pub start: u64,
+    pub end: u64,
+    pub bias: u64,
+    pub table: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ExecMapping>() == 32);
+
+/// A process's executable mappings, sorted by `start`, not overlapping (the `UNWIND_PROCS`
+/// value, by tgid). Every executable mapping is listed, with or without a table, so an address
+/// in none of them is a stale view (a library loaded since) or a bad return address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcMappings {
+    pub count: u32,
+    pub _pad: u32,
+    pub mappings: [ExecMapping; MAX_PROC_MAPPINGS],
+}
+const _: () = assert!(size_of::<ProcMappings>() == 8 + 32 * MAX_PROC_MAPPINGS);
+const _: () = assert!(1 << MAPPING_SEARCH_STEPS > MAX_PROC_MAPPINGS);
+const _: () = assert!(1u64 << ROW_SEARCH_STEPS > MAX_UNWIND_ROWS as u64);
+
+impl Default for ProcMappings {
+    fn default() -> Self {
+        ProcMappings {
+            count: 0,
+            _pad: 0,
+            mappings: [ExecMapping::default(); MAX_PROC_MAPPINGS],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: #[repr(C)], integers only, no padding (size asserted).
+    // SAFETY: #[repr(C)], integers only, no padding (sizes asserted).
     unsafe impl aya::Pod for super::UnwindRow {}
+    unsafe impl aya::Pod for super::TableRef {}
+    unsafe impl aya::Pod for super::ExecMapping {}
+    unsafe impl aya::Pod for super::ProcMappings {}
 }

@@ -63,13 +63,16 @@ pub fn on_fork<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
     0
 }
 
-/// `sched_process_exec`, in the process after its `exec`: the CPython walker's view of its old
-/// image is dropped at once (no walk of the new image with the old addresses).
-#[cfg(feature = "python")]
+/// `sched_process_exec`, in the process after its `exec`: the CPython walker's view and the
+/// unwinder's mappings of its old image are dropped at once (no walk of the new image with the
+/// old addresses; its stacks are walked by frame pointers until user space has read the new
+/// mappings, which the flag on them asks for).
 #[inline(always)]
 pub fn on_exec() -> i32 {
     // SAFETY: helper without arguments.
     let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    #[cfg(feature = "python")]
     crate::python::forget(tgid);
+    let _ = crate::unwind::UNWIND_PROCS.remove(&tgid);
     0
 }

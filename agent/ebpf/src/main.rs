@@ -25,6 +25,7 @@ mod offcpu;
 mod python;
 mod record;
 mod threads;
+mod unwind;
 
 use aya_ebpf::{
     Global,
@@ -46,7 +47,7 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     offcpu_burst: 1,
     thread_events: 0,
     task_runtime_off: 0,
-    _pad: 0,
+    unwind_tables: 0,
 });
 
 /// The CPU sampler with the CPython walker (the default).
@@ -90,7 +91,6 @@ pub fn kprof_exit(_ctx: RawTracePointContext) -> i32 {
     threads::on_exit()
 }
 
-#[cfg(feature = "python")]
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
 pub fn kprof_exec(_ctx: RawTracePointContext) -> i32 {
     follow::on_exec()

@@ -200,6 +200,7 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, c
             kernel_stack: true,
             wait: w,
             addr,
+            user_regs: None,
         };
         captured = record::submit::<_, PYTHON>(ctx, &ev, cfg, record::BUF_SWITCH);
         if captured {

@@ -10,17 +10,21 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
-        bpf_get_smp_processor_id, bpf_get_stack, bpf_ringbuf_output,
+        bpf_get_smp_processor_id, bpf_get_stack, bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+        bpf_ringbuf_output,
     },
 };
 use kprof_common::{
     Config, EventHeader, EventKind, FLAG_GIL_HELD, FLAG_GIL_KNOWN, FLAG_IN_KERNEL,
-    FLAG_KERNEL_STACK_ERR, FLAG_USER_STACK_ERR, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, Stat,
+    FLAG_KERNEL_STACK_ERR, FLAG_UNWIND_MISS, FLAG_USER_STACK_ERR, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, Stat,
     event_len,
     python::{MAX_PY_FRAMES, PyFrame},
 };
 
-use crate::maps::{EVENT_BUF, EVENTS, bump};
+use crate::{
+    maps::{EVENT_BUF, EVENTS, bump},
+    unwind::{self, UserRegs},
+};
 
 /// `BPF_F_USER_STACK` flag of `bpf_get_stack`.
 const BPF_F_USER_STACK: u64 = 1 << 8;
@@ -46,6 +50,9 @@ pub struct Event {
     /// Off-CPU events: how the thread waits and the syscall's first argument.
     pub wait: u32,
     pub addr: u64,
+    /// The user registers when the event interrupted user mode; `None`: those saved at the
+    /// thread's entry into the kernel.
+    pub user_regs: Option<UserRegs>,
 }
 
 /// `EVENT_BUF` slot of each source: a source that can interrupt another needs its own.
@@ -151,19 +158,49 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(
             0
         };
 
-        let n = bpf_get_stack(
-            ctx.as_ptr(),
-            kernel_at.add(kernel_len * 8).cast(),
-            (MAX_USER_FRAMES * 8) as u32,
-            BPF_F_USER_STACK,
-        );
-        let user_len = if n >= 0 {
-            (n as usize / 8).min(MAX_USER_FRAMES)
-        } else {
-            flags |= FLAG_USER_STACK_ERR;
-            bump(Stat::UserStackErr);
-            0
-        };
+        let user_at = kernel_at.add(kernel_len * 8);
+        let mut user_len = usize::MAX;
+        if cfg.unwind_tables != 0 {
+            let regs = match ev.user_regs {
+                Some(r) => Some(r),
+                None => unwind::saved_user_regs(cfg),
+            };
+            match regs.and_then(|r| unwind::unwind(tgid, &r)) {
+                Some(u) => {
+                    let len = if u.len < MAX_USER_FRAMES {
+                        u.len
+                    } else {
+                        MAX_USER_FRAMES
+                    };
+                    if bpf_probe_read_kernel_raw(user_at.cast(), (len * 8) as u32, u.frames.cast())
+                        == 0
+                    {
+                        user_len = len;
+                        flags |= u.flags;
+                    }
+                }
+                None => {
+                    // No mappings loaded for this process yet: frame pointers this time.
+                    flags |= FLAG_UNWIND_MISS;
+                    bump(Stat::UnwindMiss);
+                }
+            }
+        }
+        if user_len == usize::MAX {
+            let n = bpf_get_stack(
+                ctx.as_ptr(),
+                user_at.cast(),
+                (MAX_USER_FRAMES * 8) as u32,
+                BPF_F_USER_STACK,
+            );
+            user_len = if n >= 0 {
+                (n as usize / 8).min(MAX_USER_FRAMES)
+            } else {
+                flags |= FLAG_USER_STACK_ERR;
+                bump(Stat::UserStackErr);
+                0
+            };
+        }
         (*h).py_count = py_count as u32;
         (*h).kernel_len = kernel_len as u32;
         (*h).user_len = user_len as u32;

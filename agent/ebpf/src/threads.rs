@@ -38,6 +38,7 @@ pub fn on_thread_start<C: EbpfContext, const PYTHON: bool>(
         kernel_stack: false,
         wait: 0,
         addr: u64::from(child),
+        user_regs: None,
     };
     record::submit::<_, PYTHON>(ctx, &ev, cfg, record::BUF_TASK);
 }

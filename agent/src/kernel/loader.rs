@@ -79,6 +79,9 @@ pub struct SamplerConfig {
     pub off_cpu: Option<OffCpuLimits>,
     /// Record thread creations (with stacks) and exits of targets (threads profiles).
     pub threads: bool,
+    /// Unwind native user stacks with the `.eh_frame` tables (frame pointers where no table
+    /// covers an address); off: the kernel's frame-pointer walk only.
+    pub unwind_tables: bool,
 }
 
 /// How many off-CPU stacks a targeted thread may capture: one per `gap` of its time, with up
@@ -110,6 +113,7 @@ impl Default for SamplerConfig {
             clock_jitter: true,
             off_cpu: None,
             threads: false,
+            unwind_tables: true,
         }
     }
 }
@@ -237,7 +241,7 @@ impl Sampler {
             offcpu_burst: cfg.off_cpu.map_or(1, |l| l.burst.clamp(1, 1000)),
             thread_events: u32::from(cfg.threads),
             task_runtime_off: offsets.as_ref().map_or(0, |t| t.sum_exec_runtime),
-            _pad: 0,
+            unwind_tables: u32::from(cfg.unwind_tables),
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
@@ -352,8 +356,9 @@ impl Sampler {
             None => None,
         };
 
-        // Python walker entries of processes that exec are dropped in kernel.
-        if program == names::PROG_SAMPLE
+        // Python walker entries and unwinder mappings of processes that exec are dropped in
+        // kernel.
+        if (program == names::PROG_SAMPLE || cfg.unwind_tables)
             && let Some(p) = bpf.program_mut(names::PROG_EXEC)
         {
             let exec: Result<&mut RawTracePoint, _> = p.try_into();

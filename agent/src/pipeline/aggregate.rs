@@ -52,6 +52,8 @@ pub trait StackMerger {
 /// The frame an off-CPU interval gets when its stacks were not captured (the share of
 /// uncaptured time with no captured wait to stand for it).
 pub const NOT_CAPTURED: &str = "[stack not captured]";
+/// The root frame of a native stack the unwinder cut where it went wrong.
+pub const TRUNCATED_NATIVE: &str = "[truncated native stack]";
 
 /// The addresses of one event: what identifies a distinct stack before symbolization.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -67,6 +69,7 @@ pub struct RawKey {
     /// CPU samples of Python threads: whether the thread held the GIL.
     pub gil_held: Option<bool>,
     pub in_kernel: bool,
+    pub user_truncated: bool,
     pub kernel: Vec<u64>,
     pub user: Vec<u64>,
     /// (code object, instruction offset, flags) per Python frame.
@@ -84,6 +87,7 @@ impl RawKey {
             wait,
             gil_held: ev.gil_held,
             in_kernel: ev.in_kernel,
+            user_truncated: ev.user_truncated,
             kernel: ev.kernel.to_vec(),
             user: ev.user.to_vec(),
             py: ev
@@ -298,6 +302,10 @@ impl Aggregator {
         let mut native = Vec::with_capacity(raw.user.len());
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
+        if raw.user_truncated && !native.is_empty() {
+            // Cut where it went wrong: the callers below are unknown, not missing by design.
+            native.push(Frame::new(FrameKind::Native, TRUNCATED_NATIVE));
+        }
         self.take_refusals();
         let user = match merger.as_mut() {
             Some(m) if !ev.py.frames.is_empty() => m.merge(pid, native, ev.py),

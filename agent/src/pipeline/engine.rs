@@ -16,6 +16,7 @@ use crate::{
     profile::Frame,
     python::{PythonSupport, RuntimeInfo},
     targets,
+    unwind::kernel_tables::{self, KernelTables, LoaderStats},
 };
 
 /// What the engine runs.
@@ -135,6 +136,8 @@ pub struct Engine {
     cfg: EngineConfig,
     sampler: Sampler,
     python: Option<PythonSupport>,
+    /// The `.eh_frame` tables of the targets' executables, in kernel.
+    unwind: Option<KernelTables>,
     counters: Counters,
     /// Set-up warnings for the user (children not followed, Python frames disabled, ...).
     pub warnings: Vec<String>,
@@ -187,11 +190,26 @@ impl Quarantine {
 impl Engine {
     /// Loads and attaches the programs and sets up the runtimes.
     pub fn start(cfg: EngineConfig) -> Result<Engine, LoadError> {
-        let (sampler, python, warnings) = Self::load(&cfg)?;
+        let (mut sampler, python, mut warnings) = Self::load(&cfg)?;
+        let unwind = if cfg.sampler.unwind_tables {
+            match start_unwind(&mut sampler) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    warnings.push(format!(
+                        "native stacks are walked by frame pointers only: the unwind tables could \
+                         not be set up ({e})"
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Ok(Engine {
             cfg,
             sampler,
             python,
+            unwind,
             counters: Counters::default(),
             warnings,
             malformed: 0,
@@ -266,6 +284,9 @@ impl Engine {
     /// Makes `pid` (all its threads) a target, attributed to `slot`.
     pub fn add_target(&mut self, pid: u32, slot: u32) -> Result<(), LoadError> {
         self.sampler.add_pid(pid, slot)?;
+        if let Some(u) = self.unwind.as_mut() {
+            u.add_process(pid);
+        }
         self.targeted_at
             .entry(pid)
             .or_insert_with(crate::proc::monotonic_ns);
@@ -316,6 +337,7 @@ impl Engine {
         let Engine {
             sampler,
             python,
+            unwind,
             malformed,
             decoder,
             off_cpu,
@@ -334,6 +356,11 @@ impl Engine {
             match decoder.decode(&item, period) {
                 Ok(ev) => {
                     n += 1;
+                    if ev.unwind_miss
+                        && let Some(u) = unwind.as_mut()
+                    {
+                        u.on_miss(ev.tgid);
+                    }
                     quarantine.run(ev.tgid, || match ev.kind {
                         EventKind::OffCpu | EventKind::OffCpuEnd => off_cpu.on_record(&ev, |e| {
                             sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
@@ -459,6 +486,9 @@ impl Engine {
             }
             self.sampler.remove_pid(pid);
             self.targeted_at.remove(&pid);
+            if let Some(u) = self.unwind.as_mut() {
+                u.forget(pid);
+            }
             if state.proc.is_none()
                 && let Some(py) = self.python.as_mut()
             {
@@ -498,6 +528,50 @@ impl Engine {
     pub fn kernel_cost(&self) -> KernelCost {
         self.sampler.kernel_cost()
     }
+
+    /// What the unwind-table loader has done (`None`: frame pointers only).
+    pub fn unwind_stats(&self) -> Option<LoaderStats> {
+        self.unwind.as_ref().map(KernelTables::stats)
+    }
+
+    /// Waits up to `timeout` for the unwind-table loader to finish the work asked of it.
+    pub fn settle_unwind(&self, timeout: Duration) -> bool {
+        self.unwind.as_ref().is_none_or(|u| u.settle(timeout))
+    }
+
+    /// Warnings of the unwind-table loader for the profiles of each process.
+    pub fn take_unwind_warnings(&mut self) -> Vec<(u32, String)> {
+        self.unwind
+            .as_ref()
+            .map(KernelTables::take_warnings)
+            .unwrap_or_default()
+    }
+}
+
+/// Takes the unwinder's maps from the loaded object and starts the table loader.
+fn start_unwind(sampler: &mut Sampler) -> Result<KernelTables, String> {
+    let mut take = |name: &'static str| {
+        sampler
+            .bpf
+            .take_map(name)
+            .ok_or_else(|| format!("the eBPF object has no map {name}"))
+    };
+    let rows = take(kernel_tables::MAP_ROWS)?;
+    let tables = take(kernel_tables::MAP_TABLES)?;
+    let procs = take(kernel_tables::MAP_PROCS)?;
+    let aya::maps::Map::Array(rows) = rows else {
+        return Err(format!("{} is not an array", kernel_tables::MAP_ROWS));
+    };
+    KernelTables::start(
+        rows,
+        tables
+            .try_into()
+            .map_err(|e: aya::maps::MapError| e.to_string())?,
+        procs
+            .try_into()
+            .map_err(|e: aya::maps::MapError| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! this type.
 pub use kprof_common::EventKind;
 use kprof_common::{
-    EventHeader, FLAG_GIL_HELD, FLAG_GIL_KNOWN, FLAG_IN_KERNEL, MAX_KERNEL_FRAMES, MAX_USER_FRAMES,
+    EventHeader, FLAG_GIL_HELD, FLAG_GIL_KNOWN, FLAG_IN_KERNEL, FLAG_UNWIND_MISS,
+    FLAG_USER_TRUNCATED, MAX_KERNEL_FRAMES, MAX_USER_FRAMES,
     python::{MAX_PY_FRAMES, PyFrame, PyFrames},
 };
 
@@ -40,6 +41,10 @@ pub struct Event<'a> {
     pub kernel: &'a [u64],
     /// User return addresses, innermost first.
     pub user: &'a [u64],
+    /// The user stack was cut where it went wrong (its outermost frames are missing).
+    pub user_truncated: bool,
+    /// An address was outside the process's known mappings: they should be read again.
+    pub unwind_miss: bool,
     pub py: PyFrames<'a>,
 }
 
@@ -72,6 +77,8 @@ impl Event<'static> {
             comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
             exec_id: 0,
             in_kernel: false,
+            user_truncated: false,
+            unwind_miss: false,
             gil_held: None,
             kernel: &[],
             user,
@@ -154,6 +161,8 @@ impl Decoder {
             comm: h.comm,
             exec_id: h.exec_id,
             in_kernel: h.flags & FLAG_IN_KERNEL != 0,
+            user_truncated: h.flags & FLAG_USER_TRUNCATED != 0,
+            unwind_miss: h.flags & FLAG_UNWIND_MISS != 0,
             gil_held: (h.flags & FLAG_GIL_KNOWN != 0).then_some(h.flags & FLAG_GIL_HELD != 0),
             kernel,
             user,

@@ -34,6 +34,7 @@ struct Captured {
     user: Vec<u64>,
     py: Vec<PyFrame>,
     py_truncated: bool,
+    user_truncated: bool,
 }
 
 impl Captured {
@@ -51,6 +52,7 @@ impl Captured {
             user: ev.user.to_vec(),
             py: ev.py.frames.to_vec(),
             py_truncated: ev.py.truncated,
+            user_truncated: ev.user_truncated,
         }
     }
 
@@ -76,6 +78,7 @@ impl Captured {
             user: Vec::new(),
             py: Vec::new(),
             py_truncated: false,
+            user_truncated: false,
         }
     }
 
@@ -93,6 +96,8 @@ impl Captured {
             comm: self.comm,
             exec_id: self.exec_id,
             in_kernel: !self.kernel.is_empty(),
+            user_truncated: self.user_truncated,
+            unwind_miss: false,
             gil_held: None,
             kernel: &self.kernel,
             user: &self.user,

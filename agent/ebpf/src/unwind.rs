@@ -1,0 +1,337 @@
+//! The native user-stack unwinder: `.eh_frame` tables with frame pointers as the fallback.
+//!
+//! User space compiles each executable's CFI once per file into rows (`UNWIND_ROWS`, located
+//! by `UNWIND_TABLES`) and lists every targeted process's executable mappings
+//! (`UNWIND_PROCS`). Per frame: find the mapping of the address (binary search in the
+//! process's value), then the row for it (binary search in its table), compute the CFA and
+//! read the return address and the saved RBP ([`kprof_common::unwind`] says how). An address
+//! in a mapping without a table (JIT code, the vDSO, a file not compiled yet) or a row without
+//! information is unwound by frame pointers.
+//!
+//! A stack that goes wrong is cut there, marked `FLAG_USER_TRUNCATED`: a return address in no
+//! mapping, a stack pointer that does not grow, memory that cannot be read. A process without
+//! mappings yet is walked by the kernel's frame-pointer walker, and both that and an address
+//! outside the known mappings set `FLAG_UNWIND_MISS`, which tells user space to read the
+//! process's mappings (again).
+//!
+//! Verifier notes: the frame loop is a `bpf_loop` so one step is verified, not 127; the two
+//! binary searches are bounded loops of fixed depth.
+
+use aya_ebpf::{
+    helpers::{bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::generated::bpf_get_current_task,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use kprof_common::{
+    Config, FLAG_UNWIND_MISS, FLAG_USER_TRUNCATED, MAX_USER_FRAMES, Stat,
+    unwind::{
+        CFA_END_OF_STACK, CFA_NO_INFO, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED,
+        MAPPING_SEARCH_STEPS, MAX_PROC_MAPPINGS, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS,
+        MAX_UNWIND_TABLES, NO_TABLE, ProcMappings, RBP_AT_CFA, RBP_UNSUPPORTED, ROW_SEARCH_STEPS,
+        TableRef, UnwindRow,
+    },
+};
+
+use crate::maps::bump;
+
+/// `BPF_F_NO_PREALLOC`: a process's 8 KiB of mappings is allocated when user space adds it.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+#[map(name = "UNWIND_ROWS")]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, 0);
+
+#[map(name = "UNWIND_TABLES")]
+pub static UNWIND_TABLES: Array<TableRef> = Array::with_max_entries(MAX_UNWIND_TABLES, 0);
+
+#[map(name = "UNWIND_PROCS")]
+pub static UNWIND_PROCS: HashMap<u32, ProcMappings> =
+    HashMap::with_max_entries(MAX_UNWIND_PROCS, BPF_F_NO_PREALLOC);
+
+/// Per CPU, the walk in progress: its state lives in a map value, not on the stack, so the
+/// verifier sees unknown numbers there and checks the loop's step once instead of once per
+/// count of frames so far.
+#[map(name = "UNWIND_WALK")]
+static UNWIND_WALK: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
+
+/// x86-64 `struct pt_regs`: the user registers at the top of a thread's kernel stack.
+const THREAD_SIZE: usize = 16 << 10;
+const PT_REGS_SIZE: usize = 168;
+const PT_REGS_BP: usize = 32;
+const PT_REGS_IP: usize = 128;
+const PT_REGS_SP: usize = 152;
+
+/// The user registers the unwinder starts from.
+#[derive(Clone, Copy)]
+pub struct UserRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+/// The user registers of the current thread saved at its entry into the kernel (a sample in
+/// kernel mode, a tracepoint); `None` when the kernel stack's place is unknown.
+#[inline(always)]
+pub fn saved_user_regs(cfg: &Config) -> Option<UserRegs> {
+    if cfg.task_stack_off == 0 {
+        return None;
+    }
+    // SAFETY: probe reads of the current task's `stack` pointer and of the pt_regs at its top.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let stack =
+            bpf_probe_read_kernel(task.add(cfg.task_stack_off as usize).cast::<*const u8>())
+                .ok()?;
+        let regs = stack.wrapping_add(THREAD_SIZE - PT_REGS_SIZE);
+        Some(UserRegs {
+            ip: bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_IP).cast::<u64>()).ok()?,
+            sp: bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_SP).cast::<u64>()).ok()?,
+            bp: bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_BP).cast::<u64>()).ok()?,
+        })
+    }
+}
+
+/// Why the walk stopped (`Walk::end`).
+const RUNNING: u32 = 0;
+const COMPLETE: u32 = 1;
+const TRUNCATED: u32 = 2;
+
+/// The walk in progress (`UNWIND_WALK`): the frames found and the registers of the next one.
+#[repr(C)]
+pub struct WalkState {
+    frames: [u64; MAX_USER_FRAMES],
+    pc: u64,
+    sp: u64,
+    bp: u64,
+    n: u32,
+    end: u32,
+    flags: u32,
+    by_table: u32,
+    by_fp: u32,
+    _pad: u32,
+}
+
+/// What the `bpf_loop` callback gets (through the stack).
+#[repr(C)]
+struct Walk {
+    procs: *const ProcMappings,
+    state: *mut WalkState,
+}
+
+#[inline(always)]
+fn read_user(addr: u64) -> Option<u64> {
+    // SAFETY: user memory read checked by the helper.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// The mapping of `procs` that contains `pc`: its bias and table. A bisection of fixed length
+/// (no early exit): the verifier sees one shape of loop, whatever the data.
+#[inline(always)]
+fn find_mapping(procs: &ProcMappings, pc: u64) -> Option<(u64, u32)> {
+    let count = procs.count as usize;
+    if count == 0 || count > MAX_PROC_MAPPINGS {
+        return None;
+    }
+    // Invariant: the answer, if any, is in [base, base + len).
+    let (mut base, mut len) = (0usize, count);
+    for _ in 0..MAPPING_SEARCH_STEPS {
+        let half = len / 2;
+        let m = &procs.mappings[(base + half) & (MAX_PROC_MAPPINGS - 1)];
+        if m.start <= pc {
+            base += half;
+        }
+        len -= half;
+    }
+    let m = &procs.mappings[base & (MAX_PROC_MAPPINGS - 1)];
+    (m.start <= pc && pc < m.end).then_some((m.bias, m.table))
+}
+
+/// The row of `table` in force at offset `off` (a zeroed row, "no information", when none).
+#[inline(always)]
+fn find_row(table: u32, off: u64) -> UnwindRow {
+    let none = UnwindRow::default();
+    let Some(t) = UNWIND_TABLES.get(table) else {
+        return none;
+    };
+    if t.count == 0 || off > u32::MAX as u64 {
+        return none;
+    }
+    let off = off as u32;
+    let (mut base, mut len) = (t.first, t.count);
+    for _ in 0..ROW_SEARCH_STEPS {
+        let half = len / 2;
+        let pc = match UNWIND_ROWS.get(base + half) {
+            Some(row) => row.pc,
+            None => return none,
+        };
+        if pc <= off {
+            base += half;
+        }
+        len -= half;
+    }
+    match UNWIND_ROWS.get(base) {
+        Some(row) if row.pc <= off => *row,
+        _ => none,
+    }
+}
+
+/// One frame: record `pc`, then find the caller's registers. Returns 1 to stop the loop.
+#[inline(always)]
+fn step(walk: &Walk) -> i64 {
+    // SAFETY: both are map values (this CPU's walk state, the process's mappings) that
+    // outlive the loop.
+    let (w, procs) = unsafe { (&mut *walk.state, &*walk.procs) };
+    let n = w.n as usize;
+    if n >= MAX_USER_FRAMES {
+        w.end = TRUNCATED;
+        return 1;
+    }
+    // A caller's return address points after its call: look up the call itself.
+    let lookup = if n == 0 { w.pc } else { w.pc.wrapping_sub(1) };
+    let mapping = find_mapping(procs, lookup);
+    // A return address in no mapping is garbage (or a library loaded since the mappings were
+    // read: user space looks again): it is not recorded. The leaf is, whatever it is.
+    if mapping.is_some() || n == 0 {
+        if let Some(slot) = w.frames.get_mut(n) {
+            *slot = w.pc;
+        }
+        w.n = n as u32 + 1;
+    }
+    let Some((bias, table)) = mapping else {
+        w.flags |= FLAG_UNWIND_MISS;
+        w.end = TRUNCATED;
+        return 1;
+    };
+    let row = if table == NO_TABLE {
+        UnwindRow::default()
+    } else {
+        find_row(table, lookup.wrapping_sub(bias))
+    };
+    let (cfa, ra, bp) = match row.cfa_type() {
+        CFA_END_OF_STACK => {
+            w.end = COMPLETE;
+            return 1;
+        }
+        CFA_RSP | CFA_RBP | CFA_PLT => {
+            let off = row.cfa_offset as u64;
+            let cfa = match row.cfa_type() {
+                CFA_RSP => w.sp.wrapping_add(off),
+                CFA_RBP => w.bp.wrapping_add(off),
+                _ => w.sp + 8 + if (w.pc & 15) >= off { 8 } else { 0 },
+            };
+            let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
+                w.end = TRUNCATED;
+                return 1;
+            };
+            let bp = match row.rbp_type() {
+                RBP_AT_CFA => {
+                    let at = cfa.wrapping_add((row.rbp_offset as i64 * 8) as u64);
+                    match read_user(at) {
+                        Some(bp) => bp,
+                        None => {
+                            w.end = TRUNCATED;
+                            return 1;
+                        }
+                    }
+                }
+                RBP_UNSUPPORTED => 0,
+                _ => w.bp,
+            };
+            w.by_table += 1;
+            (cfa, ra, bp)
+        }
+        CFA_NO_INFO | CFA_UNSUPPORTED | _ => {
+            // Frame pointers: [rbp] is the caller's rbp, [rbp + 8] the return address.
+            if w.bp == 0 {
+                w.end = COMPLETE;
+                return 1;
+            }
+            let (Some(bp), Some(ra)) = (read_user(w.bp), read_user(w.bp.wrapping_add(8))) else {
+                w.end = TRUNCATED;
+                return 1;
+            };
+            w.by_fp += 1;
+            (w.bp.wrapping_add(16), ra, bp)
+        }
+    };
+    if ra == 0 {
+        w.end = COMPLETE; // the outermost frame's return address is 0 by convention
+        return 1;
+    }
+    // The stack grows down: a caller's frame lies above its callee's.
+    if cfa <= w.sp {
+        w.end = TRUNCATED;
+        return 1;
+    }
+    w.pc = ra;
+    w.sp = cfa;
+    w.bp = bp;
+    0
+}
+
+extern "C" fn step_callback(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `Walk` passed to bpf_loop by `unwind`.
+    step(unsafe { &*(ctx as *const Walk) })
+}
+
+/// The unwound stack: where its frames are and how the walk went.
+pub struct Unwound {
+    pub frames: *const [u64; MAX_USER_FRAMES],
+    pub len: usize,
+    /// `FLAG_USER_TRUNCATED` / `FLAG_UNWIND_MISS`.
+    pub flags: u32,
+}
+
+/// Unwinds the user stack of process `tgid` from `regs`. `None` when the process has no
+/// mappings loaded (the caller walks frame pointers, with `FLAG_UNWIND_MISS`).
+#[inline(always)]
+pub fn unwind(tgid: u32, regs: &UserRegs) -> Option<Unwound> {
+    let procs = UNWIND_PROCS.get_ptr(tgid)?;
+    let state = UNWIND_WALK.get_ptr_mut(0)?;
+    // SAFETY: this CPU's walk state (the program is not re-entered on its CPU).
+    let w = unsafe { &mut *state };
+    w.pc = regs.ip;
+    w.sp = regs.sp;
+    w.bp = regs.bp;
+    w.n = 0;
+    w.end = RUNNING;
+    w.flags = 0;
+    w.by_table = 0;
+    w.by_fp = 0;
+    let walk = Walk { procs, state };
+    // SAFETY: helper call with a static callback and a pointer to a live stack struct.
+    unsafe {
+        bpf_loop(
+            MAX_USER_FRAMES as u32 + 1,
+            step_callback as *mut core::ffi::c_void,
+            &walk as *const Walk as *mut core::ffi::c_void,
+            0,
+        );
+    }
+    if w.end != COMPLETE {
+        w.flags |= FLAG_USER_TRUNCATED;
+        bump(Stat::UserTruncated);
+    }
+    if w.flags & FLAG_UNWIND_MISS != 0 {
+        bump(Stat::UnwindMiss);
+    }
+    add(Stat::FramesByTable, w.by_table as u64);
+    add(Stat::FramesByFramePointer, w.by_fp as u64);
+    let n = w.n as usize;
+    Some(Unwound {
+        frames: &raw const w.frames,
+        len: if n < MAX_USER_FRAMES { n } else { MAX_USER_FRAMES },
+        flags: w.flags,
+    })
+}
+
+#[inline(always)]
+fn add(stat: Stat, by: u64) {
+    if by == 0 {
+        return;
+    }
+    if let Some(counter) = crate::maps::STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, the program is not re-entered on the same CPU.
+        unsafe { *counter += by };
+    }
+}

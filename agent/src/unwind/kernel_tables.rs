@@ -1,0 +1,640 @@
+//! The kernel side of the tables: compiles each executable file a target maps once (by file
+//! identity, shared by every process and container that maps it), places its rows in
+//! `UNWIND_ROWS` within a fixed budget, evicting the least recently used tables when a new one
+//! does not fit, and keeps each target's executable mappings in `UNWIND_PROCS`.
+//!
+//! The work runs on a thread of its own: compiling libpython takes tens of milliseconds and a
+//! tenant's file system may stall a read, and the thread that drains events must not wait. Until
+//! a process's mappings are in, its stacks are walked by frame pointers (the kernel flags them,
+//! and the engine asks again).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{self, Receiver, Sender},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use kprof_common::unwind::{
+    ExecMapping, MAX_PROC_MAPPINGS, MAX_UNWIND_ROWS, MAX_UNWIND_TABLES, NO_TABLE, ProcMappings,
+    TableRef, UnwindRow,
+};
+
+use super::{ExecSegment, Limits, compile_elf_file};
+use crate::proc::maps::{MapEntry, read_maps};
+
+/// Map names in the eBPF object.
+pub const MAP_ROWS: &str = "UNWIND_ROWS";
+pub const MAP_TABLES: &str = "UNWIND_TABLES";
+pub const MAP_PROCS: &str = "UNWIND_PROCS";
+
+/// Files larger than this are not compiled (their `.eh_frame` is read lazily, but a file this
+/// big is not a library a Python service maps).
+const MAX_FILE_BYTES: u64 = 2 << 30;
+/// How long compiling one file may take, reads of a slow file system included.
+const COMPILE_TIME_LIMIT: Duration = Duration::from_secs(20);
+
+/// What the loader has done, for metrics, the benchmark and tests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoaderStats {
+    /// Tables in the kernel now, and the rows they take.
+    pub tables: usize,
+    pub rows: u64,
+    /// Files compiled, with the time it took.
+    pub compiled: u64,
+    pub compile_time: Duration,
+    /// Tables evicted to make room.
+    pub evictions: u64,
+    /// Files whose tables were refused (hostile or broken CFI, too big, unreadable).
+    pub refused: u64,
+    /// Processes with mappings in the kernel.
+    pub processes: usize,
+    /// Mapping lists written (first loads and refreshes).
+    pub process_updates: u64,
+}
+
+/// Results the worker hands back.
+#[derive(Default)]
+struct Shared {
+    stats: LoaderStats,
+    /// (pid, message) for the profiles of the process.
+    warnings: Vec<(u32, String)>,
+}
+
+enum Request {
+    /// Read the process's mappings and load what they need.
+    Process(u32),
+    Forget(u32),
+}
+
+/// The handle the engine keeps: requests go to the worker thread.
+pub struct KernelTables {
+    requests: Option<Sender<Request>>,
+    shared: Arc<Mutex<Shared>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// When each process was last asked for (a flagged stack asks again at most this often).
+    asked: HashMap<u32, Instant>,
+}
+
+/// A process flagged by the kernel is looked at again at most once per this.
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(100);
+
+impl KernelTables {
+    /// Takes the three maps from the loaded object and starts the worker.
+    pub fn start(
+        rows: MapData,
+        tables: Array<MapData, TableRef>,
+        procs: BpfHashMap<MapData, u32, ProcMappings>,
+    ) -> std::io::Result<KernelTables> {
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let worker = Worker {
+            rows,
+            tables,
+            procs,
+            files: HashMap::new(),
+            extents: Extents::new(MAX_UNWIND_ROWS),
+            free_ids: (0..MAX_UNWIND_TABLES).rev().collect(),
+            tick: 0,
+            pids: HashMap::new(),
+            shared: shared.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("kprof-unwind".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(KernelTables {
+            requests: Some(tx),
+            shared,
+            worker: Some(handle),
+            asked: HashMap::new(),
+        })
+    }
+
+    /// A new target: load its mappings.
+    pub fn add_process(&mut self, pid: u32) {
+        self.asked.insert(pid, Instant::now());
+        self.send(Request::Process(pid));
+    }
+
+    /// The kernel met an address outside `pid`'s known mappings (or had none): read them again,
+    /// unless that was asked for very recently.
+    pub fn on_miss(&mut self, pid: u32) {
+        let now = Instant::now();
+        match self.asked.get(&pid) {
+            Some(t) if now.duration_since(*t) < ASK_AGAIN_AFTER => {}
+            _ => {
+                self.asked.insert(pid, now);
+                self.send(Request::Process(pid));
+            }
+        }
+    }
+
+    /// The process is no longer a target (or exited).
+    pub fn forget(&mut self, pid: u32) {
+        self.asked.remove(&pid);
+        self.send(Request::Forget(pid));
+    }
+
+    pub fn stats(&self) -> LoaderStats {
+        self.shared
+            .lock()
+            .map(|s| s.stats.clone())
+            .unwrap_or_default()
+    }
+
+    /// Warnings for the profiles of each process since the last call.
+    pub fn take_warnings(&self) -> Vec<(u32, String)> {
+        self.shared
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.warnings))
+            .unwrap_or_default()
+    }
+
+    fn send(&self, r: Request) {
+        if let Some(tx) = &self.requests {
+            PENDING.fetch_add(1, Ordering::AcqRel);
+            if tx.send(r).is_err() {
+                PENDING.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Waits until the worker has handled every request sent so far (tests, benchmarks).
+    pub fn settle(&self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while PENDING.load(Ordering::Acquire) > 0 {
+            if start.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+}
+
+/// Requests sent and not handled yet (all workers of this process).
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for KernelTables {
+    fn drop(&mut self) {
+        // The worker's loop ends with the channel. It is not waited for: it may be reading a
+        // slow file system (bounded by `COMPILE_TIME_LIMIT`), and the maps it writes are
+        // released with it.
+        self.requests = None;
+        drop(self.worker.take());
+    }
+}
+
+/// A file's identity: device, inode, size, modification time.
+type FileKey = (u64, u64, u64, i64);
+
+enum FileState {
+    Loaded {
+        id: u32,
+        first: u32,
+    },
+    /// Compiled before, evicted since: compiled again when needed.
+    Evicted,
+    Refused,
+}
+
+struct FileEntry {
+    state: FileState,
+    /// Where the table's offsets start (its first row's address) and its size.
+    base: u64,
+    count: u32,
+    segments: Vec<ExecSegment>,
+    last_used: u64,
+}
+
+/// What a process's mapping list was built from, to patch it when a table is evicted.
+struct PidState {
+    mappings: Box<ProcMappings>,
+    /// The file of each mapping (by index), when it has one.
+    files: Vec<Option<FileKey>>,
+}
+
+struct Worker {
+    /// `UNWIND_ROWS`, written in batches (see [`write_rows`]).
+    rows: MapData,
+    tables: Array<MapData, TableRef>,
+    procs: BpfHashMap<MapData, u32, ProcMappings>,
+    files: HashMap<FileKey, FileEntry>,
+    extents: Extents,
+    free_ids: Vec<u32>,
+    /// Advances once per request: the LRU clock.
+    tick: u64,
+    pids: HashMap<u32, PidState>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Request>) {
+        while let Ok(r) = rx.recv() {
+            self.tick += 1;
+            // A panic on a tenant's bytes must not end unwinding for every process.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match r {
+                Request::Process(pid) => self.load_process(pid),
+                Request::Forget(pid) => self.forget(pid),
+            }));
+            if outcome.is_err() {
+                crate::metrics::error("panic");
+                tracing::warn!("the unwind-table loader failed on a request; it goes on");
+            }
+            self.publish();
+            PENDING.fetch_sub(1, Ordering::AcqRel);
+        }
+        // The programs are being unloaded: nothing to clean in the maps.
+    }
+
+    fn publish(&self) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stats.tables = MAX_UNWIND_TABLES as usize - self.free_ids.len();
+            s.stats.rows = u64::from(MAX_UNWIND_ROWS) - u64::from(self.extents.free_total());
+            s.stats.processes = self.pids.len();
+        }
+    }
+
+    fn warn(&self, pid: u32, message: String) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.warnings.push((pid, message));
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.pids.remove(&pid);
+        let _ = self.procs.remove(&pid);
+    }
+
+    fn load_process(&mut self, pid: u32) {
+        // Compiling takes a while: a process that `exec`s (or maps a library) meanwhile is
+        // looked at again, so the kernel never gets mappings of an image that is gone.
+        for _ in 0..3 {
+            let Some(exec) = exec_mappings(pid) else {
+                self.forget(pid); // gone
+                return;
+            };
+            let written = self.write_process(pid, &exec);
+            if !written || exec_mappings(pid).as_ref() == Some(&exec) {
+                return;
+            }
+        }
+    }
+
+    /// Loads what `exec` (the process's executable mappings) needs and stores the mapping list.
+    fn write_process(&mut self, pid: u32, exec: &[MapEntry]) -> bool {
+        let mut exec = exec.to_vec();
+        if exec.len() > MAX_PROC_MAPPINGS {
+            self.warn(
+                pid,
+                format!(
+                    "the process maps {} executable regions; native stacks are unwound through \
+                     the first {MAX_PROC_MAPPINGS} only",
+                    exec.len()
+                ),
+            );
+            exec.truncate(MAX_PROC_MAPPINGS);
+        }
+        let mut mappings = Box::new(ProcMappings::default());
+        let mut files = Vec::with_capacity(exec.len());
+        for (i, e) in exec.iter().enumerate() {
+            let (table, bias, key) = self.table_for(pid, e);
+            mappings.mappings[i] = ExecMapping {
+                start: e.start,
+                end: e.end,
+                bias,
+                table,
+                _pad: 0,
+            };
+            files.push(key);
+        }
+        mappings.count = exec.len() as u32;
+        if let Err(e) = self.procs.insert(pid, &*mappings, 0) {
+            tracing::debug!(pid, error = %e, "unwind mappings not stored");
+            return false;
+        }
+        self.pids.insert(pid, PidState { mappings, files });
+        if let Ok(mut s) = self.shared.lock() {
+            s.stats.process_updates += 1;
+        }
+        true
+    }
+
+    /// The table id and bias for mapping `e` of `pid` (`NO_TABLE`: frame pointers there).
+    fn table_for(&mut self, pid: u32, e: &MapEntry) -> (u32, u64, Option<FileKey>) {
+        if !e.is_file() {
+            return (NO_TABLE, 0, None);
+        }
+        let Ok(file) = crate::proc::files::open_mapped(pid, e) else {
+            return (NO_TABLE, 0, None);
+        };
+        let Ok(key) = crate::proc::files::identity(&file) else {
+            return (NO_TABLE, 0, None);
+        };
+        let loaded = match self.files.get(&key).map(|f| &f.state) {
+            Some(FileState::Loaded { id, .. }) => Some(*id),
+            Some(FileState::Refused) => None,
+            Some(FileState::Evicted) | None => self.compile_and_load(pid, e, key, file),
+        };
+        let Some(entry) = self.files.get_mut(&key) else {
+            return (NO_TABLE, 0, Some(key));
+        };
+        entry.last_used = self.tick;
+        let Some(id) = loaded else {
+            return (NO_TABLE, 0, Some(key));
+        };
+        // The address the mapping's first byte has in the file's own address space.
+        let Some(vaddr) = entry.segments.iter().find_map(|s| s.vaddr_of(e.offset)) else {
+            return (NO_TABLE, 0, Some(key));
+        };
+        let load_bias = e.start.wrapping_sub(vaddr);
+        (id, load_bias.wrapping_add(entry.base), Some(key))
+    }
+
+    fn compile_and_load(
+        &mut self,
+        pid: u32,
+        e: &MapEntry,
+        key: FileKey,
+        file: File,
+    ) -> Option<u32> {
+        let started = Instant::now();
+        let path = e.path.clone();
+        let result = if key.2 > MAX_FILE_BYTES {
+            Err(format!("{} bytes is more than the agent reads", key.2))
+        } else {
+            crate::proc::files::within(COMPILE_TIME_LIMIT, move || {
+                let cache = object::ReadCache::new(file);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    compile_elf_file(&cache, &Limits::default())
+                        .map(|c| (c.table.kernel_rows(), c.table.base(), c.segments))
+                        .map_err(|e| e.to_string())
+                }))
+                .unwrap_or_else(|_| Err("the unwind-table compiler failed on it".into()))
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+        };
+        if let Ok(mut s) = self.shared.lock() {
+            s.stats.compiled += 1;
+            s.stats.compile_time += started.elapsed();
+        }
+        let (rows, base, segments) = match result {
+            Ok(r) if !r.0.is_empty() => r,
+            Ok(_) => {
+                // No CFI at all (hand-written code, a stripped .eh_frame): frame pointers there.
+                self.files.insert(
+                    key,
+                    FileEntry {
+                        state: FileState::Refused,
+                        base: 0,
+                        count: 0,
+                        segments: Vec::new(),
+                        last_used: self.tick,
+                    },
+                );
+                return None;
+            }
+            Err(why) => {
+                crate::metrics::unwind_table_refused();
+                if let Ok(mut s) = self.shared.lock() {
+                    s.stats.refused += 1;
+                }
+                self.warn(
+                    pid,
+                    format!("native stacks through {path} are walked by frame pointers only: its unwind information was refused ({why})"),
+                );
+                self.files.insert(
+                    key,
+                    FileEntry {
+                        state: FileState::Refused,
+                        base: 0,
+                        count: 0,
+                        segments: Vec::new(),
+                        last_used: self.tick,
+                    },
+                );
+                return None;
+            }
+        };
+        let count = rows.len() as u32;
+        let Some((id, first)) = self.place(count) else {
+            self.warn(
+                pid,
+                format!("the unwind table of {path} ({count} rows) does not fit the kernel's table memory"),
+            );
+            return None;
+        };
+        if let Err(err) = write_rows(&self.rows, first, &rows).and_then(|()| {
+            self.tables
+                .set(id, TableRef { first, count }, 0)
+                .map_err(std::io::Error::other)
+        }) {
+            tracing::warn!(path, error = %err, "unwind table not loaded");
+            self.extents.free(first, count);
+            self.free_ids.push(id);
+            return None;
+        }
+        self.files.insert(
+            key,
+            FileEntry {
+                state: FileState::Loaded { id, first },
+                base,
+                count,
+                segments,
+                last_used: self.tick,
+            },
+        );
+        Some(id)
+    }
+
+    /// A table id and `count` rows of room, evicting the least recently used tables (not one
+    /// the current request uses) until they are found.
+    fn place(&mut self, count: u32) -> Option<(u32, u32)> {
+        if count == 0 || count > MAX_UNWIND_ROWS {
+            return None;
+        }
+        loop {
+            if !self.free_ids.is_empty()
+                && let Some(first) = self.extents.alloc(count)
+            {
+                return Some((self.free_ids.pop()?, first));
+            }
+            if !self.evict_one() {
+                return None;
+            }
+        }
+    }
+
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .files
+            .iter()
+            .filter(|(_, f)| matches!(f.state, FileState::Loaded { .. }) && f.last_used < self.tick)
+            .min_by_key(|(_, f)| f.last_used)
+            .map(|(k, _)| *k);
+        let Some(key) = victim else {
+            return false;
+        };
+        let Some(entry) = self.files.get_mut(&key) else {
+            return false;
+        };
+        let FileState::Loaded { id, first } = entry.state else {
+            return false;
+        };
+        entry.state = FileState::Evicted;
+        let count = entry.count;
+        let _ = self.tables.set(id, TableRef::default(), 0);
+        // Mappings that point at the table go to frame pointers before the id is reused.
+        for (pid, state) in &mut self.pids {
+            let mut changed = false;
+            for (i, f) in state.files.iter().enumerate() {
+                if *f == Some(key) {
+                    state.mappings.mappings[i].table = NO_TABLE;
+                    changed = true;
+                }
+            }
+            if changed {
+                let _ = self.procs.insert(*pid, &*state.mappings, 0);
+            }
+        }
+        self.extents.free(first, count);
+        self.free_ids.push(id);
+        crate::metrics::unwind_table_evicted();
+        if let Ok(mut s) = self.shared.lock() {
+            s.stats.evictions += 1;
+        }
+        true
+    }
+}
+
+/// The executable mappings of `pid`, by address (`None`: the process is gone).
+fn exec_mappings(pid: u32) -> Option<Vec<MapEntry>> {
+    let mut exec: Vec<MapEntry> = read_maps(pid)
+        .ok()?
+        .into_iter()
+        .filter(MapEntry::is_exec)
+        .collect();
+    exec.sort_by_key(|e| e.start);
+    Some(exec)
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of consecutive array slots from `first` (aya has no batch call; one
+/// syscall per row would cost ~100 ms for libpython's 74k rows).
+fn write_rows(map: &MapData, first: u32, rows: &[UnwindRow]) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    for (n, chunk) in rows.chunks(1 << 14).enumerate() {
+        let start = first + (n as u32) * (1 << 14);
+        let keys: Vec<u32> = (start..start + chunk.len() as u32).collect();
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` describes `keys` and `chunk`, both alive for the call; the kernel
+        // writes back only `count`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Free extents of the row array: first fit, neighbours merged on free.
+#[derive(Debug)]
+struct Extents {
+    /// start → length.
+    free: BTreeMap<u32, u32>,
+}
+
+impl Extents {
+    fn new(capacity: u32) -> Extents {
+        Extents {
+            free: BTreeMap::from([(0, capacity)]),
+        }
+    }
+
+    fn free_total(&self) -> u32 {
+        self.free.values().sum()
+    }
+
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        let (&start, &have) = self.free.iter().find(|(_, l)| **l >= len)?;
+        self.free.remove(&start);
+        if have > len {
+            self.free.insert(start + len, have - len);
+        }
+        Some(start)
+    }
+
+    fn free(&mut self, start: u32, len: u32) {
+        let mut start = start;
+        let mut len = len;
+        if let Some((&prev, &plen)) = self.free.range(..start).next_back()
+            && prev + plen == start
+        {
+            self.free.remove(&prev);
+            start = prev;
+            len += plen;
+        }
+        if let Some(&next_len) = self.free.get(&(start + len)) {
+            self.free.remove(&(start + len));
+            len += next_len;
+        }
+        self.free.insert(start, len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_first_fit_and_merge() {
+        let mut e = Extents::new(100);
+        let a = e.alloc(30).unwrap();
+        let b = e.alloc(30).unwrap();
+        let c = e.alloc(40).unwrap();
+        assert_eq!((a, b, c), (0, 30, 60));
+        assert_eq!(e.alloc(1), None, "full");
+        e.free(b, 30);
+        assert_eq!(e.alloc(31), None, "only 30 free in one piece");
+        e.free(a, 30);
+        assert_eq!(e.free_total(), 60);
+        assert_eq!(e.alloc(60), Some(0), "freed neighbours merged");
+        e.free(0, 60);
+        e.free(c, 40);
+        assert_eq!(e.free, BTreeMap::from([(0, 100)]));
+    }
+}
