@@ -5,8 +5,10 @@
 //! ([`crate::proc::files`]); blazesym reads a private copy of its tables ([`snapshot`]), never
 //! the tenant's file. Results are cached per module (build id) and file offset, and every
 //! process's maps and files are read when it is first seen, so a process that exits later in
-//! the window still resolves.
+//! the window still resolves. An address no symbol names is named by the start of its
+//! function from the file's unwind tables when it has some ([`functions`]), else by itself.
 pub mod cache;
+pub mod functions;
 pub mod kallsyms;
 pub mod maps;
 pub mod snapshot;
@@ -23,6 +25,7 @@ use blazesym::symbolize::{
 
 pub use crate::profile::{ModuleId, ModuleInfo};
 pub use cache::{CacheStats, SymbolCache};
+use functions::FunctionCache;
 pub use kallsyms::KernelSymbols;
 pub use maps::{MapEntry, ProcessMaps};
 use snapshot::{Snapshot, SnapshotError};
@@ -71,6 +74,8 @@ pub struct Symbolizer {
     inner: bs::Symbolizer,
     kernel: HashMap<u64, Arc<[Frame]>>,
     user: SymbolCache,
+    /// Function starts of the files that have addresses no symbol names.
+    functions: FunctionCache,
     procs: HashMap<u32, ProcState>,
     modules: HashMap<ModuleKey, Module>,
     /// Devices whose files took too long to read: not tried again.
@@ -95,6 +100,7 @@ impl Symbolizer {
             inner: blazesym_symbolizer(),
             kernel: HashMap::new(),
             user: SymbolCache::new(1 << 20),
+            functions: FunctionCache::default(),
             procs: HashMap::new(),
             modules: HashMap::new(),
             slow_devices: HashSet::new(),
@@ -370,9 +376,11 @@ impl Symbolizer {
             let results = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 inner.symbolize(&src, Input::FileOffset(&offsets))
             }));
+            let mut panicked = false;
             let results = match results {
                 Ok(r) => r.unwrap_or_default(),
                 Err(_) => {
+                    panicked = true;
                     crate::metrics::error("panic");
                     tracing::warn!(path = %module.path, "reading a mapped file's symbols failed: its frames stay unresolved");
                     if let Some(m) = self.modules.get_mut(&key) {
@@ -382,17 +390,26 @@ impl Symbolizer {
                     Vec::new()
                 }
             };
+            // Read when the module has an address without a symbol, at most once.
+            let mut functions = None;
             for (i, &off) in offsets.iter().enumerate() {
                 let frames = match results.get(i) {
                     Some(Symbolized::Sym(sym)) => {
                         sym_frames(FrameKind::Native, sym, off, &module.path)
                     }
-                    _ => vec![unresolved(
-                        FrameKind::Native,
-                        Some(module.path.clone()),
-                        off,
-                    )]
-                    .into(),
+                    _ => {
+                        // Named, and located, by its function's start: one row per function.
+                        let functions = functions.get_or_insert_with(|| {
+                            (!panicked)
+                                .then(|| self.functions.get(&module.id, &snapshot))
+                                .flatten()
+                        });
+                        let at = functions
+                            .as_ref()
+                            .and_then(|f| f.start_of(off))
+                            .unwrap_or(off);
+                        vec![unresolved(FrameKind::Native, Some(module.path.clone()), at)].into()
+                    }
                 };
                 self.user.insert(module.id.clone(), off, frames);
             }
@@ -667,6 +684,132 @@ mod tests {
         // Needed again: read again.
         assert!(s.module(me, &first).snapshot.is_some());
         assert!(s.snapshot_bytes <= s.snapshot_budget);
+    }
+
+    /// Symbolizes each of `offsets` of the file at `path` alone, as a leaf, through a process
+    /// (pid 1 of a fresh symbolizer) that maps it whole at 0x10000.
+    fn names_in(path: &Path, offsets: &[u64]) -> Vec<Frame> {
+        let me = std::process::id();
+        let path = fs::canonicalize(path).unwrap();
+        let mapped = MapEntry {
+            start: 0x10000,
+            end: 0x10000 + fs::metadata(&path).unwrap().len().next_multiple_of(0x1000),
+            ..mapping_of(&path)
+        };
+        let mut s = Symbolizer::new();
+        assert!(s.module(me, &mapped).snapshot.is_some());
+        s.procs.insert(
+            1,
+            ProcState {
+                maps: ProcessMaps::new(vec![mapped]),
+                refreshed: true,
+            },
+        );
+        offsets
+            .iter()
+            .map(|off| {
+                let mut out = Vec::new();
+                s.user_frames(1, &[0x10000 + off], true, &mut out);
+                assert_eq!(out.len(), 1, "{out:?}");
+                out.pop().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unsymbolized_addresses_are_named_by_their_function() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((lib, [f0, f1, s0, s1])) = functions::tests::stripped_library(dir.path(), &[])
+        else {
+            eprintln!("no C compiler: skipped");
+            return;
+        };
+        let frames = names_in(&lib, &[f0 + 1, f1, s0 + 2, s1]);
+        let names: Vec<&str> = frames.iter().map(|f| &*f.function).collect();
+        let (first, second) = (format!("libtwo.so+{f0:#x}"), format!("libtwo.so+{s0:#x}"));
+        assert_eq!(names, [&*first, &first, &second, &second]);
+        // One location per function, as well.
+        let addresses: Vec<u64> = frames.iter().map(|f| f.address).collect();
+        assert_eq!(addresses, [f0, f0, s0, s0]);
+        assert!(
+            frames
+                .iter()
+                .all(|f| f.module.as_deref().unwrap().ends_with("libtwo.so"))
+        );
+        // An address in no function (the ELF header's page) keeps its own name.
+        assert_eq!(&*names_in(&lib, &[0x10])[0].function, "libtwo.so+0x10");
+    }
+
+    #[test]
+    fn a_garbled_stripped_file_keeps_per_address_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((lib, [f0, f1, ..])) = functions::tests::stripped_library(dir.path(), &[]) else {
+            return;
+        };
+        let mut bytes = fs::read(&lib).unwrap();
+        let file = object::File::parse(&*bytes).unwrap();
+        use object::{Object as _, ObjectSection as _};
+        let (at, len) = file
+            .section_by_name(".eh_frame")
+            .and_then(|s| s.file_range())
+            .unwrap();
+        // CIEs and FDEs whose lengths point past the section.
+        bytes[at as usize..(at + len) as usize].fill(0xfe);
+        fs::write(&lib, &bytes).unwrap();
+        let frames = names_in(&lib, &[f0 + 1, f1]);
+        assert_eq!(&*frames[0].function, format!("libtwo.so+{:#x}", f0 + 1));
+        assert_eq!(&*frames[1].function, format!("libtwo.so+{f1:#x}"));
+        assert_eq!(frames[1].address, f1);
+    }
+
+    #[test]
+    fn debian_libz_functions_are_one_name_each() {
+        // Debian's libz is stripped: its static functions (deflate_slow, longest_match…) have
+        // no symbol.
+        let libz = Path::new("/lib/x86_64-linux-gnu/libz.so.1");
+        let Ok(data) = fs::read(libz) else {
+            eprintln!("no {libz:?}: skipped");
+            return;
+        };
+        let name = fs::canonicalize(libz).unwrap();
+        let name = name.file_name().unwrap().to_string_lossy().into_owned();
+        let f = functions::Functions::of(&data).expect("libz has an .eh_frame");
+        let table = crate::unwind::compile_elf(&data, &Default::default()).unwrap();
+        // Three offsets inside each function; the file's code lies at its offsets.
+        let mut offsets = Vec::new();
+        for start in table.functions().starts() {
+            let Some(end) =
+                (start + 1..start + 0x10000).find(|&a| table.function_start(a) != Some(start))
+            else {
+                continue;
+            };
+            assert_eq!(f.start_of(start), Some(start));
+            offsets.extend([start, start + (end - start) / 2, end - 1]);
+        }
+        let frames = names_in(libz, &offsets);
+        let mut grouped = 0;
+        for (chunk, offs) in frames.chunks(3).zip(offsets.chunks(3)) {
+            let unresolved: Vec<&Frame> = chunk
+                .iter()
+                .filter(|f| f.function.starts_with(&*name))
+                .collect();
+            for f in &unresolved {
+                assert_eq!(&*f.function, format!("{name}+{:#x}", offs[0]), "{chunk:?}");
+                assert_eq!(f.address, offs[0]);
+            }
+            grouped += usize::from(unresolved.len() == 3);
+        }
+        assert!(grouped >= 5, "{grouped} functions of {name} grouped");
+        // The rows of the issue (Debian 12's libz.so.1.2.13): two functions, not four rows.
+        let issue = [0x4a26, 0x4a0e, 0x5f77, 0x5f7f];
+        let starts = issue.map(|o| table.function_start(o));
+        if starts[0] == starts[1] && starts[2] == starts[3] && starts[0] != starts[2] {
+            let frames = names_in(libz, &issue);
+            let names: Vec<&str> = frames.iter().map(|f| &*f.function).collect();
+            assert_eq!(names[0], names[1]);
+            assert_eq!(names[2], names[3]);
+            assert_ne!(names[0], names[2]);
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! agent with SIGBUS. So the agent never maps a tenant's file: it reads, with bounded sizes,
 //! the ELF headers, symbol and string tables, notes and DWARF into a sealed `memfd` of the
 //! file's size — everything else (code, data) stays a hole that takes no memory — and hands
-//! blazesym that copy, which no one else can change.
+//! blazesym that copy, which no one else can change. A file without a `.symtab` (stripped)
+//! also has its `.eh_frame` copied: its FDEs name the functions no symbol names
+//! ([`super::functions`]).
 use std::{
     collections::HashMap,
     ffi::CString,
@@ -16,6 +18,7 @@ use std::{
         unix::fs::FileExt as _,
     },
     path::PathBuf,
+    ptr::NonNull,
     sync::{Arc, Mutex, OnceLock, Weak},
 };
 
@@ -48,9 +51,10 @@ pub struct Snapshot {
 struct Part {
     offset: u64,
     len: u64,
-    /// For a DWARF section (dropped first when over the limit): where its section header's
-    /// `sh_type` lies, and the file's byte order, to mark it without data when dropped.
-    dwarf: Option<(u64, Endianness)>,
+    /// For a DWARF or `.eh_frame` section (dropped first when over the limit): where its
+    /// section header's `sh_type` lies, and the file's byte order, to mark it without data
+    /// when dropped.
+    droppable: Option<(u64, Endianness)>,
 }
 
 /// Copies in use, by the identity of their file: every target's symbolizer shares them.
@@ -74,15 +78,16 @@ impl Snapshot {
         Ok(snapshot)
     }
 
-    /// Copies from `file` what symbolization needs, at most `max_bytes` (DWARF is left out
-    /// when the symbol tables fit and the DWARF does not: functions without lines).
+    /// Copies from `file` what symbolization needs, at most `max_bytes` (DWARF and
+    /// `.eh_frame` are left out when the symbol tables fit and they do not: functions without
+    /// lines, unsymbolized addresses not grouped by function).
     pub fn of(file: &File, max_bytes: u64) -> Result<Self, SnapshotError> {
         let size = file.metadata()?.len();
         let parts = parts(file, size)?;
         let total = |dwarf: bool| -> u64 {
             parts
                 .iter()
-                .filter(|p| dwarf || p.dwarf.is_none())
+                .filter(|p| dwarf || p.droppable.is_none())
                 .map(|p| p.len)
                 .sum()
         };
@@ -93,7 +98,7 @@ impl Snapshot {
         let memfd = memfd(size)?;
         let mut bytes = 0;
         let mut buf = vec![0u8; 1 << 20];
-        for p in parts.iter().filter(|p| with_dwarf || p.dwarf.is_none()) {
+        for p in parts.iter().filter(|p| with_dwarf || p.droppable.is_none()) {
             let mut done = 0;
             while done < p.len {
                 let n = (p.len - done).min(buf.len() as u64) as usize;
@@ -106,7 +111,7 @@ impl Snapshot {
         }
         if !with_dwarf {
             // A DWARF section full of zeros would be an error to the reader: say it has none.
-            for (at, endian) in parts.iter().filter_map(|p| p.dwarf) {
+            for (at, endian) in parts.iter().filter_map(|p| p.droppable) {
                 let nobits = object::U32::new(endian, object::elf::SHT_NOBITS);
                 memfd.write_all_at(object::bytes_of(&nobits), at)?;
             }
@@ -135,9 +140,55 @@ impl Snapshot {
         self.build_id.clone()
     }
 
+    /// Runs `f` on the copy's bytes, at the file's offsets (what was not copied reads as
+    /// zeros). The copy is mapped read-only for the call: sealed, it cannot shrink under the
+    /// mapping.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+        let len = usize::try_from(self.memfd.metadata()?.len())
+            .map_err(|_| io::Error::other("larger than the address space"))?;
+        if len == 0 {
+            return Ok(f(&[]));
+        }
+        // SAFETY: a new private read-only mapping of a descriptor we own; the result is checked.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                self.memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let mapping = Mapping {
+            at: NonNull::new(at.cast()).ok_or_else(|| io::Error::other("mapped at 0"))?,
+            len,
+        };
+        // SAFETY: `len` readable bytes, unchanged (sealed against writes and shrinking) and
+        // mapped until `mapping` drops, after `f` returns or unwinds.
+        let bytes = unsafe { std::slice::from_raw_parts(mapping.at.as_ptr(), mapping.len) };
+        Ok(f(bytes))
+    }
+
     #[cfg(test)]
     fn file(&self) -> &File {
         &self.memfd
+    }
+}
+
+/// A mapping of a copy, unmapped when dropped.
+struct Mapping {
+    at: NonNull<u8>,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `Snapshot::with_bytes` made, no longer borrowed.
+        unsafe { libc::munmap(self.at.as_ptr().cast(), self.len) };
     }
 }
 
@@ -180,7 +231,7 @@ where
     let part = |offset: u64, len: u64| Part {
         offset,
         len,
-        dwarf: None,
+        droppable: None,
     };
     let mut parts = vec![part(0, std::mem::size_of::<Elf>() as u64)];
     // Counts and sizes are the file's word: a product past u64 is a lie, not a panic.
@@ -212,13 +263,17 @@ where
     let shnum = header.shnum(endian, data).map_err(bad)?;
     parts.push(part(shoff, table(shnum, header.e_shentsize(endian))?));
     let sections = header.sections(endian, data).map_err(bad)?;
+    // Stripped: the FDEs are all that knows where its functions start.
+    let stripped = !sections.iter().any(|s| s.sh_type(endian) == SHT_SYMTAB);
     for (index, section) in sections.iter().enumerate() {
         let name = sections.section_name(endian, section).unwrap_or(b"");
-        let dwarf = name.starts_with(b".debug_") || name.starts_with(b".zdebug_");
+        let droppable = name.starts_with(b".debug_")
+            || name.starts_with(b".zdebug_")
+            || (stripped && name == b".eh_frame");
         let wanted = matches!(
             section.sh_type(endian),
             SHT_SYMTAB | SHT_DYNSYM | SHT_STRTAB | SHT_NOTE
-        ) || dwarf
+        ) || droppable
             || name == b".gnu_debuglink";
         if let (true, Some((offset, len))) = (wanted, section.file_range(endian)) {
             // `sh_type` is the second word of a section header in both ELF classes (the table
@@ -227,7 +282,7 @@ where
                 .wrapping_add((index as u64).wrapping_mul(shentsize))
                 .wrapping_add(4);
             parts.push(Part {
-                dwarf: dwarf.then_some((type_at, endian)),
+                droppable: droppable.then_some((type_at, endian)),
                 ..part(offset, len)
             });
         }
@@ -352,7 +407,7 @@ mod tests {
         let parts = parts(&exe, exe.metadata().unwrap().len()).unwrap();
         let tables: u64 = parts
             .iter()
-            .filter(|p| p.dwarf.is_none())
+            .filter(|p| p.droppable.is_none())
             .map(|p| p.len)
             .sum();
         assert!(tables < full, "a test binary has DWARF");
