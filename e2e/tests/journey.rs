@@ -424,9 +424,8 @@ async fn runs_built_image(
                     }
                     let image = p.spec?.containers.into_iter().next()?.image?;
                     let status = p.status?.container_statuses?.into_iter().next()?;
-                    (status.ready && !status.image_id.is_empty()).then(|| {
-                        (p.metadata.name.unwrap_or_default(), image, status.image_id)
-                    })
+                    (status.ready && !status.image_id.is_empty())
+                        .then(|| (p.metadata.name.unwrap_or_default(), image, status.image_id))
                 }))
             }
         },
