@@ -148,6 +148,13 @@ pub struct SessionStats {
     /// without loading the programs and writing the outputs.
     pub loop_cpu: Duration,
     pub peak_rss_kib: u64,
+    /// The kernel's counters, indexed by `Stat`.
+    pub counters: [u64; Stat::COUNT as usize],
+    /// What the unwind-table loader did (`None`: frame pointers only).
+    pub unwind: Option<crate::unwind::kernel_tables::LoaderStats>,
+    /// The longest time from a process's first sample to its first one unwound with its
+    /// mappings loaded.
+    pub unwind_delay: Option<Duration>,
     pub kernel: KernelCost,
     /// The cost of sampling once warmed up (from [`STEADY_AFTER`] to the end of sampling): what
     /// a continuous profiler pays per sample. `None` for sessions shorter than that.
@@ -236,6 +243,20 @@ impl SessionStats {
             "steady_events": steady.events,
             "steady_agent_us_per_sample": round(steady_agent, 3),
             "steady_bpf_us_per_sample": round(steady_kernel, 3),
+            "native": {
+                "frames_by_table": self.counters[Stat::FramesByTable as usize],
+                "frames_by_frame_pointer": self.counters[Stat::FramesByFramePointer as usize],
+                "stacks_truncated": self.counters[Stat::UserTruncated as usize],
+                "unwind_misses": self.counters[Stat::UnwindMiss as usize],
+                "first_unwound_after_ms": self.unwind_delay.map(|d| round(d.as_secs_f64() * 1e3, 1)),
+                "tables": self.unwind.as_ref().map(|u| u.tables),
+                "table_rows": self.unwind.as_ref().map(|u| u.rows),
+                "table_bytes": self.unwind.as_ref().map(|u| u.rows * 8),
+                "files_compiled": self.unwind.as_ref().map(|u| u.compiled),
+                "compile_ms": self.unwind.as_ref().map(|u| round(u.compile_time.as_secs_f64() * 1e3, 1)),
+                "tables_refused": self.unwind.as_ref().map(|u| u.refused),
+                "tables_evicted": self.unwind.as_ref().map(|u| u.evictions),
+            },
         })
         .to_string()
     }
@@ -507,6 +528,13 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         startup_cpu: loop_cpu0,
         startup_wall,
         peak_rss_kib: rss,
+        counters: counters.stats,
+        unwind: engine.unwind_stats(),
+        unwind_delay: engine
+            .unwind_delays()
+            .into_iter()
+            .filter_map(|(_, d)| d)
+            .max(),
         kernel,
         steady,
     };
@@ -523,6 +551,9 @@ const PYTHON_WAIT: Duration = Duration::from_secs(2);
 
 fn drain(engine: &mut Engine, agg: &mut Aggregator) {
     engine.drain(|ev, merger| agg.add(ev, merger));
+    for (pid, warning) in engine.take_unwind_warnings() {
+        agg.add_warnings(pid, vec![warning]);
+    }
     agg.new_round();
 }
 

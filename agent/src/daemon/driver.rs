@@ -344,6 +344,10 @@ impl Daemon {
             c.stat(Stat::UserStackErr),
             c.stat(Stat::ChildrenFollowed),
         );
+        metrics::set_unwind_totals(c.stat(Stat::UserTruncated), c.stat(Stat::UnwindMiss));
+        if let Some(loader) = e.unwind_stats() {
+            metrics::set_unwind_table_rows(loader.rows);
+        }
     }
 
     fn lost_now(&mut self) -> u64 {
@@ -426,6 +430,9 @@ impl Daemon {
         };
         let hz = engine.sample_hz();
         let n = engine.drain(|ev, merger| route(routing, resolver, windows, ev, hz, merger));
+        for (pid, warning) in engine.take_unwind_warnings() {
+            windows.add_warning(pid, &warning);
+        }
         windows.new_round();
         if n > 0 {
             metrics::samples(n);

@@ -246,6 +246,14 @@ impl Windows {
             .filter(|a| a.tracks_threads())
     }
 
+    /// A warning about process `pid` for the windows open now (each container's Profile keeps
+    /// the warnings of its own processes).
+    pub fn add_warning(&mut self, pid: u32, warning: &str) {
+        for w in self.open.values_mut() {
+            w.agg.add_warnings(pid, vec![warning.to_owned()]);
+        }
+    }
+
     /// After each drain: one maps re-read and exec check per process and round.
     pub fn new_round(&mut self) {
         for w in self.open.values_mut() {

@@ -398,7 +398,8 @@ impl Aggregator {
         }
     }
 
-    fn add_warnings(&mut self, pid: u32, warnings: Vec<String>) {
+    /// Warnings about process `pid` for the profile.
+    pub fn add_warnings(&mut self, pid: u32, warnings: Vec<String>) {
         for w in warnings {
             let w = format!("pid {pid}: {w}");
             if !self.warnings.contains(&w) {

@@ -138,6 +138,9 @@ pub struct Engine {
     python: Option<PythonSupport>,
     /// The `.eh_frame` tables of the targets' executables, in kernel.
     unwind: Option<KernelTables>,
+    /// Per process: when its first sample came (`Err`), then how long after it the first one
+    /// unwound with its mappings loaded came (`Ok`, ns).
+    unwind_delay: std::collections::HashMap<u32, Result<u64, u64>>,
     counters: Counters,
     /// Set-up warnings for the user (children not followed, Python frames disabled, ...).
     pub warnings: Vec<String>,
@@ -210,6 +213,7 @@ impl Engine {
             sampler,
             python,
             unwind,
+            unwind_delay: Default::default(),
             counters: Counters::default(),
             warnings,
             malformed: 0,
@@ -338,6 +342,7 @@ impl Engine {
             sampler,
             python,
             unwind,
+            unwind_delay,
             malformed,
             decoder,
             off_cpu,
@@ -356,10 +361,13 @@ impl Engine {
             match decoder.decode(&item, period) {
                 Ok(ev) => {
                     n += 1;
-                    if ev.unwind_miss
-                        && let Some(u) = unwind.as_mut()
-                    {
-                        u.on_miss(ev.tgid);
+                    if let Some(u) = unwind.as_mut() {
+                        if ev.unwind_miss {
+                            u.on_miss(ev.tgid);
+                        }
+                        if ev.kind == EventKind::CpuSample {
+                            note_unwind_delay(unwind_delay, &ev);
+                        }
                     }
                     quarantine.run(ev.tgid, || match ev.kind {
                         EventKind::OffCpu | EventKind::OffCpuEnd => off_cpu.on_record(&ev, |e| {
@@ -539,12 +547,31 @@ impl Engine {
         self.unwind.as_ref().is_none_or(|u| u.settle(timeout))
     }
 
+    /// For each process sampled so far, how long after its first sample the first one came
+    /// that was unwound with its mappings loaded (`None`: none yet).
+    pub fn unwind_delays(&self) -> Vec<(u32, Option<Duration>)> {
+        self.unwind_delay
+            .iter()
+            .map(|(pid, d)| (*pid, d.ok().map(Duration::from_nanos)))
+            .collect()
+    }
+
     /// Warnings of the unwind-table loader for the profiles of each process.
     pub fn take_unwind_warnings(&mut self) -> Vec<(u32, String)> {
         self.unwind
             .as_ref()
             .map(KernelTables::take_warnings)
             .unwrap_or_default()
+    }
+}
+
+/// Notes a CPU sample for [`Engine::unwind_delays`].
+fn note_unwind_delay(delays: &mut std::collections::HashMap<u32, Result<u64, u64>>, ev: &Event<'_>) {
+    let entry = delays.entry(ev.tgid).or_insert(Err(ev.timestamp_ns));
+    if let Err(first) = *entry
+        && !ev.unwind_miss
+    {
+        *entry = Ok(ev.timestamp_ns.saturating_sub(first));
     }
 }
 
