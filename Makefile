@@ -25,7 +25,7 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: deps
-deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, fake-gcs-server, Azurite, a collector, an image registry, CPython 3.14
+deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, Kubernetes binaries, MinIO, fake-gcs-server, Azurite, a collector, an image registry, CPython 3.14, NumPy for the tests' Pythons
 	e2e/testbed/install-deps.sh
 	agent/install-toolchain.sh
 	e2e/testbed/build-binaries.sh
@@ -35,6 +35,7 @@ deps: ## Install what a fresh machine lacks: apt packages, the eBPF toolchain, K
 	e2e/testbed/build-otelcol.sh
 	e2e/testbed/build-registry.sh
 	e2e/testbed/build-cpython.sh
+	e2e/testbed/install-pylibs.sh
 
 .PHONY: test
 # `deps` built MinIO, fake-gcs-server, Azurite and the collector: their store tests must run,
@@ -65,8 +66,8 @@ fuzz-ci: ## The short fuzzing run of make test: every target, 20 s each, on its 
 	fuzz/run.sh 20
 
 .PHONY: test-kernel
-test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads
-	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_threads --test python_kernel -- --test-threads=1
+test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads, code without frame pointers
+	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_threads --test python_kernel --test native_unwind -- --test-threads=1
 
 .PHONY: test-cluster
 test-cluster: ## Operator, agent and store against the real test bed (started and stopped if not running)

@@ -11,6 +11,8 @@ PKGS=(containerd runc containernetworking-plugins iptables openssl ca-certificat
       # the store's web page is checked in a real headless browser; the embedded-libpython
       # Python test links against Debian's libpython3.11
       chromium libpython3.11-dev
+      # NumPy for the native-unwinding tests goes in with python3.11's own pip (install-pylibs.sh)
+      python3-pip
       # the Helm journey pushes the release images to a registry as a cluster admin would
       skopeo)
 
