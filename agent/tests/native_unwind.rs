@@ -30,6 +30,7 @@ use std::{
     time::Duration,
 };
 
+use kprof_agent::pipeline::aggregate::TRUNCATED_NATIVE;
 use kprof_agent::pprof::{self, PprofProfile};
 use kprof_agent::profile::{AggregatedProfile, Frame, FrameKind};
 use kprof_agent::record::{RecordOptions, record};
@@ -241,7 +242,8 @@ fn read_truth(path: &Path) -> HashMap<String, f64> {
 }
 
 /// Why a stack is bogus, if it is: a frame repeated more than `MAX_REPEAT` times in a row, or a
-/// caller outside any code (a return address read from garbage). Start-up samples (leaf in the
+/// caller outside any code (a return address read from garbage; `[truncated native stack]`, the
+/// visible cut the issue asks for, is not one). Start-up samples (leaf in the
 /// dynamic loader, or outside the mappings known so far) are not judged.
 fn bogus(s: &Sample) -> Option<String> {
     let mut run = 1;
@@ -256,9 +258,10 @@ fn bogus(s: &Sample) -> Option<String> {
     if !leaf.in_code() || leaf.in_lib("ld-linux") {
         return None;
     }
+    // The unwinder's visible cut is not junk.
     user.iter()
         .skip(1)
-        .find(|f| !f.in_code())
+        .find(|f| !f.in_code() && f.name != TRUNCATED_NATIVE)
         .map(|f| format!("caller {} outside any code ({})", f.name, f.module))
 }
 
@@ -614,18 +617,24 @@ fn show_stack(stack: &[Frame]) -> String {
         .join(" <- ")
 }
 
+/// A stack with junk in it: a caller outside any code (a return address read from garbage),
+/// or the same address over and over outside any file (a frame-pointer walk in a loop).
+/// Recursion (NumPy's sorts call themselves) and a visible cut (`[truncated native stack]`)
+/// are not junk.
 fn python_stack_bogus(stack: &[Frame]) -> bool {
+    let in_code = |f: &Frame| {
+        f.module
+            .as_deref()
+            .is_some_and(|m| m.starts_with('/') || m == "[vdso]")
+    };
     let repeated = stack.windows(MAX_REPEAT + 1).any(|w| {
         w.iter()
-            .all(|f| f.function == w[0].function && f.kind != FrameKind::Python)
+            .all(|f| f.function == w[0].function && f.kind == FrameKind::Native && !in_code(f))
     });
-    let outside = stack.iter().skip(1).any(|f| {
-        f.kind == FrameKind::Native
-            && !f
-                .module
-                .as_deref()
-                .is_some_and(|m| m.starts_with('/') || m == "[vdso]")
-    });
+    let outside = stack
+        .iter()
+        .skip(1)
+        .any(|f| f.kind == FrameKind::Native && !in_code(f) && &*f.function != TRUNCATED_NATIVE);
     repeated || outside
 }
 

@@ -9,7 +9,9 @@
 //!         | RBP + cfa_offset                           (CFA_RBP)
 //!         | RSP + 8 + ((RIP & 15) >= cfa_offset ? 8 : 0)   (CFA_PLT, lazy-binding PLT entries)
 //! return  = *(CFA - 8)
-//! RBP     = *(CFA + 8 * rbp_offset)  if rbp_type == RBP_AT_CFA, else unchanged
+//!         | *(RBP + (i16) cfa_offset)                  (CFA_DEREF_RBP, realigned stacks)
+//! RBP     = *(CFA + 8 * rbp_offset)  if rbp_type == RBP_AT_CFA
+//!         | *(RBP + 8 * rbp_offset)  if rbp_type == RBP_AT_RBP, else unchanged
 //! RSP     = CFA
 //! ```
 //!
@@ -40,6 +42,9 @@ pub const CFA_END_OF_STACK: u8 = 4;
 /// A rule the row cannot express (a DWARF expression, another base register, an offset out of
 /// range, a return address not at CFA − 8).
 pub const CFA_UNSUPPORTED: u8 = 5;
+/// CFA = *(RBP + `cfa_offset` as i16): functions that realign their stack (GCC's DRAP, common
+/// in SIMD code such as NumPy's sorts) keep the CFA in a slot below their frame pointer.
+pub const CFA_DEREF_RBP: u8 = 6;
 
 /// [`UnwindRow::rbp_type`]: RBP keeps its value in the caller.
 pub const RBP_UNCHANGED: u8 = 0;
@@ -47,6 +52,8 @@ pub const RBP_UNCHANGED: u8 = 0;
 pub const RBP_AT_CFA: u8 = 1;
 /// RBP's rule is not expressible: the caller's RBP is unknown.
 pub const RBP_UNSUPPORTED: u8 = 2;
+/// The caller's RBP is saved at RBP + 8 × `rbp_offset` (with [`CFA_DEREF_RBP`]).
+pub const RBP_AT_RBP: u8 = 3;
 
 /// One row of a compiled unwind table: the rules from `pc` up to the next row's `pc`.
 #[repr(C)]

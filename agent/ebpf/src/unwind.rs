@@ -26,9 +26,10 @@ use aya_ebpf::{
 use kprof_common::{
     Config, FLAG_UNWIND_MISS, FLAG_USER_TRUNCATED, MAX_USER_FRAMES, Stat,
     unwind::{
-        CFA_END_OF_STACK, CFA_NO_INFO, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED,
+        CFA_DEREF_RBP, CFA_END_OF_STACK, CFA_NO_INFO, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED,
         MAPPING_SEARCH_STEPS, MAX_PROC_MAPPINGS, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS,
-        MAX_UNWIND_TABLES, NO_TABLE, ProcMappings, RBP_AT_CFA, RBP_UNSUPPORTED, ROW_SEARCH_STEPS,
+        MAX_UNWIND_TABLES, NO_TABLE, ProcMappings, RBP_AT_CFA, RBP_AT_RBP, RBP_UNSUPPORTED,
+        ROW_SEARCH_STEPS,
         TableRef, UnwindRow,
     },
 };
@@ -212,12 +213,19 @@ fn step(walk: &Walk) -> i64 {
             w.end = COMPLETE;
             return 1;
         }
-        CFA_RSP | CFA_RBP | CFA_PLT => {
+        CFA_RSP | CFA_RBP | CFA_PLT | CFA_DEREF_RBP => {
             let off = row.cfa_offset as u64;
             let cfa = match row.cfa_type() {
                 CFA_RSP => w.sp.wrapping_add(off),
                 CFA_RBP => w.bp.wrapping_add(off),
-                _ => w.sp + 8 + if (w.pc & 15) >= off { 8 } else { 0 },
+                CFA_PLT => w.sp + 8 + if (w.pc & 15) >= off { 8 } else { 0 },
+                _ => match read_user(w.bp.wrapping_add(row.cfa_offset as i16 as u64)) {
+                    Some(cfa) => cfa,
+                    None => {
+                        w.end = TRUNCATED;
+                        return 1;
+                    }
+                },
             };
             let Some(ra) = read_user(cfa.wrapping_sub(8)) else {
                 w.end = TRUNCATED;
@@ -226,6 +234,16 @@ fn step(walk: &Walk) -> i64 {
             let bp = match row.rbp_type() {
                 RBP_AT_CFA => {
                     let at = cfa.wrapping_add((row.rbp_offset as i64 * 8) as u64);
+                    match read_user(at) {
+                        Some(bp) => bp,
+                        None => {
+                            w.end = TRUNCATED;
+                            return 1;
+                        }
+                    }
+                }
+                RBP_AT_RBP => {
+                    let at = w.bp.wrapping_add((row.rbp_offset as i64 * 8) as u64);
                     match read_user(at) {
                         Some(bp) => bp,
                         None => {

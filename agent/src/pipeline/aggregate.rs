@@ -302,8 +302,18 @@ impl Aggregator {
         let mut native = Vec::with_capacity(raw.user.len());
         self.symbolizer
             .user_frames(pid, &raw.user, !raw.in_kernel, &mut native);
-        if raw.user_truncated && !native.is_empty() {
-            // Cut where it went wrong: the callers below are unknown, not missing by design.
+        // A caller in no mapping is a return address read from garbage (a frame-pointer walk
+        // through code without frame pointers, before the unwinder has the process's tables):
+        // the stack is cut there, like one the unwinder cut itself.
+        let junk = native
+            .iter()
+            .skip(1)
+            .position(|f| f.kind == FrameKind::Native && f.module.is_none());
+        if let Some(at) = junk {
+            native.truncate(at + 1);
+        }
+        if (raw.user_truncated || junk.is_some()) && !native.is_empty() {
+            // The callers below are unknown, not absent.
             native.push(Frame::new(FrameKind::Native, TRUNCATED_NATIVE));
         }
         self.take_refusals();

@@ -566,7 +566,10 @@ impl Engine {
 }
 
 /// Notes a CPU sample for [`Engine::unwind_delays`].
-fn note_unwind_delay(delays: &mut std::collections::HashMap<u32, Result<u64, u64>>, ev: &Event<'_>) {
+fn note_unwind_delay(
+    delays: &mut std::collections::HashMap<u32, Result<u64, u64>>,
+    ev: &Event<'_>,
+) {
     let entry = delays.entry(ev.tgid).or_insert(Err(ev.timestamp_ns));
     if let Err(first) = *entry
         && !ev.unwind_miss

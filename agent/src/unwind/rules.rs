@@ -17,6 +17,9 @@ pub enum Cfa {
     Rbp(u16),
     /// RSP + 8 + ((RIP & 15) >= threshold ? 8 : 0): lazy-binding PLT entries.
     Plt { threshold: u8 },
+    /// *(RBP + offset): the CFA saved below the frame pointer of a function that realigns its
+    /// stack (`DW_OP_breg6 (rbp) N; DW_OP_deref`).
+    DerefRbp(i16),
     /// The return address is undefined: the outermost frame.
     EndOfStack,
     /// Not expressible in a row (a DWARF expression, another register, an offset out of range,
@@ -31,6 +34,9 @@ pub enum SavedRbp {
     Unchanged,
     /// Saved at CFA + this many bytes (a multiple of 8 in `-1024..=1016`).
     AtCfa(i16),
+    /// Saved at RBP + this many bytes (`DW_CFA_expression: rbp (DW_OP_breg6 (rbp) N)`, with a
+    /// realigned stack; a multiple of 8 in `-1024..=1016`).
+    AtRbp(i16),
     /// Not expressible: the caller's RBP is unknown.
     Unsupported,
 }
@@ -53,7 +59,7 @@ impl Rule {
     /// merge) by what the unwinder can do with them.
     pub fn new(cfa: Cfa, rbp: SavedRbp) -> Rule {
         let rbp = match cfa {
-            Cfa::Rsp(_) | Cfa::Rbp(_) | Cfa::Plt { .. } => rbp,
+            Cfa::Rsp(_) | Cfa::Rbp(_) | Cfa::Plt { .. } | Cfa::DerefRbp(_) => rbp,
             Cfa::NoInfo | Cfa::EndOfStack | Cfa::Unsupported => SavedRbp::Unchanged,
         };
         Rule { cfa, rbp }
@@ -66,6 +72,8 @@ impl Rule {
             Cfa::Rsp(off) => (abi::CFA_RSP, off),
             Cfa::Rbp(off) => (abi::CFA_RBP, off),
             Cfa::Plt { threshold } => (abi::CFA_PLT, u16::from(threshold)),
+            // The kernel reads it back as i16.
+            Cfa::DerefRbp(off) => (abi::CFA_DEREF_RBP, off as u16),
             Cfa::EndOfStack => (abi::CFA_END_OF_STACK, 0),
             Cfa::Unsupported => (abi::CFA_UNSUPPORTED, 0),
         };
@@ -73,6 +81,7 @@ impl Rule {
             SavedRbp::Unchanged => (abi::RBP_UNCHANGED, 0),
             // In range by construction (see `saved_rbp`).
             SavedRbp::AtCfa(bytes) => (abi::RBP_AT_CFA, (bytes / 8) as i8),
+            SavedRbp::AtRbp(bytes) => (abi::RBP_AT_RBP, (bytes / 8) as i8),
             SavedRbp::Unsupported => (abi::RBP_UNSUPPORTED, 0),
         };
         abi::UnwindRow {
@@ -94,7 +103,55 @@ pub fn classify<R: Reader, S: UnwindSection<R>>(
         ReturnAddress::Undefined => Cfa::EndOfStack,
         ReturnAddress::Elsewhere => Cfa::Unsupported,
     };
-    Rule::new(cfa, saved_rbp(row.register(X86_64::RBP)))
+    let rbp = match row.register(X86_64::RBP) {
+        Some(RegisterRule::Expression(ref e)) => expression_bytes(section, e)
+            .and_then(|b| breg6(&b, false))
+            .and_then(slot_bytes)
+            .map_or(SavedRbp::Unsupported, SavedRbp::AtRbp),
+        other => saved_rbp(other),
+    };
+    Rule::new(cfa, rbp)
+}
+
+/// The bytes of an expression in `section`.
+fn expression_bytes<R: Reader, S: UnwindSection<R>>(
+    section: &S,
+    e: &gimli::UnwindExpression<R::Offset>,
+) -> Option<Vec<u8>> {
+    let expression = e.get(section).ok()?;
+    Some(expression.0.to_slice().ok()?.into_owned())
+}
+
+/// N of `DW_OP_breg6 (rbp) N` (followed by `DW_OP_deref` when `deref`), N a one- or two-byte
+/// SLEB128.
+fn breg6(expression: &[u8], deref: bool) -> Option<i16> {
+    const DW_OP_BREG6: u8 = 0x76;
+    const DW_OP_DEREF: u8 = 0x06;
+    let (&op, rest) = expression.split_first()?;
+    if op != DW_OP_BREG6 {
+        return None;
+    }
+    let (value, used) = match *rest {
+        [b0, ..] if b0 & 0x80 == 0 => (i64::from(((b0 << 1) as i8) >> 1), 1),
+        [b0, b1, ..] if b1 & 0x80 == 0 => {
+            let raw = i64::from(b0 & 0x7f) | (i64::from(b1 & 0x7f) << 7);
+            // Sign-extend from 14 bits.
+            ((raw << 50) >> 50, 2)
+        }
+        _ => return None,
+    };
+    let tail = &rest[used..];
+    let ok = if deref {
+        tail == [DW_OP_DEREF]
+    } else {
+        tail.is_empty()
+    };
+    ok.then_some(i16::try_from(value).ok()?)
+}
+
+/// `bytes` when it is a whole 8-byte slot offset that a row holds.
+fn slot_bytes(bytes: i16) -> Option<i16> {
+    (bytes % 8 == 0 && i8::try_from(bytes / 8).is_ok()).then_some(bytes)
 }
 
 enum ReturnAddress {
@@ -132,6 +189,9 @@ fn cfa<R: Reader, S: UnwindSection<R>>(section: &S, rule: &CfaRule<R::Offset>) -
             let Ok(bytes) = expression.0.to_slice() else {
                 return Cfa::Unsupported;
             };
+            if let Some(offset) = breg6(&bytes, true) {
+                return Cfa::DerefRbp(offset);
+            }
             plt_threshold(&bytes).map_or(Cfa::Unsupported, |threshold| Cfa::Plt { threshold })
         }
     }
@@ -192,6 +252,28 @@ mod tests {
         assert_eq!(plt_threshold(&other_base), None);
         assert_eq!(plt_threshold(&classic[..10]), None);
         assert_eq!(plt_threshold(&[]), None);
+    }
+
+    #[test]
+    fn realigned_stack_expressions_are_recognized() {
+        // DW_OP_breg6 (rbp) -40; DW_OP_deref
+        assert_eq!(breg6(&[0x76, 0x58, 0x06], true), Some(-40));
+        assert_eq!(breg6(&[0x76, 0x78, 0x06], true), Some(-8));
+        // DW_OP_breg6 (rbp) 0, the saved-RBP form.
+        assert_eq!(breg6(&[0x76, 0x00], false), Some(0));
+        // Two-byte SLEB128: -200 and 300.
+        assert_eq!(breg6(&[0x76, 0xb8, 0x7e], false), Some(-200));
+        assert_eq!(breg6(&[0x76, 0xac, 0x02], false), Some(300));
+        assert_eq!(breg6(&[0x76, 0x58], true), None, "no deref");
+        assert_eq!(breg6(&[0x76, 0x58, 0x06], false), None, "a deref too many");
+        assert_eq!(breg6(&[0x77, 0x58, 0x06], true), None, "rsp, not rbp");
+        assert_eq!(breg6(&[0x76], true), None);
+        assert_eq!(slot_bytes(-16), Some(-16));
+        assert_eq!(slot_bytes(-12), None);
+        let row = Rule::new(Cfa::DerefRbp(-40), SavedRbp::AtRbp(0)).to_kernel_row(0);
+        assert_eq!(row.cfa_type(), abi::CFA_DEREF_RBP);
+        assert_eq!(row.cfa_offset as i16, -40);
+        assert_eq!((row.rbp_type(), row.rbp_offset), (abi::RBP_AT_RBP, 0));
     }
 
     #[test]
