@@ -94,11 +94,12 @@ chart: ## Package the Helm chart: target/chart/kprof-VERSION.tgz
 	e2e/testbed/package-chart.sh
 
 .PHONY: bench
-bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, Python, the agent daemon on the test bed, store
+bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, native unwinding, Python, the agent daemon on the test bed, store
 	agent/bench/overhead.sh
 	agent/bench/startup.sh
 	agent/bench/offcpu.sh
 	agent/bench/threads.sh
+	agent/bench/unwind.sh
 	agent/bench/shop.sh
 	agent/bench/daemon.sh
 	command -v py-spy >/dev/null || python3 -m pip install --quiet py-spy

@@ -125,8 +125,9 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// The mapping of `procs` that contains `pc`: its bias and table. A bisection of fixed length
-/// (no early exit): the verifier sees one shape of loop, whatever the data.
+/// The mapping of `procs` that contains `pc`: its bias and table. A bisection that narrows a
+/// range by halves (no data-dependent exit but the range's length): the verifier sees one
+/// shape of loop, whatever the data.
 #[inline(always)]
 fn find_mapping(procs: &ProcMappings, pc: u64) -> Option<(u64, u32)> {
     let count = procs.count as usize;
@@ -136,6 +137,9 @@ fn find_mapping(procs: &ProcMappings, pc: u64) -> Option<(u64, u32)> {
     // Invariant: the answer, if any, is in [base, base + len).
     let (mut base, mut len) = (0usize, count);
     for _ in 0..MAPPING_SEARCH_STEPS {
+        if len <= 1 {
+            break;
+        }
         let half = len / 2;
         let m = &procs.mappings[(base + half) & (MAX_PROC_MAPPINGS - 1)];
         if m.start <= pc {
@@ -160,6 +164,9 @@ fn find_row(table: u32, off: u64) -> UnwindRow {
     let off = off as u32;
     let (mut base, mut len) = (t.first, t.count);
     for _ in 0..ROW_SEARCH_STEPS {
+        if len <= 1 {
+            break; // log2(rows) steps: 11 for libz, 17 for libpython
+        }
         let half = len / 2;
         let pc = match UNWIND_ROWS.get(base + half) {
             Some(row) => row.pc,

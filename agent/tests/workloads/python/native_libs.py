@@ -9,7 +9,7 @@ Every round gives two phases a fixed slice of this thread's CPU time (time.threa
 and measures what each got. NumPy comes from the directory the test puts on PYTHONPATH
 (e2e/testbed/install-pylibs.sh, run by `make deps`).
 
-usage: native_libs.py SECONDS TRUTH_FILE
+usage: [KPROF_PHASES=compress_loop] native_libs.py SECONDS TRUTH_FILE
 Prints `READY <pid>` when it starts; writes JSON to TRUTH_FILE at the end:
   {"compress_loop": cpu_s, "numpy_loop": cpu_s, "rounds": n, "numpy": "<version>",
    "numpy_dir": "<package directory>", "zlib": "<runtime version>"}
@@ -29,6 +29,8 @@ import numpy as np  # noqa: E402
 clock = time.thread_time
 SLICE = 0.200  # CPU seconds per round
 SHARES = {"compress_loop": 0.40, "numpy_loop": 0.60}
+# KPROF_PHASES=compress_loop runs one phase only (the benchmark's Python + libz + libc stack).
+ONLY = [p for p in os.environ.get("KPROF_PHASES", "").split(",") if p]
 
 # Compressible but not trivial: words from a small vocabulary, so deflate searches for matches.
 _rng = random.Random(15)
@@ -61,6 +63,8 @@ def run(seconds):
     rounds = 0
     while time.monotonic() < end:
         for name, phase in (("compress_loop", compress_loop), ("numpy_loop", numpy_loop)):
+            if ONLY and name not in ONLY:
+                continue
             c = clock()
             phase(c + SLICE * SHARES[name])
             used[name] += clock() - c
