@@ -96,6 +96,7 @@ pub fn saved_user_regs(cfg: &Config) -> Option<UserRegs> {
 const RUNNING: u32 = 0;
 const COMPLETE: u32 = 1;
 const TRUNCATED: u32 = 2;
+const STALE: u32 = 3;
 
 /// The walk in progress (`UNWIND_WALK`): the frames found and the registers of the next one.
 #[repr(C)]
@@ -207,7 +208,9 @@ fn step(walk: &Walk) -> i64 {
     }
     let Some((bias, table)) = mapping else {
         w.flags |= FLAG_UNWIND_MISS;
-        w.end = TRUNCATED;
+        // A leaf outside every mapping: the mappings are of an image the process no longer
+        // runs (it has just `exec`ed): the kernel's frame-pointer walk does better this time.
+        w.end = if n == 0 { STALE } else { TRUNCATED };
         return 1;
     };
     let row = if table == NO_TABLE {
@@ -308,7 +311,8 @@ pub struct Unwound {
 }
 
 /// Unwinds the user stack of process `tgid` from `regs`. `None` when the process has no
-/// mappings loaded (the caller walks frame pointers, with `FLAG_UNWIND_MISS`).
+/// mappings loaded, or none for its leaf (the caller walks frame pointers, with
+/// `FLAG_UNWIND_MISS`).
 #[inline(always)]
 pub fn unwind(tgid: u32, regs: &UserRegs) -> Option<Unwound> {
     let procs = UNWIND_PROCS.get_ptr(tgid)?;
@@ -332,6 +336,9 @@ pub fn unwind(tgid: u32, regs: &UserRegs) -> Option<Unwound> {
             &walk as *const Walk as *mut core::ffi::c_void,
             0,
         );
+    }
+    if w.end == STALE {
+        return None; // the caller walks frame pointers and flags the miss
     }
     if w.end != COMPLETE {
         w.flags |= FLAG_USER_TRUNCATED;
