@@ -7,7 +7,11 @@
 //! - `tests/workloads/python/native_libs.py` on Debian's `/usr/bin/python3.11` and pyenv's
 //!   newest 3.12: `zlib.compress` (the distribution's libz) and a NumPy sort (the manylinux
 //!   wheel's `_multiarray_umath`), NumPy from `${KPROF_CACHE:-/var/cache/kprof}/pylibs/3.X`
-//!   (`e2e/testbed/install-pylibs.sh`, run by `make deps`) put on PYTHONPATH.
+//!   (`e2e/testbed/install-pylibs.sh`, run by `make deps`) put on PYTHONPATH;
+//! - `tests/workloads/hostile.c`, spinning in a shared library (the same flags) whose
+//!   `.eh_frame` is broken after linking (garbage, a length past the section's end) or which
+//!   changes on disk while the process maps it: refused with a warning and a count when nothing
+//!   of it is usable, kept in part otherwise, never a crash or junk callers.
 //!
 //! Each workload measures its own CPU time per phase (the truth). The tests check that samples
 //! are attributed to the phase that took them within ±5 points, that stacks carry their whole
@@ -23,7 +27,7 @@
 mod harness;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
     process::Command,
     sync::{Mutex, MutexGuard, OnceLock, atomic::AtomicBool},
@@ -212,6 +216,11 @@ fn pprof_samples(p: &PprofProfile) -> Vec<Sample> {
 /// `kprof-agent record --no-python` of `command` for at most `secs` at `hz`; the decoded CPU
 /// profile. (The recording ends when the command exits.)
 fn record_pprof(secs: u32, hz: u32, command: &[&str]) -> PprofProfile {
+    record_with_summary(secs, hz, command).0
+}
+
+/// [`record_pprof`], with the `summary.json` the agent wrote.
+fn record_with_summary(secs: u32, hz: u32, command: &[&str]) -> (PprofProfile, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let o = Command::new(AGENT)
         .args(["record", "--no-python", "-o"])
@@ -227,7 +236,12 @@ fn record_pprof(secs: u32, hz: u32, command: &[&str]) -> PprofProfile {
     eprintln!("kprof-agent record {command:?}\n--- stdout\n{stdout}--- stderr\n{stderr}");
     assert!(o.status.success(), "kprof-agent record failed: {stderr}");
     let bytes = std::fs::read(dir.path().join("profile.pb.gz")).expect("profile.pb.gz written");
-    pprof::decode(&bytes).expect("valid pprof")
+    let summary =
+        std::fs::read_to_string(dir.path().join("summary.json")).expect("summary.json written");
+    (
+        pprof::decode(&bytes).expect("valid pprof"),
+        serde_json::from_str(&summary).expect("summary.json is JSON"),
+    )
 }
 
 /// `key=value` pairs of the truth line `nofp` wrote.
@@ -820,4 +834,448 @@ fn python_native_libraries_are_under_their_python_callers() {
         failures.is_empty(),
         "native libraries under Python failed for {failures:?}"
     );
+}
+
+// Hostile unwind data (the issue's "Must show": broken or hostile unwind data — truncated
+// `.eh_frame`, huge tables, a file that changes under the agent — is refused with a metric and a
+// warning, never a crash). `tests/workloads/hostile.c` spins in a shared library whose
+// `.eh_frame` is broken after linking, or which changes on disk while the process maps it.
+
+/// `tests/workloads/hostile.c` built `-O2 -fomit-frame-pointer`, no debug info: the program,
+/// the library its hot loop runs in (pristine: each test breaks a copy) and the kick library
+/// (another build of it).
+fn hostile() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static W: OnceLock<(tempfile::TempDir, (PathBuf, PathBuf, PathBuf))> = OnceLock::new();
+    &W.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workloads/hostile.c");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = dir.path().join("hostile");
+        let lib = dir.path().join("libhostile.so");
+        let kick = dir.path().join("libkick.so");
+        let cc = |out: &Path, before: &[&str], after: &[&str]| {
+            let st = Command::new("cc")
+                .args(["-O2", "-fomit-frame-pointer"])
+                .args(before)
+                .arg("-o")
+                .arg(out)
+                .arg(&src)
+                .args(after)
+                .status()
+                .expect("run cc");
+            assert!(st.success(), "cc {before:?} hostile.c {after:?}");
+        };
+        cc(&lib, &["-shared", "-fPIC", "-DHOSTILE_LIB"], &[]);
+        cc(
+            &kick,
+            &["-shared", "-fPIC", "-DHOSTILE_LIB", "-DHOSTILE_KICK"],
+            &[],
+        );
+        cc(&program, &["-pthread"], &["-ldl"]);
+        (dir, (program, lib, kick))
+    })
+    .1
+}
+
+/// Where `.eh_frame` lies in the ELF file `elf`.
+fn eh_frame_range(elf: &[u8]) -> std::ops::Range<usize> {
+    use object::{Object as _, ObjectSection as _};
+    let file = object::File::parse(elf).expect("the library is an ELF file");
+    let section = file
+        .section_by_name(".eh_frame")
+        .expect("the library has .eh_frame");
+    let (offset, size) = section
+        .file_range()
+        .expect(".eh_frame is stored in the file");
+    offset as usize..(offset + size) as usize
+}
+
+/// The offsets of the entries (CIEs and FDEs, 32-bit lengths) of `.eh_frame` bytes `eh`.
+fn eh_frame_entries(eh: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(len) = eh.get(at..at + 4) {
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes"));
+        if len == 0 || len == u32::MAX {
+            break;
+        }
+        out.push(at);
+        at += 4 + len as usize;
+    }
+    out
+}
+
+/// How the library's `.eh_frame` is broken, in place (the file keeps its size and layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Breakage {
+    /// Every byte 0xff: the first length says "64-bit length follows" and that one is 2^64-1.
+    AllOnes,
+    /// Random bytes (a fixed seed).
+    Random,
+    /// The first CIE's length is 0xfffffff0: far more than the section holds.
+    FirstLengthPastEnd,
+    /// The last FDE's (`lib_run`'s) length reaches past the section's end: a section cut short
+    /// after the FDEs before it (`lib_spin`'s among them).
+    LastLengthPastEnd,
+}
+
+/// The library `elf` with its `.eh_frame` broken `how`.
+fn broken(elf: &[u8], how: Breakage) -> Vec<u8> {
+    let mut out = elf.to_vec();
+    let eh = &mut out[eh_frame_range(elf)];
+    match how {
+        Breakage::AllOnes => eh.fill(0xff),
+        Breakage::Random => {
+            let mut rng = fastrand::Rng::with_seed(15);
+            eh.iter_mut().for_each(|b| *b = rng.u8(..));
+        }
+        Breakage::FirstLengthPastEnd => eh[..4].copy_from_slice(&0xffff_fff0u32.to_le_bytes()),
+        Breakage::LastLengthPastEnd => {
+            let entries = eh_frame_entries(eh);
+            assert!(entries.len() >= 3, "a CIE and FDEs: {entries:?}");
+            let last = entries[entries.len() - 1];
+            let past = u32::try_from(eh.len() - last + 0x1000).expect("a small section");
+            eh[last..last + 4].copy_from_slice(&past.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// What the agent's compiler makes of the ELF file `elf`: `Err` when the agent refuses it (an
+/// error, or not one entry readable), else the figures of its table (maybe partial).
+fn compiler_verdict(elf: &[u8]) -> Result<kprof_agent::unwind::Stats, String> {
+    use kprof_agent::unwind::{Limits, compile_elf};
+    match compile_elf(elf, &Limits::default()) {
+        Err(e) => Err(e.to_string()),
+        Ok(t) if t.rows().is_empty() && t.stats().skipped_fdes > 0 => Err(format!(
+            "no entry readable, {} skipped",
+            t.stats().skipped_fdes
+        )),
+        Ok(t) => Ok(*t.stats()),
+    }
+}
+
+/// The profile's warnings that native stacks through `lib` are walked by frame pointers only.
+fn refusal_warnings(p: &PprofProfile, lib: &Path) -> Vec<String> {
+    let lib = lib.to_string_lossy();
+    p.comment
+        .iter()
+        .map(|&c| p.str(c))
+        .filter(|w| w.contains(&*lib) && w.contains("walked by frame pointers only"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `native.tables_refused` of `summary.json`.
+fn tables_refused(summary: &serde_json::Value) -> u64 {
+    summary["native"]["tables_refused"]
+        .as_u64()
+        .expect("summary.json has native.tables_refused")
+}
+
+/// Samples whose leaf is the hot function, `lib_spin` of the library.
+fn hot<'a>(s: &[&'a Sample]) -> Vec<&'a Sample> {
+    s.iter()
+        .filter(|x| {
+            x.user()
+                .first()
+                .is_some_and(|f| f.name == "lib_spin" && f.in_lib("libhostile"))
+        })
+        .copied()
+        .collect()
+}
+
+/// Percent of the samples `s` whose user stack starts with `seq`.
+fn chain_pct(s: &[&Sample], seq: &[&str]) -> f64 {
+    let total: i64 = s.iter().map(|x| x.n).sum();
+    let n: i64 = s
+        .iter()
+        .filter(|x| x.user_names().starts_with(seq))
+        .map(|x| x.n)
+        .sum();
+    pct(n, total)
+}
+
+/// The checks every hostile recording passes: the profile has samples, most of them in the
+/// library's hot function (its symbols do not depend on its CFI), no stack has junk callers, and
+/// the library is refused — a warning on the profile and `native.tables_refused` — exactly when
+/// `refused`. Pushes the errors; the report.
+fn judge_hostile(
+    p: &PprofProfile,
+    summary: &serde_json::Value,
+    lib: &Path,
+    refused: bool,
+    errs: &mut Vec<String>,
+) -> String {
+    let all = pprof_samples(p);
+    let s: Vec<&Sample> = all.iter().collect();
+    let total: i64 = s.iter().map(|x| x.n).sum();
+    if total < 300 {
+        errs.push(format!("too few samples: {total}"));
+    }
+    let hot_s = hot(&s);
+    let hot_n: i64 = hot_s.iter().map(|x| x.n).sum();
+    let hot_pct = pct(hot_n, total);
+    if hot_pct < 70.0 {
+        errs.push(format!(
+            "only {hot_pct:.1}% of the samples are in lib_spin@libhostile.so (want ≥70%)"
+        ));
+    }
+    let mut line = format!("{total} samples, lib_spin leaf={hot_pct:.1}%");
+    line.push_str(&judge_bogus(&s, errs));
+    let warnings = refusal_warnings(p, lib);
+    let n_refused = tables_refused(summary);
+    line.push_str(&format!(
+        " tables_refused={n_refused} refusal warnings={}",
+        warnings.len()
+    ));
+    if refused && (warnings.is_empty() || n_refused == 0) {
+        errs.push(format!(
+            "{} is refused by the compiler, but the profile says nothing of it: warnings \
+             {warnings:?}, native.tables_refused={n_refused}",
+            lib.display()
+        ));
+    }
+    if !refused && (!warnings.is_empty() || n_refused != 0) {
+        errs.push(format!(
+            "{} has a usable table, yet it was refused: warnings {warnings:?}, \
+             native.tables_refused={n_refused}",
+            lib.display()
+        ));
+    }
+    for w in &warnings {
+        line.push_str(&format!("\n      warning: {w}"));
+    }
+    for (n, st) in top_stacks(hot_s.iter().copied(), |_| true).iter().take(3) {
+        line.push_str(&format!("\n      lib_spin stack {n}: {st}"));
+    }
+    line
+}
+
+/// A library whose `.eh_frame` is garbage (all 0xff, random bytes), mapped by two processes, is
+/// refused: both processes' profiles say so and it is counted, the agent neither crashes nor
+/// shows junk callers, and the library's samples are still its own.
+#[test]
+fn garbage_eh_frame_is_refused_with_a_warning() {
+    let test = "garbage_eh_frame_is_refused_with_a_warning";
+    let Some(_serial) = machine(test) else {
+        return;
+    };
+    let (program, pristine, _) = hostile();
+    let elf = std::fs::read(pristine).expect("read the library");
+    let mut failures = Vec::new();
+    for how in [Breakage::AllOnes, Breakage::Random] {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libhostile.so");
+        let bad = broken(&elf, how);
+        std::fs::write(&lib, &bad).unwrap();
+        let verdict = compiler_verdict(&bad);
+        let mut errs = Vec::new();
+        if verdict.is_ok() {
+            errs.push(format!("the compiler took garbage: {verdict:?}"));
+        }
+        // Two processes map it: each profile is told, not only the first's.
+        let (p, summary) = record_with_summary(
+            10,
+            199,
+            &[
+                "/bin/sh",
+                "-c",
+                r#""$0" "$1" 4 & "$0" "$1" 4; wait"#,
+                program.to_str().unwrap(),
+                lib.to_str().unwrap(),
+            ],
+        );
+        let mut line = judge_hostile(&p, &summary, &lib, true, &mut errs);
+        let warnings = refusal_warnings(&p, &lib);
+        let all = pprof_samples(&p);
+        let pids: BTreeSet<i64> = hot(&all.iter().collect::<Vec<_>>())
+            .iter()
+            .map(|x| x.pid)
+            .collect();
+        line.push_str(&format!("\n      processes in lib_spin: {pids:?}"));
+        if pids.len() != 2 {
+            errs.push(format!(
+                "lib_spin samples from {pids:?}, want two processes"
+            ));
+        }
+        for pid in &pids {
+            if !warnings
+                .iter()
+                .any(|w| w.starts_with(&format!("pid {pid}: ")))
+            {
+                errs.push(format!("no refusal warning for pid {pid}: {warnings:#?}"));
+            }
+        }
+        eprintln!(
+            "{} {how:?}: compiler {verdict:?}; {line}",
+            if errs.is_empty() { "PASS" } else { "FAIL" }
+        );
+        if !errs.is_empty() {
+            failures.push(format!("{how:?}: {errs:#?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A length field that claims more than `.eh_frame` holds: at the first CIE nothing is readable
+/// and the library is refused with a warning; at the last FDE the FDEs before it are kept (a
+/// partial table, no warning) and the hot function, whose FDE survived, is unwound by it.
+#[test]
+fn truncated_eh_frame_is_refused_or_kept_in_part() {
+    let test = "truncated_eh_frame_is_refused_or_kept_in_part";
+    let Some(_serial) = machine(test) else {
+        return;
+    };
+    let (program, pristine, _) = hostile();
+    let elf = std::fs::read(pristine).expect("read the library");
+    let mut failures = Vec::new();
+    for how in [Breakage::FirstLengthPastEnd, Breakage::LastLengthPastEnd] {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libhostile.so");
+        let bad = broken(&elf, how);
+        std::fs::write(&lib, &bad).unwrap();
+        let verdict = compiler_verdict(&bad);
+        let partial = how == Breakage::LastLengthPastEnd;
+        let mut errs = Vec::new();
+        match (&verdict, partial) {
+            (Ok(st), true) if st.fdes >= 1 && st.skipped_fdes >= 1 => {}
+            (Err(_), false) => {}
+            _ => errs.push(format!(
+                "the compiler's verdict: {verdict:?}, want {}",
+                if partial {
+                    "a partial table"
+                } else {
+                    "a refusal"
+                }
+            )),
+        }
+        let (p, summary) = record_with_summary(
+            10,
+            199,
+            &[program.to_str().unwrap(), lib.to_str().unwrap(), "4"],
+        );
+        let mut line = judge_hostile(&p, &summary, &lib, !partial, &mut errs);
+        if partial {
+            // lib_spin's row takes the walk to lib_run (whose FDE was lost: frame pointers
+            // from there, and those of this code lead nowhere).
+            let all = pprof_samples(&p);
+            let s: Vec<&Sample> = all.iter().collect();
+            let chain = chain_pct(&hot(&s), &["lib_spin", "lib_run"]);
+            line.push_str(&format!("\n      lib_spin <- lib_run: {chain:.1}%"));
+            if chain < 90.0 {
+                errs.push(format!(
+                    "only {chain:.1}% of lib_spin's samples go on to lib_run: its FDE survived \
+                     (want ≥90%)"
+                ));
+            }
+        }
+        eprintln!(
+            "{} {how:?}: compiler {verdict:?}; {line}",
+            if errs.is_empty() { "PASS" } else { "FAIL" }
+        );
+        if !errs.is_empty() {
+            failures.push(format!("{how:?}: {errs:#?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// How the library's file changes while the process maps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// Another file (garbage `.eh_frame`) renamed over its path: the mapped file is intact but
+    /// deleted, and the path names another file.
+    Rename,
+    /// The same file rewritten in place, the same size, with a garbage `.eh_frame`.
+    Rewrite,
+}
+
+/// The library changes on disk halfway through (`hostile.c`'s `rename` / `rewrite`), and the
+/// process then maps another library, so the agent reads its mappings again and meets the
+/// changed file. Before the change the hot function is unwound whole (to `main`). After it: a
+/// file renamed over the path is not the mapped one, and the table of the mapped file is kept
+/// (whole stacks to the thread's `after_change`); a file rewritten in place is compiled again and
+/// refused with a warning. Never a crash, never junk callers.
+#[test]
+fn library_changed_under_the_agent() {
+    let test = "library_changed_under_the_agent";
+    let Some(_serial) = machine(test) else {
+        return;
+    };
+    let (program, pristine, kick_lib) = hostile();
+    let elf = std::fs::read(pristine).expect("read the library");
+    let mut failures = Vec::new();
+    for change in [Change::Rename, Change::Rewrite] {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = dir.path().join("libhostile.so");
+        let new = dir.path().join("libhostile.new");
+        let kick = dir.path().join("libkick.so");
+        std::fs::write(&lib, &elf).unwrap();
+        std::fs::write(&new, broken(&elf, Breakage::AllOnes)).unwrap();
+        std::fs::copy(kick_lib, &kick).unwrap();
+        let mode = match change {
+            Change::Rename => "rename",
+            Change::Rewrite => "rewrite",
+        };
+        let (p, summary) = record_with_summary(
+            15,
+            199,
+            &[
+                program.to_str().unwrap(),
+                lib.to_str().unwrap(),
+                "6",
+                mode,
+                new.to_str().unwrap(),
+                kick.to_str().unwrap(),
+            ],
+        );
+        let refused = change == Change::Rewrite;
+        let mut errs = Vec::new();
+        let mut line = judge_hostile(&p, &summary, &lib, refused, &mut errs);
+        // Before the change (the main thread) and after it (the thread it starts).
+        let all = pprof_samples(&p);
+        let before: Vec<&Sample> = all.iter().filter(|x| x.tid == x.pid).collect();
+        let after: Vec<&Sample> = all.iter().filter(|x| x.tid > 0 && x.tid != x.pid).collect();
+        let (hot_before, hot_after) = (hot(&before), hot(&after));
+        let n_after: i64 = hot_after.iter().map(|x| x.n).sum();
+        let whole_before = chain_pct(&hot_before, &["lib_spin", "lib_run", "drive", "main"]);
+        let whole_after = chain_pct(
+            &hot_after,
+            &["lib_spin", "lib_run", "drive", "after_change"],
+        );
+        line.push_str(&format!(
+            "\n      before the change: lib_spin <- lib_run <- drive <- main {whole_before:.1}%; \
+             after: {n_after} lib_spin samples, lib_spin <- lib_run <- drive <- after_change \
+             {whole_after:.1}%"
+        ));
+        if whole_before < 90.0 {
+            errs.push(format!(
+                "before the change only {whole_before:.1}% of lib_spin's samples are whole \
+                 (want ≥90%)"
+            ));
+        }
+        if n_after < 100 {
+            errs.push(format!("only {n_after} lib_spin samples after the change"));
+        }
+        if change == Change::Rename && whole_after < 90.0 {
+            errs.push(format!(
+                "after the rename only {whole_after:.1}% of lib_spin's samples are whole: the \
+                 mapped file's table was dropped (want ≥90%)"
+            ));
+        }
+        for (n, st) in top_stacks(hot_after.iter().copied(), |_| true)
+            .iter()
+            .take(3)
+        {
+            line.push_str(&format!("\n      after the change {n}: {st}"));
+        }
+        eprintln!(
+            "{} {change:?}: {line}",
+            if errs.is_empty() { "PASS" } else { "FAIL" }
+        );
+        if !errs.is_empty() {
+            failures.push(format!("{change:?}: {errs:#?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

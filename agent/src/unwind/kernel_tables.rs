@@ -7,6 +7,12 @@
 //! tenant's file system may stall a read, and the thread that drains events must not wait. Until
 //! a process's mappings are in, its stacks are walked by frame pointers (the kernel flags them,
 //! and the engine asks again).
+//!
+//! A file whose CFI is refused (an error, or not one usable entry) is walked by frame pointers,
+//! with a warning on the profile of every process that maps it and a count. A mapped file that
+//! its path no longer names (another file renamed over it, deleted) keeps the table it had when
+//! it was read; a file rewritten in place is another file (its identity changed) and is compiled
+//! again.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -201,7 +207,9 @@ enum FileState {
     },
     /// Compiled before, evicted since: compiled again when needed.
     Evicted,
-    Refused,
+    /// No table: why, for the warning on each process that maps it (`None`: the file has no
+    /// CFI at all, nothing to warn about).
+    Refused(Option<String>),
 }
 
 struct FileEntry {
@@ -304,7 +312,8 @@ impl Worker {
         let mut mappings = Box::new(ProcMappings::default());
         let mut files = Vec::with_capacity(exec.len());
         for (i, e) in exec.iter().enumerate() {
-            let (table, bias, key) = self.table_for(pid, e);
+            let known = self.known_file(pid, e);
+            let (table, bias, key) = self.table_for(pid, e, known);
             mappings.mappings[i] = ExecMapping {
                 start: e.start,
                 end: e.end,
@@ -315,7 +324,7 @@ impl Worker {
             files.push(key);
         }
         mappings.count = exec.len() as u32;
-        if let Err(e) = self.procs.insert(pid, &*mappings, 0) {
+        if let Err(e) = self.procs.insert(pid, mappings.as_ref(), 0) {
             tracing::debug!(pid, error = %e, "unwind mappings not stored");
             return false;
         }
@@ -326,21 +335,72 @@ impl Worker {
         true
     }
 
-    /// The table id and bias for mapping `e` of `pid` (`NO_TABLE`: frame pointers there).
-    fn table_for(&mut self, pid: u32, e: &MapEntry) -> (u32, u64, Option<FileKey>) {
+    /// The file mapping `e` of `pid` was when the process's mappings were last read: the same
+    /// range of the same inode.
+    fn known_file(&self, pid: u32, e: &MapEntry) -> Option<FileKey> {
+        let state = self.pids.get(&pid)?;
+        let count = (state.mappings.count as usize).min(state.files.len());
+        state.mappings.mappings[..count]
+            .iter()
+            .zip(&state.files)
+            .find(|(m, _)| m.start == e.start && m.end == e.end)
+            .and_then(|(_, key)| *key)
+            .filter(|key| key.1 == e.inode)
+    }
+
+    /// The table id and bias for mapping `e` of `pid` (`NO_TABLE`: frame pointers there);
+    /// `known`: the file the mapping was at the last read ([`Self::known_file`]).
+    fn table_for(
+        &mut self,
+        pid: u32,
+        e: &MapEntry,
+        known: Option<FileKey>,
+    ) -> (u32, u64, Option<FileKey>) {
+        use crate::proc::files::{OpenError, identity, open_mapped};
         if !e.is_file() {
             return (NO_TABLE, 0, None);
         }
-        let Ok(file) = crate::proc::files::open_mapped(pid, e) else {
-            return (NO_TABLE, 0, None);
-        };
-        let Ok(key) = crate::proc::files::identity(&file) else {
-            return (NO_TABLE, 0, None);
-        };
-        let loaded = match self.files.get(&key).map(|f| &f.state) {
-            Some(FileState::Loaded { id, .. }) => Some(*id),
-            Some(FileState::Refused) => None,
-            Some(FileState::Evicted) | None => self.compile_and_load(pid, e, key, file),
+        let opened = open_mapped(pid, e)
+            .map_err(Some)
+            .and_then(|file| Ok((identity(&file).map_err(|_| None)?, file)));
+        let (key, loaded) = match opened {
+            Ok((key, file)) => {
+                let loaded = match self.files.get(&key).map(|f| &f.state) {
+                    Some(FileState::Loaded { id, .. }) => Some(*id),
+                    Some(FileState::Refused(why)) => {
+                        // Each process that maps a refused file is told (once).
+                        if let Some(why) = why.clone()
+                            && known != Some(key)
+                        {
+                            self.warn(pid, refused_warning(&e.path, &why));
+                        }
+                        None
+                    }
+                    Some(FileState::Evicted) | None => self.compile_and_load(pid, e, key, file),
+                };
+                (key, loaded)
+            }
+            // The path no longer names the mapped file (another file renamed over it, or it
+            // was deleted) while the mapping is the one read before: the mapped file has not
+            // changed, and its table still holds.
+            Err(err) => match known.and_then(|key| Some((key, &self.files.get(&key)?.state))) {
+                Some((key, FileState::Loaded { id, .. })) => (key, Some(*id)),
+                Some((key, _)) => (key, None),
+                None => {
+                    if let Some(err @ (OpenError::Replaced { .. } | OpenError::NotRegular { .. })) =
+                        err
+                    {
+                        self.warn(
+                            pid,
+                            format!(
+                                "native stacks through {} are walked by frame pointers only: {err}",
+                                e.path
+                            ),
+                        );
+                    }
+                    return (NO_TABLE, 0, None);
+                }
+            },
         };
         let Some(entry) = self.files.get_mut(&key) else {
             return (NO_TABLE, 0, Some(key));
@@ -372,9 +432,16 @@ impl Worker {
             crate::proc::files::within(COMPILE_TIME_LIMIT, move || {
                 let cache = object::ReadCache::new(file);
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    compile_elf_file(&cache, &Limits::default())
-                        .map(|c| (c.table.kernel_rows(), c.table.base(), c.segments))
-                        .map_err(|e| e.to_string())
+                    let c =
+                        compile_elf_file(&cache, &Limits::default()).map_err(|e| e.to_string())?;
+                    let skipped = c.table.stats().skipped_fdes;
+                    // CFI none of whose entries could be used is broken, not absent.
+                    if c.table.rows().is_empty() && skipped > 0 {
+                        return Err(format!(
+                            "not one of its CFI entries is usable, {skipped} corrupt or unreadable"
+                        ));
+                    }
+                    Ok((c.table.kernel_rows(), c.table.base(), c.segments))
                 }))
                 .unwrap_or_else(|_| Err("the unwind-table compiler failed on it".into()))
             })
@@ -392,7 +459,7 @@ impl Worker {
                 self.files.insert(
                     key,
                     FileEntry {
-                        state: FileState::Refused,
+                        state: FileState::Refused(None),
                         base: 0,
                         count: 0,
                         segments: Vec::new(),
@@ -406,14 +473,11 @@ impl Worker {
                 if let Ok(mut s) = self.shared.lock() {
                     s.stats.refused += 1;
                 }
-                self.warn(
-                    pid,
-                    format!("native stacks through {path} are walked by frame pointers only: its unwind information was refused ({why})"),
-                );
+                self.warn(pid, refused_warning(&path, &why));
                 self.files.insert(
                     key,
                     FileEntry {
-                        state: FileState::Refused,
+                        state: FileState::Refused(Some(why)),
                         base: 0,
                         count: 0,
                         segments: Vec::new(),
@@ -501,7 +565,7 @@ impl Worker {
                 }
             }
             if changed {
-                let _ = self.procs.insert(*pid, &*state.mappings, 0);
+                let _ = self.procs.insert(*pid, state.mappings.as_ref(), 0);
             }
         }
         self.extents.free(first, count);
@@ -512,6 +576,14 @@ impl Worker {
         }
         true
     }
+}
+
+/// The warning on the profiles of a process that maps `path`, whose table was refused.
+fn refused_warning(path: &str, why: &str) -> String {
+    format!(
+        "native stacks through {path} are walked by frame pointers only: its unwind information \
+         was refused ({why})"
+    )
 }
 
 /// The executable mappings of `pid`, by address (`None`: the process is gone).
