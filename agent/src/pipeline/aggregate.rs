@@ -305,10 +305,14 @@ impl Aggregator {
         // A caller in no mapping is a return address read from garbage (a frame-pointer walk
         // through code without frame pointers, before the unwinder has the process's tables):
         // the stack is cut there, like one the unwinder cut itself.
+        // (Only where the process's mappings were known: a gone process has every frame
+        // unresolved, and its stacks keep their shape.)
+        let maps_known = native.iter().any(|f| f.module.is_some());
         let junk = native
             .iter()
             .skip(1)
-            .position(|f| f.kind == FrameKind::Native && f.module.is_none());
+            .position(|f| f.kind == FrameKind::Native && f.module.is_none())
+            .filter(|_| maps_known);
         if let Some(at) = junk {
             native.truncate(at + 1);
         }

@@ -309,11 +309,17 @@ impl Worker {
             );
             exec.truncate(MAX_PROC_MAPPINGS);
         }
+        // First the tables known already (libc, the interpreter of a process like one seen
+        // before): the kernel gets them at once. Files to compile follow, smallest first, each
+        // stored as soon as it is loaded: a library with a huge table (OpenBLAS) does not keep
+        // the others waiting.
         let mut mappings = Box::new(ProcMappings::default());
         let mut files = Vec::with_capacity(exec.len());
+        let mut known = Vec::with_capacity(exec.len());
+        let mut pending = Vec::new();
         for (i, e) in exec.iter().enumerate() {
-            let known = self.known_file(pid, e);
-            let (table, bias, key) = self.table_for(pid, e, known);
+            known.push(self.known_file(pid, e));
+            let (table, bias, key, compile) = self.table_for(pid, e, known[i], false);
             mappings.mappings[i] = ExecMapping {
                 start: e.start,
                 end: e.end,
@@ -322,13 +328,34 @@ impl Worker {
                 _pad: 0,
             };
             files.push(key);
+            if compile {
+                pending.push((key.map_or(0, |k| k.2), i));
+            }
         }
         mappings.count = exec.len() as u32;
-        if let Err(e) = self.procs.insert(pid, mappings.as_ref(), 0) {
+        if !self.store(pid, &mappings) {
+            return false;
+        }
+        pending.sort_unstable();
+        for (_, i) in pending {
+            let (table, bias, key, _) = self.table_for(pid, &exec[i], known[i], true);
+            mappings.mappings[i].table = table;
+            mappings.mappings[i].bias = bias;
+            files[i] = key;
+            if table != NO_TABLE && !self.store(pid, &mappings) {
+                return false;
+            }
+        }
+        self.pids.insert(pid, PidState { mappings, files });
+        true
+    }
+
+    /// Stores `pid`'s mapping list in the kernel.
+    fn store(&mut self, pid: u32, mappings: &ProcMappings) -> bool {
+        if let Err(e) = self.procs.insert(pid, mappings, 0) {
             tracing::debug!(pid, error = %e, "unwind mappings not stored");
             return false;
         }
-        self.pids.insert(pid, PidState { mappings, files });
         if let Ok(mut s) = self.shared.lock() {
             s.stats.process_updates += 1;
         }
@@ -349,16 +376,18 @@ impl Worker {
     }
 
     /// The table id and bias for mapping `e` of `pid` (`NO_TABLE`: frame pointers there);
-    /// `known`: the file the mapping was at the last read ([`Self::known_file`]).
+    /// `known`: the file the mapping was at the last read ([`Self::known_file`]). A file not
+    /// compiled yet is compiled when `compile`, else the last value says it waits for that.
     fn table_for(
         &mut self,
         pid: u32,
         e: &MapEntry,
         known: Option<FileKey>,
-    ) -> (u32, u64, Option<FileKey>) {
+        compile: bool,
+    ) -> (u32, u64, Option<FileKey>, bool) {
         use crate::proc::files::{OpenError, identity, open_mapped};
         if !e.is_file() {
-            return (NO_TABLE, 0, None);
+            return (NO_TABLE, 0, None, false);
         }
         let opened = open_mapped(pid, e)
             .map_err(Some)
@@ -375,6 +404,9 @@ impl Worker {
                             self.warn(pid, refused_warning(&e.path, &why));
                         }
                         None
+                    }
+                    Some(FileState::Evicted) | None if !compile => {
+                        return (NO_TABLE, 0, Some(key), true);
                     }
                     Some(FileState::Evicted) | None => self.compile_and_load(pid, e, key, file),
                 };
@@ -398,23 +430,23 @@ impl Worker {
                             ),
                         );
                     }
-                    return (NO_TABLE, 0, None);
+                    return (NO_TABLE, 0, None, false);
                 }
             },
         };
         let Some(entry) = self.files.get_mut(&key) else {
-            return (NO_TABLE, 0, Some(key));
+            return (NO_TABLE, 0, Some(key), false);
         };
         entry.last_used = self.tick;
         let Some(id) = loaded else {
-            return (NO_TABLE, 0, Some(key));
+            return (NO_TABLE, 0, Some(key), false);
         };
         // The address the mapping's first byte has in the file's own address space.
         let Some(vaddr) = entry.segments.iter().find_map(|s| s.vaddr_of(e.offset)) else {
-            return (NO_TABLE, 0, Some(key));
+            return (NO_TABLE, 0, Some(key), false);
         };
         let load_bias = e.start.wrapping_sub(vaddr);
-        (id, load_bias.wrapping_add(entry.base), Some(key))
+        (id, load_bias.wrapping_add(entry.base), Some(key), false)
     }
 
     fn compile_and_load(
