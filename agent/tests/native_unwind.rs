@@ -1279,3 +1279,132 @@ fn library_changed_under_the_agent() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The demo service (`e2e/demo/shop`, what `make demo` profiles) on Debian's python3.11, whose
+/// interpreter, libc and libz have no frame pointers: no native stack runs to the unwinder's
+/// limit or through junk, and code without symbols (Debian's stripped libz, libc's local
+/// functions) is one row per function — every `file+0xN` frame is at the start of the function
+/// its unwind entry gives — not one row per sampled address.
+#[test]
+fn demo_service_stacks_are_whole_and_grouped_per_function() {
+    let test = "demo_service_stacks_are_whole_and_grouped_per_function";
+    let Some(_serial) = machine(test) else {
+        return;
+    };
+    let python = Path::new("/usr/bin/python3.11");
+    if !python.exists() {
+        skip(test, "no /usr/bin/python3.11 (apt-get install python3.11)");
+        return;
+    }
+    let shop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/demo/shop/main.py");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let opts = RecordOptions {
+        command: vec![
+            "/usr/bin/env".into(),
+            format!("PORT={port}"),
+            python.to_string_lossy().into_owned(),
+            shop.to_string_lossy().into_owned(),
+        ],
+        duration: Duration::from_secs(8),
+        sample_hz: 199,
+        progress: false,
+        ..RecordOptions::default()
+    };
+    let rec = record(&opts, &AtomicBool::new(false)).expect("record the shop");
+    let p = rec.profile();
+    let total: u64 = p.samples.values().sum();
+    assert!(total >= 200, "too few samples of the shop: {total}");
+
+    let mut deepest = (0, String::new());
+    let mut junk = Vec::new();
+    // file → the `+0xN` offsets of its frames named by address.
+    let mut by_address: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
+    for key in p.samples.keys() {
+        let native: Vec<&Frame> = key
+            .stack
+            .iter()
+            .filter(|f| f.kind == FrameKind::Native)
+            .collect();
+        if native.len() > deepest.0 {
+            deepest = (native.len(), show_stack(&key.stack));
+        }
+        // A caller (not the leaf: an `exec` in progress samples an address of the image
+        // being replaced) outside any file, other than the visible cut.
+        let outside = native.iter().skip(1).any(|f| {
+            !f.module
+                .as_deref()
+                .is_some_and(|m| m.starts_with('/') || m == "[vdso]")
+                && &*f.function != TRUNCATED_NATIVE
+        });
+        if outside {
+            junk.push(show_stack(&key.stack));
+        }
+        for f in native {
+            if let Some(m) = f.module.as_deref()
+                && m.starts_with('/')
+                && f.function.starts_with(&format!("{}+0x", base(m)))
+            {
+                by_address
+                    .entry(m.to_owned())
+                    .or_default()
+                    .insert(f.address);
+            }
+        }
+    }
+    eprintln!(
+        "shop: {total} samples, deepest native stack {} frames: {}",
+        deepest.0, deepest.1
+    );
+    // The service's deepest native path (libc's thread start, the interpreter between Python
+    // calls, zlib) is a few dozen frames; a walk into junk ran to the limit (127).
+    assert!(
+        deepest.0 < 64,
+        "a native stack of {} frames: {}",
+        deepest.0,
+        deepest.1
+    );
+    assert!(
+        junk.is_empty(),
+        "{} stacks with junk frames, e.g. {:?}",
+        junk.len(),
+        &junk[..junk.len().min(3)]
+    );
+
+    let mut not_at_start = Vec::new();
+    for (file, offsets) in &by_address {
+        let data = std::fs::read(file).unwrap_or_else(|e| panic!("read {file}: {e}"));
+        let compiled = kprof_agent::unwind::compile_elf_file(
+            data.as_slice(),
+            &kprof_agent::unwind::Limits::default(),
+        )
+        .unwrap_or_else(|e| panic!("{file}: {e}"));
+        for &off in offsets {
+            let Some(vaddr) = compiled.segments.iter().find_map(|s| s.vaddr_of(off)) else {
+                continue;
+            };
+            // An address no unwind entry covers keeps its own name (nothing to group by).
+            if let Some(start) = compiled.table.function_start(vaddr)
+                && start != vaddr
+            {
+                not_at_start.push(format!("{}+{off:#x} (function at {start:#x})", base(file)));
+            }
+        }
+        eprintln!(
+            "{}: {} functions named by address",
+            base(file),
+            offsets.len()
+        );
+    }
+    assert!(
+        by_address.keys().any(|f| base(f).starts_with("libz.so")),
+        "the shop's zlib calls should show Debian's stripped libz by address: {:?}",
+        by_address.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        not_at_start.is_empty(),
+        "frames named by an address inside a function, not by its start: {not_at_start:?}"
+    );
+}

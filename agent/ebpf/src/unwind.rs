@@ -126,11 +126,11 @@ fn read_user(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// The mapping of `procs` that contains `pc`: its bias and table. A bisection that narrows a
+/// The mapping of `procs` that contains `pc`: its bias, table, start and end. A bisection that narrows a
 /// range by halves (no data-dependent exit but the range's length): the verifier sees one
 /// shape of loop, whatever the data.
 #[inline(always)]
-fn find_mapping(procs: &ProcMappings, pc: u64) -> Option<(u64, u32)> {
+fn find_mapping(procs: &ProcMappings, pc: u64) -> Option<(u64, u32, u64, u64)> {
     let count = procs.count as usize;
     if count == 0 || count > MAX_PROC_MAPPINGS {
         return None;
@@ -149,7 +149,7 @@ fn find_mapping(procs: &ProcMappings, pc: u64) -> Option<(u64, u32)> {
         len -= half;
     }
     let m = &procs.mappings[base & (MAX_PROC_MAPPINGS - 1)];
-    (m.start <= pc && pc < m.end).then_some((m.bias, m.table))
+    (m.start <= pc && pc < m.end).then_some((m.bias, m.table, m.start, m.end))
 }
 
 /// The row of `table` in force at offset `off` (a zeroed row, "no information", when none).
@@ -206,7 +206,7 @@ fn step(walk: &Walk) -> i64 {
         }
         w.n = n as u32 + 1;
     }
-    let Some((bias, table)) = mapping else {
+    let Some((bias, table, start, end)) = mapping else {
         w.flags |= FLAG_UNWIND_MISS;
         // A leaf outside every mapping: the mappings are of an image the process no longer
         // runs (it has just `exec`ed): the kernel's frame-pointer walk does better this time.
@@ -269,6 +269,19 @@ fn step(walk: &Walk) -> i64 {
             (cfa, ra, bp)
         }
         CFA_NO_INFO | CFA_UNSUPPORTED | _ => {
+            // A leaf without unwind information is most often assembly that pushed nothing
+            // (glibc's `clone3` after its `syscall`, in the parent): its return address is at
+            // RSP, if what is there returns into the same file (which has a table).
+            if n == 0
+                && table != NO_TABLE
+                && let Some(ra) = read_user(w.sp)
+                && (start..end).contains(&ra.wrapping_sub(1))
+            {
+                w.by_fp += 1;
+                w.pc = ra;
+                w.sp = w.sp.wrapping_add(8);
+                return 0;
+            }
             // Frame pointers: [rbp] is the caller's rbp, [rbp + 8] the return address.
             if w.bp == 0 {
                 w.end = COMPLETE;
