@@ -253,6 +253,7 @@ impl SessionStats {
                 "table_rows": self.unwind.as_ref().map(|u| u.rows),
                 "table_bytes": self.unwind.as_ref().map(|u| u.rows * 8),
                 "files_compiled": self.unwind.as_ref().map(|u| u.compiled),
+                "files_sharing_a_table": self.unwind.as_ref().map(|u| u.shared),
                 "compile_ms": self.unwind.as_ref().map(|u| round(u.compile_time.as_secs_f64() * 1e3, 1)),
                 "tables_refused": self.unwind.as_ref().map(|u| u.refused),
                 "tables_evicted": self.unwind.as_ref().map(|u| u.evictions),

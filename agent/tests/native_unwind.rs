@@ -1408,3 +1408,65 @@ fn demo_service_stacks_are_whole_and_grouped_per_function() {
         "frames named by an address inside a function, not by its start: {not_at_start:?}"
     );
 }
+
+/// One build in two files (the same library in two container images: another inode, the same
+/// GNU build id) is compiled once; the second process's stacks unwind with the shared table.
+#[test]
+fn one_build_in_two_files_shares_its_table() {
+    let test = "one_build_in_two_files_shares_its_table";
+    let Some(_serial) = machine(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    for copy in [&a, &b] {
+        std::fs::copy(nofp(), copy).unwrap();
+    }
+    let truth = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let (p, summary) = record_with_summary(
+        10,
+        199,
+        &[
+            "/bin/sh",
+            "-c",
+            "\"$0\" 3 \"$2\" & \"$1\" 3 \"$3\"; wait",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            &truth("ta"),
+            &truth("tb"),
+        ],
+    );
+    let shared = summary["native"]["files_sharing_a_table"]
+        .as_u64()
+        .unwrap_or(0);
+    let all = pprof_samples(&p);
+    let mut line = format!("two copies: files sharing a table={shared}");
+    let mut errs = Vec::new();
+    for copy in ["a", "b"] {
+        let mine: Vec<&Sample> = all
+            .iter()
+            .filter(|x| x.user().iter().any(|f| base(&f.module) == copy))
+            .collect();
+        let total: i64 = mine.iter().map(|x| x.n).sum();
+        let whole: i64 = mine
+            .iter()
+            .filter(|x| {
+                let names = x.user_names();
+                PHASES
+                    .iter()
+                    .any(|ph| find_seq(&names, &[ph, "run", "main"]).is_some())
+            })
+            .map(|x| x.n)
+            .sum();
+        line.push_str(&format!(
+            " {copy}: {total} samples, whole={:.1}%",
+            pct(whole, total)
+        ));
+        if total < 200 || pct(whole, total) < WHOLE_PCT {
+            errs.push(format!("{copy}: {total} samples, {whole} whole"));
+        }
+    }
+    eprintln!("{line}");
+    assert!(shared >= 1, "the second copy was compiled again: {summary}");
+    assert!(errs.is_empty(), "{errs:#?}");
+}

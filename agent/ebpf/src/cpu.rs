@@ -13,7 +13,7 @@ use crate::{
     KPROF_CONFIG,
     maps::{bump, target_slot},
     record::{self, Event},
-    unwind::UserRegs,
+    unwind,
 };
 
 /// Per CPU: `bpf_ktime_get_ns` of the sampling clock's previous tick. Every tick passes here,
@@ -68,15 +68,11 @@ pub fn on_tick<const PYTHON: bool>(ctx: &PerfEventContext) -> u32 {
         kernel_stack: true,
         wait: 0,
         addr: 0,
-        user_regs: (!in_kernel).then(|| {
+        user_regs_set: !in_kernel && {
             // SAFETY: as above.
             let regs = unsafe { &(*ctx.ctx).regs };
-            UserRegs {
-                ip: regs.rip,
-                sp: regs.rsp,
-                bp: regs.rbp,
-            }
-        }),
+            unwind::start_from(record::BUF_CPU, regs.rip, regs.rsp, regs.rbp)
+        },
     };
     record::submit::<_, PYTHON>(ctx, &ev, &cfg, record::BUF_CPU);
     0

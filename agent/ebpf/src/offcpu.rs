@@ -90,20 +90,24 @@ fn switched_in(ctx: &RawTracePointContext, now: &mut u64, cfg: &Config) {
         (*t).ts_out = 0;
         if (*t).captured != 0 {
             (*t).captured = 0;
-            let h = EventHeader {
-                kind: EventKind::OffCpuEnd as u32,
-                tgid: (*t).tgid,
-                tid,
-                cpu: bpf_get_smp_processor_id(),
-                slot: (*t).slot,
-                timestamp_ns: now,
-                value: off,
-                wait: (*t).wait,
-                addr: (*t).addr,
-                ..EventHeader::default()
-            };
-            if record::submit_header(&h) {
-                return;
+            // Assembled in the source's record buffer, not on the stack (the program's stack
+            // is at the verifier's limit with the walkers' frames).
+            if let Some(h) = record::header_buf(record::BUF_SWITCH) {
+                *h = EventHeader {
+                    kind: EventKind::OffCpuEnd as u32,
+                    tgid: (*t).tgid,
+                    tid,
+                    cpu: bpf_get_smp_processor_id(),
+                    slot: (*t).slot,
+                    timestamp_ns: now,
+                    value: off,
+                    wait: (*t).wait,
+                    addr: (*t).addr,
+                    ..EventHeader::default()
+                };
+                if record::submit_header(h) {
+                    return;
+                }
             }
         }
         // Not captured (or its end was lost): into the thread's uncaptured time.
@@ -200,7 +204,7 @@ fn switched_out<const PYTHON: bool>(ctx: &RawTracePointContext, now: &mut u64, c
             kernel_stack: true,
             wait: w,
             addr,
-            user_regs: None,
+            user_regs_set: false,
         };
         captured = record::submit::<_, PYTHON>(ctx, &ev, cfg, record::BUF_SWITCH);
         if captured {

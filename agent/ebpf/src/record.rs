@@ -10,8 +10,7 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
-        bpf_get_smp_processor_id, bpf_get_stack, bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
-        bpf_ringbuf_output,
+        bpf_get_smp_processor_id, bpf_get_stack, bpf_ringbuf_output,
     },
 };
 use kprof_common::{
@@ -23,7 +22,7 @@ use kprof_common::{
 
 use crate::{
     maps::{EVENT_BUF, EVENTS, bump},
-    unwind::{self, UserRegs},
+    unwind,
 };
 
 /// `BPF_F_USER_STACK` flag of `bpf_get_stack`.
@@ -50,9 +49,10 @@ pub struct Event {
     /// Off-CPU events: how the thread waits and the syscall's first argument.
     pub wait: u32,
     pub addr: u64,
-    /// The user registers when the event interrupted user mode; `None`: those saved at the
-    /// thread's entry into the kernel.
-    pub user_regs: Option<UserRegs>,
+    /// The source started the unwinder from the user registers it interrupted
+    /// (`unwind::start_from`); otherwise those saved at the thread's entry into the kernel are
+    /// used.
+    pub user_regs_set: bool,
 }
 
 /// `EVENT_BUF` slot of each source: a source that can interrupt another needs its own.
@@ -69,6 +69,7 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(
     cfg: &Config,
     buf: u32,
 ) -> bool {
+    let source = buf;
     let Some(buf) = EVENT_BUF.get_ptr_mut(buf) else {
         return false;
     };
@@ -158,49 +159,15 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(
             0
         };
 
-        let user_at = kernel_at.add(kernel_len * 8);
-        let mut user_len = usize::MAX;
-        if cfg.unwind_tables != 0 {
-            let regs = match ev.user_regs {
-                Some(r) => Some(r),
-                None => unwind::saved_user_regs(cfg),
-            };
-            match regs.and_then(|r| unwind::unwind(tgid, &r)) {
-                Some(u) => {
-                    let len = if u.len < MAX_USER_FRAMES {
-                        u.len
-                    } else {
-                        MAX_USER_FRAMES
-                    };
-                    if bpf_probe_read_kernel_raw(user_at.cast(), (len * 8) as u32, u.frames.cast())
-                        == 0
-                    {
-                        user_len = len;
-                        flags |= u.flags;
-                    }
-                }
-                None => {
-                    // No mappings loaded for this process yet: frame pointers this time.
-                    flags |= FLAG_UNWIND_MISS;
-                    bump(Stat::UnwindMiss);
-                }
-            }
-        }
-        if user_len == usize::MAX {
-            let n = bpf_get_stack(
-                ctx.as_ptr(),
-                user_at.cast(),
-                (MAX_USER_FRAMES * 8) as u32,
-                BPF_F_USER_STACK,
-            );
-            user_len = if n >= 0 {
-                (n as usize / 8).min(MAX_USER_FRAMES)
-            } else {
-                flags |= FLAG_USER_STACK_ERR;
-                bump(Stat::UserStackErr);
-                0
-            };
-        }
+        let r = user_stack(
+            ctx.as_ptr(),
+            tgid,
+            source,
+            kernel_at.add(kernel_len * 8),
+            u64::from(ev.user_regs_set),
+        );
+        let user_len = ((r & 0xffff) as usize).min(MAX_USER_FRAMES);
+        flags |= (r >> 32) as u32;
         (*h).py_count = py_count as u32;
         (*h).kernel_len = kernel_len as u32;
         (*h).user_len = user_len as u32;
@@ -213,6 +180,55 @@ pub fn submit<C: EbpfContext, const PYTHON: bool>(
             return false;
         }
         true
+    }
+}
+
+/// The header of `EVENT_BUF` slot `buf`, to assemble a record without stacks in.
+#[inline(always)]
+pub fn header_buf(buf: u32) -> Option<&'static mut EventHeader> {
+    let b = EVENT_BUF.get_ptr_mut(buf)?;
+    // SAFETY: this CPU's buffer of the source (not re-entered on its CPU).
+    Some(unsafe { &mut (*b).header })
+}
+
+/// The user stack of the current thread (of process `tgid`) into `dst`: unwound with the
+/// tables (`unwind.rs`), else by the kernel's frame-pointer walk. Returns the number of frames
+/// with the record's `FLAG_*` bits in the high 32 bits. A function of its own (a BPF
+/// subprogram): inlined, what it keeps across its calls was spilled onto the sources' stacks,
+/// and the scheduler source's stack with the CPython walker's frame went past the verifier's
+/// 512 bytes.
+#[inline(never)]
+fn user_stack(ctx: *mut c_void, tgid: u32, source: u32, dst: *mut u8, regs_set: u64) -> u64 {
+    let cfg = crate::KPROF_CONFIG.load();
+    let mut flags = 0u64;
+    if cfg.unwind_tables != 0 {
+        let started = regs_set != 0 || unwind::start_from_saved(source, &cfg);
+        let r = if started {
+            unwind::unwind(tgid, source, dst)
+        } else {
+            unwind::NOT_UNWOUND
+        };
+        if r != unwind::NOT_UNWOUND {
+            return r;
+        }
+        // No mappings loaded for this process yet: frame pointers this time.
+        flags |= u64::from(FLAG_UNWIND_MISS) << 32;
+        bump(Stat::UnwindMiss);
+    }
+    // SAFETY: `dst` has room for MAX_USER_FRAMES frames (the record buffer).
+    let n = unsafe {
+        bpf_get_stack(
+            ctx,
+            dst.cast(),
+            (MAX_USER_FRAMES * 8) as u32,
+            BPF_F_USER_STACK,
+        )
+    };
+    if n >= 0 {
+        flags | ((n as u64 / 8).min(MAX_USER_FRAMES as u64))
+    } else {
+        bump(Stat::UserStackErr);
+        flags | (u64::from(FLAG_USER_STACK_ERR) << 32)
     }
 }
 

@@ -38,7 +38,7 @@ pub fn on_thread_start<C: EbpfContext, const PYTHON: bool>(
         kernel_stack: false,
         wait: 0,
         addr: u64::from(child),
-        user_regs: None,
+        user_regs_set: false,
     };
     record::submit::<_, PYTHON>(ctx, &ev, cfg, record::BUF_TASK);
 }

@@ -18,8 +18,8 @@
 //! binary searches are bounded loops of fixed depth.
 
 use aya_ebpf::{
-    helpers::{bpf_loop, bpf_probe_read_kernel, bpf_probe_read_user},
-    helpers::generated::bpf_get_current_task,
+    helpers::{bpf_loop, bpf_probe_read_user},
+    helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel as bpf_probe_read_kernel_raw},
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -52,8 +52,10 @@ pub static UNWIND_PROCS: HashMap<u32, ProcMappings> =
 /// Per CPU, the walk in progress: its state lives in a map value, not on the stack, so the
 /// verifier sees unknown numbers there and checks the loop's step once instead of once per
 /// count of frames so far.
+/// One walk per record source (`record::BUF_*`): a CPU sample's NMI may interrupt a walk of the
+/// scheduler tracepoint on the same CPU.
 #[map(name = "UNWIND_WALK")]
-static UNWIND_WALK: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
+static UNWIND_WALK: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(3, 0);
 
 /// x86-64 `struct pt_regs`: the user registers at the top of a thread's kernel stack.
 const THREAD_SIZE: usize = 16 << 10;
@@ -62,33 +64,47 @@ const PT_REGS_BP: usize = 32;
 const PT_REGS_IP: usize = 128;
 const PT_REGS_SP: usize = 152;
 
-/// The user registers the unwinder starts from.
-#[derive(Clone, Copy)]
-pub struct UserRegs {
-    pub ip: u64,
-    pub sp: u64,
-    pub bp: u64,
+/// Starts walk `slot` from these user registers (an event that interrupted user mode).
+/// The registers go straight into the map value: the programs' stacks are nearly full.
+#[inline(always)]
+pub fn start_from(slot: u32, ip: u64, sp: u64, bp: u64) -> bool {
+    let Some(w) = UNWIND_WALK.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: this CPU's walk state for the source (not re-entered on its CPU).
+    unsafe {
+        (*w).pc = ip;
+        (*w).sp = sp;
+        (*w).bp = bp;
+    }
+    true
 }
 
-/// The user registers of the current thread saved at its entry into the kernel (a sample in
-/// kernel mode, a tracepoint); `None` when the kernel stack's place is unknown.
+/// Starts walk `slot` from the user registers the current thread saved at its entry into the
+/// kernel (a sample in kernel mode, a tracepoint); false when the kernel stack's place is
+/// unknown or unreadable.
 #[inline(always)]
-pub fn saved_user_regs(cfg: &Config) -> Option<UserRegs> {
+pub fn start_from_saved(slot: u32, cfg: &Config) -> bool {
     if cfg.task_stack_off == 0 {
-        return None;
+        return false;
     }
-    // SAFETY: probe reads of the current task's `stack` pointer and of the pt_regs at its top.
+    let Some(w) = UNWIND_WALK.get_ptr_mut(slot) else {
+        return false;
+    };
+    // SAFETY: probe reads of the current task's `stack` pointer and of the pt_regs at its
+    // top, straight into this CPU's walk state (no stack temporaries: see `start_from`).
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let stack =
-            bpf_probe_read_kernel(task.add(cfg.task_stack_off as usize).cast::<*const u8>())
-                .ok()?;
-        let regs = stack.wrapping_add(THREAD_SIZE - PT_REGS_SIZE);
-        Some(UserRegs {
-            ip: bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_IP).cast::<u64>()).ok()?,
-            sp: bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_SP).cast::<u64>()).ok()?,
-            bp: bpf_probe_read_kernel(regs.wrapping_add(PT_REGS_BP).cast::<u64>()).ok()?,
-        })
+        let read = |dst: *mut u64, src: *const u8| {
+            bpf_probe_read_kernel_raw(dst.cast(), 8, src.cast()) == 0
+        };
+        if !read(&raw mut (*w).pc, task.add(cfg.task_stack_off as usize)) {
+            return false;
+        }
+        let regs = ((*w).pc as *const u8).wrapping_add(THREAD_SIZE - PT_REGS_SIZE);
+        read(&raw mut (*w).pc, regs.wrapping_add(PT_REGS_IP))
+            && read(&raw mut (*w).sp, regs.wrapping_add(PT_REGS_SP))
+            && read(&raw mut (*w).bp, regs.wrapping_add(PT_REGS_BP))
     }
 }
 
@@ -316,25 +332,29 @@ extern "C" fn step_callback(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 /// The unwound stack: where its frames are and how the walk went.
-pub struct Unwound {
-    pub frames: *const [u64; MAX_USER_FRAMES],
-    pub len: usize,
-    /// `FLAG_USER_TRUNCATED` / `FLAG_UNWIND_MISS`.
-    pub flags: u32,
+/// [`unwind`]'s answer when it did not unwind (the caller walks frame pointers).
+pub const NOT_UNWOUND: u64 = u64::MAX;
+
+/// Unwinds the user stack of process `tgid` with walk `slot`, started by [`start_from`] or
+/// [`start_from_saved`], and copies its frames to `dst` (room for `MAX_USER_FRAMES`). Returns
+/// the number of frames, with the record's `FLAG_*` bits (truncated, miss) in the high 32 bits;
+/// [`NOT_UNWOUND`] when the process has no mappings loaded, or none for its leaf (the caller
+/// walks frame pointers, with `FLAG_UNWIND_MISS`). One word, not a struct: the programs' stacks
+/// are nearly full.
+#[inline(always)]
+pub fn unwind(tgid: u32, slot: u32, dst: *mut u8) -> u64 {
+    match walk(tgid, slot, dst) {
+        Some(r) => r,
+        None => NOT_UNWOUND,
+    }
 }
 
-/// Unwinds the user stack of process `tgid` from `regs`. `None` when the process has no
-/// mappings loaded, or none for its leaf (the caller walks frame pointers, with
-/// `FLAG_UNWIND_MISS`).
 #[inline(always)]
-pub fn unwind(tgid: u32, regs: &UserRegs) -> Option<Unwound> {
+fn walk(tgid: u32, slot: u32, dst: *mut u8) -> Option<u64> {
     let procs = UNWIND_PROCS.get_ptr(tgid)?;
-    let state = UNWIND_WALK.get_ptr_mut(0)?;
-    // SAFETY: this CPU's walk state (the program is not re-entered on its CPU).
+    let state = UNWIND_WALK.get_ptr_mut(slot)?;
+    // SAFETY: this CPU's walk state for the source (not re-entered on its CPU).
     let w = unsafe { &mut *state };
-    w.pc = regs.ip;
-    w.sp = regs.sp;
-    w.bp = regs.bp;
     w.n = 0;
     w.end = RUNNING;
     w.flags = 0;
@@ -363,11 +383,21 @@ pub fn unwind(tgid: u32, regs: &UserRegs) -> Option<Unwound> {
     add(Stat::FramesByTable, w.by_table as u64);
     add(Stat::FramesByFramePointer, w.by_fp as u64);
     let n = w.n as usize;
-    Some(Unwound {
-        frames: &raw const w.frames,
-        len: if n < MAX_USER_FRAMES { n } else { MAX_USER_FRAMES },
-        flags: w.flags,
-    })
+    let n = if n < MAX_USER_FRAMES {
+        n
+    } else {
+        MAX_USER_FRAMES
+    };
+    // SAFETY: `dst` has room for MAX_USER_FRAMES frames (the caller's record buffer); the
+    // source is this CPU's walk state.
+    let copied = unsafe {
+        bpf_probe_read_kernel_raw(
+            dst.cast(),
+            (n * 8) as u32,
+            (&raw const w.frames).cast::<core::ffi::c_void>(),
+        )
+    };
+    (copied == 0).then_some(n as u64 | (u64::from(w.flags) << 32))
 }
 
 #[inline(always)]

@@ -1,5 +1,6 @@
 //! The kernel side of the tables: compiles each executable file a target maps once (by file
-//! identity, shared by every process and container that maps it), places its rows in
+//! identity, shared by every process and container that maps it, and by every file with the
+//! same GNU build id: the same libc in two images is one table), places its rows in
 //! `UNWIND_ROWS` within a fixed budget, evicting the least recently used tables when a new one
 //! does not fit, and keeps each target's executable mappings in `UNWIND_PROCS`.
 //!
@@ -57,6 +58,9 @@ pub struct LoaderStats {
     pub compile_time: Duration,
     /// Tables evicted to make room.
     pub evictions: u64,
+    /// Files that use the table of another file with their build id (the same library in
+    /// another image), not compiled again.
+    pub shared: u64,
     /// Files whose tables were refused (hostile or broken CFI, too big, unreadable).
     pub refused: u64,
     /// Processes with mappings in the kernel.
@@ -109,6 +113,7 @@ impl KernelTables {
             free_ids: (0..MAX_UNWIND_TABLES).rev().collect(),
             tick: 0,
             pids: HashMap::new(),
+            by_build_id: HashMap::new(),
             shared: shared.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -239,6 +244,8 @@ struct Worker {
     /// Advances once per request: the LRU clock.
     tick: u64,
     pids: HashMap<u32, PidState>,
+    /// The file whose loaded table each build id names.
+    by_build_id: HashMap<Vec<u8>, FileKey>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -458,6 +465,19 @@ impl Worker {
     ) -> Option<u32> {
         let started = Instant::now();
         let path = e.path.clone();
+        // The same build in another container's image (another inode): its table is shared.
+        let (build_id, file) = match crate::proc::files::within(COMPILE_TIME_LIMIT, move || {
+            (build_id_of(&file), file)
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(path, error = %e, "build id not read");
+                return None;
+            }
+        };
+        if let Some(id) = build_id.as_ref().and_then(|b| self.share(key, b)) {
+            return Some(id);
+        }
         let result = if key.2 > MAX_FILE_BYTES {
             Err(format!("{} bytes is more than the agent reads", key.2))
         } else {
@@ -547,6 +567,30 @@ impl Worker {
                 last_used: self.tick,
             },
         );
+        if let Some(b) = build_id {
+            self.by_build_id.insert(b, key);
+        }
+        Some(id)
+    }
+
+    /// Makes file `key` use the loaded table of the file with the same build id, if any.
+    fn share(&mut self, key: FileKey, build_id: &[u8]) -> Option<u32> {
+        let twin = self.by_build_id.get(build_id)?;
+        let entry = self.files.get(twin)?;
+        let FileState::Loaded { id, first } = entry.state else {
+            return None;
+        };
+        let shared = FileEntry {
+            state: FileState::Loaded { id, first },
+            base: entry.base,
+            count: entry.count,
+            segments: entry.segments.clone(),
+            last_used: self.tick,
+        };
+        self.files.insert(key, shared);
+        if let Ok(mut s) = self.shared.lock() {
+            s.stats.shared += 1;
+        }
         Some(id)
     }
 
@@ -578,20 +622,27 @@ impl Worker {
         let Some(key) = victim else {
             return false;
         };
-        let Some(entry) = self.files.get_mut(&key) else {
+        let Some(entry) = self.files.get(&key) else {
             return false;
         };
         let FileState::Loaded { id, first } = entry.state else {
             return false;
         };
-        entry.state = FileState::Evicted;
         let count = entry.count;
         let _ = self.tables.set(id, TableRef::default(), 0);
+        // Every file using the table (builds with one build id share it) loses it.
+        let mut users = Vec::new();
+        for (k, f) in &mut self.files {
+            if matches!(f.state, FileState::Loaded { id: other, .. } if other == id) {
+                f.state = FileState::Evicted;
+                users.push(*k);
+            }
+        }
         // Mappings that point at the table go to frame pointers before the id is reused.
         for (pid, state) in &mut self.pids {
             let mut changed = false;
             for (i, f) in state.files.iter().enumerate() {
-                if *f == Some(key) {
+                if f.is_some_and(|f| users.contains(&f)) {
                     state.mappings.mappings[i].table = NO_TABLE;
                     changed = true;
                 }
@@ -616,6 +667,15 @@ fn refused_warning(path: &str, why: &str) -> String {
         "native stacks through {path} are walked by frame pointers only: its unwind information \
          was refused ({why})"
     )
+}
+
+/// The GNU build id of an ELF file (read lazily: the headers and the note).
+fn build_id_of(file: &File) -> Option<Vec<u8>> {
+    use object::Object as _;
+    let cache = object::ReadCache::new(file);
+    let elf = object::File::parse(&cache).ok()?;
+    let id = elf.build_id().ok()??;
+    (!id.is_empty()).then(|| id.to_vec())
 }
 
 /// The executable mappings of `pid`, by address (`None`: the process is gone).
