@@ -231,6 +231,8 @@ struct PidState {
     mappings: Box<ProcMappings>,
     /// The file of each mapping (by index), when it has one.
     files: Vec<Option<FileKey>>,
+    /// The executable mappings the list was built from.
+    read: Vec<MapEntry>,
 }
 
 struct Worker {
@@ -295,6 +297,9 @@ impl Worker {
                 self.forget(pid); // gone
                 return;
             };
+            if self.up_to_date(pid, &exec) {
+                return;
+            }
             let written = self.write_process(pid, &exec);
             if !written || exec_mappings(pid).as_ref() == Some(&exec) {
                 return;
@@ -302,8 +307,25 @@ impl Worker {
         }
     }
 
+    /// Whether the kernel holds `pid`'s mappings as read from `exec` with every table they
+    /// had: a process whose stacks keep flagging misses (return addresses into garbage) then
+    /// costs a read of its maps, not a reopening of every file it maps.
+    fn up_to_date(&self, pid: u32, exec: &[MapEntry]) -> bool {
+        let Some(state) = self.pids.get(&pid) else {
+            return false;
+        };
+        let evicted = state.files.iter().flatten().any(|k| {
+            matches!(
+                self.files.get(k).map(|f| &f.state),
+                Some(FileState::Evicted)
+            )
+        });
+        state.read.as_slice() == exec && !evicted && self.procs.get(&pid, 0).is_ok()
+    }
+
     /// Loads what `exec` (the process's executable mappings) needs and stores the mapping list.
     fn write_process(&mut self, pid: u32, exec: &[MapEntry]) -> bool {
+        let read = exec.to_vec();
         let mut exec = exec.to_vec();
         if exec.len() > MAX_PROC_MAPPINGS {
             self.warn(
@@ -353,7 +375,14 @@ impl Worker {
                 return false;
             }
         }
-        self.pids.insert(pid, PidState { mappings, files });
+        self.pids.insert(
+            pid,
+            PidState {
+                mappings,
+                files,
+                read,
+            },
+        );
         true
     }
 
