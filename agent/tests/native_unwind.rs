@@ -1410,7 +1410,9 @@ fn demo_service_stacks_are_whole_and_grouped_per_function() {
 }
 
 /// One build in two files (the same library in two container images: another inode, the same
-/// GNU build id) is compiled once; the second process's stacks unwind with the shared table.
+/// bytes) is compiled once; the second process's stacks unwind with the shared table. (A file
+/// whose unwind information differs — the rewritten library of `library_changed_under_the_agent`
+/// keeps its build id — is compiled on its own.)
 #[test]
 fn one_build_in_two_files_shares_its_table() {
     let test = "one_build_in_two_files_shares_its_table";

@@ -1,6 +1,6 @@
 //! The kernel side of the tables: compiles each executable file a target maps once (by file
 //! identity, shared by every process and container that maps it, and by every file with the
-//! same GNU build id: the same libc in two images is one table), places its rows in
+//! same unwind information: the same libc in two images is one table), places its rows in
 //! `UNWIND_ROWS` within a fixed budget, evicting the least recently used tables when a new one
 //! does not fit, and keeps each target's executable mappings in `UNWIND_PROCS`.
 //!
@@ -58,8 +58,8 @@ pub struct LoaderStats {
     pub compile_time: Duration,
     /// Tables evicted to make room.
     pub evictions: u64,
-    /// Files that use the table of another file with their build id (the same library in
-    /// another image), not compiled again.
+    /// Files that use the table of another file with the same unwind information (the same
+    /// library in another image), not compiled again.
     pub shared: u64,
     /// Files whose tables were refused (hostile or broken CFI, too big, unreadable).
     pub refused: u64,
@@ -113,7 +113,7 @@ impl KernelTables {
             free_ids: (0..MAX_UNWIND_TABLES).rev().collect(),
             tick: 0,
             pids: HashMap::new(),
-            by_build_id: HashMap::new(),
+            by_cfi: HashMap::new(),
             shared: shared.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -246,8 +246,8 @@ struct Worker {
     /// Advances once per request: the LRU clock.
     tick: u64,
     pids: HashMap<u32, PidState>,
-    /// The file whose loaded table each build id names.
-    by_build_id: HashMap<Vec<u8>, FileKey>,
+    /// The file whose loaded table each unwind-information digest names.
+    by_cfi: HashMap<CfiDigest, FileKey>,
     shared: Arc<Mutex<Shared>>,
 }
 
@@ -495,16 +495,16 @@ impl Worker {
         let started = Instant::now();
         let path = e.path.clone();
         // The same build in another container's image (another inode): its table is shared.
-        let (build_id, file) = match crate::proc::files::within(COMPILE_TIME_LIMIT, move || {
-            (build_id_of(&file), file)
+        let (cfi_digest, file) = match crate::proc::files::within(COMPILE_TIME_LIMIT, move || {
+            (cfi_digest_of(&file), file)
         }) {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(path, error = %e, "build id not read");
+                tracing::debug!(path, error = %e, "unwind information not read");
                 return None;
             }
         };
-        if let Some(id) = build_id.as_ref().and_then(|b| self.share(key, b)) {
+        if let Some(id) = cfi_digest.and_then(|d| self.share(key, d)) {
             return Some(id);
         }
         let result = if key.2 > MAX_FILE_BYTES {
@@ -596,15 +596,16 @@ impl Worker {
                 last_used: self.tick,
             },
         );
-        if let Some(b) = build_id {
-            self.by_build_id.insert(b, key);
+        if let Some(d) = cfi_digest {
+            self.by_cfi.insert(d, key);
         }
         Some(id)
     }
 
-    /// Makes file `key` use the loaded table of the file with the same build id, if any.
-    fn share(&mut self, key: FileKey, build_id: &[u8]) -> Option<u32> {
-        let twin = self.by_build_id.get(build_id)?;
+    /// Makes file `key` use the loaded table of a file with the same unwind information, if
+    /// any.
+    fn share(&mut self, key: FileKey, digest: CfiDigest) -> Option<u32> {
+        let twin = self.by_cfi.get(&digest)?;
         let entry = self.files.get(twin)?;
         let FileState::Loaded { id, first } = entry.state else {
             return None;
@@ -659,7 +660,7 @@ impl Worker {
         };
         let count = entry.count;
         let _ = self.tables.set(id, TableRef::default(), 0);
-        // Every file using the table (builds with one build id share it) loses it.
+        // Every file using the table (files with the same unwind information share it) loses it.
         let mut users = Vec::new();
         for (k, f) in &mut self.files {
             if matches!(f.state, FileState::Loaded { id: other, .. } if other == id) {
@@ -698,13 +699,40 @@ fn refused_warning(path: &str, why: &str) -> String {
     )
 }
 
-/// The GNU build id of an ELF file (read lazily: the headers and the note).
-fn build_id_of(file: &File) -> Option<Vec<u8>> {
-    use object::Object as _;
+/// SHA-256 of everything a compiled table depends on: the CFI sections' bytes and addresses,
+/// `.text` and `.got`'s addresses, the executable segments.
+type CfiDigest = [u8; 32];
+
+/// The [`CfiDigest`] of an ELF file, read lazily (headers and the CFI sections). Not the build
+/// id alone: a tenant could ship a file with libc's build id and hostile CFI, and the table
+/// compiled from it would then serve every other tenant's libc.
+fn cfi_digest_of(file: &File) -> Option<CfiDigest> {
+    use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+    use sha2::Digest as _;
     let cache = object::ReadCache::new(file);
     let elf = object::File::parse(&cache).ok()?;
-    let id = elf.build_id().ok()??;
-    (!id.is_empty()).then(|| id.to_vec())
+    let mut h = sha2::Sha256::new();
+    for name in [".eh_frame", ".debug_frame", ".text", ".got"] {
+        h.update(name.as_bytes());
+        if let Some(section) = elf.section_by_name(name) {
+            h.update(section.address().to_le_bytes());
+            if name.ends_with("frame") {
+                let data = section.data().ok()?;
+                h.update((data.len() as u64).to_le_bytes());
+                h.update(data);
+            }
+        }
+    }
+    for segment in elf.segments() {
+        let (offset, size) = segment.file_range();
+        for v in [segment.address(), segment.size(), offset, size] {
+            h.update(v.to_le_bytes());
+        }
+        if let object::SegmentFlags::Elf { p_flags } = segment.flags() {
+            h.update(p_flags.to_le_bytes());
+        }
+    }
+    Some(h.finalize().into())
 }
 
 /// The executable mappings of `pid`, by address (`None`: the process is gone).
