@@ -63,7 +63,8 @@ struct RecordArgs {
     frame_pointers_only: bool,
     /// Profile types, comma separated: cpu (on-CPU time), wall (on- and off-CPU time per thread,
     /// by state and wait class), lock (time blocked on locks, by site and lock), threads
-    /// (counts, names, the code that creates them, idle threads and leaks).
+    /// (counts, names, the code that creates them, idle threads and leaks), memory (bytes
+    /// first touched and still held, by the code that touched them; heap usage and leaks).
     #[arg(long, value_delimiter = ',', default_value = "cpu", value_parser = parse_type)]
     types: Vec<record::ProfileType>,
     /// Rows of the top table.
@@ -79,7 +80,7 @@ fn parse_type(s: &str) -> Result<record::ProfileType, String> {
     [T::Cpu, T::Wall, T::Lock, T::Threads, T::Memory]
         .into_iter()
         .find(|t| t.as_str() == s.trim())
-        .ok_or_else(|| format!("unknown profile type {s:?} (cpu, wall, lock, threads)"))
+        .ok_or_else(|| format!("unknown profile type {s:?} (cpu, wall, lock, threads, memory)"))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

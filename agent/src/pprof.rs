@@ -187,7 +187,7 @@ pub fn build(profile: &AggregatedProfile) -> PprofProfile {
         }
         out.sample.push(Sample {
             location_id: loc_ids,
-            value: profile.kind.pprof_values(count, profile.value_of(key)),
+            value: profile.pprof_values(key, count),
             label,
         });
     }

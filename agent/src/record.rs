@@ -76,7 +76,7 @@ pub enum RecordError {
     },
     #[error("pprof: {0}")]
     Pprof(#[from] pprof::PprofError),
-    #[error("profile type {0} is not available yet (cpu, wall and lock are)")]
+    #[error("profile type {0} is not available in this build")]
     TypeNotAvailable(ProfileType),
 }
 
@@ -350,6 +350,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
                 .then_some(opts.off_cpu),
             threads: kinds.iter().any(|k| k.needs_thread_events()),
             unwind_tables: opts.unwind_tables,
+            page_faults: kinds.iter().find_map(|k| k.fault_period()),
         },
         python: opts.python,
         python_wait: Some(PYTHON_WAIT),
@@ -360,6 +361,9 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         if let Some(ledger) = agg.threads() {
             ledger.set_idle_after(opts.duration / 2);
         }
+    }
+    if engine.has_page_faults() {
+        agg.track_memory(None);
     }
 
     let mut child: Option<Child> = None;
@@ -410,6 +414,10 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         }
         engine.wait((opts.duration - elapsed).min(DRAIN_INTERVAL));
         drain(&mut engine, &mut agg);
+        // Resident memory a few times a second: each second keeps its least reading.
+        if let Some(memory) = agg.memory() {
+            memory.checkpoint();
+        }
 
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
@@ -447,6 +455,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     drain(&mut engine, &mut agg);
     engine.settle_off_cpu(|ev, merger| agg.add(ev, merger));
     engine.close_threads(&mut agg);
+    agg.close_memory();
     let (loop_cpu1, _) = crate::proc::self_usage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
         let (t1, cpu1, k1, n1) = mark(&engine, &agg);
@@ -632,7 +641,56 @@ pub fn type_summary(p: &AggregatedProfile) -> serde_json::Value {
     if let Some(report) = &p.threads {
         out["threads"] = threads_summary(report);
     }
+    if let Some(report) = &p.memory {
+        out = memory_summary(p, report);
+    }
     out
+}
+
+/// The figures of a memory profile: bytes touched and held, each process's resident memory
+/// over the window, the container's, and leaks.
+pub fn memory_summary(
+    p: &AggregatedProfile,
+    r: &crate::profile::MemoryReport,
+) -> serde_json::Value {
+    let mem = |m: &crate::proc::memory::ResidentMemory| serde_json::json!({"rss": m.rss, "anon": m.anon, "file": m.file, "shmem": m.shmem});
+    serde_json::json!({
+        "samples": p.total(),
+        "alloc_bytes": p.total_value(),
+        "inuse_bytes": p.total_inuse(),
+        "period_bytes": p.kind.nominal_value(),
+        "file_backed_bytes": r.faults.file_bytes,
+        "pages_tracked": r.faults.tracked,
+        "processes": r.processes.iter().map(|u| {
+            let (min, max) = u.anon_range();
+            serde_json::json!({
+                "pid": u.pid, "name": u.name,
+                "end": u.end().as_ref().map(mem),
+                "anon_min": min, "anon_max": max,
+                "series": u.series.iter().map(|(t, m)| serde_json::json!({
+                    "t": *t as f64 / 1e9, "rss": m.rss, "anon": m.anon, "file": m.file,
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+        "cgroups": r.cgroups.iter().map(|c| serde_json::json!({
+            "pids": c.pids,
+            "usage": c.end().map(|m| m.usage),
+            "limit": c.end().and_then(|m| m.limit),
+            "oom_kills": c.oom_kills,
+            "series": c.series.iter().map(|(t, m)| serde_json::json!({
+                "t": *t as f64 / 1e9, "usage": m.usage,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "leaks": r.leaks.iter().map(|l| serde_json::json!({
+            "pid": l.pid, "from_bytes": l.from_bytes, "to_bytes": l.to_bytes,
+            "seconds": l.seconds,
+            "grown_by": l.grown_by.iter().map(|(s, b)| serde_json::json!({
+                "stack": s.iter().map(|f| f.function.to_string()).collect::<Vec<_>>(),
+                "bytes": b,
+            })).collect::<Vec<_>>(),
+            "message": l.message(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The figures of a threads profile: counts per process, every thread, idle threads, leaks.

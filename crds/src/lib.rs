@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{DurationError, GoDuration, parse_duration};
 pub use profile::{
-    ArtifactRef, Artifacts, IdleThreadInfo, Profile, ProfileSpec, ThreadInfo, ThreadSummary,
-    TimeSummary, TopFunction,
+    ArtifactRef, Artifacts, IdleThreadInfo, MemorySummary, Profile, ProfileSpec, ThreadInfo,
+    ThreadSummary, TimeSummary, TopFunction,
 };
 pub use target::{
     Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,

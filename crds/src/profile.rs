@@ -29,6 +29,11 @@ use crate::ProfileType;
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.profileType"),
     printcolumn(name = "Samples", type_ = "integer", json_path = ".spec.samples"),
     printcolumn(name = "Threads", type_ = "integer", json_path = ".spec.threads"),
+    printcolumn(
+        name = "Heap",
+        type_ = "string",
+        json_path = ".spec.memorySummary.heap"
+    ),
     printcolumn(name = "Top", type_ = "string", json_path = ".spec.top"),
     printcolumn(
         name = "Age",
@@ -88,6 +93,10 @@ pub struct ProfileSpec {
     /// Threads profiles: counts over the window, each thread, idle threads, leaks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread_summary: Option<ThreadSummary>,
+    /// Memory profiles: the container's memory over the window, bytes touched and held,
+    /// leaks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_summary: Option<MemorySummary>,
     /// Anything that makes this profile less than complete, e.g.
     /// `python version not supported: native frames only`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -141,6 +150,42 @@ pub struct ThreadSummary {
     #[schemars(length(max = 20))]
     pub idle: Vec<IdleThreadInfo>,
     /// A process's thread count grows steadily (see the warnings for the creating code).
+    #[serde(default)]
+    pub leak_suspected: bool,
+}
+
+/// The memory of a container over one window (memory profiles). The resident figures are the
+/// kernel's for the profiled processes (`/proc/<pid>/status`), summed; the container figures are
+/// its memory cgroup's.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySummary {
+    /// The heap at the window's end, for `kubectl get`: anonymous resident memory, e.g.
+    /// `412.3MiB`.
+    pub heap: String,
+    /// Resident memory at the window's end: all of it, anonymous (heaps, arenas, buffers) and
+    /// file-backed (code, mapped files).
+    pub rss_bytes: u64,
+    pub anon_bytes: u64,
+    pub file_bytes: u64,
+    /// The least and the most anonymous memory read during the window (about every second).
+    pub anon_min_bytes: u64,
+    pub anon_max_bytes: u64,
+    /// Memory first touched during the window (sampled page faults): growth, not every
+    /// allocation (memory reused inside an allocator is not touched again).
+    pub alloc_bytes: u64,
+    /// Of the memory kprof saw being touched since it began profiling the container, what is
+    /// still held at the window's end.
+    pub inuse_bytes: u64,
+    /// The container's memory cgroup: usage at the window's end, its limit (absent:
+    /// unlimited) and the processes its OOM killer killed during the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_usage_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_limit_bytes: Option<u64>,
+    #[serde(default)]
+    pub oom_kills: u64,
+    /// A process's heap grows steadily (see the warnings for the code that grew it).
     #[serde(default)]
     pub leak_suspected: bool,
 }

@@ -409,6 +409,7 @@ fn profile(name: &str, node: &str, url: &str, d: &Digest, size: usize) -> Profil
             },
             time: None,
             thread_summary: None,
+            memory_summary: None,
             warnings: vec![],
         },
     );

@@ -13,6 +13,9 @@ pub const MAX_KERNEL_FRAMES: usize = 127;
 /// Maximum native user frames captured per sample.
 pub const MAX_USER_FRAMES: usize = 127;
 
+/// The page size the memory source counts in (x86-64's base page).
+pub const PAGE_BYTES: u64 = 4096;
+
 /// Capacity of the tgid → target slot map.
 pub const MAX_TARGET_PIDS: u32 = 16384;
 /// Capacity of the cgroup id → target slot map.
@@ -38,6 +41,13 @@ pub mod names {
     pub const PROG_EXEC: &str = "kprof_exec";
     /// Thread exits (raw tracepoint `sched_process_exit`), attached for threads profiles.
     pub const PROG_EXIT: &str = "kprof_exit";
+    /// The memory source (perf_event, software minor page faults on every CPU, sampled),
+    /// attached only when a memory profile is asked for.
+    pub const PROG_FAULT: &str = "kprof_fault";
+    /// The same without the CPython walker.
+    pub const PROG_FAULT_NATIVE: &str = "kprof_fault_native";
+    /// Memory given back by targets (raw tracepoint `sys_enter`), with the memory source.
+    pub const PROG_RELEASE: &str = "kprof_release";
     pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
     pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
     pub const MAP_EVENTS: &str = "EVENTS";
@@ -96,11 +106,13 @@ pub enum Stat {
     FramesByTable = 10,
     /// User frames unwound by frame pointers (no table covers the address).
     FramesByFramePointer = 11,
+    /// Sampled minor page faults of targets (memory source).
+    PageFaults = 12,
 }
 
 impl Stat {
     /// Number of counters (the `STATS` array length).
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
     /// All counters in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Targeted,
@@ -115,6 +127,7 @@ impl Stat {
         Stat::UnwindMiss,
         Stat::FramesByTable,
         Stat::FramesByFramePointer,
+        Stat::PageFaults,
     ];
 }
 
@@ -184,6 +197,13 @@ pub enum EventKind {
     /// A thread of a target exited. No stacks; `comm` is its last name; value: the CPU
     /// nanoseconds it ran in its life (0 when unknown).
     ThreadExit = 5,
+    /// A sampled minor page fault of a target: memory it touched for the first time (the
+    /// kernel gave it a fresh page). `addr` is the faulting address; value: the bytes the
+    /// sample stands for (the sampling period × the page size).
+    PageFault = 6,
+    /// A target gave memory back to the kernel ([`release`]). No stacks; `addr` is where the
+    /// range starts; value: its length in bytes.
+    MemRelease = 7,
 }
 
 impl EventKind {
@@ -195,6 +215,8 @@ impl EventKind {
             3 => Some(EventKind::OffCpuEnd),
             4 => Some(EventKind::ThreadStart),
             5 => Some(EventKind::ThreadExit),
+            6 => Some(EventKind::PageFault),
+            7 => Some(EventKind::MemRelease),
             _ => None,
         }
     }
@@ -244,6 +266,43 @@ pub struct EventHeader {
     pub py_truncated: u32,
 }
 const _: () = assert!(size_of::<EventHeader>() == 96);
+
+/// Which syscalls give memory back, and the range each gives back (x86-64).
+pub mod release {
+    pub const SYS_MUNMAP: u64 = 11;
+    pub const SYS_BRK: u64 = 12;
+    pub const SYS_MREMAP: u64 = 25;
+    pub const SYS_MADVISE: u64 = 28;
+    const MADV_DONTNEED: u64 = 4;
+    const MADV_FREE: u64 = 8;
+    const MADV_REMOVE: u64 = 9;
+    const MADV_DONTNEED_LOCKED: u64 = 24;
+    /// A `brk` that shrinks the heap releases what lies above the new break: the heap's
+    /// pages are below the mappings, far from it, so this much above it is the heap's.
+    pub const BRK_SPAN: u64 = 1 << 40;
+
+    /// The range (start, length) a syscall with these first three arguments gives back, if
+    /// it gives back memory: `munmap(addr, len)`, `madvise(addr, len, DONTNEED|FREE|REMOVE)`,
+    /// `mremap(addr, old, new)` shrinking (its tail), `brk(addr)` (what lies above `addr`;
+    /// `brk(0)` only asks where the break is).
+    pub const fn range(nr: u64, a0: u64, a1: u64, a2: u64) -> Option<(u64, u64)> {
+        match nr {
+            SYS_MUNMAP if a1 > 0 => Some((a0, a1)),
+            SYS_MADVISE
+                if a1 > 0
+                    && (a2 == MADV_DONTNEED
+                        || a2 == MADV_FREE
+                        || a2 == MADV_REMOVE
+                        || a2 == MADV_DONTNEED_LOCKED) =>
+            {
+                Some((a0, a1))
+            }
+            SYS_MREMAP if a2 < a1 => Some((a0.wrapping_add(a2), a1 - a2)),
+            SYS_BRK if a0 != 0 => Some((a0, BRK_SPAN)),
+            _ => None,
+        }
+    }
+}
 
 /// How an off-CPU thread waits: the `wait` word of [`EventHeader`] and [`OffCpuThread`].
 pub mod wait {

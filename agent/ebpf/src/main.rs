@@ -12,6 +12,9 @@
 //! - `kprof_fork` also records thread creations (with the creating thread's stacks) and
 //!   `kprof_exit` (raw tracepoint `sched_process_exit`) thread exits, for threads profiles
 //!   (`threads.rs`).
+//! - `kprof_fault` (perf_event, software minor page faults on every CPU, sampled) and
+//!   `kprof_release` (raw tracepoint `sys_enter`), attached for memory profiles: the memory
+//!   source (`memory.rs`).
 //! - `kprof_exec` (raw tracepoint `sched_process_exec`, with the walker): drops the walker's
 //!   configuration of a process that replaced its image (`follow.rs`).
 #![no_std]
@@ -19,6 +22,7 @@
 
 mod cpu;
 mod follow;
+mod memory;
 mod maps;
 mod offcpu;
 #[cfg(feature = "python")]
@@ -61,6 +65,24 @@ pub fn kprof_sample(ctx: PerfEventContext) -> u32 {
 #[perf_event]
 pub fn kprof_sample_native(ctx: PerfEventContext) -> u32 {
     cpu::on_tick::<false>(&ctx)
+}
+
+/// The memory source with the CPython walker.
+#[perf_event]
+pub fn kprof_fault(ctx: PerfEventContext) -> u32 {
+    memory::on_fault::<true>(&ctx)
+}
+
+/// The memory source without it (paired with `kprof_sample_native`).
+#[perf_event]
+pub fn kprof_fault_native(ctx: PerfEventContext) -> u32 {
+    memory::on_fault::<false>(&ctx)
+}
+
+/// Memory given back to the kernel by targets (memory profiles).
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn kprof_release(ctx: RawTracePointContext) -> i32 {
+    memory::on_syscall(&ctx)
 }
 
 /// The off-CPU source with the CPython walker.

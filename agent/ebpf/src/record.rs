@@ -59,6 +59,7 @@ pub struct Event {
 pub const BUF_CPU: u32 = 0;
 pub const BUF_SWITCH: u32 = 1;
 pub const BUF_TASK: u32 = 2;
+pub const BUF_FAULT: u32 = 3;
 
 /// Records `ev` of the current thread with its stacks, assembled in `EVENT_BUF` slot `buf`;
 /// the Python walker runs when `PYTHON`. Returns whether the record reached the ring.

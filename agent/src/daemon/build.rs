@@ -7,8 +7,8 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kprof_crds::{
-    IdleThreadInfo, Profile, ProfileSpec, ProfileType, ProfilingTarget, ThreadInfo, ThreadSummary,
-    TimeSummary, TopFunction, labels,
+    IdleThreadInfo, MemorySummary, Profile, ProfileSpec, ProfileType, ProfilingTarget, ThreadInfo,
+    ThreadSummary, TimeSummary, TopFunction, labels,
 };
 use kube::Resource as _;
 use sha2::{Digest as _, Sha256};
@@ -21,7 +21,7 @@ use kprof_pprof::{
 use crate::{
     k8s::{ContainerKey, TargetKey},
     pprof,
-    profile::{AggregatedProfile, ThreadReport, ThreadState, threads::creator_name},
+    profile::{AggregatedProfile, MemoryReport, ThreadReport, ThreadState, threads::creator_name},
     spool::{ArtifactKind, NewArtifact},
 };
 
@@ -184,8 +184,12 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let mut warnings: Vec<String> = w.warnings.iter().map(|w| clip(w)).collect();
-    if total == 0 {
+    if !w.samples.has_data() {
         warnings.push(match w.profile_type {
+            ProfileType::Memory => {
+                "no memory touched: no process of the container touched new memory in this window"
+                    .to_owned()
+            }
             ProfileType::Lock => {
                 "no lock waits: no thread of the container blocked on a lock in this window"
                     .to_owned()
@@ -231,6 +235,11 @@ fn build_profile(w: &WindowOutput, stacks: &Stacks) -> Profile {
             artifacts: Default::default(),
             time: time_summary(&w.samples),
             thread_summary: w.samples.threads.as_ref().map(thread_summary),
+            memory_summary: w
+                .samples
+                .memory
+                .as_ref()
+                .map(|r| memory_summary(&w.samples, r)),
             warnings,
         },
     }
@@ -258,6 +267,48 @@ pub fn time_summary(p: &AggregatedProfile) -> Option<TimeSummary> {
             .gil_by_thread()
             .map(|t| p.percent_of_window(t.values().map(|(held, _)| held).sum())),
     })
+}
+
+/// The memory summary of a memory profile for its Profile object: the processes' resident
+/// memory summed per reading, the bytes touched and held, the container's cgroup.
+pub fn memory_summary(p: &AggregatedProfile, r: &MemoryReport) -> MemorySummary {
+    use crate::proc::memory::ResidentMemory;
+    // The processes are read together about every second: summed per reading time.
+    let mut by_time: BTreeMap<u64, ResidentMemory> = BTreeMap::new();
+    for u in &r.processes {
+        for (t, m) in &u.series {
+            let sum = by_time.entry(*t).or_default();
+            sum.rss += m.rss;
+            sum.anon += m.anon;
+            sum.file += m.file;
+        }
+    }
+    let end: ResidentMemory =
+        r.processes
+            .iter()
+            .filter_map(|u| u.end())
+            .fold(ResidentMemory::default(), |mut sum, m| {
+                sum.rss += m.rss;
+                sum.anon += m.anon;
+                sum.file += m.file;
+                sum
+            });
+    let anon = by_time.values().map(|m| m.anon);
+    let cgroup = r.cgroups.first().and_then(|c| c.end());
+    MemorySummary {
+        heap: format!("{:.1}MiB", end.anon as f64 / f64::from(1 << 20)),
+        rss_bytes: end.rss,
+        anon_bytes: end.anon,
+        file_bytes: end.file,
+        anon_min_bytes: anon.clone().min().unwrap_or(end.anon),
+        anon_max_bytes: anon.max().unwrap_or(end.anon),
+        alloc_bytes: p.total_value(),
+        inuse_bytes: p.total_inuse(),
+        container_usage_bytes: cgroup.map(|c| c.usage),
+        container_limit_bytes: cgroup.and_then(|c| c.limit),
+        oom_kills: r.cgroups.iter().map(|c| c.oom_kills).sum(),
+        leak_suspected: !r.leaks.is_empty(),
+    }
 }
 
 /// Rows of `threadSummary.threads` and `idle`, and frames of `blockedIn`.
@@ -318,7 +369,7 @@ pub fn thread_summary(r: &ThreadReport) -> ThreadSummary {
 
 /// The artifacts of a window (none when it has no samples).
 fn build_artifacts(w: &WindowOutput, pprof: &PprofProfile, stacks: &Stacks) -> Vec<NewArtifact> {
-    if w.samples.total() == 0 {
+    if !w.samples.has_data() {
         return Vec::new();
     }
     let title = format!(

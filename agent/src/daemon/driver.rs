@@ -194,7 +194,9 @@ pub fn run(
     };
     let result = match d.opts.initial_hz {
         0 => d.main_loop(),
-        hz => d.reload(hz, false, false).and_then(|()| d.main_loop()),
+        hz => d
+            .reload(hz, false, false, None)
+            .and_then(|()| d.main_loop()),
     };
     d.drain();
     d.settle();
@@ -272,10 +274,20 @@ impl Daemon {
         let threads = wanted
             .values()
             .any(|p| p.settings.profile_types.contains(&ProfileType::Threads));
+        let page_faults = wanted
+            .values()
+            .flat_map(|p| &p.settings.profile_types)
+            .find_map(|&t| ProfileKind::of_type(t, hz)?.fault_period());
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
         let has_threads = self.engine.as_ref().is_some_and(Engine::has_thread_events);
-        if hz > 0 && (hz != self.sample_hz() || off_cpu != has_off_cpu || threads != has_threads) {
-            self.reload(hz, off_cpu, threads)?;
+        let has_faults = self.engine.as_ref().and_then(Engine::fault_period);
+        if hz > 0
+            && (hz != self.sample_hz()
+                || off_cpu != has_off_cpu
+                || threads != has_threads
+                || page_faults != has_faults)
+        {
+            self.reload(hz, off_cpu, threads, page_faults)?;
         }
         self.rescan();
         Ok(())
@@ -286,16 +298,22 @@ impl Daemon {
         self.engine.as_ref().map_or(0, Engine::sample_hz)
     }
 
-    /// (Re)loads the programs at `hz`, with the off-CPU source when `off_cpu` and the thread
-    /// events when `threads`.
-    fn reload(&mut self, hz: u32, off_cpu: bool, threads: bool) -> Result<(), DriverError> {
+    /// (Re)loads the programs at `hz`, with the off-CPU source when `off_cpu`, the thread
+    /// events when `threads` and the memory source at this period when `page_faults`.
+    fn reload(
+        &mut self,
+        hz: u32,
+        off_cpu: bool,
+        threads: bool,
+        page_faults: Option<u64>,
+    ) -> Result<(), DriverError> {
         self.drain();
         self.settle();
         self.read_stats();
         let off_cpu = off_cpu.then(OffCpuLimits::default);
         let engine = match self.engine.take() {
             // One sampler per node: the old programs are detached before the new ones load.
-            Some(old) => old.restart(u64::from(hz), off_cpu, threads)?,
+            Some(old) => old.restart(u64::from(hz), off_cpu, threads, page_faults)?,
             None => Engine::start(EngineConfig {
                 sampler: SamplerConfig {
                     sample_hz: u64::from(hz),
@@ -304,6 +322,7 @@ impl Daemon {
                     bpf_stats: false,
                     off_cpu,
                     threads,
+                    page_faults,
                     ..SamplerConfig::default()
                 },
                 python: self.opts.python,
@@ -318,6 +337,7 @@ impl Daemon {
             hz,
             off_cpu = off_cpu.is_some(),
             threads,
+            memory = page_faults.is_some(),
             "eBPF sampler attached"
         );
         self.engine = Some(engine);
@@ -456,6 +476,11 @@ impl Daemon {
         engine.settle_off_cpu(|ev, merger| route(routing, resolver, windows, ev, hz, merger));
         for agg in windows.thread_aggregations() {
             engine.checkpoint_threads(agg);
+        }
+        for agg in windows.memory_aggregations() {
+            if let Some(memory) = agg.memory() {
+                memory.checkpoint();
+            }
         }
     }
 
@@ -605,19 +630,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unimplemented_types_are_reported() {
-        assert!(unimplemented_warnings(&[ProfileType::Cpu, ProfileType::Wall]).is_empty());
-        let w = unimplemented_warnings(&[ProfileType::Cpu, ProfileType::Memory]);
-        assert_eq!(w.len(), 1);
-        assert!(w[0].contains("memory"));
+    fn every_type_is_implemented_and_emitted_once() {
+        assert!(
+            unimplemented_warnings(&[
+                ProfileType::Cpu,
+                ProfileType::Wall,
+                ProfileType::Lock,
+                ProfileType::Threads,
+                ProfileType::Memory
+            ])
+            .is_empty()
+        );
         assert_eq!(
             emitted_types(&[ProfileType::Wall, ProfileType::Cpu, ProfileType::Wall]),
             [ProfileType::Wall, ProfileType::Cpu]
         );
         assert_eq!(
             emitted_types(&[ProfileType::Memory, ProfileType::Lock]),
-            [ProfileType::Lock]
+            [ProfileType::Memory, ProfileType::Lock]
         );
-        assert_eq!(emitted_types(&[ProfileType::Memory]), [ProfileType::Memory]);
     }
 }

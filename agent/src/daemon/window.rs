@@ -42,6 +42,7 @@ pub fn filter_pids(p: &AggregatedProfile, pids: &BTreeSet<u32>) -> AggregatedPro
     out.dropped = p.dropped;
     out.modules.clone_from(&p.modules);
     out.threads = p.threads.as_ref().map(|r| r.only(pids));
+    out.memory = p.memory.as_ref().map(|r| r.only(pids));
     let kept = || p.samples.iter().filter(|(k, _)| pids.contains(&k.pid));
     let n = kept().count();
     out.samples.reserve(n);
@@ -94,6 +95,9 @@ impl TargetWindow {
         let mut agg = Aggregator::new();
         if plan.settings.profile_types.contains(&ProfileType::Threads) {
             agg.track_threads();
+        }
+        if plan.settings.profile_types.contains(&ProfileType::Memory) {
+            agg.track_memory(None);
         }
         let mut w = TargetWindow {
             plan: plan.clone(),
@@ -229,13 +233,21 @@ impl Windows {
                     pid,
                     merger.as_mut().map(|m| &mut **m as &mut dyn StackMerger),
                 );
-                if w.agg.tracks_threads()
+                if (w.agg.tracks_threads() || w.agg.tracks_memory())
                     && let Some(c) = w.containers.get_mut(cid)
                 {
                     c.pids.insert(pid);
                 }
             }
         }
+    }
+
+    /// The aggregations of the open windows that keep memory accounting.
+    pub fn memory_aggregations(&mut self) -> impl Iterator<Item = &mut Aggregator> {
+        self.open
+            .values_mut()
+            .map(|w| &mut w.agg)
+            .filter(|a| a.tracks_memory())
     }
 
     /// The aggregations of the open windows that keep thread accounting.
@@ -291,6 +303,7 @@ impl Windows {
     ) -> Option<ClosedWindow> {
         let mut w = self.open.remove(key)?;
         close_threads(&mut w.agg);
+        w.agg.close_memory();
         let end = if reopen { w.end } else { now };
         let hz = w.hz_seen.iter().copied().max().unwrap_or(sample_hz);
         let whole: Vec<(&'static str, AggregatedProfile)> = w
@@ -324,9 +337,13 @@ impl Windows {
             // Keep the symbol caches from one window to the next, less the processes gone.
             std::mem::swap(next.agg.symbolizer(), w.agg.symbolizer());
             next.agg.symbolizer().forget_exited();
+            // What memory is held, and the heap's history, carry on into the next window.
+            if let Some(ledger) = w.agg.take_memory() {
+                next.agg.track_memory(Some(ledger));
+            }
             // A threads profile counts every live process of its containers, events or not:
             // the next window starts from them (and their threads' CPU now).
-            if next.agg.tracks_threads() {
+            if next.agg.tracks_threads() || next.agg.tracks_memory() {
                 for (cid, c) in &w.containers {
                     for &pid in &c.pids {
                         if !crate::proc::is_alive(pid) {

@@ -128,16 +128,9 @@ pub fn attach(
         } else {
             draws.period_ns
         };
-        let fd = open_cpu_clock(cpu, period).map_err(|e| (cpu, e))?;
-        // SAFETY: ioctls on a perf event fd we own, with an int argument (the program fd) and
-        // no argument.
-        let attached = unsafe {
-            libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF as _, prog) == 0
-                && libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE as _, 0) == 0
-        };
-        if !attached {
-            return Err((cpu, io::Error::last_os_error()));
-        }
+        let fd = open_software_event(cpu, PERF_COUNT_SW_CPU_CLOCK, period)
+            .and_then(|fd| attach_program(fd, prog))
+            .map_err(|e| (cpu, e))?;
         events.push(fd);
     }
     let now = Instant::now();
@@ -175,13 +168,16 @@ impl CpuClocks {
     }
 }
 
-fn open_cpu_clock(cpu: u32, period_ns: u64) -> io::Result<OwnedFd> {
+/// Opens a software perf event (`config`: `PERF_COUNT_SW_*`) on `cpu` for every process,
+/// sampling every `period` (nanoseconds of a clock, occurrences of a counter), disabled until
+/// a program is attached.
+pub(super) fn open_software_event(cpu: u32, config: u64, period: u64) -> io::Result<OwnedFd> {
     // SAFETY: perf_event_attr is plain data; all-zero is its "nothing set" value.
     let mut attr: perf_event_attr = unsafe { std::mem::zeroed() };
     attr.type_ = PERF_TYPE_SOFTWARE;
     attr.size = size_of::<perf_event_attr>() as u32;
-    attr.config = PERF_COUNT_SW_CPU_CLOCK;
-    attr.__bindgen_anon_1.sample_period = period_ns;
+    attr.config = config;
+    attr.__bindgen_anon_1.sample_period = period;
     attr.set_disabled(1); // enabled once the program is attached
     // SAFETY: perf_event_open(2) with a valid attr; pid -1 + cpu = every process on that CPU.
     let fd = unsafe {
@@ -199,6 +195,21 @@ fn open_cpu_clock(cpu: u32, period_ns: u64) -> io::Result<OwnedFd> {
     }
     // SAFETY: a new fd returned by the kernel, owned from here on.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches program `prog` (a raw fd) to perf event `fd` and enables the event.
+pub(super) fn attach_program(fd: OwnedFd, prog: i32) -> io::Result<OwnedFd> {
+    // SAFETY: ioctls on a perf event fd we own, with an int argument (the program fd) and
+    // no argument.
+    let attached = unsafe {
+        libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_SET_BPF as _, prog) == 0
+            && libc::ioctl(fd.as_raw_fd(), PERF_EVENT_IOC_ENABLE as _, 0) == 0
+    };
+    if attached {
+        Ok(fd)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,8 @@ pub enum LoadError {
     OffCpu(String),
     #[error("cannot attach the thread sources (sched_process_fork, sched_process_exit): {0}")]
     Threads(String),
+    #[error("cannot attach the memory source (page-fault events): {0}")]
+    Faults(String),
     #[error("eBPF map or program {0} missing from the object")]
     Missing(&'static str),
     #[error("eBPF map error: {0}")]
@@ -82,7 +84,12 @@ pub struct SamplerConfig {
     /// Unwind native user stacks with the `.eh_frame` tables (frame pointers where no table
     /// covers an address); off: the kernel's frame-pointer walk only.
     pub unwind_tables: bool,
+    /// Attach the memory source: one sample per this many minor page faults per CPU.
+    pub page_faults: Option<u64>,
 }
+
+/// The memory source's default period: one sample per 64 faults, 256 KiB of base pages.
+pub const DEFAULT_FAULT_PERIOD: u64 = 64;
 
 /// How many off-CPU stacks a targeted thread may capture: one per `gap` of its time, with up
 /// to `burst` saved. The waits not captured are still timed exactly (see `offcpu.rs`).
@@ -114,6 +121,7 @@ impl Default for SamplerConfig {
             off_cpu: None,
             threads: false,
             unwind_tables: true,
+            page_faults: None,
         }
     }
 }
@@ -147,6 +155,8 @@ pub struct Sampler {
     off_cpu: Option<OffCpuState>,
     /// Thread creations and exits are recorded.
     pub thread_events: bool,
+    /// The memory source's counters and program (attached for memory profiles).
+    faults: Option<(super::faults::FaultEvents, &'static str)>,
 }
 
 /// The attached off-CPU source.
@@ -248,7 +258,7 @@ impl Sampler {
         let ring_bytes = ring_size(
             cpus.len(),
             cfg.sample_hz,
-            cfg.off_cpu.is_some() || cfg.threads,
+            cfg.off_cpu.is_some() || cfg.threads || cfg.page_faults.is_some(),
         );
         // No kernel BTF for the loader: the programs use no CO-RE relocations (kernel offsets
         // are passed as data), and parsing vmlinux BTF costs ~30 MiB of peak RSS.
@@ -326,6 +336,31 @@ impl Sampler {
                 .map_err(|e| LoadError::Threads(one_line(&e)))?;
         }
 
+        let faults = match cfg.page_faults {
+            Some(period) => {
+                let name = if program == names::PROG_SAMPLE {
+                    names::PROG_FAULT
+                } else {
+                    names::PROG_FAULT_NATIVE
+                };
+                let prog = load_perf_program(&mut bpf, name)?;
+                let fd = prog.fd().map_err(|e| LoadError::Load(one_line(&e)))?;
+                let events = super::faults::attach(fd, &cpus, period)
+                    .map_err(|(cpu, e)| LoadError::Faults(format!("CPU {cpu}: {e}")))?;
+                load_raw_tracepoint(&mut bpf, names::PROG_RELEASE)?;
+                let release: &mut RawTracePoint = bpf
+                    .program_mut(names::PROG_RELEASE)
+                    .ok_or(LoadError::Missing(names::PROG_RELEASE))?
+                    .try_into()
+                    .map_err(|_| LoadError::Missing(names::PROG_RELEASE))?;
+                release
+                    .attach("sys_enter")
+                    .map_err(|e| LoadError::Faults(one_line(&e)))?;
+                Some((events, name))
+            }
+            None => None,
+        };
+
         let off_cpu = match cfg.off_cpu {
             Some(_) => {
                 if offsets.is_err() {
@@ -395,6 +430,7 @@ impl Sampler {
             program,
             off_cpu,
             thread_events: cfg.threads,
+            faults,
         })
     }
 
@@ -469,6 +505,18 @@ impl Sampler {
         self.off_cpu
             .as_ref()
             .map_or_else(KernelCost::default, |o| self.program_cost(o.program))
+    }
+
+    /// Run count and run time of the memory source's program (zero without it).
+    pub fn fault_cost(&self) -> KernelCost {
+        self.faults
+            .as_ref()
+            .map_or_else(KernelCost::default, |(_, name)| self.program_cost(name))
+    }
+
+    /// Whether the memory source is attached.
+    pub fn has_faults(&self) -> bool {
+        self.faults.is_some()
     }
 
     fn program_cost(&self, name: &str) -> KernelCost {

@@ -12,12 +12,13 @@ use kprof_common::python::PyFrames;
 
 use super::{
     event::{Event, EventKind, comm_str},
+    memory::MemoryLedger,
     threads::{ThreadLedger, ThreadRegistry},
 };
 use crate::{
     profile::{
-        AggregatedProfile, Frame, FrameKind, ProcessMeta, ProfileKind, SampleKey, ThreadReport,
-        Wait,
+        AggregatedProfile, Frame, FrameKind, MemoryReport, ProcessMeta, ProfileKind, SampleKey,
+        ThreadReport, Wait,
     },
     symbolize::Symbolizer,
 };
@@ -130,6 +131,10 @@ pub struct Aggregator {
     /// Threads profiles: the window's thread accounting, and its report once closed.
     threads: Option<ThreadLedger>,
     thread_report: Option<ThreadReport>,
+    /// Memory profiles: the page faults and memory readings (kept across windows), and the
+    /// window's report once closed.
+    memory: Option<MemoryLedger>,
+    memory_report: Option<MemoryReport>,
     pub stats: AggregateStats,
     pub warnings: Vec<String>,
 }
@@ -152,6 +157,8 @@ impl Aggregator {
             checked_this_round: HashSet::new(),
             threads: None,
             thread_report: None,
+            memory: None,
+            memory_report: None,
             stats: AggregateStats::default(),
             warnings: Vec::new(),
         }
@@ -193,6 +200,41 @@ impl Aggregator {
         }
     }
 
+    /// Keeps the memory accounting of a memory profile (from now on), continuing `ledger`
+    /// (the previous window's) when given.
+    pub fn track_memory(&mut self, ledger: Option<MemoryLedger>) {
+        if ledger.is_none() && self.memory.is_some() {
+            return;
+        }
+        let mut ledger = ledger.unwrap_or_default();
+        for &pid in self.processes.keys() {
+            ledger.see_process(pid);
+        }
+        self.memory = Some(ledger);
+    }
+
+    /// Whether the memory accounting is kept.
+    pub fn tracks_memory(&self) -> bool {
+        self.memory.is_some()
+    }
+
+    /// The memory accounting, when kept.
+    pub fn memory(&mut self) -> Option<&mut MemoryLedger> {
+        self.memory.as_mut()
+    }
+
+    /// Closes the memory accounting: the report the memory profile is built from.
+    pub fn close_memory(&mut self) {
+        if let Some(ledger) = self.memory.as_mut() {
+            self.memory_report = Some(ledger.close());
+        }
+    }
+
+    /// Hands the memory accounting on (to the next window).
+    pub fn take_memory(&mut self) -> Option<MemoryLedger> {
+        self.memory.take()
+    }
+
     /// Registers a process early (reads its maps and name while it is alive).
     pub fn see_process(&mut self, pid: u32, merger: Option<&mut dyn StackMerger>) {
         if self.processes.contains_key(&pid) {
@@ -204,6 +246,9 @@ impl Aggregator {
         }
         self.checked_this_round.insert(pid);
         if let Some(ledger) = self.threads.as_mut() {
+            ledger.see_process(pid);
+        }
+        if let Some(ledger) = self.memory.as_mut() {
             ledger.see_process(pid);
         }
         let name = crate::proc::name(pid);
@@ -230,6 +275,19 @@ impl Aggregator {
             }
             return;
         }
+        if ev.kind == EventKind::MemRelease {
+            if let Some(ledger) = self.memory.as_mut() {
+                ledger.on_release(ev.tgid, ev.addr, ev.value);
+            }
+            return;
+        }
+        if ev.kind == EventKind::PageFault {
+            let key = self.intern(ev, merger, true);
+            if let (Some(ledger), Some(key)) = (self.memory.as_mut(), key) {
+                ledger.on_fault(ev, key);
+            }
+            return;
+        }
         self.intern(ev, merger, false);
     }
 
@@ -241,16 +299,17 @@ impl Aggregator {
     ) -> Arc<[Frame]> {
         self.intern(ev, merger, true)
             .expect("the stack is asked for")
+            .stack
     }
 
     /// Counts one event under its key, symbolizing its stack when first seen; returns the
-    /// stack when `want_stack` (one map lookup per event either way).
+    /// key when `want_key` (one map lookup per event either way).
     fn intern(
         &mut self,
         ev: &Event<'_>,
         mut merger: Option<&mut dyn StackMerger>,
-        want_stack: bool,
-    ) -> Option<Arc<[Frame]>> {
+        want_key: bool,
+    ) -> Option<SampleKey> {
         self.stats.events += 1;
         let pid = ev.tgid;
         let execed = if ev.exec_id != 0 {
@@ -289,7 +348,7 @@ impl Aggregator {
         if let Some((key, totals)) = self.stacks.get_mut(&raw) {
             totals.count += ev.count;
             totals.value += ev.value;
-            return want_stack.then(|| key.stack.clone());
+            return want_key.then(|| key.clone());
         }
         if !self.processes.contains_key(&pid) {
             self.see_process(
@@ -351,9 +410,9 @@ impl Aggregator {
             count: ev.count,
             value: ev.value,
         };
-        let stack = want_stack.then(|| key.stack.clone());
+        let out = want_key.then(|| key.clone());
         self.stacks.insert(raw, (key, totals));
-        stack
+        out
     }
 
     /// Starts a new drain round (allows one maps re-read and one exec check per process).
@@ -470,6 +529,11 @@ impl Aggregator {
             && let Some(report) = &self.thread_report
         {
             p.add_threads(report.clone());
+        }
+        if matches!(kind, ProfileKind::Memory { .. })
+            && let Some(report) = &self.memory_report
+        {
+            p.add_memory(report.clone());
         }
         p
     }

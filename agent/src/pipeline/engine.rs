@@ -251,14 +251,16 @@ impl Engine {
         Ok((sampler, python, warnings))
     }
 
-    /// Reloads the programs at another sampling rate, with or without the off-CPU source and
-    /// the thread events (targets must be added again); the counters and what is known of
-    /// threads carry on. The old programs are detached first: one sampler per node.
+    /// Reloads the programs at another sampling rate, with or without the off-CPU source, the
+    /// thread events and the memory source (targets must be added again); the counters and
+    /// what is known of threads carry on. The old programs are detached first: one sampler
+    /// per node.
     pub fn restart(
         mut self,
         sample_hz: u64,
         off_cpu: Option<crate::kernel::loader::OffCpuLimits>,
         threads: bool,
+        page_faults: Option<u64>,
     ) -> Result<Engine, LoadError> {
         self.counters.read(&self.sampler);
         let mut counters = self.counters.clone();
@@ -267,6 +269,7 @@ impl Engine {
         cfg.sampler.sample_hz = sample_hz;
         cfg.sampler.off_cpu = off_cpu;
         cfg.sampler.threads = threads;
+        cfg.sampler.page_faults = page_faults;
         let registry = std::mem::take(&mut self.threads);
         drop(self);
         let mut engine = Engine::start(cfg)?;
@@ -373,7 +376,7 @@ impl Engine {
                         EventKind::OffCpu | EventKind::OffCpuEnd => off_cpu.on_record(&ev, |e| {
                             sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }),
-                        EventKind::CpuSample => {
+                        EventKind::CpuSample | EventKind::PageFault | EventKind::MemRelease => {
                             sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }
                         EventKind::ThreadStart | EventKind::ThreadExit => {
@@ -394,6 +397,24 @@ impl Engine {
     /// Whether thread creations and exits are recorded.
     pub fn has_thread_events(&self) -> bool {
         self.sampler.thread_events
+    }
+
+    /// Whether the memory source (sampled page faults) is attached.
+    pub fn has_page_faults(&self) -> bool {
+        self.sampler.has_faults()
+    }
+
+    /// The memory source's period in faults (`None`: not attached).
+    pub fn fault_period(&self) -> Option<u64> {
+        self.cfg
+            .sampler
+            .page_faults
+            .filter(|_| self.sampler.has_faults())
+    }
+
+    /// Run count and run time of the memory source's program of the current load.
+    pub fn fault_cost(&self) -> KernelCost {
+        self.sampler.fault_cost()
     }
 
     /// Counts the threads of every process of `agg`'s window now, and learns their names.

@@ -1,8 +1,10 @@
 //! What the agent reads of a process under `/proc/<pid>`: its mappings ([`maps`]), its
-//! container ([`cgroup`]), its files ([`files`]), its name and the identity of its executable.
+//! container ([`cgroup`]), its memory ([`memory`]), its files ([`files`]), its name and the
+//! identity of its executable.
 pub mod cgroup;
 pub mod files;
 pub mod maps;
+pub mod memory;
 pub mod threads;
 
 use std::{fs, os::unix::fs::MetadataExt as _, time::Duration};

@@ -2,6 +2,7 @@
 //! values and labels. Everything that is written (pprof, flame graph, top table) is derived
 //! from this one model.
 pub mod frame;
+pub mod memory;
 pub mod module;
 pub mod threads;
 pub mod wait;
@@ -13,6 +14,7 @@ use std::{
 };
 
 pub use frame::{Frame, FrameKind};
+pub use memory::MemoryReport;
 pub use module::{ModuleId, ModuleInfo};
 pub use threads::ThreadReport;
 pub use wait::{ThreadState, Wait, WaitClass};
@@ -78,6 +80,10 @@ pub enum ProfileKind {
     /// its end (the value), one sample per thread; counts, idle threads and leaks in
     /// [`AggregatedProfile::threads`].
     Threads,
+    /// Memory by the stack that first touched it: sampled minor page faults, each standing
+    /// for `period_bytes`; bytes touched in the window (alloc) and still held at its end
+    /// (in use), with heap usage and leaks in [`AggregatedProfile::memory`].
+    Memory { period_bytes: u64 },
 }
 
 impl ProfileKind {
@@ -88,6 +94,7 @@ impl ProfileKind {
             ProfileKind::Wall { .. } => &kprof_pprof::types::WALL,
             ProfileKind::Lock => &kprof_pprof::types::LOCK,
             ProfileKind::Threads => &kprof_pprof::types::THREADS,
+            ProfileKind::Memory { .. } => &kprof_pprof::types::MEMORY,
         }
     }
 
@@ -99,7 +106,10 @@ impl ProfileKind {
             T::Wall => Some(ProfileKind::Wall { sample_hz }),
             T::Lock => Some(ProfileKind::Lock),
             T::Threads => Some(ProfileKind::Threads),
-            T::Memory => None,
+            T::Memory => Some(ProfileKind::Memory {
+                period_bytes: crate::kernel::loader::DEFAULT_FAULT_PERIOD
+                    * kprof_common::PAGE_BYTES,
+            }),
         }
     }
 
@@ -122,8 +132,8 @@ impl ProfileKind {
             ProfileKind::Lock => {
                 kind == E::OffCpu && wait.is_some_and(|w| w.class == Some(WaitClass::Lock))
             }
-            // Built from the thread ledger, not from aggregated events.
-            ProfileKind::Threads => false,
+            // Built from the thread and memory ledgers, not from aggregated events.
+            ProfileKind::Threads | ProfileKind::Memory { .. } => false,
         }
     }
 
@@ -131,6 +141,7 @@ impl ProfileKind {
     pub fn nominal_value(self) -> u64 {
         match self {
             ProfileKind::Cpu { sample_hz } => 1_000_000_000 / u64::from(sample_hz.max(1)),
+            ProfileKind::Memory { period_bytes } => period_bytes,
             ProfileKind::Wall { .. } | ProfileKind::Lock | ProfileKind::Threads => 0,
         }
     }
@@ -140,14 +151,32 @@ impl ProfileKind {
         self == ProfileKind::Threads
     }
 
-    /// The pprof values of one sample (in [`ProfileKind::pprof_types`] order).
-    pub fn pprof_values(self, count: u64, value: u64) -> Vec<i64> {
+    /// The memory source's sampling period in page faults (`None`: not a memory profile).
+    pub fn fault_period(self) -> Option<u64> {
+        match self {
+            ProfileKind::Memory { period_bytes } => {
+                Some((period_bytes / kprof_common::PAGE_BYTES).max(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// The pprof values of one sample (in [`ProfileKind::pprof_types`] order); memory
+    /// profiles add the bytes still held (`inuse`).
+    pub fn pprof_values(self, count: u64, value: u64, inuse: u64) -> Vec<i64> {
+        let page = kprof_common::PAGE_BYTES;
         let (count, value) = (count as i64, value as i64);
         match self {
             ProfileKind::Cpu { .. } | ProfileKind::Lock | ProfileKind::Threads => {
                 vec![count, value]
             }
             ProfileKind::Wall { .. } => vec![value, count],
+            ProfileKind::Memory { .. } => vec![
+                value,
+                value / page as i64,
+                inuse as i64,
+                (inuse / page) as i64,
+            ],
         }
     }
 }
@@ -187,6 +216,8 @@ pub struct AggregatedProfile {
     pub warnings: Vec<String>,
     /// Threads profiles: counts, every thread, idle threads and leaks.
     pub threads: Option<ThreadReport>,
+    /// Memory profiles: bytes held per stack, heap usage, leaks.
+    pub memory: Option<MemoryReport>,
 }
 
 impl AggregatedProfile {
@@ -209,6 +240,7 @@ impl AggregatedProfile {
             modules: Vec::new(),
             warnings: Vec::new(),
             threads: None,
+            memory: None,
         }
     }
 
@@ -239,7 +271,19 @@ impl AggregatedProfile {
     pub fn sample_hz(&self) -> Option<u32> {
         match self.kind {
             ProfileKind::Cpu { sample_hz } => Some(sample_hz),
-            ProfileKind::Wall { .. } | ProfileKind::Lock | ProfileKind::Threads => None,
+            ProfileKind::Wall { .. }
+            | ProfileKind::Lock
+            | ProfileKind::Threads
+            | ProfileKind::Memory { .. } => None,
+        }
+    }
+
+    /// Whether the profile has anything to show: samples; for memory profiles, memory touched
+    /// in the window or still held.
+    pub fn has_data(&self) -> bool {
+        match self.kind {
+            ProfileKind::Memory { .. } => !self.samples.is_empty(),
+            _ => self.total() > 0,
         }
     }
 
@@ -248,10 +292,16 @@ impl AggregatedProfile {
         self.samples.values().sum()
     }
 
-    /// The pprof period: what one sampling event stands for (a CPU tick's nanoseconds; 0
-    /// for kinds whose events carry their own values).
+    /// The pprof period: what one sampling event stands for (a CPU tick's nanoseconds, a
+    /// page-fault sample's bytes; 0 for kinds whose events carry their own values).
     pub fn period_ns(&self) -> i64 {
         self.kind.nominal_value() as i64
+    }
+
+    /// The pprof values of one of this profile's samples.
+    pub fn pprof_values(&self, key: &SampleKey, count: u64) -> Vec<i64> {
+        self.kind
+            .pprof_values(count, self.value_of(key), self.inuse_of(key))
     }
 
     /// Samples sorted by key (deterministic output).
@@ -345,12 +395,12 @@ mod tests {
         );
         assert_eq!(p.period_ns(), 0);
         assert_eq!(p.sample_hz(), None);
-        assert_eq!(p.kind.pprof_values(3, 2_500), [2_500, 3]);
+        assert_eq!(p.kind.pprof_values(3, 2_500, 0), [2_500, 3]);
         assert_eq!(p.kind.pprof_types().sample_types[0].r#type, "wall");
-        assert_eq!(ProfileKind::Lock.pprof_values(3, 2_500), [3, 2_500]);
+        assert_eq!(ProfileKind::Lock.pprof_values(3, 2_500, 0), [3, 2_500]);
         assert_eq!(ProfileKind::Lock.name(), "lock");
         let cpu = ProfileKind::Cpu { sample_hz: 100 };
-        assert_eq!(cpu.pprof_values(3, 30_000_000), [3, 30_000_000]);
+        assert_eq!(cpu.pprof_values(3, 30_000_000, 0), [3, 30_000_000]);
         assert_eq!(cpu.pprof_types().name, "cpu");
     }
 }

@@ -409,6 +409,7 @@ mod tests {
                 artifacts: Default::default(),
                 time: None,
                 thread_summary: None,
+                memory_summary: None,
                 warnings: vec![],
             },
         );

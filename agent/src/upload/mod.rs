@@ -352,32 +352,45 @@ fn same_window(existing: &Profile, ours: &Profile) -> Result<(), UploadError> {
 }
 
 impl Uploader {
-    /// A thread leak suspected in a Profile is also a Warning Event on its ProfilingTarget, so
-    /// `kubectl describe pt` shows it without reading Profiles. Best effort: the warning is
-    /// on the Profile either way.
+    /// A thread or memory leak suspected in a Profile is also a Warning Event on its
+    /// ProfilingTarget, so `kubectl describe pt` shows it without reading Profiles. Best
+    /// effort: the warning is on the Profile either way.
     async fn announce_leaks(&self, profile: &Profile) {
-        if !profile
-            .spec
-            .thread_summary
-            .as_ref()
-            .is_some_and(|t| t.leak_suspected)
-        {
-            return;
+        let spec = &profile.spec;
+        let kinds = [
+            (
+                spec.thread_summary
+                    .as_ref()
+                    .is_some_and(|t| t.leak_suspected),
+                "thread leak",
+                "ThreadLeak",
+            ),
+            (
+                spec.memory_summary
+                    .as_ref()
+                    .is_some_and(|m| m.leak_suspected),
+                "memory leak",
+                "MemoryLeak",
+            ),
+        ];
+        for (suspected, phrase, reason) in kinds {
+            if !suspected {
+                continue;
+            }
+            let leaks: Vec<&str> = spec
+                .warnings
+                .iter()
+                .filter(|w| w.contains(phrase))
+                .map(String::as_str)
+                .collect();
+            let note = format!(
+                "pod {} container {}: {}",
+                spec.pod,
+                spec.container,
+                leaks.join("; ")
+            );
+            self.warn_target(profile, reason, &note).await;
         }
-        let leaks: Vec<&str> = profile
-            .spec
-            .warnings
-            .iter()
-            .filter(|w| w.contains("thread leak"))
-            .map(String::as_str)
-            .collect();
-        let note = format!(
-            "pod {} container {}: {}",
-            profile.spec.pod,
-            profile.spec.container,
-            leaks.join("; ")
-        );
-        self.warn_target(profile, "ThreadLeak", &note).await;
     }
 
     /// A Warning Event on the ProfilingTarget that owns `profile` (best effort).
@@ -728,6 +741,7 @@ mod tests {
                 artifacts: Default::default(),
                 time: None,
                 thread_summary: None,
+                memory_summary: None,
                 warnings: vec![],
             },
         );

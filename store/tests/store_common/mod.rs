@@ -364,6 +364,7 @@ impl TestStore {
                 },
                 time: None,
                 thread_summary: None,
+                memory_summary: None,
                 warnings: vec![],
             },
         );

@@ -1,0 +1,665 @@
+//! The memory ledger of memory profiles: the sampled page faults of targets (who touched
+//! memory first), which of those pages are still held at each window's end (by the process's
+//! `pagemap`), and the resident memory of each process and its cgroup over time — from which
+//! alloc and in-use bytes by stack, heap usage and leaks are reported.
+//!
+//! Pages are held until the process gives their memory back (`munmap`, `madvise`, a
+//! shrinking `brk`: the release records) or its `pagemap` says they are gone; a page whose
+//! memory was given back and mapped again is someone else's.
+//!
+//! A page-fault sample stands for `period` pages touched for the first time. Memory that an
+//! allocator reuses without giving it back to the kernel (pymalloc's arenas, glibc's heap) is
+//! touched once, so it counts once, where it was first touched: this is memory growth, not
+//! every allocation (that is what tracemalloc hooks, at a price).
+use std::{collections::BTreeMap, ops::Bound, path::PathBuf, sync::Arc};
+
+use super::event::Event;
+use crate::{
+    proc::{
+        maps::MapEntry,
+        memory::{self, CgroupMemory, PageMap, ResidentMemory},
+    },
+    profile::{
+        Frame, SampleKey,
+        memory::{CgroupUsage, FaultTotals, HeapLeak, MemoryReport, ProcessUsage},
+    },
+};
+
+/// Pages kept for the in-use view at most (each ~100 bytes of agent memory; at 64 pages a
+/// sample, 256 Ki pages stand for 64 GiB of memory held).
+const MAX_HELD: usize = 1 << 18;
+/// Resident-memory readings kept per process across windows for the leak verdict; older ones
+/// are thinned out (every other one dropped) past it.
+const MAX_POINTS: usize = 256;
+
+/// A sampled fault of the window.
+struct Fault {
+    pid: u32,
+    page: u64,
+    bytes: u64,
+    key: SampleKey,
+}
+
+/// A page seen faulted in and held at the last look.
+struct Held {
+    key: SampleKey,
+    /// The code that touched it ([`crate::profile::memory::site`]).
+    site: Arc<str>,
+    bytes: u64,
+}
+
+/// The pages held per process and code site, read once a second: a site whose held memory
+/// grows steadily is a leak, whatever else comes and goes in the process.
+struct Site {
+    /// One of its stacks (for the report).
+    stack: Arc<[Frame]>,
+    bytes: u64,
+    /// (time, bytes held), across windows, thinned.
+    history: Vec<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct Process {
+    name: String,
+    /// Its memory cgroup's directory (`None`: not found).
+    cgroup: Option<PathBuf>,
+    /// Readings of this window (one a second at most: the one with the least anonymous
+    /// memory, so memory that comes and goes within the second does not look like growth).
+    window: Vec<(u64, ResidentMemory)>,
+    /// The second being read: when it began and its reading with the least anonymous memory.
+    pending: Option<(u64, ResidentMemory)>,
+    /// (time, anonymous bytes) across windows, thinned.
+    history: Vec<(u64, u64)>,
+}
+
+/// See the module docs. Kept across windows (handed from a window to the next).
+pub struct MemoryLedger {
+    faults: Vec<Fault>,
+    /// By (pid, page): ordered, so a released range is removed at once.
+    held: BTreeMap<(u32, u64), Held>,
+    sites: BTreeMap<(u32, Arc<str>), Site>,
+    processes: BTreeMap<u32, Process>,
+    /// Each memory cgroup of the processes: its reading when the window started (for the OOM
+    /// kills in it) and the window's readings.
+    cgroups: BTreeMap<PathBuf, (Option<CgroupMemory>, Vec<(u64, CgroupMemory)>)>,
+    cgroup_root: PathBuf,
+    untracked: u64,
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryLedger {
+    pub fn new() -> Self {
+        MemoryLedger {
+            faults: Vec::new(),
+            held: BTreeMap::new(),
+            sites: BTreeMap::new(),
+            processes: BTreeMap::new(),
+            cgroups: BTreeMap::new(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            untracked: 0,
+        }
+    }
+
+    /// Starts following a process's memory (a no-op for one followed already).
+    pub fn see_process(&mut self, pid: u32) {
+        if !self.processes.contains_key(&pid) {
+            let cgroup = memory::cgroup_dir(pid, &self.cgroup_root);
+            if let Some(dir) = &cgroup
+                && !self.cgroups.contains_key(dir)
+            {
+                let now = memory::read_cgroup(dir);
+                self.cgroups.insert(dir.clone(), (now, Vec::new()));
+            }
+            self.processes.insert(
+                pid,
+                Process {
+                    name: crate::proc::name(pid),
+                    cgroup,
+                    ..Process::default()
+                },
+            );
+            self.read_process(pid, crate::proc::monotonic_ns(), true);
+        }
+    }
+
+    /// A sampled page fault, with the stack (and thread) it was aggregated under. The page is
+    /// held from now on; a page faulted in again was given back and reused: the newer stack
+    /// holds it.
+    pub fn on_fault(&mut self, ev: &Event<'_>, key: SampleKey) {
+        self.see_process(ev.tgid);
+        let page = ev.addr / kprof_common::PAGE_BYTES;
+        let slot = (ev.tgid, page);
+        if self.held.len() < MAX_HELD || self.held.contains_key(&slot) {
+            let site: Arc<str> = crate::profile::memory::site(&key.stack).into();
+            self.unhold(slot);
+            let entry = self
+                .sites
+                .entry((ev.tgid, site.clone()))
+                .or_insert_with(|| Site {
+                    stack: key.stack.clone(),
+                    bytes: 0,
+                    history: Vec::new(),
+                });
+            entry.bytes += ev.value;
+            self.held.insert(
+                slot,
+                Held {
+                    key: key.clone(),
+                    site,
+                    bytes: ev.value,
+                },
+            );
+        } else {
+            self.untracked += 1;
+        }
+        self.faults.push(Fault {
+            pid: ev.tgid,
+            page,
+            bytes: ev.value,
+            key,
+        });
+    }
+
+    /// Process `pid` gave `len` bytes at `addr` back to the kernel: its pages are no longer
+    /// held.
+    pub fn on_release(&mut self, pid: u32, addr: u64, len: u64) {
+        let first = addr / kprof_common::PAGE_BYTES;
+        let end = addr.saturating_add(len).div_ceil(kprof_common::PAGE_BYTES);
+        let gone: Vec<(u32, u64)> = self
+            .held
+            .range((Bound::Included((pid, first)), Bound::Excluded((pid, end))))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.unhold(k);
+        }
+    }
+
+    /// Drops a held page (a no-op for one not held).
+    fn unhold(&mut self, slot: (u32, u64)) {
+        if let Some(h) = self.held.remove(&slot)
+            && let Some(site) = self.sites.get_mut(&(slot.0, h.site))
+        {
+            site.bytes = site.bytes.saturating_sub(h.bytes);
+        }
+    }
+
+    /// Reads every followed process's resident memory (call it a few times a second: each
+    /// second keeps its least reading) and, once a second, each cgroup's.
+    pub fn checkpoint(&mut self) {
+        self.read_all(false);
+    }
+
+    fn read_all(&mut self, flush: bool) {
+        let now = crate::proc::monotonic_ns();
+        let pids: Vec<u32> = self.processes.keys().copied().collect();
+        let mut second_done = flush;
+        for pid in pids {
+            if self.read_process(pid, now, flush) {
+                second_done = true;
+                self.note_sites(pid, now);
+            }
+        }
+        if second_done || self.cgroups.values().all(|c| c.1.is_empty()) {
+            for (dir, (start, series)) in &mut self.cgroups {
+                if let Some(m) = memory::read_cgroup(dir) {
+                    start.get_or_insert(m);
+                    series.push((now, m));
+                }
+            }
+        }
+    }
+
+    /// Notes what each code site of `pid` holds now.
+    fn note_sites(&mut self, pid: u32, now: u64) {
+        let from = (pid, Arc::<str>::from(""));
+        for ((p, _), site) in self.sites.range_mut(from..) {
+            if *p != pid {
+                break;
+            }
+            if site.bytes == 0 && site.history.is_empty() {
+                continue;
+            }
+            site.history.push((now, site.bytes));
+            thin(&mut site.history);
+        }
+    }
+
+    /// Reads a process; returns whether its second was complete (or `flush`) and kept.
+    fn read_process(&mut self, pid: u32, now: u64, flush: bool) -> bool {
+        let Some(p) = self.processes.get_mut(&pid) else {
+            return false;
+        };
+        if let Some(m) = memory::resident(pid) {
+            match &mut p.pending {
+                Some((_, least)) if m.anon < least.anon => *least = m,
+                Some(_) => {}
+                None => p.pending = Some((now, m)),
+            }
+        }
+        let Some((began, least)) = p.pending else {
+            return false;
+        };
+        if !flush && now.saturating_sub(began) < 1_000_000_000 {
+            return false;
+        }
+        p.pending = None;
+        p.window.push((now, least));
+        p.history.push((now, least.anon));
+        thin(&mut p.history);
+        true
+    }
+
+    /// Closes the window: which pages of its faults and of earlier ones are still held, and
+    /// the figures of every process. The ledger then starts the next window.
+    pub fn close(&mut self) -> MemoryReport {
+        self.read_all(true);
+        let mut report = MemoryReport::default();
+        let faults = std::mem::take(&mut self.faults);
+        let mut by_pid: BTreeMap<u32, Vec<Fault>> = BTreeMap::new();
+        for f in faults {
+            by_pid.entry(f.pid).or_default().push(f);
+        }
+        let mut pids: Vec<u32> = self.held.keys().map(|k| k.0).collect();
+        pids.extend(by_pid.keys());
+        pids.sort_unstable();
+        pids.dedup();
+        let mut totals = FaultTotals::default();
+        let mut exited = Vec::new();
+        for pid in pids {
+            let faults = by_pid.remove(&pid).unwrap_or_default();
+            self.close_process(pid, faults, &mut report, &mut totals, &mut exited);
+        }
+        if !exited.is_empty() {
+            let shown: Vec<String> = exited.iter().take(5).map(u32::to_string).collect();
+            let more = exited.len().saturating_sub(shown.len());
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            report.warnings.push(format!(
+                "memory: {} process(es) exited during the window (pid {}{more}): what they \
+                 touched is in alloc, nothing of theirs is in use",
+                exited.len(),
+                shown.join(", ")
+            ));
+        }
+        totals.tracked = self.held.len() as u64;
+        totals.untracked = std::mem::take(&mut self.untracked);
+        if totals.untracked > 0 {
+            report.warnings.push(format!(
+                "memory: {} sampled pages were not kept for the in-use view (it holds {} at \
+                 most): in-use bytes are low",
+                totals.untracked, MAX_HELD
+            ));
+        }
+        report.faults = totals;
+        if let Some(reason) = thp_always() {
+            report.warnings.push(reason);
+        }
+        self.report_cgroups(&mut report);
+        self.report_processes(&mut report);
+        report
+    }
+
+    /// One process at the window's end: its faults go to alloc (anonymous memory) or to the
+    /// file-backed total; pages held now go to in use.
+    fn close_process(
+        &mut self,
+        pid: u32,
+        faults: Vec<Fault>,
+        report: &mut MemoryReport,
+        totals: &mut FaultTotals,
+        exited: &mut Vec<u32>,
+    ) {
+        let maps = crate::proc::maps::read_maps(pid).ok();
+        let pagemap = PageMap::open(pid).ok();
+        let mapping = |addr: u64| -> Option<&MapEntry> {
+            let maps = maps.as_ref()?;
+            let i = maps.partition_point(|m| m.end <= addr);
+            maps.get(i).filter(|m| m.start <= addr)
+        };
+        for f in faults {
+            let addr = f.page * kprof_common::PAGE_BYTES;
+            // A fault whose mapping is gone was in memory given back since: anonymous memory
+            // (code and data files stay mapped).
+            if mapping(addr).is_some_and(MapEntry::is_file) {
+                totals.file_bytes += f.bytes;
+                continue;
+            }
+            totals.samples += 1;
+            totals.bytes += f.bytes;
+            let e = report.alloc.entry(f.key).or_default();
+            e.0 += 1;
+            e.1 += f.bytes;
+        }
+        let (Some(_), Some(pagemap)) = (maps.as_ref(), pagemap) else {
+            // Gone (or its memory is unreadable): nothing of it is counted as held.
+            if crate::proc::is_alive(pid) {
+                report.warnings.push(format!(
+                    "pid {pid}: its memory map cannot be read: none of its memory is counted \
+                     as in use"
+                ));
+            } else {
+                exited.push(pid);
+            }
+            self.held.retain(|k, _| k.0 != pid);
+            self.sites.retain(|k, _| k.0 != pid);
+            return;
+        };
+        let mut gone = Vec::new();
+        for (&(p, page), h) in self.held.range((pid, 0)..=(pid, u64::MAX)) {
+            let addr = page * kprof_common::PAGE_BYTES;
+            let held = mapping(addr).is_some_and(|m| !m.is_file())
+                && pagemap.is_held(addr).unwrap_or(false);
+            if held {
+                *report.inuse.entry(h.key.clone()).or_default() += h.bytes;
+            } else {
+                gone.push((p, page));
+            }
+        }
+        for slot in gone {
+            self.unhold(slot);
+        }
+    }
+
+    /// Each cgroup's readings of the window; the next window starts from the last one.
+    fn report_cgroups(&mut self, report: &mut MemoryReport) {
+        let mut gone = Vec::new();
+        for (dir, (start, series)) in &mut self.cgroups {
+            let pids: Vec<u32> = self
+                .processes
+                .iter()
+                .filter(|(_, p)| p.cgroup.as_ref() == Some(dir))
+                .map(|(pid, _)| *pid)
+                .collect();
+            let series = std::mem::take(series);
+            let Some(&(_, end)) = series.last() else {
+                gone.push(dir.clone());
+                continue;
+            };
+            let oom_kills = start.map_or(0, |s| end.oom_kills.saturating_sub(s.oom_kills));
+            *start = Some(end);
+            report.cgroups.push(CgroupUsage {
+                pids,
+                series,
+                oom_kills,
+            });
+        }
+        for dir in gone {
+            self.cgroups.remove(&dir);
+        }
+    }
+
+    /// Each process's readings of the window, and the leak verdict on its history.
+    fn report_processes(&mut self, report: &mut MemoryReport) {
+        let mut gone = Vec::new();
+        for (&pid, p) in &mut self.processes {
+            let window = std::mem::take(&mut p.window);
+            if window.is_empty() && !crate::proc::is_alive(pid) {
+                gone.push(pid);
+                continue;
+            }
+            if let Some(leak) = leak_of(pid, p, &self.sites) {
+                report.leaks.push(leak);
+            }
+            report.processes.push(ProcessUsage {
+                pid,
+                name: p.name.clone(),
+                series: window,
+            });
+        }
+        for pid in gone {
+            self.processes.remove(&pid);
+        }
+    }
+}
+
+/// The leak verdict on a process: the code sites whose held memory grows steadily (what
+/// else comes and goes in the process does not hide them), with how much each grew; the
+/// process's anonymous memory over the same time.
+fn leak_of(pid: u32, p: &Process, sites: &BTreeMap<(u32, Arc<str>), Site>) -> Option<HeapLeak> {
+    let anon_now = p.history.last().map_or(0, |h| h.1);
+    let mut grown: Vec<(Arc<[Frame]>, u64, u64)> = Vec::new();
+    for ((p, _), site) in sites.range((pid, Arc::<str>::from(""))..) {
+        if *p != pid {
+            break;
+        }
+        if let Some((from_ns, from_bytes)) = leak_series(&site.history, anon_now) {
+            let to = site.history.last().map_or(0, |h| h.1);
+            grown.push((site.stack.clone(), to.saturating_sub(from_bytes), from_ns));
+        }
+    }
+    if grown.is_empty() {
+        return None;
+    }
+    grown.sort_by(|a, b| b.1.cmp(&a.1));
+    grown.truncate(3);
+    let since = grown.iter().map(|g| g.2).min().unwrap_or(0);
+    let at = p
+        .history
+        .partition_point(|h| h.0 < since)
+        .min(p.history.len().saturating_sub(1));
+    let (from_ns, from_bytes) = p.history.get(at).copied().unwrap_or((since, 0));
+    let to_ns = p.history.last().map_or(from_ns, |h| h.0);
+    Some(HeapLeak {
+        pid,
+        name: p.name.clone(),
+        from_bytes,
+        to_bytes: anon_now,
+        seconds: to_ns.saturating_sub(from_ns) as f64 / 1e9,
+        grown_by: grown.into_iter().map(|(s, b, _)| (s, b)).collect(),
+    })
+}
+
+/// Past [`MAX_POINTS`] readings, every other one is dropped (the first stays).
+fn thin(history: &mut Vec<(u64, u64)>) {
+    if history.len() > MAX_POINTS {
+        let mut i = 0;
+        history.retain(|_| {
+            i += 1;
+            i % 2 == 1
+        });
+    }
+}
+
+/// Whether (time, bytes held) readings grow steadily, in a process holding `process_bytes`. One step that made most of the
+/// growth and stands out from the others (a cache filled at once, a burst) is left out: what
+/// came after it is judged. Then
+/// a line fitted through the readings must explain most of their variation (R² ≥ 0.6: memory
+/// that comes and goes does not), rise by at least 4 MiB and 1 % over the span, and still rise
+/// over the last half (a cache that filled up and stopped is not a leak). Returns when the
+/// growth was first seen and the bytes then.
+pub fn leak_series(series: &[(u64, u64)], process_bytes: u64) -> Option<(u64, u64)> {
+    if series.len() < 4 {
+        return None;
+    }
+    let (first, last) = (series[0].1, series[series.len() - 1].1);
+    let (jump_at, jump) = series
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i, w[1].1.saturating_sub(w[0].1)))
+        .max_by_key(|&(_, d)| d)?;
+    let mut steps: Vec<u64> = series.windows(2).map(|w| w[1].1.abs_diff(w[0].1)).collect();
+    steps.sort_unstable();
+    let typical = steps[steps.len() / 2];
+    if jump * 2 > last.saturating_sub(first)
+        && jump > typical.saturating_mul(3)
+        && jump_at + 1 < series.len() - 1
+    {
+        return leak_series(&series[jump_at + 1..], process_bytes);
+    }
+    let (slope, r2) = fit(series)?;
+    let (t0, t1) = (series[0].0, series[series.len() - 1].0);
+    let half = &series[series.partition_point(|p| p.0 < t0 + (t1 - t0) / 2)..];
+    let (late_slope, _) = fit(half).unwrap_or((0.0, 0.0));
+    let grew = slope * (t1 - t0) as f64;
+    let steady = grew >= f64::from(4 << 20)
+        && grew >= process_bytes as f64 / 100.0
+        && r2 >= 0.6
+        && late_slope >= slope / 4.0;
+    steady.then_some(series[0])
+}
+
+/// The least-squares line through (time, bytes) readings: its slope (bytes per ns) and R².
+/// `None` with fewer than two readings or all at one time.
+fn fit(points: &[(u64, u64)]) -> Option<(f64, f64)> {
+    if points.len() < 2 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let t0 = points[0].0;
+    let xs = points.iter().map(|p| (p.0 - t0) as f64);
+    let ys = points.iter().map(|p| p.1 as f64);
+    let (mx, my) = (xs.clone().sum::<f64>() / n, ys.clone().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (x, y) in xs.zip(ys) {
+        sxy += (x - mx) * (y - my);
+        sxx += (x - mx) * (x - mx);
+        syy += (y - my) * (y - my);
+    }
+    if sxx == 0.0 {
+        return None;
+    }
+    let slope = sxy / sxx;
+    let r2 = if syy == 0.0 {
+        0.0
+    } else {
+        sxy * sxy / (sxx * syy)
+    };
+    Some((slope, r2))
+}
+
+/// Transparent huge pages on for every mapping: one fault then maps 2 MiB, which counts as
+/// one page.
+fn thp_always() -> Option<String> {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    mode.contains("[always]").then(|| {
+        "memory: transparent huge pages are on for all memory ([always]): a fault that maps a \
+         huge page counts as one page, so large buffers are undercounted"
+            .to_owned()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(mib: &[u64]) -> Vec<(u64, u64)> {
+        mib.iter()
+            .enumerate()
+            .map(|(i, m)| (i as u64 * 1_000_000_000, m << 20))
+            .collect()
+    }
+
+    #[test]
+    fn a_steady_rise_is_a_leak_and_a_cache_that_filled_up_is_not() {
+        let (from, bytes) = leak_series(&series(&[10, 12, 14, 16, 18, 20, 22, 24]), 0).unwrap();
+        assert_eq!((from, bytes), (0, 10 << 20));
+        // Noisy but rising to the end (a window of a churning process with a leak).
+        assert!(leak_series(&series(&[160, 166, 166, 175, 173]), 0).is_some());
+        // A cache built at once, then flat.
+        assert!(leak_series(&series(&[10, 200, 200, 200, 200, 200, 200, 200]), 0).is_none());
+        // Filled up in the first half, flat since.
+        assert!(
+            leak_series(
+                &series(&[10, 30, 50, 70, 70, 70, 70, 70, 70, 70, 70, 70]),
+                0
+            )
+            .is_none()
+        );
+        // Comes and goes.
+        assert!(leak_series(&series(&[10, 60, 10, 60, 10, 60, 10, 61]), 0).is_none());
+        // Too small to tell from noise.
+        assert!(leak_series(&series(&[100, 100, 101, 101, 102, 102, 103]), 0).is_none());
+        assert!(leak_series(&series(&[900, 901, 902, 903, 904, 905, 906]), 900 << 20).is_none());
+        assert!(leak_series(&series(&[10, 20, 30]), 0).is_none());
+        // A cache built first, then a slow leak: the growth is dated from the leak.
+        let (from, bytes) = leak_series(
+            &series(&[
+                10, 300, 300, 306, 312, 318, 324, 330, 336, 342, 348, 354, 360,
+            ]),
+            0,
+        )
+        .unwrap();
+        assert_eq!(bytes >> 20, 300);
+        assert!(from >= 1_000_000_000, "{from}");
+    }
+
+    #[test]
+    fn our_own_pages_are_alloc_and_held_until_given_back() {
+        let me = std::process::id();
+        let mut ledger = MemoryLedger::new();
+        ledger.see_process(me);
+        // Mapped here, not allocated: the allocator might keep freed memory.
+        let map = |byte: u8| {
+            // SAFETY: a fresh private anonymous mapping, written within its length.
+            unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    1 << 20,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(p, libc::MAP_FAILED);
+                std::ptr::write_bytes(p.cast::<u8>(), byte, 1 << 20);
+                p.cast::<u8>().cast_const()
+            }
+        };
+        let unmap = |p: *const u8| {
+            // SAFETY: a mapping made by `map`, not used after.
+            unsafe { libc::munmap(p.cast_mut().cast(), 1 << 20) };
+        };
+        let (kept, freed) = (map(1), map(2));
+        let key = |f: &str| {
+            SampleKey::of(
+                me,
+                "t",
+                vec![Frame::new(crate::profile::FrameKind::Python, f)],
+            )
+        };
+        let fault = |addr: *const u8| Event {
+            addr: addr as u64,
+            ..Event::synthetic(super::super::event::EventKind::PageFault, 1 << 18, me, &[])
+        };
+        let released = map(3);
+        ledger.on_fault(&fault(kept), key("keep"));
+        ledger.on_fault(&fault(freed), key("churn"));
+        ledger.on_fault(&fault(released.wrapping_add(8192)), key("released"));
+        unmap(freed);
+        // Given back (a release record): not held although still mapped here.
+        ledger.on_release(me, released as u64, 1 << 20);
+        // A page of our code: file-backed, not the heap.
+        ledger.on_fault(
+            &fault(our_own_pages_are_alloc_and_held_until_given_back as *const u8),
+            key("code"),
+        );
+        let r = ledger.close();
+        assert_eq!(r.alloc.get(&key("keep")), Some(&(1, 1 << 18)));
+        assert_eq!(r.alloc.get(&key("churn")), Some(&(1, 1 << 18)));
+        assert!(!r.alloc.contains_key(&key("code")));
+        assert_eq!(r.faults.file_bytes, 1 << 18);
+        assert_eq!(r.inuse.get(&key("keep")), Some(&(1 << 18)));
+        assert_eq!(r.inuse.get(&key("churn")), None, "given back");
+        assert_eq!(r.inuse.get(&key("released")), None, "released");
+        assert_eq!(r.alloc.get(&key("released")), Some(&(1, 1 << 18)));
+        unmap(released);
+        assert_eq!(r.processes.len(), 1);
+        assert!(r.processes[0].end().is_some_and(|m| m.anon >= 1 << 20));
+        // The next window: nothing new touched, the kept page is still held.
+        let r = ledger.close();
+        assert!(r.alloc.is_empty());
+        assert_eq!(r.inuse.get(&key("keep")), Some(&(1 << 18)));
+        unmap(kept);
+        let r = ledger.close();
+        assert!(r.inuse.is_empty());
+    }
+}
