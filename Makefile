@@ -66,8 +66,8 @@ fuzz-ci: ## The short fuzzing run of make test: every target, 20 s each, on its 
 	fuzz/run.sh 20
 
 .PHONY: test-kernel
-test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads, code without frame pointers
-	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_threads --test python_kernel --test native_unwind -- --test-threads=1
+test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads, code without frame pointers, memory
+	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_threads --test python_kernel --test native_unwind --test python_memory -- --test-threads=1
 
 .PHONY: test-cluster
 test-cluster: ## Operator, agent and store against the real test bed (started and stopped if not running)
@@ -94,11 +94,12 @@ chart: ## Package the Helm chart: target/chart/kprof-VERSION.tgz
 	e2e/testbed/package-chart.sh
 
 .PHONY: bench
-bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, native unwinding, Python, the agent daemon on the test bed, store
+bench: ## Benchmarks, side by side with perf and py-spy (root; prints figures, asserts nothing): CPU sampling, start-up, off-CPU, threads, memory (against tracemalloc and memray), native unwinding, Python, the agent daemon on the test bed, store
 	agent/bench/overhead.sh
 	agent/bench/startup.sh
 	agent/bench/offcpu.sh
 	agent/bench/threads.sh
+	agent/bench/memory.sh
 	agent/bench/unwind.sh
 	agent/bench/shop.sh
 	agent/bench/daemon.sh

@@ -624,4 +624,46 @@ mod tests {
                 .is_some_and(|r| r.processes.contains_key(&pid))
         );
     }
+
+    #[test]
+    fn a_memory_window_holds_what_was_touched_and_hands_its_pages_to_the_next() {
+        let pid = std::process::id();
+        let t0 = UNIX_EPOCH + Duration::from_secs(3_000);
+        let target = plan_of("mem", &["a"], vec![ProfileType::Memory]);
+        let key = target.key.clone();
+        let wanted: BTreeMap<TargetKey, TargetPlan> = [(key.clone(), target)].into();
+        let mut windows = Windows::default();
+        windows.apply(&wanted, t0, 0);
+        windows.see_process(std::slice::from_ref(&key), "cid-a", pid, None);
+        // A page of ours that stays: a sampled fault standing for 256 KiB.
+        let kept = vec![5u8; 1 << 20];
+        let fault = Event {
+            addr: kept.as_ptr() as u64,
+            ..Event::synthetic(EventKind::PageFault, 1 << 18, pid, &[0x1000])
+        };
+        windows.add(std::slice::from_ref(&key), "cid-a", &fault, 100, None);
+        let closed = windows
+            .close(&key, t0 + Duration::from_secs(10), true, 0, 100, |_| ())
+            .unwrap();
+        let memory = &closed.containers[0].profiles["memory"];
+        assert!(matches!(memory.kind, ProfileKind::Memory { .. }));
+        assert_eq!((memory.total(), memory.total_value()), (1, 1 << 18));
+        assert_eq!(memory.total_inuse(), 1 << 18);
+        let report = memory.memory.as_ref().expect("a memory report");
+        assert!(
+            report
+                .processes
+                .iter()
+                .any(|u| u.pid == pid && u.end().is_some())
+        );
+        // The next window touched nothing new: the page is still held, by the same stack.
+        let next = windows
+            .close(&key, t0 + Duration::from_secs(12), false, 0, 100, |_| ())
+            .unwrap();
+        let memory = &next.containers[0].profiles["memory"];
+        assert_eq!((memory.total(), memory.total_value()), (0, 0));
+        assert_eq!(memory.total_inuse(), 1 << 18);
+        assert!(memory.has_data(), "held memory is worth a Profile");
+        drop(kept);
+    }
 }

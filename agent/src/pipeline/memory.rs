@@ -72,6 +72,10 @@ struct Process {
     history: Vec<(u64, u64)>,
 }
 
+/// A memory cgroup's reading when the window started (for the OOM kills in it) and the
+/// window's readings.
+type CgroupReadings = (Option<CgroupMemory>, Vec<(u64, CgroupMemory)>);
+
 /// See the module docs. Kept across windows (handed from a window to the next).
 pub struct MemoryLedger {
     faults: Vec<Fault>,
@@ -81,7 +85,7 @@ pub struct MemoryLedger {
     processes: BTreeMap<u32, Process>,
     /// Each memory cgroup of the processes: its reading when the window started (for the OOM
     /// kills in it) and the window's readings.
-    cgroups: BTreeMap<PathBuf, (Option<CgroupMemory>, Vec<(u64, CgroupMemory)>)>,
+    cgroups: BTreeMap<PathBuf, CgroupReadings>,
     cgroup_root: PathBuf,
     untracked: u64,
 }
@@ -409,6 +413,13 @@ impl MemoryLedger {
             if let Some(leak) = leak_of(pid, p, &self.sites) {
                 report.leaks.push(leak);
             }
+            if p.cgroup.is_none() && !window.is_empty() {
+                report.warnings.push(format!(
+                    "pid {pid}: its memory cgroup was not found under {}: no container memory \
+                     figures",
+                    self.cgroup_root.display()
+                ));
+            }
             report.processes.push(ProcessUsage {
                 pid,
                 name: p.name.clone(),
@@ -439,7 +450,7 @@ fn leak_of(pid: u32, p: &Process, sites: &BTreeMap<(u32, Arc<str>), Site>) -> Op
     if grown.is_empty() {
         return None;
     }
-    grown.sort_by(|a, b| b.1.cmp(&a.1));
+    grown.sort_by_key(|g| std::cmp::Reverse(g.1));
     grown.truncate(3);
     let since = grown.iter().map(|g| g.2).min().unwrap_or(0);
     let at = p
