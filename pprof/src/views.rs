@@ -47,9 +47,10 @@ pub struct Stacks {
     pub total: i64,
     /// `type/unit` of the value, e.g. `cpu/nanoseconds`.
     pub unit: String,
-    /// The top table's "self" is the wait site: the innermost Python frame, else the innermost
+    /// The top table's "self" is the site: the innermost Python frame, else the innermost
     /// frame outside the kernel. In wall and lock profiles every wait ends in the scheduler
-    /// and the C library, and the place that matters is the code that waits (set by
+    /// and the C library, in memory profiles every first touch in the allocator and `memset`,
+    /// and the place that matters is the code that waits or allocates (set by
     /// [`Stacks::from_profile`] for those types).
     pub wait_sites: bool,
 }
@@ -75,6 +76,7 @@ impl Stacks {
             wait_sites: sample_types.first().is_some_and(|t| {
                 t.starts_with(&format!("{}/", crate::types::WALL.sample_types[0].r#type))
                     || t.starts_with(&format!("{}/", crate::types::LOCK.sample_types[0].r#type))
+                    || t.starts_with(&format!("{}/", crate::types::MEMORY.sample_types[0].r#type))
             }),
             ..Default::default()
         };
@@ -611,7 +613,13 @@ mod tests {
     }
 
     #[test]
-    fn wall_and_lock_tops_rank_the_python_wait_site_not_the_scheduler() {
+    fn wall_lock_and_memory_tops_rank_the_python_site_not_the_scheduler_or_allocator() {
+        for kind in ["contentions", "alloc_space"] {
+            let mut p = agent_like();
+            p.string_table.push(kind.into());
+            p.sample_type[0].r#type = (p.string_table.len() - 1) as i64;
+            assert!(Stacks::from_profile(&p, 0).wait_sites, "{kind}");
+        }
         let mut p = agent_like();
         p.string_table.push("wall".into());
         p.sample_type[0].r#type = (p.string_table.len() - 1) as i64;
