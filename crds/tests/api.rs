@@ -202,10 +202,11 @@ fn crds_carry_names_columns_and_rules_from_the_design() {
         .iter()
         .map(|c| c.name.to_uppercase())
         .collect();
-    // THREADS: the thread count (#18; for threads Profiles, alive at the window's end).
+    // THREADS: the thread count (#18; for threads Profiles, alive at the window's end). HEAP:
+    // memory Profiles' anonymous resident memory at the window's end (#17).
     assert_eq!(
         columns,
-        ["TARGET", "POD", "TYPE", "SAMPLES", "THREADS", "TOP", "AGE"]
+        ["TARGET", "POD", "TYPE", "SAMPLES", "THREADS", "HEAP", "TOP", "AGE"]
     );
 
     let schema = serde_json::to_string(&open_api_schema::<ProfilingTarget>()).unwrap();
