@@ -456,6 +456,9 @@ impl Aggregator {
     /// code now) and its new name (e.g. `sh -c python3 …`).
     fn on_exec(&mut self, pid: u32) {
         *self.generation.entry(pid).or_default() += 1;
+        if let Some(ledger) = self.memory.as_mut() {
+            ledger.on_exec(pid);
+        }
         self.symbolizer.forget(pid);
         self.symbolizer.track(pid);
         if let Some(meta) = self.processes.get_mut(&pid) {

@@ -184,6 +184,11 @@ impl MemoryLedger {
         }
     }
 
+    /// Process `pid` replaced its image (`exec`): none of the pages it held are.
+    pub fn on_exec(&mut self, pid: u32) {
+        self.on_release(pid, 0, u64::MAX);
+    }
+
     /// Drops a held page (a no-op for one not held).
     fn unhold(&mut self, slot: (u32, u64)) {
         if let Some(h) = self.held.remove(&slot)
@@ -226,7 +231,9 @@ impl MemoryLedger {
             if *p != pid {
                 break;
             }
-            if site.bytes == 0 && site.history.is_empty() {
+            if site.bytes == 0 {
+                // Holding nothing, it does not leak: its readings start again if it holds.
+                site.history.clear();
                 continue;
             }
             site.history.push((now, site.bytes));
@@ -426,9 +433,11 @@ impl MemoryLedger {
                 series: window,
             });
         }
-        for pid in gone {
-            self.processes.remove(&pid);
+        for pid in &gone {
+            self.processes.remove(pid);
         }
+        self.sites
+            .retain(|(pid, _), site| site.bytes > 0 && !gone.contains(pid));
     }
 }
 
