@@ -205,7 +205,8 @@ fn memory_in_use_alloc_and_leaks_match_what_the_program_measured_on_every_interp
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut failed = Vec::new();
     for interp in &interps {
-        let sub = dir.path().join(&interp.name);
+        // Names from KPROF_PYTHONS are paths.
+        let sub = dir.path().join(interp.name.replace('/', "_"));
         std::fs::create_dir_all(&sub).expect("temporary directory");
         match check(interp, &sub) {
             Ok(summary) => println!("ok    {:<24} {summary}", interp.name),
