@@ -206,7 +206,9 @@ fn crds_carry_names_columns_and_rules_from_the_design() {
     // memory Profiles' anonymous resident memory at the window's end (#17).
     assert_eq!(
         columns,
-        ["TARGET", "POD", "TYPE", "SAMPLES", "THREADS", "HEAP", "TOP", "AGE"]
+        [
+            "TARGET", "POD", "TYPE", "SAMPLES", "THREADS", "HEAP", "TOP", "AGE"
+        ]
     );
 
     let schema = serde_json::to_string(&open_api_schema::<ProfilingTarget>()).unwrap();

@@ -22,8 +22,8 @@
 
 mod cpu;
 mod follow;
-mod memory;
 mod maps;
+mod memory;
 mod offcpu;
 #[cfg(feature = "python")]
 mod python;

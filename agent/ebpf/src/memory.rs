@@ -10,9 +10,7 @@
 //!   was given back and mapped again for something else.
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
-    helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    },
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     programs::{PerfEventContext, RawTracePointContext},
 };
 use kprof_common::{EventHeader, EventKind, PAGE_BYTES, Stat, release};

@@ -15,8 +15,8 @@ use aya_ebpf::{
 };
 use kprof_common::{
     Config, EventHeader, EventKind, FLAG_GIL_HELD, FLAG_GIL_KNOWN, FLAG_IN_KERNEL,
-    FLAG_KERNEL_STACK_ERR, FLAG_UNWIND_MISS, FLAG_USER_STACK_ERR, MAX_KERNEL_FRAMES, MAX_USER_FRAMES, Stat,
-    event_len,
+    FLAG_KERNEL_STACK_ERR, FLAG_UNWIND_MISS, FLAG_USER_STACK_ERR, MAX_KERNEL_FRAMES,
+    MAX_USER_FRAMES, Stat, event_len,
     python::{MAX_PY_FRAMES, PyFrame},
 };
 

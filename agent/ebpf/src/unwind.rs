@@ -18,8 +18,10 @@
 //! binary searches are bounded loops of fixed depth.
 
 use aya_ebpf::{
+    helpers::generated::{
+        bpf_get_current_task, bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+    },
     helpers::{bpf_loop, bpf_probe_read_user},
-    helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel as bpf_probe_read_kernel_raw},
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
@@ -29,8 +31,7 @@ use kprof_common::{
         CFA_DEREF_RBP, CFA_END_OF_STACK, CFA_NO_INFO, CFA_PLT, CFA_RBP, CFA_RSP, CFA_UNSUPPORTED,
         MAPPING_SEARCH_STEPS, MAX_PROC_MAPPINGS, MAX_UNWIND_PROCS, MAX_UNWIND_ROWS,
         MAX_UNWIND_TABLES, NO_TABLE, ProcMappings, RBP_AT_CFA, RBP_AT_RBP, RBP_UNSUPPORTED,
-        ROW_SEARCH_STEPS,
-        TableRef, UnwindRow,
+        ROW_SEARCH_STEPS, TableRef, UnwindRow,
     },
 };
 
