@@ -209,7 +209,9 @@ impl Windows {
                 merger.as_mut().map(|m| &mut **m as &mut dyn StackMerger),
             );
             if let Some(c) = w.containers.get_mut(cid) {
-                *c.values.entry(ev.kind).or_default() += ev.value;
+                // Saturating: a release's value is a length, up to a whole address range.
+                let v = c.values.entry(ev.kind).or_default();
+                *v = v.saturating_add(ev.value);
                 c.pids.insert(ev.tgid);
             }
             if ev.kind == EventKind::CpuSample {
