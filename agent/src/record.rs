@@ -415,9 +415,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         engine.wait((opts.duration - elapsed).min(DRAIN_INTERVAL));
         drain(&mut engine, &mut agg);
         // Resident memory a few times a second: each second keeps its least reading.
-        if let Some(memory) = agg.memory() {
-            memory.checkpoint();
-        }
+        engine.checkpoint_memory(&mut agg);
 
         if last_housekeeping.elapsed() >= HOUSEKEEPING_INTERVAL {
             last_housekeeping = Instant::now();
@@ -455,7 +453,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     drain(&mut engine, &mut agg);
     engine.settle_off_cpu(|ev, merger| agg.add(ev, merger));
     engine.close_threads(&mut agg);
-    agg.close_memory();
+    engine.close_memory(&mut agg);
     let (loop_cpu1, _) = crate::proc::self_usage();
     let steady = steady_from.map(|(t0, cpu0, k0, n0)| {
         let (t1, cpu1, k1, n1) = mark(&engine, &agg);
@@ -663,10 +661,16 @@ pub fn memory_summary(
         "pages_tracked": r.faults.tracked,
         "processes": r.processes.iter().map(|u| {
             let (min, max) = u.anon_range();
+            let python = u.runtime_heap_end();
             serde_json::json!({
                 "pid": u.pid, "name": u.name,
                 "end": u.end().as_ref().map(mem),
                 "anon_min": min, "anon_max": max,
+                "python_heap": python,
+                "native_heap": python.zip(u.end()).map(|(p, m)| m.anon.saturating_sub(p)),
+                "python_heap_series": u.runtime_heap.iter()
+                    .map(|(t, b)| serde_json::json!({"t": *t as f64 / 1e9, "bytes": b}))
+                    .collect::<Vec<_>>(),
                 "series": u.series.iter().map(|(t, m)| serde_json::json!({
                     "t": *t as f64 / 1e9, "rss": m.rss, "anon": m.anon, "file": m.file,
                 })).collect::<Vec<_>>(),

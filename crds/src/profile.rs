@@ -171,6 +171,11 @@ pub struct MemorySummary {
     /// The least and the most anonymous memory read during the window (about every second).
     pub anon_min_bytes: u64,
     pub anon_max_bytes: u64,
+    /// Of the anonymous memory at the end, the Python object heap: pymalloc's arenas (objects
+    /// of up to 512 bytes), read from the interpreters; the rest is native allocations (and
+    /// larger objects). Absent when no interpreter's count could be read (a warning says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_heap_bytes: Option<u64>,
     /// Memory first touched during the window (sampled page faults): growth, not every
     /// allocation (memory reused inside an allocator is not touched again).
     pub alloc_bytes: u64,

@@ -302,6 +302,11 @@ pub fn memory_summary(p: &AggregatedProfile, r: &MemoryReport) -> MemorySummary 
         file_bytes: end.file,
         anon_min_bytes: anon.clone().min().unwrap_or(end.anon),
         anon_max_bytes: anon.max().unwrap_or(end.anon),
+        python_heap_bytes: r
+            .processes
+            .iter()
+            .filter_map(|u| u.runtime_heap_end())
+            .reduce(|a, b| a + b),
         alloc_bytes: p.total_value(),
         inuse_bytes: p.total_inuse(),
         container_usage_bytes: cgroup.map(|c| c.usage),

@@ -478,9 +478,7 @@ impl Daemon {
             engine.checkpoint_threads(agg);
         }
         for agg in windows.memory_aggregations() {
-            if let Some(memory) = agg.memory() {
-                memory.checkpoint();
-            }
+            engine.checkpoint_memory(agg);
         }
     }
 
@@ -493,6 +491,9 @@ impl Daemon {
         let Some(closed) = self.windows.close(key, now, reopen, lost, hz, |agg| {
             if let Some(e) = engine.as_mut() {
                 e.close_threads(agg);
+                e.close_memory(agg);
+            } else {
+                agg.close_memory(None);
             }
         }) else {
             return;

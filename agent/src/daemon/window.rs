@@ -292,8 +292,8 @@ impl Windows {
     /// Closes a target's window: at its aligned end when `reopen` (the next window starts
     /// there, keeping the symbol caches), else at `now` (a partial window). `sample_hz`: the
     /// CPU rate now, used when no CPU sample arrived.
-    /// `close_threads` closes the window's thread accounting (the engine knows who created
-    /// each thread).
+    /// `close_threads` closes the window's thread and memory accounting (the engine knows who
+    /// created each thread, and reads the runtimes' heaps).
     pub fn close(
         &mut self,
         key: &TargetKey,
@@ -305,7 +305,6 @@ impl Windows {
     ) -> Option<ClosedWindow> {
         let mut w = self.open.remove(key)?;
         close_threads(&mut w.agg);
-        w.agg.close_memory();
         let end = if reopen { w.end } else { now };
         let hz = w.hz_seen.iter().copied().max().unwrap_or(sample_hz);
         let whole: Vec<(&'static str, AggregatedProfile)> = w
@@ -645,7 +644,9 @@ mod tests {
         };
         windows.add(std::slice::from_ref(&key), "cid-a", &fault, 100, None);
         let closed = windows
-            .close(&key, t0 + Duration::from_secs(10), true, 0, 100, |_| ())
+            .close(&key, t0 + Duration::from_secs(10), true, 0, 100, |agg| {
+                agg.close_memory(None)
+            })
             .unwrap();
         let memory = &closed.containers[0].profiles["memory"];
         assert!(matches!(memory.kind, ProfileKind::Memory { .. }));
@@ -660,7 +661,9 @@ mod tests {
         );
         // The next window touched nothing new: the page is still held, by the same stack.
         let next = windows
-            .close(&key, t0 + Duration::from_secs(12), false, 0, 100, |_| ())
+            .close(&key, t0 + Duration::from_secs(12), false, 0, 100, |agg| {
+                agg.close_memory(None)
+            })
             .unwrap();
         let memory = &next.containers[0].profiles["memory"];
         assert_eq!((memory.total(), memory.total_value()), (0, 0));

@@ -48,6 +48,11 @@ pub trait StackMerger {
     fn thread_stack(&mut self, _pid: u32, _tid: u32) -> Option<Vec<Frame>> {
         None
     }
+    /// The runtime's own heap in `pid` (Python: pymalloc's arenas), or why it cannot be read;
+    /// `None` for a process without a runtime.
+    fn runtime_heap(&mut self, _pid: u32) -> Option<Result<u64, String>> {
+        None
+    }
 }
 
 /// The frame an off-CPU interval gets when its stacks were not captured (the share of
@@ -224,9 +229,9 @@ impl Aggregator {
     }
 
     /// Closes the memory accounting: the report the memory profile is built from.
-    pub fn close_memory(&mut self) {
+    pub fn close_memory(&mut self, merger: Option<&mut dyn StackMerger>) {
         if let Some(ledger) = self.memory.as_mut() {
-            self.memory_report = Some(ledger.close());
+            self.memory_report = Some(ledger.close(merger));
         }
     }
 

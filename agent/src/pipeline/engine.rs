@@ -120,6 +120,10 @@ impl StackMerger for PythonMerger<'_> {
     fn thread_stack(&mut self, pid: u32, tid: u32) -> Option<Vec<Frame>> {
         self.py.thread_stack(pid, tid)
     }
+
+    fn runtime_heap(&mut self, pid: u32) -> Option<Result<u64, String>> {
+        self.py.python_heap(pid)
+    }
 }
 
 /// A process in the target map, as seen by [`Engine::prune`].
@@ -435,6 +439,22 @@ impl Engine {
             merger.as_mut().map(|m| m as &mut dyn StackMerger),
         );
         self.threads.sweep(crate::proc::monotonic_ns());
+    }
+
+    /// Reads the memory of every process of `agg`'s window now (memory profiles).
+    pub fn checkpoint_memory(&mut self, agg: &mut crate::pipeline::aggregate::Aggregator) {
+        let wait = self.cfg.python_wait;
+        let mut merger = self.python.as_mut().map(|py| PythonMerger { py, wait });
+        if let Some(ledger) = agg.memory() {
+            ledger.checkpoint(merger.as_mut().map(|m| m as &mut dyn StackMerger));
+        }
+    }
+
+    /// Closes the memory accounting of `agg`'s window (its memory profile's report).
+    pub fn close_memory(&mut self, agg: &mut crate::pipeline::aggregate::Aggregator) {
+        let wait = self.cfg.python_wait;
+        let mut merger = self.python.as_mut().map(|py| PythonMerger { py, wait });
+        agg.close_memory(merger.as_mut().map(|m| m as &mut dyn StackMerger));
     }
 
     /// Reports the off-CPU time that has passed and is not in events yet (waits in progress,

@@ -13,7 +13,7 @@
 //! every allocation (that is what tracemalloc hooks, at a price).
 use std::{collections::BTreeMap, ops::Bound, path::PathBuf, sync::Arc};
 
-use super::event::Event;
+use super::{aggregate::StackMerger, event::Event};
 use crate::{
     proc::{
         maps::MapEntry,
@@ -70,6 +70,10 @@ struct Process {
     pending: Option<(u64, ResidentMemory)>,
     /// (time, anonymous bytes) across windows, thinned.
     history: Vec<(u64, u64)>,
+    /// (time, bytes of the runtime's own heap: Python's pymalloc arenas) of this window.
+    runtime_heap: Vec<(u64, u64)>,
+    /// Why the runtime's heap could not be read (said once a window).
+    runtime_heap_error: Option<String>,
 }
 
 /// A memory cgroup's reading when the window started (for the OOM kills in it) and the
@@ -199,12 +203,13 @@ impl MemoryLedger {
     }
 
     /// Reads every followed process's resident memory (call it a few times a second: each
-    /// second keeps its least reading) and, once a second, each cgroup's.
-    pub fn checkpoint(&mut self) {
-        self.read_all(false);
+    /// second keeps its least reading) and, once a second, each cgroup's and the runtime's
+    /// own heap (through `merger`).
+    pub fn checkpoint(&mut self, merger: Option<&mut dyn StackMerger>) {
+        self.read_all(false, merger);
     }
 
-    fn read_all(&mut self, flush: bool) {
+    fn read_all(&mut self, flush: bool, mut merger: Option<&mut dyn StackMerger>) {
         let now = crate::proc::monotonic_ns();
         let pids: Vec<u32> = self.processes.keys().copied().collect();
         let mut second_done = flush;
@@ -212,6 +217,14 @@ impl MemoryLedger {
             if self.read_process(pid, now, flush) {
                 second_done = true;
                 self.note_sites(pid, now);
+                if let Some(heap) = merger.as_mut().and_then(|m| m.runtime_heap(pid))
+                    && let Some(p) = self.processes.get_mut(&pid)
+                {
+                    match heap {
+                        Ok(bytes) => p.runtime_heap.push((now, bytes)),
+                        Err(why) => p.runtime_heap_error = Some(why),
+                    }
+                }
             }
         }
         if second_done || self.cgroups.values().all(|c| c.1.is_empty()) {
@@ -268,8 +281,8 @@ impl MemoryLedger {
 
     /// Closes the window: which pages of its faults and of earlier ones are still held, and
     /// the figures of every process. The ledger then starts the next window.
-    pub fn close(&mut self) -> MemoryReport {
-        self.read_all(true);
+    pub fn close(&mut self, merger: Option<&mut dyn StackMerger>) -> MemoryReport {
+        self.read_all(true, merger);
         let mut report = MemoryReport::default();
         let faults = std::mem::take(&mut self.faults);
         let mut by_pid: BTreeMap<u32, Vec<Fault>> = BTreeMap::new();
@@ -413,6 +426,15 @@ impl MemoryLedger {
         let mut gone = Vec::new();
         for (&pid, p) in &mut self.processes {
             let window = std::mem::take(&mut p.window);
+            let runtime_heap = std::mem::take(&mut p.runtime_heap);
+            if let Some(why) = p.runtime_heap_error.take()
+                && runtime_heap.is_empty()
+            {
+                report.warnings.push(format!(
+                    "pid {pid}: the Python object heap cannot be read ({why}): only the \
+                     process's resident memory is shown"
+                ));
+            }
             if window.is_empty() && !crate::proc::is_alive(pid) {
                 gone.push(pid);
                 continue;
@@ -431,6 +453,7 @@ impl MemoryLedger {
                 pid,
                 name: p.name.clone(),
                 series: window,
+                runtime_heap,
             });
         }
         for pid in &gone {
@@ -662,7 +685,7 @@ mod tests {
             &fault(our_own_pages_are_alloc_and_held_until_given_back as *const u8),
             key("code"),
         );
-        let r = ledger.close();
+        let r = ledger.close(None);
         assert_eq!(r.alloc.get(&key("keep")), Some(&(1, 1 << 18)));
         assert_eq!(r.alloc.get(&key("churn")), Some(&(1, 1 << 18)));
         assert!(!r.alloc.contains_key(&key("code")));
@@ -675,11 +698,11 @@ mod tests {
         assert_eq!(r.processes.len(), 1);
         assert!(r.processes[0].end().is_some_and(|m| m.anon >= 1 << 20));
         // The next window: nothing new touched, the kept page is still held.
-        let r = ledger.close();
+        let r = ledger.close(None);
         assert!(r.alloc.is_empty());
         assert_eq!(r.inuse.get(&key("keep")), Some(&(1 << 18)));
         unmap(kept);
-        let r = ledger.close();
+        let r = ledger.close(None);
         assert!(r.inuse.is_empty());
     }
 }

@@ -13,12 +13,21 @@ pub struct ProcessUsage {
     pub name: String,
     /// (CLOCK_MONOTONIC ns, resident memory), read about every second and at the end.
     pub series: Vec<(u64, ResidentMemory)>,
+    /// (CLOCK_MONOTONIC ns, bytes) of the runtime's own heap (Python: pymalloc's arenas, the
+    /// objects of up to 512 bytes), read with `series`; empty when not a runtime or not
+    /// readable (a warning says why).
+    pub runtime_heap: Vec<(u64, u64)>,
 }
 
 impl ProcessUsage {
     /// The last reading.
     pub fn end(&self) -> Option<ResidentMemory> {
         self.series.last().map(|p| p.1)
+    }
+
+    /// The runtime's heap at the last reading.
+    pub fn runtime_heap_end(&self) -> Option<u64> {
+        self.runtime_heap.last().map(|p| p.1)
     }
 
     /// The least and the most anonymous memory read.

@@ -22,6 +22,10 @@ pub const WANTED_SYMBOLS: &[&str] = &[
     // `Py_GetVersion`'s buffer (a local symbol of unstripped builds).
     "version.0",
     "version",
+    // pymalloc's arena count (local symbols of unstripped builds): a static counter on
+    // 3.8–3.11, inside the main interpreter's static allocator state from 3.13.
+    "narenas_currently_allocated",
+    "obmalloc_state_main",
 ];
 
 /// The largest `.rodata` kept for version-string scans (a libpython's is ~1 MiB; a file in a

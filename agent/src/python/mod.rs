@@ -502,6 +502,15 @@ impl PythonSupport {
         }
     }
 
+    /// The Python object heap of `pid` (pymalloc's arenas), see [`PyProcess::python_heap`]:
+    /// `None` for a process without a detected interpreter.
+    pub fn python_heap(&self, pid: u32) -> Option<Result<u64, String>> {
+        lock(&self.inner)
+            .procs
+            .get(&pid)
+            .map(PyProcess::python_heap)
+    }
+
     /// Processes with a detected interpreter.
     pub fn process_count(&self) -> usize {
         lock(&self.inner).procs.len()

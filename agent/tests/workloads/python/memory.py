@@ -4,9 +4,11 @@ that builds a large cache and keeps it, one that keeps large byte buffers, one t
 and frees far more in short-lived objects, and one that leaks a little at a time. argv: output
 file. It runs until killed; it rewrites the output with its truth every 0.2 s, with its
 anonymous memory read before, during and after each round (it comes and goes with the
-churner) and the CLOCK_MONOTONIC time of each reading."""
+churner), pymalloc's arena count with it (sys._debugmallocstats), and the CLOCK_MONOTONIC time
+of each reading."""
 import json
 import os
+import re
 from array import array
 import sys
 import time
@@ -21,13 +23,34 @@ truth = {"build_cache": 0, "keep_buffers": 0, "leak_step": 0, "churn_rounds": 0}
 KEEP = 300
 reading_at = array("d", [0.0] * KEEP)
 reading_anon = array("q", [0] * KEEP)
+reading_arenas = array("q", [0] * KEEP)
 readings = [0]
+STATS = OUT + ".mallocstats"
+ARENAS = re.compile(r"# arenas allocated current\s*=\s*([\d,]+)")
+
+
+def arenas_now():
+    """pymalloc's arena count, as the interpreter prints it (sys._debugmallocstats)."""
+    fd = os.open(STATS, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    saved = os.dup(2)
+    os.dup2(fd, 2)
+    try:
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    os.lseek(fd, 0, 0)
+    text = os.read(fd, 1 << 20).decode()
+    os.close(fd)
+    m = ARENAS.search(text)
+    return int(m.group(1).replace(",", "")) if m else -1
 
 
 def read_now():
     i = readings[0] % KEEP
     reading_at[i] = time.monotonic()
     reading_anon[i] = rss_anon()
+    reading_arenas[i] = arenas_now()
     readings[0] += 1
 
 
@@ -72,8 +95,10 @@ def measured(name, fn, *args):
 def write_truth():
     out = dict(truth)
     out["readings"] = [
-        (reading_at[i], reading_anon[i]) for i in range(min(readings[0], KEEP))
+        (reading_at[i], reading_anon[i], reading_arenas[i])
+        for i in range(min(readings[0], KEEP))
     ]
+    out["arena_bytes"] = (256 << 10) if sys.version_info < (3, 10) else (1 << 20)
     tmp = OUT + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f)
