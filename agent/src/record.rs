@@ -667,6 +667,8 @@ pub fn memory_summary(
                 "end": u.end().as_ref().map(mem),
                 "anon_min": min, "anon_max": max,
                 "python_heap": python,
+                "pss_anon": u.pss_anon,
+                "forked_from": u.forked_from,
                 "native_heap": python.zip(u.end()).map(|(p, m)| m.anon.saturating_sub(p)),
                 "python_heap_series": u.runtime_heap.iter()
                     .map(|(t, b)| serde_json::json!({"t": *t as f64 / 1e9, "bytes": b}))

@@ -283,16 +283,18 @@ pub fn memory_summary(p: &AggregatedProfile, r: &MemoryReport) -> MemorySummary 
             sum.file += m.file;
         }
     }
-    let end: ResidentMemory =
-        r.processes
-            .iter()
-            .filter_map(|u| u.end())
-            .fold(ResidentMemory::default(), |mut sum, m| {
-                sum.rss += m.rss;
-                sum.anon += m.anon;
-                sum.file += m.file;
-                sum
-            });
+    // Processes forked without exec share pages: their own share (PSS) is summed, not
+    // resident memory that counts the shared pages in each.
+    let end = r
+        .processes
+        .iter()
+        .filter_map(|u| Some((u.end()?, u.own_anon()?)))
+        .fold(ResidentMemory::default(), |mut sum, (m, own)| {
+            sum.rss += m.rss;
+            sum.anon += own;
+            sum.file += m.file;
+            sum
+        });
     let anon = by_time.values().map(|m| m.anon);
     let cgroup = r.cgroups.first().and_then(|c| c.end());
     MemorySummary {

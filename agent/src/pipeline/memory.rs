@@ -74,6 +74,8 @@ struct Process {
     runtime_heap: Vec<(u64, u64)>,
     /// Why the runtime's heap could not be read (said once a window).
     runtime_heap_error: Option<String>,
+    /// The followed process it was forked from without `exec` (they share pages).
+    forked_from: Option<u32>,
 }
 
 /// A memory cgroup's reading when the window started (for the OOM kills in it) and the
@@ -123,11 +125,18 @@ impl MemoryLedger {
                 let now = memory::read_cgroup(dir);
                 self.cgroups.insert(dir.clone(), (now, Vec::new()));
             }
+            // Forked without exec from a followed process (a pre-fork worker): same program.
+            let forked_from = memory::parent(pid).filter(|ppid| {
+                self.processes.contains_key(ppid)
+                    && crate::proc::exe_identity(*ppid).is_some()
+                    && crate::proc::exe_identity(*ppid) == crate::proc::exe_identity(pid)
+            });
             self.processes.insert(
                 pid,
                 Process {
                     name: crate::proc::name(pid),
                     cgroup,
+                    forked_from,
                     ..Process::default()
                 },
             );
@@ -424,6 +433,25 @@ impl MemoryLedger {
     /// Each process's readings of the window, and the leak verdict on its history.
     fn report_processes(&mut self, report: &mut MemoryReport) {
         let mut gone = Vec::new();
+        let parents: std::collections::BTreeSet<u32> = self
+            .processes
+            .values()
+            .filter_map(|p| p.forked_from)
+            .collect();
+        let forked: Vec<(u32, u32)> = self
+            .processes
+            .iter()
+            .filter_map(|(pid, p)| Some((*pid, p.forked_from?)))
+            .collect();
+        if let Some(&(child, parent)) = forked.first() {
+            report.warnings.push(format!(
+                "memory: {} process(es) forked without exec (pid {child} from pid {parent}…) \
+                 share pages copy-on-write with their parent: each one's resident memory counts \
+                 the shared pages, so their own anonymous memory is their proportional share \
+                 (PSS)",
+                forked.len()
+            ));
+        }
         for (&pid, p) in &mut self.processes {
             let window = std::mem::take(&mut p.window);
             let runtime_heap = std::mem::take(&mut p.runtime_heap);
@@ -449,11 +477,14 @@ impl MemoryLedger {
                     self.cgroup_root.display()
                 ));
             }
+            let shares = p.forked_from.is_some() || parents.contains(&pid);
             report.processes.push(ProcessUsage {
                 pid,
                 name: p.name.clone(),
                 series: window,
                 runtime_heap,
+                pss_anon: if shares { memory::pss_anon(pid) } else { None },
+                forked_from: p.forked_from,
             });
         }
         for pid in &gone {
@@ -633,6 +664,52 @@ mod tests {
         .unwrap();
         assert_eq!(bytes >> 20, 300);
         assert!(from >= 1_000_000_000, "{from}");
+    }
+
+    #[test]
+    fn a_process_forked_without_exec_is_told_and_counted_by_its_share() {
+        // A shell whose subshell is a fork of it (no exec); the subshell's `sleep` is exec'd.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "( while :; do sleep 1; done ) & wait"])
+            .spawn()
+            .unwrap();
+        let parent = sh.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let child = loop {
+            let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                .unwrap_or_default();
+            let sub = kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok())
+                .find(|&k| crate::proc::exe_identity(k) == crate::proc::exe_identity(parent));
+            if let Some(k) = sub {
+                break k;
+            }
+            assert!(std::time::Instant::now() < deadline, "no subshell");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut ledger = MemoryLedger::new();
+        ledger.see_process(parent);
+        ledger.see_process(child);
+        let r = ledger.close(None);
+        let _ = sh.kill();
+        let _ = sh.wait();
+        // SAFETY: a signal to the subshell this test started.
+        unsafe { libc::kill(child as i32, libc::SIGKILL) };
+        let usage = |pid| r.processes.iter().find(|u| u.pid == pid).unwrap();
+        assert_eq!(usage(child).forked_from, Some(parent));
+        assert_eq!(usage(parent).forked_from, None);
+        for pid in [parent, child] {
+            let u = usage(pid);
+            let share = u.pss_anon.expect("a share read");
+            assert!(
+                share <= u.end().unwrap().anon + (64 << 10),
+                "{share} {:?}",
+                u.end()
+            );
+            assert_eq!(u.own_anon(), Some(share));
+        }
+        assert!(r.warnings.iter().any(|w| w.contains("forked without exec")));
     }
 
     #[test]

@@ -49,6 +49,26 @@ pub fn parse_status(text: &str) -> Option<ResidentMemory> {
     seen.then_some(m)
 }
 
+/// The parent of `pid` (`PPid` in `/proc/<pid>/status`).
+pub fn parent(pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A process's proportional share of its anonymous memory (`Pss_Anon` of
+/// `/proc/<pid>/smaps_rollup`, bytes): pages shared copy-on-write with a parent or siblings
+/// count a share each. Walks the process's page tables: read once a window, only for
+/// processes that share.
+pub fn pss_anon(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss_Anon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb.saturating_mul(1024))
+}
+
 /// A process's `pagemap`: which of its pages are resident or swapped (the page frame numbers,
 /// which need CAP_SYS_ADMIN, are not used).
 pub struct PageMap(File);

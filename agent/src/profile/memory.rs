@@ -17,6 +17,12 @@ pub struct ProcessUsage {
     /// objects of up to 512 bytes), read with `series`; empty when not a runtime or not
     /// readable (a warning says why).
     pub runtime_heap: Vec<(u64, u64)>,
+    /// A process that shares memory copy-on-write (forked without `exec`, or the parent of
+    /// one): its proportional share of anonymous memory at the end (PSS), which adds up over
+    /// the processes where their resident figures count the shared pages in each.
+    pub pss_anon: Option<u64>,
+    /// The profiled process it was forked from without `exec` (a pre-fork worker).
+    pub forked_from: Option<u32>,
 }
 
 impl ProcessUsage {
@@ -28,6 +34,12 @@ impl ProcessUsage {
     /// The runtime's heap at the last reading.
     pub fn runtime_heap_end(&self) -> Option<u64> {
         self.runtime_heap.last().map(|p| p.1)
+    }
+
+    /// Anonymous memory at the end that is this process's own: its proportional share when
+    /// it shares pages with a parent or children, else its resident anonymous memory.
+    pub fn own_anon(&self) -> Option<u64> {
+        self.pss_anon.or_else(|| self.end().map(|m| m.anon))
     }
 
     /// The least and the most anonymous memory read.
