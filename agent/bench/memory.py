@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Driver of agent/bench/memory.sh (see there). Prints one table of medians and ratios."""
-import argparse, json, os, statistics, sys
+import argparse, json, os, re, statistics, subprocess, sys, time
 
 from benchlib import figures, run
 
@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=6)
+    ap.add_argument("--syscalls", help="a program printing ns_per_syscall=…")
     a = ap.parse_args()
     script = os.path.join(a.workdir, "alloc.py")
     open(script, "w").write(WORKLOAD)
@@ -88,6 +89,28 @@ def main():
         print(f"{m:14} {med(m, 'wall'):8.3f} {med(m, 'rate'):7.0f} {slow:8.1f}% {agent:>12} "
               f"{rss:>14} {samples:>8}")
     print("target: kprof memory <= 2 % slowdown, far below tracemalloc and memray")
+    if a.syscalls:
+        syscall_cost(a)
+
+
+def syscall_cost(a):
+    """ns per syscall of an untargeted loop, alone and while a memory profile of another process
+    runs (its release source hooks sys_enter, which every process's syscalls then pass)."""
+    def loop():
+        out = subprocess.run([a.syscalls], capture_output=True, text=True).stdout
+        return float(re.search(r"ns_per_syscall=([\d.]+)", out).group(1))
+    alone = statistics.median(loop() for _ in range(3))
+    d = os.path.join(a.workdir, "k-sys")
+    agent = subprocess.Popen([a.agent, "record", "--types", "memory", "-d", "60s", "-o", d, "--",
+                              "sleep", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(5)
+    try:
+        profiled = statistics.median(loop() for _ in range(3))
+    finally:
+        agent.terminate()
+        agent.wait()
+    print(f"\nuntargeted syscall loop: {alone:.1f} ns/syscall alone, {profiled:.1f} with a memory "
+          f"profile running on the node (+{profiled - alone:.1f} ns: the sys_enter hook)")
 
 
 if __name__ == "__main__":
