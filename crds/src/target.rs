@@ -56,9 +56,10 @@ pub struct ProfilingTargetSpec {
     pub containers: Vec<String>,
 
     /// What to profile: `cpu` (on-CPU samples), `wall` (on- and off-CPU time), `lock` (time
-    /// blocked on locks and futexes), `memory` (allocations). Default `[cpu]`.
+    /// blocked on locks and futexes), `threads` (thread counts and who creates them), `memory`
+    /// (memory touched and held, heap usage, leaks). Default `[cpu]`.
     #[serde(default = "default_profile_types")]
-    #[schemars(length(min = 1, max = 4))]
+    #[schemars(length(min = 1, max = 5))]
     #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u == t))")
         .message("spec.profileTypes must not list a type twice"))]
     pub profile_types: Vec<ProfileType>,
