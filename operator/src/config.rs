@@ -18,7 +18,7 @@
 //!   imagePullPolicy: IfNotPresent
 //!   imagePullSecrets: []             # names
 //!   serviceAccountName: kprof-agent
-//!   resources: {requests: {cpu: 50m, memory: 96Mi}, limits: {memory: 512Mi}}
+//!   resources: {requests: {cpu: 50m, memory: 96Mi}, limits: {memory: 1Gi}}
 //!   tolerations: [{operator: Exists}] # run wherever a selected pod runs, whatever the taints
 //!   nodeSelector: {}
 //!   priorityClassName: ""            # e.g. system-node-critical
@@ -162,7 +162,9 @@ impl Default for AgentConfig {
             resources: Some(
                 serde_json::from_value(serde_json::json!({
                     "requests": {"cpu": "50m", "memory": "96Mi"},
-                    "limits": {"memory": "512Mi"},
+                    // The eBPF verifier's working memory is charged to the agent while its
+                    // programs load: ~650 MiB for a second (see the chart's values.yaml).
+                    "limits": {"memory": "1Gi"},
                 }))
                 .expect("valid resources"),
             ),
