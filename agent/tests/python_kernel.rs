@@ -20,34 +20,6 @@ use kprof_agent::profile::{AggregatedProfile, Frame, FrameKind, ThreadState, Wai
 use kprof_agent::record::{ProfileType, RecordOptions, record};
 use kprof_common::python::PyStat;
 
-/// `Some(reason)` when kernel tests cannot run here.
-fn skip_reason() -> Option<String> {
-    if !harness::is_root() {
-        return Some("not root (needs CAP_BPF + CAP_PERFMON)".into());
-    }
-    if !kprof_agent::kernel::loader::ebpf_available() {
-        return Some("kprof-agent built without its eBPF object (AYA_BUILD_SKIP)".into());
-    }
-    if harness::interpreters().is_empty() {
-        return Some("no CPython 3.8+ installed".into());
-    }
-    None
-}
-
-/// Skip loudly, or fail under `KPROF_REQUIRE_KERNEL=1`.
-fn kernel_or_skip(test: &str) -> bool {
-    match skip_reason() {
-        None => true,
-        Some(why) => {
-            if std::env::var("KPROF_REQUIRE_KERNEL").as_deref() == Ok("1") {
-                panic!("{test}: kernel test required (KPROF_REQUIRE_KERNEL=1) but: {why}");
-            }
-            eprintln!("\n*** SKIP {test}: {why} ***\n");
-            false
-        }
-    }
-}
-
 fn record_cmd(
     interp: &harness::Interp,
     script: &str,
@@ -270,7 +242,7 @@ fn judge(name: &str, a: &Attribution, tolerance_pp: f64) -> (String, Vec<String>
 
 #[test]
 fn attribution_every_version() {
-    if !kernel_or_skip("attribution_every_version") {
+    if !harness::kernel_or_skip("attribution_every_version") {
         return;
     }
     let interps = harness::interpreters();
@@ -315,7 +287,7 @@ fn attribution_every_version() {
 
 #[test]
 fn threads_have_their_own_stacks_and_names() {
-    if !kernel_or_skip("threads_have_their_own_stacks_and_names") {
+    if !harness::kernel_or_skip("threads_have_their_own_stacks_and_names") {
         return;
     }
     let m = harness::markers("threads.py");
@@ -389,7 +361,7 @@ fn threads_have_their_own_stacks_and_names() {
 
 #[test]
 fn multiprocessing_workers_are_profiled() {
-    if !kernel_or_skip("multiprocessing_workers_are_profiled") {
+    if !harness::kernel_or_skip("multiprocessing_workers_are_profiled") {
         return;
     }
     let mut failures = Vec::new();
@@ -469,7 +441,7 @@ fn multiprocessing_workers_are_profiled() {
 /// with the truncation marker.
 #[test]
 fn deep_stacks_and_truncation() {
-    if !kernel_or_skip("deep_stacks_and_truncation") {
+    if !harness::kernel_or_skip("deep_stacks_and_truncation") {
         return;
     }
     let m = harness::markers("deep.py");
@@ -533,7 +505,7 @@ fn deep_stacks_and_truncation() {
 /// and named, and the runtime is reported.
 #[test]
 fn a_shell_that_execs_python_is_profiled_as_python() {
-    if !kernel_or_skip("a_shell_that_execs_python_is_profiled_as_python") {
+    if !harness::kernel_or_skip("a_shell_that_execs_python_is_profiled_as_python") {
         return;
     }
     let interp = harness::interpreters()
@@ -621,7 +593,7 @@ fn periodic_errors(p: &AggregatedProfile, truth_file: &std::path::Path) -> (f64,
 /// the long-run tick rate the one asked for.
 #[test]
 fn periodic_code_is_not_phase_locked() {
-    if !kernel_or_skip("periodic_code_is_not_phase_locked") {
+    if !harness::kernel_or_skip("periodic_code_is_not_phase_locked") {
         return;
     }
     const HZ: u32 = 99;
@@ -755,7 +727,7 @@ fn record_truth(
 
 #[test]
 fn wall_splits_a_threads_time_by_how_it_waits_on_every_version() {
-    if !kernel_or_skip("wall_splits_a_threads_time_by_how_it_waits_on_every_version") {
+    if !harness::kernel_or_skip("wall_splits_a_threads_time_by_how_it_waits_on_every_version") {
         return;
     }
     let interps = harness::interpreters();
@@ -841,8 +813,9 @@ fn wait_breakdown(p: &AggregatedProfile, tid: u32) -> BTreeMap<String, f64> {
 
 #[test]
 fn gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version() {
-    if !kernel_or_skip("gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version")
-    {
+    if !harness::kernel_or_skip(
+        "gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version",
+    ) {
         return;
     }
     const THREADS: usize = 3;
@@ -942,7 +915,9 @@ fn gil_waits_and_holds_match_what_cpu_bound_threads_measure_on_every_version() {
 
 #[test]
 fn lock_waits_per_site_match_what_the_waiters_measure_on_every_version() {
-    if !kernel_or_skip("lock_waits_per_site_match_what_the_waiters_measure_on_every_version") {
+    if !harness::kernel_or_skip(
+        "lock_waits_per_site_match_what_the_waiters_measure_on_every_version",
+    ) {
         return;
     }
     let interps = harness::interpreters();
@@ -1047,7 +1022,7 @@ fn lock_waits_per_site_match_what_the_waiters_measure_on_every_version() {
 
 #[test]
 fn off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully() {
-    if !kernel_or_skip("off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully") {
+    if !harness::kernel_or_skip("off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully") {
         return;
     }
     let interp = harness::interpreters()
@@ -1121,7 +1096,7 @@ fn off_cpu_threads_exiting_mid_wait_and_exec_degrade_gracefully() {
 
 #[test]
 fn threads_are_counted_named_and_a_leak_is_found_on_every_version() {
-    if !kernel_or_skip("threads_are_counted_named_and_a_leak_is_found_on_every_version") {
+    if !harness::kernel_or_skip("threads_are_counted_named_and_a_leak_is_found_on_every_version") {
         return;
     }
     let interps = harness::interpreters();

@@ -39,19 +39,6 @@ struct Truth {
     arena_bytes: u64,
 }
 
-fn skip_reason() -> Option<String> {
-    if !harness::is_root() {
-        return Some("not root (needs CAP_BPF + CAP_PERFMON)".into());
-    }
-    if !kprof_agent::kernel::loader::ebpf_available() {
-        return Some("kprof-agent built without its eBPF object (AYA_BUILD_SKIP)".into());
-    }
-    if harness::interpreters().is_empty() {
-        return Some("no CPython 3.8+ installed".into());
-    }
-    None
-}
-
 /// Whether `key`'s stack runs the workload's function `name` (Python frames are named
 /// `module.function`; the embedding program's script module has another name).
 fn runs(key: &SampleKey, name: &str) -> bool {
@@ -248,11 +235,7 @@ fn anon_series(u: &kprof_agent::profile::memory::ProcessUsage) -> Vec<u64> {
 
 #[test]
 fn memory_in_use_alloc_and_leaks_match_what_the_program_measured_on_every_interpreter() {
-    if let Some(why) = skip_reason() {
-        if std::env::var("KPROF_REQUIRE_KERNEL").as_deref() == Ok("1") {
-            panic!("kernel test required (KPROF_REQUIRE_KERNEL=1) but: {why}");
-        }
-        eprintln!("\n*** SKIP python_memory: {why} ***\n");
+    if !harness::kernel_or_skip("python_memory") {
         return;
     }
     let interps = harness::interpreters();

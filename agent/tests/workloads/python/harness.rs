@@ -264,3 +264,31 @@ pub fn thread_comm(pid: u32, tid: u32) -> String {
         .trim()
         .to_string()
 }
+
+/// `Some(reason)` when the Python kernel tests cannot run here.
+pub fn skip_reason() -> Option<String> {
+    if !is_root() {
+        return Some("not root (needs CAP_BPF + CAP_PERFMON)".into());
+    }
+    if !kprof_agent::kernel::loader::ebpf_available() {
+        return Some("kprof-agent built without its eBPF object (AYA_BUILD_SKIP)".into());
+    }
+    if interpreters().is_empty() {
+        return Some("no CPython 3.8+ installed".into());
+    }
+    None
+}
+
+/// Skip loudly, or fail under `KPROF_REQUIRE_KERNEL=1`.
+pub fn kernel_or_skip(test: &str) -> bool {
+    match skip_reason() {
+        None => true,
+        Some(why) => {
+            if std::env::var("KPROF_REQUIRE_KERNEL").as_deref() == Ok("1") {
+                panic!("{test}: kernel test required (KPROF_REQUIRE_KERNEL=1) but: {why}");
+            }
+            eprintln!("\n*** SKIP {test}: {why} ***\n");
+            false
+        }
+    }
+}
