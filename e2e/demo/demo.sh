@@ -49,7 +49,7 @@ kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/d
 kubectl apply -f e2e/demo/shop.yaml
 kubectl -n "$NS" rollout status deploy/shop --timeout=120s
 
-step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, wall, lock and threads, 99 Hz, 10 s windows)"
+step "6/8 kubectl apply the ProfilingTarget (e2e/demo/target.yaml: cpu, wall, lock, threads and memory, 99 Hz, 10 s windows)"
 kubectl -n "$NS" delete profilingtarget shop --ignore-not-found --wait >/dev/null
 applied=$(date +%s.%N)
 kubectl apply -f e2e/demo/target.yaml
@@ -86,12 +86,13 @@ newest=$(newest_of cpu)
 echo
 echo "\$ kubectl kprof top -n $NS $newest        # CPU: where the service burns CPU"
 kubectl kprof top -n "$NS" "$newest" | head -n 20
-for type in wall lock threads; do
+for type in wall lock threads memory; do
   p=$(newest_of "$type")
   [[ -n "$p" ]] || continue
   echo
   case $type in
     threads) what="which code creates the threads still alive" ;;
+    memory) what="which code holds the memory (in use, by the code that first touched it)" ;;
     *) what="where the threads wait (by wait site)" ;;
   esac
   echo "\$ kubectl kprof top -n $NS $p        # $type: $what"

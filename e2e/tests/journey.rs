@@ -231,6 +231,75 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         created.len(),
         summary.threads
     );
+    // And memory Profiles: the shop keeps every receipt, so its heap grows with its traffic;
+    // its own code tops the in-use view, and a window soon flags the leak.
+    let memory_selector = format!("{}=shop,{}=memory", labels::TARGET, labels::PROFILE_TYPE);
+    let leaking = poll_until(
+        "a memory Profile of the shop that flags its leak",
+        Duration::from_secs(90),
+        Duration::from_secs(2),
+        || {
+            let profiles = profiles.clone();
+            let lp = ListParams::default().labels(&memory_selector);
+            async move {
+                let list = profiles.list(&lp).await?;
+                Ok(list.items.into_iter().find(|p| {
+                    p.spec
+                        .memory_summary
+                        .as_ref()
+                        .is_some_and(|m| m.leak_suspected)
+                }))
+            }
+        },
+    )
+    .await?;
+    let memory = leaking
+        .spec
+        .memory_summary
+        .clone()
+        .context("a memory Profile has spec.memorySummary")?;
+    ensure!(
+        memory.anon_bytes >= 1 << 20
+            && memory.anon_min_bytes <= memory.anon_max_bytes
+            && memory.heap.ends_with("MiB")
+            && memory.inuse_bytes > 0,
+        "the shop's memory over the window: {memory:?}"
+    );
+    ensure!(
+        leaking
+            .spec
+            .top_functions
+            .iter()
+            .take(3)
+            .any(|f| f.function.starts_with("main.")),
+        "the memory top names the shop's own code: top={} {:?}",
+        leaking.spec.top,
+        leaking.spec.top_functions
+    );
+    // The receipts land in heap pages that the shop's other per-request allocations may have
+    // touched first (memory is counted where it is first touched): the warning names the
+    // shop's own code, whichever of its functions that was.
+    ensure!(
+        leaking
+            .spec
+            .warnings
+            .iter()
+            .any(|w| w.contains("memory leak suspected") && w.contains("main.")),
+        "the leak warning names the shop's code that grew the heap: {:?}",
+        leaking.spec.warnings
+    );
+    eprintln!(
+        "memory {} (anon {:.1}–{:.1} MiB, in use {:.1} MiB), leak: {:?}",
+        memory.heap,
+        memory.anon_min_bytes as f64 / 1048576.0,
+        memory.anon_max_bytes as f64 / 1048576.0,
+        memory.inuse_bytes as f64 / 1048576.0,
+        leaking
+            .spec
+            .warnings
+            .iter()
+            .find(|w| w.contains("memory leak"))
+    );
     eprintln!(
         "wall {:?}\nlock top {} ({} waits)\nthreads {} → {} (created {}, exited {})",
         time,

@@ -54,10 +54,7 @@ pub enum DriverError {
 
 /// Whether this agent builds profiles of type `ty`.
 pub fn implemented(ty: ProfileType) -> bool {
-    // Memory profiles are `record`'s only for now: the node agent's memory path (windows,
-    // Profile summary, leak events) is unit-tested but has not passed the test bed yet; until
-    // it has, a target asking for memory gets the warning rather than an untried source.
-    ty != ProfileType::Memory && ProfileKind::of_type(ty, 1).is_some()
+    ProfileKind::of_type(ty, 1).is_some()
 }
 
 /// How often off-CPU time in progress is brought into the windows.
@@ -120,16 +117,9 @@ pub fn unimplemented_warnings(types: &[ProfileType]) -> Vec<String> {
         .iter()
         .filter(|t| !implemented(**t))
         .map(|t| {
-            if *t == ProfileType::Memory {
-                "profile type memory is not taken by the node agent yet (`kprof-agent record \
-                 --types memory` takes it): no memory profile was taken"
-                    .to_owned()
-            } else {
-                format!(
-                    "profile type {t} is not implemented by this agent yet: no {t} profile was \
-                     taken"
-                )
-            }
+            format!(
+                "profile type {t} is not implemented by this agent yet: no {t} profile was taken"
+            )
         })
         .collect()
 }
@@ -287,7 +277,6 @@ impl Daemon {
         let page_faults = wanted
             .values()
             .flat_map(|p| &p.settings.profile_types)
-            .filter(|&&t| implemented(t))
             .find_map(|&t| ProfileKind::of_type(t, hz)?.fault_period());
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
         let has_threads = self.engine.as_ref().is_some_and(Engine::has_thread_events);
@@ -642,27 +631,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn types_the_node_agent_does_not_take_are_reported_and_the_rest_emitted_once() {
+    fn every_type_is_implemented_and_emitted_once() {
         assert!(
             unimplemented_warnings(&[
                 ProfileType::Cpu,
                 ProfileType::Wall,
                 ProfileType::Lock,
                 ProfileType::Threads,
+                ProfileType::Memory
             ])
             .is_empty()
         );
-        let w = unimplemented_warnings(&[ProfileType::Cpu, ProfileType::Memory]);
-        assert_eq!(w.len(), 1);
-        assert!(w[0].contains("memory"));
         assert_eq!(
             emitted_types(&[ProfileType::Wall, ProfileType::Cpu, ProfileType::Wall]),
             [ProfileType::Wall, ProfileType::Cpu]
         );
         assert_eq!(
             emitted_types(&[ProfileType::Memory, ProfileType::Lock]),
-            [ProfileType::Lock]
+            [ProfileType::Memory, ProfileType::Lock]
         );
-        assert_eq!(emitted_types(&[ProfileType::Memory]), [ProfileType::Memory]);
     }
 }

@@ -2,7 +2,8 @@
 
 GET /checkout prices a cart (most of the CPU), renders a receipt (about a third as much),
 archives it with zlib (the GIL is released inside zlib.compress) and reserves stock under a
-lock held across a slow inventory call (the lock the wall and lock profiles show). Two load
+lock held across a slow inventory call (the lock the wall and lock profiles show). Every receipt
+is also kept in memory, up to a bound: a leak the memory profile shows. Two load
 threads call the service on 127.0.0.1, so requests overlap and the demo needs no traffic from
 outside the pod.
 """
@@ -38,7 +39,15 @@ def render_receipt(items, total):
     return "\n".join(lines)
 
 
+# Every receipt ever rendered, kept "for auditing": the service's memory grows with its traffic
+# (bounded here so a demo left running stays small).
+RECEIPTS = []
+MAX_RECEIPTS = 20_000
+
+
 def archive_receipt(receipt):
+    if len(RECEIPTS) < MAX_RECEIPTS:
+        RECEIPTS.append(receipt.encode())
     return zlib.compress((receipt * 16).encode(), 9)
 
 
