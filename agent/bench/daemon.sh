@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the agent costs as a cluster runs it: CPU seconds per second and memory (RSS now, peak)
 # of the kprof-agent daemon from the release image on the test bed while it profiles the demo
-# service (e2e/demo: the shop, e2e/demo/target.yaml: cpu, wall, lock and threads at 99 Hz,
-# 10 s windows), beside `kprof-agent record` (the same binary, types and rate) on the same pod.
+# service (e2e/demo: the shop, e2e/demo/target.yaml: every profile type at 99 Hz, 10 s
+# windows), beside `kprof-agent record` (the same binary, types and rate) on the same pod.
 # Both are measured the same way, from /proc/<pid>/stat and status over SECONDS of steady
 # state (after the first Profile for the daemon, 5 s in for record).
 #
@@ -19,6 +19,9 @@ cd "$root"
 NS=kprof-bench SYS=kprof-system
 e2e/testbed/up.sh >/dev/null
 version=$(e2e/testbed/version.sh)
+# record takes the types the demo's target asks for.
+types=$(sed -n 's/^ *profileTypes: *\[\(.*\)\]/\1/p' e2e/demo/target.yaml | tr -d ' ')
+[[ -n "$types" ]] || { echo "daemon.sh: no profileTypes in e2e/demo/target.yaml" >&2; exit 1; }
 if [[ "${KPROF_DEBUG_IMAGES:-0}" == 1 ]]; then
   e2e/testbed/build-images.sh --debug >&2
   variant="debug image" record_bin=target/debug/kprof-agent
@@ -86,7 +89,7 @@ for _ in $(seq 60); do pgrep -x kprof-agent >/dev/null || break; sleep 1; done
 rec_pids=()
 for p in $shop_pids; do rec_pids+=(-p "$p"); done
 out=$(mktemp -d /tmp/kprof-bench.XXXXXX)
-"$record_bin" record --types cpu,wall,lock,threads --hz 99 -d "$((secs + 15))s" \
+"$record_bin" record --types "$types" --hz 99 -d "$((secs + 15))s" \
   "${rec_pids[@]}" -o "$out" >/dev/null 2>"$out/record.log" &
 rec=$!
 sleep 5
@@ -95,12 +98,12 @@ read -r r_cpu r_rss r_hwm < <(measure "$rec" "$secs")
 wait "$rec" || { cat "$out/record.log" >&2; exit 1; }
 rm -rf "$out"
 
-python3 - "$variant" "$o_rss" "$pods" "$profiles" "$d_cpu" "$d_rss" "$d_hwm" "$r_cpu" "$r_rss" "$r_hwm" <<'PY'
+python3 - "$variant" "$types" "$o_rss" "$pods" "$profiles" "$d_cpu" "$d_rss" "$d_hwm" "$r_cpu" "$r_rss" "$r_hwm" <<'PY'
 import sys
-variant, o_rss = sys.argv[1], float(sys.argv[2])
-pods, profiles = int(sys.argv[3]), int(sys.argv[4])
-d_cpu, d_rss, d_hwm, r_cpu, r_rss, r_hwm = map(float, sys.argv[5:])
-print(f"\nagent on the test bed, demo service, cpu+wall+lock+threads at 99 Hz, {pods} targeted pod(s), "
+variant, types, o_rss = sys.argv[1], sys.argv[2].replace(",", "+"), float(sys.argv[3])
+pods, profiles = int(sys.argv[4]), int(sys.argv[5])
+d_cpu, d_rss, d_hwm, r_cpu, r_rss, r_hwm = map(float, sys.argv[6:])
+print(f"\nagent on the test bed, demo service, {types} at 99 Hz, {pods} targeted pod(s), "
       f"{profiles} Profiles written:")
 print(f"  {'':34} {'CPU s/s':>9} {'RSS MiB':>9} {'peak MiB':>9}")
 print(f"  {'daemon (' + variant + ', DaemonSet)':34} {d_cpu:9.4f} {d_rss:9.1f} {d_hwm:9.1f}")

@@ -92,7 +92,8 @@ pub struct MemoryLedger {
     /// Each memory cgroup of the processes: its reading when the window started (for the OOM
     /// kills in it) and the window's readings.
     cgroups: BTreeMap<PathBuf, CgroupReadings>,
-    cgroup_root: PathBuf,
+    /// Where the cgroup file systems may be mounted, first match wins.
+    cgroup_roots: Vec<PathBuf>,
     untracked: u64,
 }
 
@@ -110,7 +111,7 @@ impl MemoryLedger {
             sites: BTreeMap::new(),
             processes: BTreeMap::new(),
             cgroups: BTreeMap::new(),
-            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_roots: memory::CGROUP_ROOTS.iter().map(PathBuf::from).collect(),
             untracked: 0,
         }
     }
@@ -118,7 +119,7 @@ impl MemoryLedger {
     /// Starts following a process's memory (a no-op for one followed already).
     pub fn see_process(&mut self, pid: u32) {
         if !self.processes.contains_key(&pid) {
-            let cgroup = memory::cgroup_dir(pid, &self.cgroup_root);
+            let cgroup = memory::cgroup_dir(pid, &self.cgroup_roots);
             if let Some(dir) = &cgroup
                 && !self.cgroups.contains_key(dir)
             {
@@ -352,7 +353,7 @@ impl MemoryLedger {
         exited: &mut Vec<u32>,
     ) {
         let maps = crate::proc::maps::read_maps(pid).ok();
-        let pagemap = PageMap::open(pid).ok();
+        let pagemap = PageMap::open(pid);
         let mapping = |addr: u64| -> Option<&MapEntry> {
             let maps = maps.as_ref()?;
             let i = maps.partition_point(|m| m.end <= addr);
@@ -372,8 +373,8 @@ impl MemoryLedger {
             e.0 += 1;
             e.1 += f.bytes;
         }
-        let (Some(_), Some(pagemap)) = (maps.as_ref(), pagemap) else {
-            // Gone (or its memory is unreadable): nothing of it is counted as held.
+        if maps.is_none() {
+            // Gone (or its mappings are unreadable): nothing of it is counted as held.
             if crate::proc::is_alive(pid) {
                 report.warnings.push(format!(
                     "pid {pid}: its memory map cannot be read: none of its memory is counted \
@@ -385,12 +386,28 @@ impl MemoryLedger {
             self.held.retain(|k, _| k.0 != pid);
             self.sites.retain(|k, _| k.0 != pid);
             return;
+        }
+        // The page map is the owner's alone (mode 0400): an agent that dropped root to a uid of
+        // its own cannot open it. Then a page counts as held while an anonymous mapping covers
+        // it and no release of it was seen.
+        let pagemap = match pagemap {
+            Ok(pagemap) => Some(pagemap),
+            Err(e) => {
+                report.warnings.push(format!(
+                    "pid {pid}: its page map cannot be read ({}): a page counts as in use while \
+                     its mapping stands and no release of it was seen",
+                    e.kind()
+                ));
+                None
+            }
         };
         let mut gone = Vec::new();
         for (&(p, page), h) in self.held.range((pid, 0)..=(pid, u64::MAX)) {
             let addr = page * kprof_common::PAGE_BYTES;
             let held = mapping(addr).is_some_and(|m| !m.is_file())
-                && pagemap.is_held(addr).unwrap_or(false);
+                && pagemap
+                    .as_ref()
+                    .is_none_or(|pm| pm.is_held(addr).unwrap_or(false));
             if held {
                 *report.inuse.entry(h.key.clone()).or_default() += h.bytes;
             } else {
@@ -474,7 +491,11 @@ impl MemoryLedger {
                 report.warnings.push(format!(
                     "pid {pid}: its memory cgroup was not found under {}: no container memory \
                      figures",
-                    self.cgroup_root.display()
+                    self.cgroup_roots
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 ));
             }
             let shares = p.forked_from.is_some() || parents.contains(&pid);

@@ -100,12 +100,18 @@ pub struct CgroupMemory {
     pub oom_kills: u64,
 }
 
-/// The directory of the memory cgroup of `pid`, v2 first, under the cgroup file system
-/// mounted at `root` (`/sys/fs/cgroup`). `None`: not found or not readable.
-pub fn cgroup_dir(pid: u32, root: &Path) -> Option<PathBuf> {
+/// Where the node's cgroup file systems are: through PID 1's root first, because an agent in a
+/// pod (with the host's PID namespace) sees only its own cgroup at `/sys/fs/cgroup`; on the
+/// host both are the same.
+pub const CGROUP_ROOTS: [&str; 2] = ["/proc/1/root/sys/fs/cgroup", "/sys/fs/cgroup"];
+
+/// The directory of the memory cgroup of `pid`, v2 first, under the first of `roots` (where
+/// cgroup file systems are mounted) that has it. `None`: not found or not readable.
+pub fn cgroup_dir(pid: u32, roots: &[PathBuf]) -> Option<PathBuf> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    cgroup_dirs(&text, root)
-        .into_iter()
+    roots
+        .iter()
+        .flat_map(|root| cgroup_dirs(&text, root))
         .find(|dir| read_cgroup(dir).is_some())
 }
 
