@@ -137,7 +137,8 @@ pub struct ThreadSummary {
     /// Threads created and exited during the window.
     pub created: u32,
     pub exited: u32,
-    /// Threads alive at some point of the window, busiest first.
+    /// Threads alive at some point of the window: those alive at its end first (a server's
+    /// short-lived handler threads must not hide its long-lived ones), busiest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub threads: Vec<ThreadInfo>,
@@ -259,6 +260,10 @@ pub struct Artifacts {
     /// The flame graph (SVG).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flamegraph: Option<ArtifactRef>,
+    /// The window's figures (JSON): sample totals, and per type the wall and lock split, the
+    /// GIL, thread counts over time, memory readings over time (about one a second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<ArtifactRef>,
 }
 
 /// Where one artifact lives and what it contains.

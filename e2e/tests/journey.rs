@@ -276,6 +276,30 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         leaking.spec.top,
         leaking.spec.top_functions
     );
+    ensure!(
+        memory.container_usage_bytes.is_some_and(|b| b >= 1 << 20),
+        "the shop container's memory cgroup is read: {memory:?}"
+    );
+    // The readings over the window (about one a second) are in its summary artifact, read
+    // through the API server like the pprof.
+    let name = leaking.metadata.name.clone().unwrap_or_default();
+    let req = http::Request::get(format!(
+        "/apis/data.kprof.io/v1alpha1/namespaces/{}/profiles/{name}/summary",
+        ns.name()
+    ))
+    .body(Vec::new())?;
+    let figures: serde_json::Value = serde_json::from_str(&tb.client.request_text(req).await?)?;
+    let readings = |key: &str| {
+        figures[key]
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|p| p["series"].as_array())
+            .map_or(0, Vec::len)
+    };
+    ensure!(
+        readings("processes") >= 5 && readings("cgroups") >= 5,
+        "the summary artifact has the memory readings of the window: {figures}"
+    );
     // The receipts land in heap pages that the shop's other per-request allocations may have
     // touched first (memory is counted where it is first touched): the warning names the
     // shop's own code, whichever of its functions that was.

@@ -406,6 +406,7 @@ fn profile(name: &str, node: &str, url: &str, d: &Digest, size: usize) -> Profil
                     size_bytes: size as u64,
                 }),
                 flamegraph: None,
+                summary: None,
             },
             time: None,
             thread_summary: None,

@@ -68,6 +68,9 @@ pub enum Command {
         #[arg(short = 'o', long, default_value = "flamegraph.svg")]
         output: PathBuf,
     },
+    /// Print the window's figures (JSON): the wall and lock split, the GIL, thread counts and
+    /// memory readings over the window.
+    Summary { profile: String },
     /// Write the pprof (gzip profile.proto), for `go tool pprof`, speedscope, Pyroscope.
     Pprof {
         profile: String,
@@ -165,6 +168,21 @@ pub async fn run_to(cli: &Cli, out: &mut Vec<u8>) -> Result<()> {
                 ),
             );
             write(output, &svg)?;
+        }
+        Command::Summary { profile } => {
+            let p = k.profile(profile).await?;
+            if p.spec.artifacts.summary.is_none() {
+                bail!(
+                    "Profile {}/{profile} has no summary artifact (an older agent wrote it)",
+                    k.ns
+                );
+            }
+            let bytes = k
+                .api_get(&format!("/namespaces/{}/profiles/{profile}/summary", k.ns))
+                .await?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("the summary of {profile} is not JSON"))?;
+            writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         }
         Command::Pprof { profile, output } => {
             let p = k.profile(profile).await?;

@@ -28,8 +28,8 @@ use super::access::{self, API_PREFIX, GROUP, Reader, VERSION};
 use super::backend::{Digest, sniff_content_type};
 use super::frontproxy::{FrontProxy, Peer};
 use super::server::{
-    bytes_response, error, load_pprof_bytes, load_profile, load_stacks, query_get, query_pairs,
-    split_ref, title,
+    bytes_response, error, load_artifact_bytes, load_pprof_bytes, load_profile, load_stacks,
+    query_get, query_pairs, split_ref, title,
 };
 use super::{Readers, State, web};
 use kprof_pprof::views::{self, TopReport};
@@ -48,6 +48,7 @@ pub(crate) fn routes(state: Arc<State>) -> Router<Arc<State>> {
             get(flamegraph),
         )
         .route(&p("/namespaces/{ns}/profiles/{name}/top"), get(top))
+        .route(&p("/namespaces/{ns}/profiles/{name}/summary"), get(summary))
         .route(&p("/namespaces/{ns}/profiles/{name}/diff"), get(diff))
         .route(
             &p("/namespaces/{ns}/profiles/{name}/ui"),
@@ -130,7 +131,7 @@ async fn resource_list() -> Response {
         json!({"name": format!("profiles/{name}"), "singularName": "", "namespaced": true,
                "kind": "Profile", "verbs": ["get"]})
     };
-    let mut resources: Vec<_> = ["pprof", "flamegraph", "top", "diff", "ui"]
+    let mut resources: Vec<_> = ["pprof", "flamegraph", "top", "summary", "diff", "ui"]
         .into_iter()
         .map(sub)
         .collect();
@@ -220,6 +221,21 @@ async fn flamegraph(
             let svg = views::flamegraph_svg(&stacks, &title(&ns, &name, &p));
             st.metrics.read("flamegraph", svg.len());
             bytes_response("image/svg+xml", None, Bytes::from(svg))
+        }
+        Err(r) => r,
+    }
+}
+
+/// The window's figures the agent uploaded (JSON; memory and thread counts over time).
+async fn summary(AxState(st): St, Path((ns, name)): Path<(String, String)>) -> Response {
+    let p = match load_profile(&st, &ns, &name).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match load_artifact_bytes(&st, &p, "summary", p.spec.artifacts.summary.as_ref()).await {
+        Ok((d, b)) => {
+            st.metrics.read("summary", b.len());
+            bytes_response("application/json", Some(&d), b)
         }
         Err(r) => r,
     }

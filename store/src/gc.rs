@@ -24,7 +24,7 @@ pub async fn referenced_digests(client: &Client) -> Result<HashSet<Digest>, kube
         let page = api.list(&lp).await?;
         for p in &page.items {
             let a = &p.spec.artifacts;
-            for r in [&a.pprof, &a.flamegraph].into_iter().flatten() {
+            for r in [&a.pprof, &a.flamegraph, &a.summary].into_iter().flatten() {
                 out.extend(Digest::parse(&r.digest));
                 out.extend(Digest::from_url(&r.url));
             }

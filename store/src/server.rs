@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
-use kprof_crds::Profile;
+use kprof_crds::{ArtifactRef, Profile};
 use kube::Api;
 use serde_json::json;
 
@@ -360,17 +360,27 @@ pub(crate) async fn load_profile(st: &State, ns: &str, name: &str) -> Result<Pro
 
 /// The raw pprof bytes of a Profile.
 pub(crate) async fn load_pprof_bytes(st: &State, p: &Profile) -> Result<(Digest, Bytes), Response> {
+    load_artifact_bytes(st, p, "pprof", p.spec.artifacts.pprof.as_ref()).await
+}
+
+/// The bytes of the artifact `what` of a Profile, referenced by `r`.
+pub(crate) async fn load_artifact_bytes(
+    st: &State,
+    p: &Profile,
+    what: &str,
+    r: Option<&ArtifactRef>,
+) -> Result<(Digest, Bytes), Response> {
     let name = p.metadata.name.clone().unwrap_or_default();
-    let Some(r) = &p.spec.artifacts.pprof else {
+    let Some(r) = r else {
         return Err(error(
             StatusCode::NOT_FOUND,
-            format!("Profile {name} has no pprof artifact"),
+            format!("Profile {name} has no {what} artifact"),
         ));
     };
     let Some(d) = Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)) else {
         return Err(error(
             StatusCode::NOT_FOUND,
-            format!("Profile {name}: the pprof artifact has no sha256 digest"),
+            format!("Profile {name}: the {what} artifact has no sha256 digest"),
         ));
     };
     match st.artifacts.get(&d).await {

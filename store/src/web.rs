@@ -204,9 +204,14 @@ pub(crate) async fn profile_page(
         let _ = write!(b, "<p class=\"warn\">⚠ {}</p>", esc(w));
     }
     // Relative to `…/profiles/{name}/ui`: the sibling subresources.
+    let summary = if s.artifacts.summary.is_some() {
+        " · <a href=\"summary\">figures over time (JSON)</a>"
+    } else {
+        ""
+    };
     let _ = write!(
         b,
-        "<p>Download: <a href=\"pprof\">pprof</a> · <a href=\"flamegraph\">flame graph</a> · <a href=\"top\">top (JSON)</a>. \
+        "<p>Download: <a href=\"pprof\">pprof</a> · <a href=\"flamegraph\">flame graph</a> · <a href=\"top\">top (JSON)</a>{summary}. \
 Click a frame to zoom, Ctrl-F to search.</p><object id=\"flamegraph\" type=\"image/svg+xml\" data=\"flamegraph\"></object><h2>Top functions</h2>"
     );
     top_table(&mut b, &TopReport::new(&stacks, 30));

@@ -1,5 +1,5 @@
 //! Pure: one finished window of one container → the `Profile` object (name, labels, owner,
-//! summary fields) and its artifacts (gzipped pprof, flame graph SVG).
+//! summary fields) and its artifacts (gzipped pprof, flame graph SVG, the figures as JSON).
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::{SystemTime, UNIX_EPOCH},
@@ -21,7 +21,10 @@ use kprof_pprof::{
 use crate::{
     k8s::{ContainerKey, TargetKey},
     pprof,
-    profile::{AggregatedProfile, MemoryReport, ThreadReport, ThreadState, threads::creator_name},
+    profile::{
+        AggregatedProfile, MemoryReport, ThreadReport, ThreadState, summary::type_summary,
+        threads::creator_name,
+    },
     spool::{ArtifactKind, NewArtifact},
 };
 
@@ -328,7 +331,9 @@ pub fn thread_summary(r: &ThreadReport) -> ThreadSummary {
     let secs = |ns: u64| (ns as f64 / 1e6).round() / 1e3;
     let t = r.total();
     let mut rows: Vec<&crate::profile::threads::ThreadRow> = r.threads.iter().collect();
-    rows.sort_by(|a, b| (b.cpu_ns, a.pid, a.tid).cmp(&(a.cpu_ns, b.pid, b.tid)));
+    // The threads alive at the end first: a server's many short-lived handler threads would
+    // otherwise push its long-lived ones out of the rows.
+    rows.sort_by(|a, b| (b.alive, b.cpu_ns, a.pid, a.tid).cmp(&(a.alive, a.cpu_ns, b.pid, b.tid)));
     ThreadSummary {
         alive_at_start: t.start,
         alive_at_end: t.end,
@@ -395,6 +400,10 @@ fn build_artifacts(w: &WindowOutput, pprof: &PprofProfile, stacks: &Stacks) -> V
         NewArtifact {
             kind: ArtifactKind::Flamegraph,
             bytes: views::flamegraph_svg(stacks, &title),
+        },
+        NewArtifact {
+            kind: ArtifactKind::Summary,
+            bytes: type_summary(&w.samples).to_string().into_bytes(),
         },
     ]
 }
@@ -580,8 +589,43 @@ mod tests {
         assert_eq!(s.pids, [7]);
         assert!(s.warnings.is_empty());
         let (_, arts) = build_window(&w);
-        assert_eq!(arts.len(), 2);
+        assert_eq!(arts.len(), 3);
         assert!(String::from_utf8_lossy(&arts[1].bytes).contains("<svg"));
+        // The figures as record's summary.json has them for the type.
+        assert_eq!(arts[2].kind, ArtifactKind::Summary);
+        let figures: serde_json::Value = serde_json::from_slice(&arts[2].bytes).unwrap();
+        assert_eq!(figures, type_summary(&w.samples));
+        assert_eq!(figures["samples"], w.samples.total());
+    }
+
+    #[test]
+    fn threads_alive_at_the_end_are_listed_before_busier_ones_that_exited() {
+        use crate::profile::threads::ThreadRow;
+        let row = |tid: u32, cpu_ns: u64, alive: bool| ThreadRow {
+            pid: 1,
+            tid,
+            name: format!("t{tid}").into(),
+            cpu_ns,
+            off_cpu_ns: 0,
+            state: if alive { 'S' } else { 'X' },
+            created: !alive,
+            alive,
+            creator: None,
+        };
+        // 60 busy handler threads that came and went, and two quiet long-lived ones.
+        let mut threads: Vec<ThreadRow> =
+            (100..160).map(|tid| row(tid, 5_000_000, false)).collect();
+        threads.push(row(2, 1_000, true));
+        threads.push(row(3, 2_000, true));
+        let r = ThreadReport {
+            threads,
+            ..ThreadReport::default()
+        };
+        let s = thread_summary(&r);
+        let tids: Vec<u32> = s.threads.iter().map(|t| t.tid).collect();
+        assert_eq!(tids[..2], [3, 2]);
+        assert_eq!(s.threads.len(), THREAD_ROWS);
+        assert_eq!(s.threads_omitted, 12);
     }
 
     #[test]

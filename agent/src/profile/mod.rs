@@ -4,6 +4,7 @@
 pub mod frame;
 pub mod memory;
 pub mod module;
+pub mod summary;
 pub mod threads;
 pub mod wait;
 

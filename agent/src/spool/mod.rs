@@ -51,6 +51,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
 pub enum ArtifactKind {
     Pprof,
     Flamegraph,
+    /// The window's figures as JSON (what `record` writes to `summary.json` for the type).
+    Summary,
 }
 
 impl ArtifactKind {
@@ -58,12 +60,14 @@ impl ArtifactKind {
         match self {
             Self::Pprof => "profile.pb.gz",
             Self::Flamegraph => "flamegraph.svg",
+            Self::Summary => "summary.json",
         }
     }
     pub fn content_type(self) -> &'static str {
         match self {
             Self::Pprof => "application/vnd.google.protobuf+gzip",
             Self::Flamegraph => "image/svg+xml",
+            Self::Summary => "application/json",
         }
     }
 }

@@ -290,6 +290,7 @@ impl Uploader {
             match a.kind {
                 ArtifactKind::Pprof => profile.spec.artifacts.pprof = r,
                 ArtifactKind::Flamegraph => profile.spec.artifacts.flamegraph = r,
+                ArtifactKind::Summary => profile.spec.artifacts.summary = r,
             }
         }
         let api: Api<Profile> = Api::namespaced(self.client.clone(), &namespace);

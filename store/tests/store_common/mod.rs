@@ -361,6 +361,7 @@ impl TestStore {
                 artifacts: Artifacts {
                     pprof: pprof.map(r),
                     flamegraph: svg.map(r),
+                    summary: None,
                 },
                 time: None,
                 thread_summary: None,
