@@ -127,13 +127,47 @@ fn cgroup_dirs(text: &str, root: &Path) -> Vec<PathBuf> {
         };
         let rel = path.trim_start_matches('/');
         if controllers.is_empty() {
-            dirs.push(root.join(rel));
-            dirs.push(root.join("unified").join(rel));
+            for base in [root.to_owned(), root.join("unified")] {
+                dirs.extend(under(&base, rel));
+            }
         } else if controllers.split(',').any(|c| c == "memory") {
-            dirs.push(root.join("memory").join(rel));
+            dirs.extend(under(&root.join("memory"), rel));
         }
     }
     dirs
+}
+
+/// Where the cgroup `rel` (as `/proc/<pid>/cgroup` names it) may be under the hierarchy at
+/// `base`. An agent in a private cgroup namespace (a pod on cgroup v2) sees other cgroups as
+/// `../../kubepods-…/…`, relative to its own, whose place it cannot see: the rest after the
+/// `..`s is looked for at the top and one and two levels down (`kubepods.slice/…`).
+fn under(base: &Path, rel: &str) -> Vec<PathBuf> {
+    let rest = rel.trim_start_matches("../").trim_start_matches("..");
+    if rest.len() == rel.len() {
+        return vec![base.join(rel)];
+    }
+    if rest.is_empty() || rest.split('/').any(|c| c == "..") {
+        return Vec::new();
+    }
+    let subdirs = |dir: &Path| -> Vec<PathBuf> {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
+    };
+    let mut bases = vec![base.to_owned()];
+    for child in subdirs(base) {
+        bases.extend(subdirs(&child));
+        bases.push(child);
+    }
+    bases
+        .into_iter()
+        .map(|b| b.join(rest))
+        .filter(|d| d.is_dir())
+        .collect()
 }
 
 /// The figures of the memory cgroup at `dir` (v2 or v1 files).
@@ -229,6 +263,19 @@ mod tests {
             "oom_kill_disable 0\nunder_oom 0\noom_kill 1\n",
         )
         .unwrap();
+        // Seen from a private cgroup namespace (an agent in a pod on cgroup v2): relative to
+        // the agent's own cgroup, found one or two levels down.
+        let deep = root.path().join("kubepods.slice/besteffort.slice/pod2/c2");
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("memory.current"), "8192\n").unwrap();
+        let text = "0::/../../../besteffort.slice/pod2/c2\n";
+        let m = cgroup_dirs(text, root.path())
+            .iter()
+            .find_map(|d| read_cgroup(d))
+            .unwrap();
+        assert_eq!(m.usage, 8192);
+        assert!(cgroup_dirs("0::/../../../../..\n", root.path()).is_empty());
+        assert!(cgroup_dirs("0::/../x/../../etc\n", root.path()).is_empty());
         let text = "4:memory:/docker/abc\n0::/\n";
         let m = cgroup_dirs(text, root.path())
             .iter()
