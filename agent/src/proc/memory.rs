@@ -100,10 +100,10 @@ pub struct CgroupMemory {
     pub oom_kills: u64,
 }
 
-/// Where the node's cgroup file systems are: through PID 1's root first, because an agent in a
-/// pod (with the host's PID namespace) sees only its own cgroup at `/sys/fs/cgroup`; on the
-/// host both are the same.
-pub const CGROUP_ROOTS: [&str; 2] = ["/proc/1/root/sys/fs/cgroup", "/sys/fs/cgroup"];
+/// Where the node's cgroup file systems are: where the operator mounts the node's (read-only)
+/// in the agent's pod, whose own `/sys/fs/cgroup` shows only its own cgroup; else, as on the
+/// host, `/sys/fs/cgroup`.
+pub const CGROUP_ROOTS: [&str; 2] = ["/host/sys/fs/cgroup", "/sys/fs/cgroup"];
 
 /// The directory of the memory cgroup of `pid`, v2 first, under the first of `roots` (where
 /// cgroup file systems are mounted) that has it. `None`: not found or not readable.

@@ -108,6 +108,9 @@ fn selector_labels() -> BTreeMap<String, String> {
 /// Where the agent finds its upload token and the store's CA.
 const STORE_TOKEN_DIR: &str = "/var/run/secrets/kprof-store";
 const STORE_CA_DIR: &str = "/etc/kprof-store-ca";
+/// Where the agent finds the node's cgroup file systems (read-only): its own `/sys/fs/cgroup`
+/// shows only its own cgroup, and memory profiles read the targets' containers' cgroups.
+const HOST_CGROUP_DIR: &str = "/host/sys/fs/cgroup";
 
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
@@ -208,6 +211,20 @@ pub fn desired_daemonset(
             &format!("{STORE_CA_DIR}/ca.crt"),
         ));
     }
+    mounts.push(VolumeMount {
+        name: "cgroup".into(),
+        mount_path: HOST_CGROUP_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "cgroup".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/sys/fs/cgroup".into(),
+            type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    });
     // The chart's own settings last: they override.
     env_vars.extend(cfg.env.iter().cloned());
     if cfg.mount_btf {
@@ -501,6 +518,26 @@ mod tests {
         );
         assert_eq!(c["volumeMounts"][1]["readOnly"], true);
         assert_eq!(pod["volumes"][0]["hostPath"]["path"], "/var/lib/kprof");
+        let cgroup = c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "cgroup")
+            .expect("the node's cgroups are mounted");
+        assert_eq!(
+            (&cgroup["mountPath"], &cgroup["readOnly"]),
+            (
+                &serde_json::json!(HOST_CGROUP_DIR),
+                &serde_json::json!(true)
+            )
+        );
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == "cgroup" && v["hostPath"]["path"] == "/sys/fs/cgroup")
+        );
         assert_eq!(
             v["spec"]["selector"]["matchLabels"],
             v["spec"]["template"]["metadata"]["labels"]
@@ -526,7 +563,8 @@ mod tests {
             serde_json::json!({"name": "KPROF_STORE_URL", "value": "http://store:8080"})
         );
         assert_eq!(c["env"][7]["name"], "RUST_LOG");
-        assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 1);
+        // The spool and the node's cgroups; no BTF mount (mountBtf: false).
+        assert_eq!(c["volumeMounts"].as_array().unwrap().len(), 2);
         assert_eq!(
             c["securityContext"]["allowPrivilegeEscalation"], true,
             "SYS_ADMIN needs it"
