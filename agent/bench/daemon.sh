@@ -39,6 +39,7 @@ cleanup() {
 trap cleanup EXIT
 # A shop left by `make demo` would be profiled (and load the CPUs) too.
 kubectl delete namespace kprof-demo --ignore-not-found --wait --timeout 2m >/dev/null
+helm show crds "$chart" | kubectl apply --server-side --force-conflicts -f - >/dev/null
 helm upgrade --install kprof "$chart" -n "$SYS" --create-namespace --wait --timeout 3m \
   -f e2e/demo/testbed-values.yaml "${set_tags[@]}" >/dev/null
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null

@@ -38,6 +38,8 @@ export PATH="$PWD/$bin:$PATH"
 
 step "4/8 helm install kprof $version (the chart packaged by make chart) into $SYS"
 chart=$(e2e/testbed/package-chart.sh)
+# Helm installs CRDs only when missing: a test bed that ran an older kprof gets the new schema.
+helm show crds "$chart" | kubectl apply --server-side --force-conflicts -f - >/dev/null
 # The test bed has no kube-proxy and no cluster DNS: pods use the host network and reach the
 # API server on 127.0.0.1; everything else is the chart's defaults.
 helm upgrade --install kprof "$chart" -n "$SYS" --create-namespace --wait --timeout 3m \

@@ -122,6 +122,7 @@ pub fn install_package(extra: &[&str]) -> Result<String> {
 }
 
 fn install_chart(chart: &str, extra: &[&str]) -> Result<String> {
+    apply_crds(chart)?;
     let tag = image_tag();
     let operator_tag = format!("operator.image.tag={tag}");
     let agent_tag = format!("agent.image.tag={tag}");
@@ -147,6 +148,20 @@ fn install_chart(chart: &str, extra: &[&str]) -> Result<String> {
     run(&mut helm(&args))
 }
 
+/// Applies the chart's CRDs, as the README tells a cluster admin to before an upgrade: Helm
+/// installs a chart's CRDs only when they are missing and never updates them, so a cluster that
+/// had an older kprof would keep an older schema (and the API server would drop new fields).
+pub fn apply_crds(chart: &str) -> Result<()> {
+    let crds = run(&mut helm(&["show", "crds", chart]))?;
+    let out = kubectl_apply_args(&crds, &["--server-side", "--force-conflicts"])?;
+    ensure!(
+        out.status.success(),
+        "applying the chart's CRDs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// `helm uninstall` of the release, waiting for its objects to go.
 pub fn uninstall() -> Result<String> {
     run(&mut helm(&[
@@ -162,9 +177,15 @@ pub fn uninstall() -> Result<String> {
 
 /// `kubectl apply -f -` of `yaml`.
 pub fn kubectl_apply(yaml: &str) -> std::io::Result<std::process::Output> {
+    kubectl_apply_args(yaml, &[])
+}
+
+/// `kubectl apply -f - ARGS` of `yaml`.
+pub fn kubectl_apply_args(yaml: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
     use std::io::Write;
     let mut child = crate::kubectl()
         .args(["apply", "-f", "-"])
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
