@@ -84,8 +84,11 @@ pub struct CrdManifest {
 
 /// The CRD manifests generated from the types, as `make crds` writes them.
 pub fn crd_manifests() -> Result<Vec<CrdManifest>, serde_yaml::Error> {
+    // Each file is its own YAML document: `helm show crds` prints the chart's CRD files one
+    // after another, and `kubectl apply -f -` must see two documents, not one with every key
+    // twice.
     const HEADER: &str =
-        "# Generated from the Rust types in crds/src by `make crds`. Do not edit.\n";
+        "# Generated from the Rust types in crds/src by `make crds`. Do not edit.\n---\n";
     Ok(vec![
         CrdManifest {
             file_name: "profilingtargets.yaml",

@@ -61,8 +61,9 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             let docs = kprof_crds::crd_manifests()?;
-            let yaml: Vec<String> = docs.into_iter().map(|m| m.yaml).collect();
-            print!("{}", yaml.join("---\n"));
+            // Each manifest starts its own YAML document.
+            let yaml: String = docs.into_iter().map(|m| m.yaml).collect();
+            print!("{yaml}");
             Ok(())
         }
         Command::Run(args) => run(*args).await,
