@@ -269,7 +269,8 @@ impl MemoryLedger {
         let Some(p) = self.processes.get_mut(&pid) else {
             return false;
         };
-        if let Some(m) = memory::resident(pid) {
+        let current = memory::resident(pid);
+        if let Some(m) = current {
             match &mut p.pending {
                 Some((_, least)) if m.anon < least.anon => *least = m,
                 Some(_) => {}
@@ -282,7 +283,9 @@ impl MemoryLedger {
         if !flush && now.saturating_sub(began) < 1_000_000_000 {
             return false;
         }
-        p.pending = None;
+        // The reading that ends a second also begins the next: read once a second (as the
+        // node agent does), every second still has its reading.
+        p.pending = current.map(|m| (now, m));
         p.window.push((now, least));
         p.history.push((now, least.anon));
         thin(&mut p.history);
@@ -731,6 +734,26 @@ mod tests {
             assert_eq!(u.own_anon(), Some(share));
         }
         assert!(r.warnings.iter().any(|w| w.contains("forked without exec")));
+    }
+
+    #[test]
+    fn read_once_a_second_every_second_has_its_reading() {
+        let me = std::process::id();
+        let mut ledger = MemoryLedger::new();
+        ledger.see_process(me);
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(1050));
+            ledger.checkpoint(None);
+        }
+        let r = ledger.close(None);
+        let series = &r.processes[0].series;
+        let gaps: Vec<u64> = series.windows(2).map(|w| w[1].0 - w[0].0).collect();
+        assert!(
+            series.len() >= 4,
+            "{} readings over 3 s: {gaps:?}",
+            series.len()
+        );
+        assert!(gaps.iter().all(|&g| g < 1_500_000_000), "gaps {gaps:?}");
     }
 
     #[test]
