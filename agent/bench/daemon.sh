@@ -37,8 +37,9 @@ cleanup() {
   helm uninstall kprof -n "$SYS" --wait --timeout 2m >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-# A shop left by `make demo` would be profiled (and load the CPUs) too.
-kubectl delete namespace kprof-demo --ignore-not-found --wait --timeout 2m >/dev/null
+# A shop left by `make demo` would be profiled (and load the CPUs) too; a namespace of an
+# earlier run may still be going away.
+kubectl delete namespace kprof-demo "$NS" --ignore-not-found --wait --timeout 2m >/dev/null
 helm show crds "$chart" | kubectl apply --server-side --force-conflicts -f - >/dev/null
 helm upgrade --install kprof "$chart" -n "$SYS" --create-namespace --wait --timeout 3m \
   -f e2e/demo/testbed-values.yaml "${set_tags[@]}" >/dev/null
