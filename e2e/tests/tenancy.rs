@@ -605,11 +605,13 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         !ok && err.contains("403") && err.contains("not allowed"),
         "{err}"
     );
-    let (ok, _, err) = raw_as(&viewer, &format!("{API}/namespaces/{b}/profiles/p1/pprof"));
-    assert!(
-        !ok && err.contains("Forbidden"),
-        "pprof of B as viewer: {err}"
-    );
+    for sub in ["pprof", "summary"] {
+        let (ok, _, err) = raw_as(&viewer, &format!("{API}/namespaces/{b}/profiles/p1/{sub}"));
+        assert!(
+            !ok && err.contains("Forbidden"),
+            "{sub} of B as viewer: {err}"
+        );
+    }
     // The stranger: refused in both.
     for ns in [&a, &b] {
         let (ok, _, err) = run(plugin(&stranger, ns, &["top", "p1"])).await;
@@ -674,6 +676,7 @@ async fn profiles_are_read_through_the_api_server_with_the_readers_rbac() -> Res
         format!("{API}/namespaces/{a}/profiles/p1/pprof"),
         format!("{API}/namespaces/{a}/profiles/p1/flamegraph"),
         format!("{API}/namespaces/{a}/profiles/p1/top"),
+        format!("{API}/namespaces/{a}/profiles/p1/summary"),
         format!("{API}/namespaces/{a}/profiles/p1/ui"),
         format!("{API}/namespaces/{a}/profiles/p2/diff?base={a}/p1"),
     ];
