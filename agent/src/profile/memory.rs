@@ -151,39 +151,19 @@ pub struct MemoryReport {
 impl MemoryReport {
     /// Only the processes in `pids` (a container's share of a node-wide report).
     pub fn only(&self, pids: &std::collections::BTreeSet<u32>) -> MemoryReport {
-        let keep = |k: &SampleKey| pids.contains(&k.pid);
         MemoryReport {
-            alloc: self
-                .alloc
-                .iter()
-                .filter(|(k, _)| keep(k))
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            inuse: self
-                .inuse
-                .iter()
-                .filter(|(k, _)| keep(k))
-                .map(|(k, v)| (k.clone(), *v))
-                .collect(),
-            processes: self
-                .processes
-                .iter()
-                .filter(|p| pids.contains(&p.pid))
-                .cloned()
-                .collect(),
-            leaks: self
-                .leaks
-                .iter()
-                .filter(|l| pids.contains(&l.pid))
-                .cloned()
-                .collect(),
+            alloc: super::keys_of_pids(&self.alloc, pids),
+            inuse: super::keys_of_pids(&self.inuse, pids),
+            processes: super::items_of_pids(&self.processes, pids, |p| p.pid),
+            leaks: super::items_of_pids(&self.leaks, pids, |l| l.pid),
             cgroups: self
                 .cgroups
                 .iter()
                 .filter(|c| c.pids.iter().any(|p| pids.contains(p)))
                 .cloned()
                 .collect(),
-            ..self.clone()
+            faults: self.faults,
+            warnings: self.warnings.clone(),
         }
     }
 }
@@ -231,6 +211,46 @@ impl AggregatedProfile {
 mod tests {
     use super::*;
     use crate::profile::{FrameKind, ProfileKind};
+
+    #[test]
+    fn a_containers_share_of_a_report_has_only_its_processes() {
+        let key = |pid: u32| SampleKey::of(pid, "w", vec![Frame::new(FrameKind::Python, "f")]);
+        let usage = |pid: u32| ProcessUsage {
+            pid,
+            name: "python3".into(),
+            series: Vec::new(),
+            runtime_heap: Vec::new(),
+            pss_anon: None,
+            forked_from: None,
+        };
+        let mut report = MemoryReport::default();
+        for pid in [1, 2] {
+            report.alloc.insert(key(pid), (1, 1 << 18));
+            report.inuse.insert(key(pid), 1 << 18);
+            report.processes.push(usage(pid));
+            report.cgroups.push(CgroupUsage {
+                pids: vec![pid],
+                series: Vec::new(),
+                oom_kills: u64::from(pid),
+            });
+        }
+        report
+            .warnings
+            .push("pid 2: its page map cannot be read".into());
+        let mine = report.only(&[1].into());
+        assert_eq!(mine.alloc.keys().collect::<Vec<_>>(), [&key(1)]);
+        assert_eq!(mine.inuse.keys().collect::<Vec<_>>(), [&key(1)]);
+        assert_eq!(
+            mine.processes.iter().map(|p| p.pid).collect::<Vec<_>>(),
+            [1]
+        );
+        assert_eq!(
+            mine.cgroups.iter().map(|c| c.oom_kills).collect::<Vec<_>>(),
+            [1]
+        );
+        // Warnings are split by the window (`filter_pids`), with the samples' other warnings.
+        assert_eq!(mine.warnings, report.warnings);
+    }
 
     #[test]
     fn a_memory_profile_holds_alloc_and_inuse_per_stack_and_says_who_leaks() {

@@ -9,7 +9,7 @@ pub mod threads;
 pub mod wait;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -196,6 +196,27 @@ pub struct TimeSplit {
 /// chosen collisions buys nothing here (a tenant cannot choose the stacks a window holds in
 /// numbers that matter; the window's size is bounded).
 pub type KeyMap<V> = HashMap<SampleKey, V, foldhash::fast::RandomState>;
+
+/// The entries of `map` whose process is in `pids` (a container's share of a node's window).
+pub fn keys_of_pids<V: Clone>(map: &KeyMap<V>, pids: &BTreeSet<u32>) -> KeyMap<V> {
+    map.iter()
+        .filter(|(k, _)| pids.contains(&k.pid))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The items whose process (`pid_of`) is in `pids`.
+pub fn items_of_pids<T: Clone>(
+    items: &[T],
+    pids: &BTreeSet<u32>,
+    pid_of: impl Fn(&T) -> u32,
+) -> Vec<T> {
+    items
+        .iter()
+        .filter(|t| pids.contains(&pid_of(t)))
+        .cloned()
+        .collect()
+}
 
 /// An aggregated profile of one kind.
 #[derive(Clone, Debug)]

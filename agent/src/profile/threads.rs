@@ -130,24 +130,9 @@ impl ThreadReport {
                 .filter(|(p, _)| pids.contains(p))
                 .map(|(p, c)| (*p, c.clone()))
                 .collect(),
-            threads: self
-                .threads
-                .iter()
-                .filter(|t| pids.contains(&t.pid))
-                .cloned()
-                .collect(),
-            idle: self
-                .idle
-                .iter()
-                .filter(|t| pids.contains(&t.pid))
-                .cloned()
-                .collect(),
-            leaks: self
-                .leaks
-                .iter()
-                .filter(|l| pids.contains(&l.pid))
-                .cloned()
-                .collect(),
+            threads: super::items_of_pids(&self.threads, pids, |t| t.pid),
+            idle: super::items_of_pids(&self.idle, pids, |t| t.pid),
+            leaks: super::items_of_pids(&self.leaks, pids, |l| l.pid),
         }
     }
 }
