@@ -4,7 +4,9 @@
 # service (e2e/demo: the shop, e2e/demo/target.yaml: every profile type at 99 Hz, 10 s
 # windows), beside `kprof-agent record` (the same binary, types and rate) on the same pod.
 # Both are measured the same way, from /proc/<pid>/stat and status over SECONDS of steady
-# state (after the first Profile for the daemon, 5 s in for record).
+# state (after the first Profile for the daemon, 5 s in for record); the cost per event (a CPU
+# sample, a switch, a thread event, a page fault) divides that CPU by the events taken in (the
+# daemon's kprof_agent_samples_total, record's summary.json).
 #
 #   sudo -E agent/bench/daemon.sh [SECONDS=60]   (make bench; starts the test bed if needed)
 #   KPROF_DEBUG_IMAGES=1 ...: the debug images (make images-debug) and debug record instead.
@@ -79,8 +81,13 @@ b, t2 = cpu(), time.monotonic()
 print(f"{(b - a) / (t2 - t):.4f} {mem('VmRSS'):.1f} {mem('VmHWM'):.1f}")
 PY
 }
+# Events the daemon took in, from its metrics (host network on the test bed).
+events() { curl -fsS "http://127.0.0.1:9464/metrics" | awk '/^kprof_agent_samples_total / {print $2}' || echo 0; }
 echo "measuring the daemon (pid $agent) for $secs s" >&2
+e0=$(events)
 read -r d_cpu d_rss d_hwm < <(measure "$agent" "$secs")
+e1=$(events)
+d_rate=$(python3 -c "print(($e1 - $e0) / $secs)")
 profiles=$(kubectl -n "$NS" get profiles -l kprof.io/target=shop -o name | wc -l)
 operator=$(pgrep -x kprof-operator | head -n 1)
 o_rss=$(awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$operator/status")
@@ -98,20 +105,25 @@ sleep 5
 echo "measuring record (pid $rec) for $secs s" >&2
 read -r r_cpu r_rss r_hwm < <(measure "$rec" "$secs")
 wait "$rec" || { cat "$out/record.log" >&2; exit 1; }
+r_rate=$(python3 -c "import json; s = json.load(open('$out/summary.json')); print(s['events'] / s['wall_s'])")
 rm -rf "$out"
 
-python3 - "$variant" "$types" "$o_rss" "$pods" "$profiles" "$d_cpu" "$d_rss" "$d_hwm" "$r_cpu" "$r_rss" "$r_hwm" <<'PY'
+python3 - "$variant" "$types" "$o_rss" "$pods" "$profiles" "$d_cpu" "$d_rss" "$d_hwm" "$r_cpu" "$r_rss" "$r_hwm" "$d_rate" "$r_rate" <<'PY'
 import sys
 variant, types, o_rss = sys.argv[1], sys.argv[2].replace(",", "+"), float(sys.argv[3])
 pods, profiles = int(sys.argv[4]), int(sys.argv[5])
-d_cpu, d_rss, d_hwm, r_cpu, r_rss, r_hwm = map(float, sys.argv[6:])
+d_cpu, d_rss, d_hwm, r_cpu, r_rss, r_hwm, d_rate, r_rate = map(float, sys.argv[6:])
 print(f"\nagent on the test bed, demo service, {types} at 99 Hz, {pods} targeted pod(s), "
       f"{profiles} Profiles written:")
-print(f"  {'':34} {'CPU s/s':>9} {'RSS MiB':>9} {'peak MiB':>9}")
-print(f"  {'daemon (' + variant + ', DaemonSet)':34} {d_cpu:9.4f} {d_rss:9.1f} {d_hwm:9.1f}")
-print(f"  {'record (same binary)':34} {r_cpu:9.4f} {r_rss:9.1f} {r_hwm:9.1f}")
+us = lambda cpu, rate: cpu / rate * 1e6 if rate else float("nan")
+print(f"  {'':34} {'CPU s/s':>9} {'RSS MiB':>9} {'peak MiB':>9} {'events/s':>9} {'µs/event':>9}")
+print(f"  {'daemon (' + variant + ', DaemonSet)':34} {d_cpu:9.4f} {d_rss:9.1f} {d_hwm:9.1f} "
+      f"{d_rate:9.0f} {us(d_cpu, d_rate):9.1f}")
+print(f"  {'record (same binary)':34} {r_cpu:9.4f} {r_rss:9.1f} {r_hwm:9.1f} "
+      f"{r_rate:9.0f} {us(r_cpu, r_rate):9.1f}")
 print(f"  {'daemon / record':34} {d_cpu / r_cpu if r_cpu else float('nan'):9.2f} "
-      f"{d_rss / r_rss:9.2f} {d_hwm / r_hwm:9.2f}")
+      f"{d_rss / r_rss:9.2f} {d_hwm / r_hwm:9.2f} {'':9} "
+      f"{us(d_cpu, d_rate) / us(r_cpu, r_rate):9.2f}")
 print(f"  per targeted pod: daemon {d_cpu / pods:.4f} CPU s/s, {d_rss / pods:.1f} MiB")
 print(f"  operator (with the store, {variant}): RSS {o_rss:.1f} MiB")
 PY
