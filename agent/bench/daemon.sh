@@ -82,7 +82,7 @@ print(f"{(b - a) / (t2 - t):.4f} {mem('VmRSS'):.1f} {mem('VmHWM'):.1f}")
 PY
 }
 # Events the daemon took in, from its metrics (host network on the test bed).
-events() { curl -fsS "http://127.0.0.1:9464/metrics" | awk '/^kprof_agent_samples_total / {print $2}' || echo 0; }
+events() { curl -fsS "http://127.0.0.1:9464/metrics" | awk '/^kprof_agent_samples_total / {v = $2} END {print v + 0}' || echo 0; }
 echo "measuring the daemon (pid $agent) for $secs s" >&2
 e0=$(events)
 read -r d_cpu d_rss d_hwm < <(measure "$agent" "$secs")
