@@ -5,8 +5,8 @@
 # windows), beside `kprof-agent record` (the same binary, types and rate) on the same pod.
 # Both are measured the same way, from /proc/<pid>/stat and status over SECONDS of steady
 # state (after the first Profile for the daemon, 5 s in for record); the cost per event (a CPU
-# sample, a switch, a thread event, a page fault) divides that CPU by the events taken in (the
-# daemon's kprof_agent_samples_total, record's summary.json).
+# sample, a switch-out or its end, a thread event, a page fault) divides that CPU by the records
+# read from the kernel (the daemon's kprof_agent_samples_total, record's summary.json records).
 #
 #   sudo -E agent/bench/daemon.sh [SECONDS=60]   (make bench; starts the test bed if needed)
 #   KPROF_DEBUG_IMAGES=1 ...: the debug images (make images-debug) and debug record instead.
@@ -105,7 +105,7 @@ sleep 5
 echo "measuring record (pid $rec) for $secs s" >&2
 read -r r_cpu r_rss r_hwm < <(measure "$rec" "$secs")
 wait "$rec" || { cat "$out/record.log" >&2; exit 1; }
-r_rate=$(python3 -c "import json; s = json.load(open('$out/summary.json')); print(s['events'] / s['wall_s'])")
+r_rate=$(python3 -c "import json; s = json.load(open('$out/summary.json')); print(s['records'] / s['wall_s'])")
 rm -rf "$out"
 
 python3 - "$variant" "$types" "$o_rss" "$pods" "$profiles" "$d_cpu" "$d_rss" "$d_hwm" "$r_cpu" "$r_rss" "$r_hwm" "$d_rate" "$r_rate" <<'PY'

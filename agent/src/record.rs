@@ -123,6 +123,8 @@ impl Default for RecordOptions {
 #[derive(Clone, Debug, Default)]
 pub struct SessionStats {
     pub events: u64,
+    /// Records read from the kernel (the node agent's `kprof_agent_samples_total`).
+    pub records: u64,
     pub distinct_stacks: u64,
     pub dropped: u64,
     pub targeted: u64,
@@ -210,6 +212,7 @@ impl SessionStats {
         let py = &self.python;
         serde_json::json!({
             "events": self.events,
+            "records": self.records,
             "distinct_stacks": self.distinct_stacks,
             "dropped": self.dropped,
             "targeted": self.targeted,
@@ -520,6 +523,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let (cpu1, rss) = crate::proc::self_usage();
     let stats = SessionStats {
         events: agg.stats.events,
+        records: agg.stats.records,
         distinct_stacks: agg.stats.distinct_stacks,
         dropped: counters.stat(Stat::Dropped),
         switch_outs: counters.stat(Stat::SwitchOuts),
@@ -558,7 +562,8 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
 const PYTHON_WAIT: Duration = Duration::from_secs(2);
 
 fn drain(engine: &mut Engine, agg: &mut Aggregator) {
-    engine.drain(|ev, merger| agg.add(ev, merger));
+    let records = engine.drain(|ev, merger| agg.add(ev, merger));
+    agg.stats.records += records;
     for (pid, warning) in engine.take_unwind_warnings() {
         agg.add_warnings(pid, vec![warning]);
     }

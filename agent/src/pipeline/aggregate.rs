@@ -116,8 +116,12 @@ struct Totals {
 /// Counters of the aggregation.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AggregateStats {
+    /// Events counted into the profile.
     pub events: u64,
     pub distinct_stacks: u64,
+    /// Records read from the kernel (an off-CPU interval is two: its switch-out and its end),
+    /// as the node agent's `kprof_agent_samples_total` counts them.
+    pub records: u64,
 }
 
 /// Aggregates events into a profile.
