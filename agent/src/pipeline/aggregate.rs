@@ -18,7 +18,7 @@ use super::{
 use crate::{
     profile::{
         AggregatedProfile, Frame, FrameKind, MemoryReport, ProcessMeta, ProfileKind, SampleKey,
-        ThreadReport, Wait,
+        ThreadReport, Wait, WaitClass,
     },
     symbolize::Symbolizer,
 };
@@ -144,6 +144,9 @@ pub struct Aggregator {
     /// window's report once closed.
     memory: Option<MemoryLedger>,
     memory_report: Option<MemoryReport>,
+    /// Each process's GIL once the interpreter support found it: waits on it classified as
+    /// lock waits before it was found (an interpreter starting, an embedded one) are GIL waits.
+    gils: HashMap<u32, Range<u64>>,
     pub stats: AggregateStats,
     pub warnings: Vec<String>,
 }
@@ -168,6 +171,7 @@ impl Aggregator {
             thread_report: None,
             memory: None,
             memory_report: None,
+            gils: HashMap::new(),
             stats: AggregateStats::default(),
             warnings: Vec::new(),
         }
@@ -348,6 +352,11 @@ impl Aggregator {
         let wait = match ev.kind {
             EventKind::OffCpu => {
                 let gil = merger.as_mut().and_then(|m| m.gil(pid));
+                if let Some(g) = &gil
+                    && self.gils.get(&pid) != Some(g)
+                {
+                    self.gils.insert(pid, g.clone());
+                }
                 Some(Wait::classify(ev.wait, ev.addr, gil.as_ref()))
             }
             _ => None,
@@ -510,20 +519,38 @@ impl Aggregator {
 
     /// Builds the profile of one kind from the events it takes (`ProfileKind::takes`). In a
     /// wall profile CPU samples are time in state `running`.
+    /// `w` of process `pid`, as a GIL wait when it waited on the futex of a GIL found since.
+    fn with_known_gil(&self, pid: u32, w: Wait) -> Wait {
+        let on_gil = w.class == Some(WaitClass::Lock)
+            && w.lock
+                .zip(self.gils.get(&pid))
+                .is_some_and(|(addr, gil)| gil.contains(&addr));
+        if on_gil {
+            Wait {
+                class: Some(WaitClass::Gil),
+                lock: None,
+                ..w
+            }
+        } else {
+            w
+        }
+    }
+
     pub fn finish(&self, kind: ProfileKind, start: SystemTime) -> AggregatedProfile {
         let mut p = AggregatedProfile::of_kind(kind, start);
         p.samples.reserve(self.stacks.len());
         p.values.reserve(self.stacks.len());
         for (raw, (key, totals)) in &self.stacks {
-            if !kind.takes(raw.kind, key.wait.as_ref()) {
+            let wait = key.wait.map(|w| self.with_known_gil(key.pid, w));
+            if !kind.takes(raw.kind, wait.as_ref()) {
                 continue;
             }
-            let key = match (kind, key.wait) {
-                (ProfileKind::Wall { .. }, None) => SampleKey {
-                    wait: Some(Wait::RUNNING),
-                    ..key.clone()
+            let key = SampleKey {
+                wait: match (kind, wait) {
+                    (ProfileKind::Wall { .. }, None) => Some(Wait::RUNNING),
+                    _ => wait,
                 },
-                _ => key.clone(),
+                ..key.clone()
             };
             p.add_value(key, totals.count, totals.value);
         }
@@ -695,6 +722,60 @@ mod tests {
             }
             native
         }
+    }
+
+    /// An interpreter whose GIL is found only after its first waits on it.
+    struct GilFoundLate {
+        found: bool,
+    }
+    impl StackMerger for GilFoundLate {
+        fn on_process(&mut self, _pid: u32) -> Option<(String, Vec<String>)> {
+            None
+        }
+        fn merge(&mut self, _pid: u32, native: Vec<Frame>, _py: PyFrames<'_>) -> Vec<Frame> {
+            native
+        }
+        fn gil(&mut self, _pid: u32) -> Option<Range<u64>> {
+            self.found.then_some(0x7000..0x7000 + 208)
+        }
+    }
+
+    #[test]
+    fn waits_on_a_gil_found_late_are_gil_waits() {
+        use crate::profile::WaitClass;
+        use kprof_common::wait as w;
+        let mut agg = Aggregator::new();
+        let pid = u32::MAX - 11;
+        let futex = w::of(1, Some(w::SYS_FUTEX));
+        let off = |ns, addr| Event {
+            kind: EventKind::OffCpu,
+            value: ns,
+            wait: futex,
+            addr,
+            ..event(pid, &[0x1000])
+        };
+        let mut py = GilFoundLate { found: false };
+        // Before the GIL is known: a wait on it, and one on another lock.
+        agg.add(&off(5_000, 0x7000 + 40), Some(&mut py));
+        agg.add(&off(2_000, 0x9000), Some(&mut py));
+        py.found = true;
+        agg.add(&off(7_000, 0x7000 + 40), Some(&mut py));
+        let class_ns = |p: &AggregatedProfile, class| -> u64 {
+            p.values
+                .iter()
+                .filter(|(k, _)| k.wait.is_some_and(|w| w.class == Some(class)))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let wall = agg.finish(ProfileKind::Wall { sample_hz: 99 }, SystemTime::UNIX_EPOCH);
+        assert_eq!(class_ns(&wall, WaitClass::Gil), 12_000);
+        assert_eq!(class_ns(&wall, WaitClass::Lock), 2_000);
+        let lock = agg.finish(ProfileKind::Lock, SystemTime::UNIX_EPOCH);
+        assert_eq!(
+            (lock.total(), lock.total_value()),
+            (1, 2_000),
+            "the other lock only"
+        );
     }
 
     #[test]
