@@ -219,8 +219,12 @@ impl MemoryLedger {
         self.read_all(false, merger);
     }
 
-    fn read_all(&mut self, flush: bool, mut merger: Option<&mut dyn StackMerger>) {
-        let now = crate::proc::monotonic_ns();
+    fn read_all(&mut self, flush: bool, merger: Option<&mut dyn StackMerger>) {
+        self.read_all_at(crate::proc::monotonic_ns(), flush, merger);
+    }
+
+    /// Reads every process and cgroup as of monotonic time `now`.
+    fn read_all_at(&mut self, now: u64, flush: bool, mut merger: Option<&mut dyn StackMerger>) {
         let pids: Vec<u32> = self.processes.keys().copied().collect();
         let mut second_done = flush;
         for pid in pids {
@@ -741,12 +745,13 @@ mod tests {
         let me = std::process::id();
         let mut ledger = MemoryLedger::new();
         ledger.see_process(me);
-        for _ in 0..3 {
-            std::thread::sleep(std::time::Duration::from_millis(1050));
-            ledger.checkpoint(None);
+        // Read at 1.05 s steps of a clock of the test's own: no sleeping, no timing.
+        let start = crate::proc::monotonic_ns();
+        for k in 1..=3 {
+            ledger.read_all_at(start + k * 1_050_000_000, false, None);
         }
-        let r = ledger.close(None);
-        let series = &r.processes[0].series;
+        ledger.read_all_at(start + 3_200_000_000, true, None);
+        let series = &ledger.processes[&me].window;
         let gaps: Vec<u64> = series.windows(2).map(|w| w[1].0 - w[0].0).collect();
         assert!(
             series.len() >= 4,

@@ -112,6 +112,25 @@ const STORE_CA_DIR: &str = "/etc/kprof-store-ca";
 /// shows only its own cgroup, and memory profiles read the targets' containers' cgroups.
 const HOST_CGROUP_DIR: &str = "/host/sys/fs/cgroup";
 
+/// A directory of the node, mounted read-only at `mount_path`.
+fn read_only_host_dir(name: &str, host_path: &str, mount_path: &str) -> (VolumeMount, Volume) {
+    let mount = VolumeMount {
+        name: name.into(),
+        mount_path: mount_path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let volume = Volume {
+        name: name.into(),
+        host_path: Some(HostPathVolumeSource {
+            path: host_path.into(),
+            type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    };
+    (mount, volume)
+}
+
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -211,37 +230,15 @@ pub fn desired_daemonset(
             &format!("{STORE_CA_DIR}/ca.crt"),
         ));
     }
-    mounts.push(VolumeMount {
-        name: "cgroup".into(),
-        mount_path: HOST_CGROUP_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    });
-    volumes.push(Volume {
-        name: "cgroup".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: "/sys/fs/cgroup".into(),
-            type_: Some("Directory".into()),
-        }),
-        ..Default::default()
-    });
+    let (mount, volume) = read_only_host_dir("cgroup", "/sys/fs/cgroup", HOST_CGROUP_DIR);
+    mounts.push(mount);
+    volumes.push(volume);
     // The chart's own settings last: they override.
     env_vars.extend(cfg.env.iter().cloned());
     if cfg.mount_btf {
-        mounts.push(VolumeMount {
-            name: "btf".into(),
-            mount_path: "/sys/kernel/btf".into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        volumes.push(Volume {
-            name: "btf".into(),
-            host_path: Some(HostPathVolumeSource {
-                path: "/sys/kernel/btf".into(),
-                type_: Some("Directory".into()),
-            }),
-            ..Default::default()
-        });
+        let (mount, volume) = read_only_host_dir("btf", "/sys/kernel/btf", "/sys/kernel/btf");
+        mounts.push(mount);
+        volumes.push(volume);
     }
     // no_new_privs is compatible with capabilities granted at start, except CAP_SYS_ADMIN,
     // which the API server refuses together with allowPrivilegeEscalation: false.
