@@ -175,6 +175,9 @@ impl PyProcess {
         let mem = ProcMem::new(pid);
         // An interpreter whose file the dynamic loader is still mapping (segment by segment).
         let mut loading = None;
+        // A candidate whose file took too long to read (a loaded node, a slow file system):
+        // unknown yet, not "not Python".
+        let mut slow = None;
         for path in candidates(pid, &maps) {
             // Only the file the process mapped: not what a tenant put at its path since.
             let Some(mapped) = maps.iter().find(|m| m.path == path) else {
@@ -188,8 +191,13 @@ impl PyProcess {
                     ElfInfo::open_cached(file, &path)
                 })
             };
-            let Ok(Ok(elf)) = read else {
-                continue;
+            let elf = match read {
+                Ok(Ok(elf)) => elf,
+                Ok(Err(_)) => continue,
+                Err(timed_out) => {
+                    slow.get_or_insert(format!("{}: {timed_out}", basename(&path)));
+                    continue;
+                }
             };
             let Some(rt_sym) = elf.symbol("_PyRuntime") else {
                 continue;
@@ -208,6 +216,9 @@ impl PyProcess {
                 "{} is still being mapped",
                 basename(&path)
             )));
+        }
+        if let Some(why) = slow {
+            return Err(DetectError::NotReady(why));
         }
         // A CPython without `_PyRuntime` (2.x, ≤ 3.6) is still reported, not silently dropped.
         for m in &maps {

@@ -59,6 +59,8 @@ const MAX_INT_DIGITS: u64 = 3;
 /// `threading._active` never holds more threads than this many dict entries anyway; a bound on
 /// the work done per call.
 const MAX_THREADS: usize = 1 << 14;
+/// Reads of a thread table torn by the running interpreter are made this many times in all.
+pub const READ_ATTEMPTS: u32 = 3;
 
 // Object header and type object (identical in 3.8–3.14, checked with `offsetof` against each
 // version's headers).
@@ -371,7 +373,16 @@ impl Reader<'_> {
         }
         let keys = self.word(dict.wrapping_add(MA_KEYS))?;
         let values = self.word(dict.wrapping_add(MA_VALUES))?;
-        self.table_items(keys, (values != 0).then_some(values))
+        let items = self.table_items(keys, (values != 0).then_some(values))?;
+        // A dict resized or changed between the reads shows a table that disagrees with its
+        // count (an old table, freed and reused, often reads as empty).
+        if items.len() as u64 != used {
+            return Err(corrupt(format!(
+                "dict changed while read: {} live entries, {used} counted",
+                items.len()
+            )));
+        }
+        Ok(items)
     }
 
     /// Entries of a keys object; with `values` (a `PyDictValues`), a split table whose values
@@ -566,9 +577,24 @@ impl Reader<'_> {
 
 impl PyProcess {
     /// The name and kernel thread id of every thread in `threading._active`, as Python sees
-    /// them (`Thread.name`, `Thread.native_id`). Threads whose attributes do not read back
-    /// (one being created or torn down) are left out.
+    /// them (`Thread.name`, `Thread.native_id`). The interpreter runs on while it is read: a
+    /// read torn by a change (a thread starting, ending or renamed) is made again, up to
+    /// [`READ_ATTEMPTS`] times.
     pub fn thread_names(&self) -> std::result::Result<Vec<PyThreadName>, ThreadNamesError> {
+        let mut attempt = 1;
+        loop {
+            match self.read_thread_names() {
+                Err(ThreadNamesError::Corrupt(_) | ThreadNamesError::Read(_))
+                    if attempt < READ_ATTEMPTS =>
+                {
+                    attempt += 1
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn read_thread_names(&self) -> std::result::Result<Vec<PyThreadName>, ThreadNamesError> {
         let unsupported = || ThreadNamesError::Unsupported(self.version);
         if self.version.major != 3 || free_threaded_name(&self.file) {
             return Err(unsupported());
@@ -597,21 +623,28 @@ impl PyProcess {
             .ok_or_else(|| corrupt("threading has no _active"))?;
         let mut out = Vec::new();
         for (key, thread) in reader.dict_items(active)?.into_iter().take(MAX_THREADS) {
-            if let Some(t) = Self::thread_name(&reader, key, thread) {
-                out.push(t);
-            }
+            out.push(Self::thread_name(&reader, key, thread)?);
         }
         Ok(out)
     }
 
-    /// One `_active` entry; `None` when it does not read back as a started thread.
-    fn thread_name(reader: &Reader<'_>, key: u64, thread: u64) -> Option<PyThreadName> {
-        let ident = u64::try_from(reader.int_value(key).ok()?).ok()?;
-        let attrs = reader.instance_attrs(thread).ok()?;
-        let name = reader.str_value(reader.find(&attrs, "_name")?).ok()?;
-        // `_native_id` is None until the thread runs.
-        let tid = u32::try_from(reader.int_value(reader.find(&attrs, "_native_id")?).ok()?).ok()?;
-        (tid != 0).then_some(PyThreadName { tid, ident, name })
+    /// One `_active` entry. A thread enters `_active` only once its ident and native id are
+    /// set, so an entry that does not read back is a torn read.
+    fn thread_name(reader: &Reader<'_>, key: u64, thread: u64) -> Result<PyThreadName> {
+        let ident = u64::try_from(reader.int_value(key)?)
+            .map_err(|_| corrupt(format!("thread ident {key:#x} out of range")))?;
+        let attrs = reader.instance_attrs(thread)?;
+        let attr = |name: &str| {
+            reader
+                .find(&attrs, name)
+                .ok_or_else(|| corrupt(format!("thread {ident:#x} has no {name}")))
+        };
+        let name = reader.str_value(attr("_name")?)?;
+        let tid = u32::try_from(reader.int_value(attr("_native_id")?)?)
+            .ok()
+            .filter(|&tid| tid != 0)
+            .ok_or_else(|| corrupt(format!("thread {ident:#x} has no native id")))?;
+        Ok(PyThreadName { tid, ident, name })
     }
 
     /// `sys.modules`: at the version's offset in `PyInterpreterState` (3.13+: the offset the
