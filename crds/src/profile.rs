@@ -278,3 +278,11 @@ pub struct ArtifactRef {
     #[serde(default)]
     pub size_bytes: u64,
 }
+
+impl ArtifactRef {
+    /// The artifact's content digest: its `digest` field, else the end of its store URL.
+    pub fn content_digest(&self) -> Option<crate::store_api::Digest> {
+        crate::store_api::Digest::parse(&self.digest)
+            .or_else(|| crate::store_api::Digest::from_url(&self.url))
+    }
+}

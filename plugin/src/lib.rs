@@ -382,14 +382,12 @@ impl Kprof<'_> {
             .pprof
             .as_ref()
             .ok_or_else(|| anyhow!("Profile {name} has no pprof artifact (yet)"))?;
-        let d = Digest::parse(&r.digest)
-            .or_else(|| Digest::from_url(&r.url))
-            .ok_or_else(|| {
-                anyhow!(
-                    "Profile {name}: pprof artifact {:?} has no sha256 digest",
-                    r.url
-                )
-            })?;
+        let d = r.content_digest().ok_or_else(|| {
+            anyhow!(
+                "Profile {name}: pprof artifact {:?} has no sha256 digest",
+                r.url
+            )
+        })?;
         let bytes = self
             .api_get(&format!("/namespaces/{}/profiles/{name}/pprof", self.ns))
             .await?;

@@ -209,7 +209,7 @@ async fn flamegraph(
             .artifacts
             .flamegraph
             .as_ref()
-            .and_then(|r| Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)))
+            .and_then(|r| r.content_digest())
             && let Ok(Some(b)) = st.artifacts.get(&d).await
         {
             st.metrics.read("flamegraph", b.len());

@@ -19,7 +19,6 @@ use kprof_crds::{Exporter as ExporterSpec, ExporterKind, Profile, ProfilingTarge
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use super::backend::Digest;
 use super::{State, StoreMetrics, otlp};
 use kprof_pprof::PprofError;
 
@@ -209,7 +208,7 @@ impl Exporter {
             .artifacts
             .pprof
             .as_ref()
-            .and_then(|r| Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)))
+            .and_then(|r| r.content_digest())
         else {
             return;
         };

@@ -377,7 +377,7 @@ pub(crate) async fn load_artifact_bytes(
             format!("Profile {name} has no {what} artifact"),
         ));
     };
-    let Some(d) = Digest::parse(&r.digest).or_else(|| Digest::from_url(&r.url)) else {
+    let Some(d) = r.content_digest() else {
         return Err(error(
             StatusCode::NOT_FOUND,
             format!("Profile {name}: the {what} artifact has no sha256 digest"),
