@@ -64,7 +64,8 @@ struct RecordArgs {
     /// Profile types, comma separated: cpu (on-CPU time), wall (on- and off-CPU time per thread,
     /// by state and wait class), lock (time blocked on locks, by site and lock), threads
     /// (counts, names, the code that creates them, idle threads and leaks), memory (bytes
-    /// first touched and still held, by the code that touched them; heap usage and leaks).
+    /// first touched and still held, by the code that touched them; large blocks mapped and
+    /// still mapped, by the code that asked for them; heap usage and leaks).
     #[arg(long, value_delimiter = ',', default_value = "cpu", value_parser = parse_type)]
     types: Vec<record::ProfileType>,
     /// Rows of the top table.

@@ -1,5 +1,5 @@
-//! Kernel tests of memory profiles: the real eBPF memory source (sampled page faults and the
-//! releases of `sys_enter`) through `kprof_agent::record`, the same session as
+//! Kernel tests of memory profiles: the real eBPF memory source (sampled page faults, the
+//! releases of `sys_enter` and the growth records of `sys_exit`) through `kprof_agent::record`, the same session as
 //! `kprof-agent record --types memory`, against every installed CPython (pyenv 3.8–3.13, the
 //! built 3.14, the distribution's 3.11 and a C program embedding its libpython).
 //!
@@ -8,7 +8,9 @@
 //! keeps, a slow leak — while a churner allocates and frees far more. The in-use view must rank
 //! the keepers above the churner and give each big keeper its measured bytes within ±25 %; the
 //! allocation view must show the churner (touching far more than it holds); the leak must be
-//! flagged with the leaking function among the stacks that grew it; the heap usage read must
+//! flagged with the leaking function among the stacks that grew it; the mapped in-use view
+//! (the growth records of `sys_exit`) must give each keeper its bytes within ±25 % too, and
+//! show the churner mapping far more than it holds; the heap usage read must
 //! match `/proc` within 5 %, and the Python object heap the interpreter's own arena count.
 //!
 //! Needs root and the eBPF object; otherwise it prints `SKIP` and passes — unless
@@ -56,6 +58,17 @@ fn bytes_of(p: &AggregatedProfile, name: &str) -> (u64, u64) {
         .fold((0, 0), |(a, u), k| (a + p.value_of(k), u + p.inuse_of(k)))
 }
 
+/// (mapped bytes, mapped in-use bytes) of the stacks that run `name`.
+fn mapped_bytes_of(p: &AggregatedProfile, name: &str) -> (u64, u64) {
+    p.samples
+        .keys()
+        .filter(|k| runs(k, name))
+        .fold((0, 0), |(m, u), k| {
+            let ((_, mapped), (_, held)) = p.mapped_of(k);
+            (m + mapped, u + held)
+        })
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / f64::from(1 << 20)
 }
@@ -87,6 +100,19 @@ fn check(interp: &harness::Interp, dir: &Path) -> Result<String, String> {
     let buffers = bytes_of(p, "keep_buffers");
     let churn = bytes_of(p, "churn");
     let leak = bytes_of(p, "leak_step");
+    let mapped =
+        ["build_cache", "keep_buffers", "churn", "leak_step"].map(|f| mapped_bytes_of(p, f));
+    let mapped_figures = format!(
+        "mapped (window/held): cache {:.1}/{:.1} MiB, buffers {:.1}/{:.1}, churn {:.1}/{:.1}, leak {:.1}/{:.1}",
+        mib(mapped[0].0),
+        mib(mapped[0].1),
+        mib(mapped[1].0),
+        mib(mapped[1].1),
+        mib(mapped[2].0),
+        mib(mapped[2].1),
+        mib(mapped[3].0),
+        mib(mapped[3].1)
+    );
     let figures = format!(
         "in use: cache {:.1}/{:.1} MiB, buffers {:.1}/{:.1}, leak {:.1}/{:.1}, churn {:.1}; \
          alloc: churn {:.1} MiB in {} rounds, cache {:.1}",
@@ -115,6 +141,18 @@ fn check(interp: &harness::Interp, dir: &Path) -> Result<String, String> {
     };
     within(cache.1, truth.build_cache, "the cache")?;
     within(buffers.1, truth.keep_buffers, "the buffers")?;
+    // The growth records (exact, not sampled): the arenas and blocks each keeper had mapped
+    // and still holds; the churner mapped far more than it holds. (The leak's small blocks
+    // land in heap memory others grew: reuse is invisible to this view.)
+    let [m_cache, m_buffers, m_churn, _] = mapped;
+    within(m_cache.1, truth.build_cache, "the cache's mappings")
+        .and_then(|()| within(m_buffers.1, truth.keep_buffers, "the buffers' mappings"))
+        .map_err(|e| format!("{e}; {mapped_figures}"))?;
+    if m_cache.1 <= m_churn.1 || m_buffers.1 <= m_churn.1 || m_churn.0 < 3 * m_churn.1.max(1) {
+        return Err(format!(
+            "the mapped views do not tell the keepers from the churner; {mapped_figures}"
+        ));
+    }
     if cache.1 <= churn.1 || buffers.1 <= churn.1 {
         return Err(format!("the churner holds as much as a keeper; {figures}"));
     }
@@ -225,7 +263,8 @@ fn check(interp: &harness::Interp, dir: &Path) -> Result<String, String> {
         ));
     }
     Ok(format!(
-        "{figures}; heap {heap_ratio:.3}× the least /proc reading; {heap_figure}; leak flagged"
+        "{figures}; {mapped_figures}; heap {heap_ratio:.3}× the least /proc reading; \
+         {heap_figure}; leak flagged"
     ))
 }
 

@@ -209,9 +209,25 @@ pub(crate) async fn profile_page(
     } else {
         ""
     };
+    // A kind with several views in bytes or time (memory: touched, held, mapped, mapped and
+    // held) links a flame graph of each.
+    let views: Vec<String> = kprof_pprof::types::by_name(&s.profile_type.to_string())
+        .map(|k| {
+            k.sample_types
+                .iter()
+                .filter(|t| t.unit != "count")
+                .map(|t| format!("<a href=\"flamegraph?sampleIndex={0}\">{0}</a>", t.r#type))
+                .collect()
+        })
+        .unwrap_or_default();
+    let views = if views.len() > 1 {
+        format!(" ({})", views.join(" · "))
+    } else {
+        String::new()
+    };
     let _ = write!(
         b,
-        "<p>Download: <a href=\"pprof\">pprof</a> · <a href=\"flamegraph\">flame graph</a> · <a href=\"top\">top (JSON)</a>{summary}. \
+        "<p>Download: <a href=\"pprof\">pprof</a> · <a href=\"flamegraph\">flame graph</a>{views} · <a href=\"top\">top (JSON)</a>{summary}. \
 Click a frame to zoom, Ctrl-F to search.</p><object id=\"flamegraph\" type=\"image/svg+xml\" data=\"flamegraph\"></object><h2>Top functions</h2>"
     );
     top_table(&mut b, &TopReport::new(&stacks, 30));

@@ -46,8 +46,14 @@ pub mod names {
     pub const PROG_FAULT: &str = "kprof_fault";
     /// The same without the CPython walker.
     pub const PROG_FAULT_NATIVE: &str = "kprof_fault_native";
-    /// Memory given back by targets (raw tracepoint `sys_enter`), with the memory source.
+    /// Memory given back by targets (raw tracepoint `sys_enter`), with the memory source; it
+    /// also notes the break before a `brk`.
     pub const PROG_RELEASE: &str = "kprof_release";
+    /// Memory mapped or heap grown by targets, with stacks (raw tracepoint `sys_exit`), with
+    /// the memory source.
+    pub const PROG_GROW: &str = "kprof_grow";
+    /// The same without the CPython walker.
+    pub const PROG_GROW_NATIVE: &str = "kprof_grow_native";
     pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
     pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
     pub const MAP_EVENTS: &str = "EVENTS";
@@ -108,11 +114,13 @@ pub enum Stat {
     FramesByFramePointer = 11,
     /// Sampled minor page faults of targets (memory source).
     PageFaults = 12,
+    /// Mappings and heap growth of targets recorded (memory source).
+    MemGrowths = 13,
 }
 
 impl Stat {
     /// Number of counters (the `STATS` array length).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     /// All counters in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Targeted,
@@ -128,6 +136,7 @@ impl Stat {
         Stat::FramesByTable,
         Stat::FramesByFramePointer,
         Stat::PageFaults,
+        Stat::MemGrowths,
     ];
 }
 
@@ -160,8 +169,12 @@ pub struct Config {
     /// Non-zero: user stacks are unwound with the `.eh_frame` tables (`unwind.rs`); zero:
     /// by the kernel's frame-pointer walk (`bpf_get_stack`).
     pub unwind_tables: u32,
+    /// Byte offsets of `mm` in `struct task_struct` and of `brk` in `struct mm_struct` (0:
+    /// unknown; heap growth by `brk` is then not recorded).
+    pub task_mm_off: u32,
+    pub mm_brk_off: u32,
 }
-const _: () = assert!(size_of::<Config>() == 48);
+const _: () = assert!(size_of::<Config>() == 56);
 
 /// Value of the target maps: which target (profile) a process belongs to.
 #[repr(C)]
@@ -204,6 +217,10 @@ pub enum EventKind {
     /// A target gave memory back to the kernel ([`release`]). No stacks; `addr` is where the
     /// range starts; value: its length in bytes.
     MemRelease = 7,
+    /// A target mapped new anonymous memory or grew its heap ([`grow`]), recorded with its
+    /// stacks as the call returned: exact sizes of the large blocks (arenas, buffers, big
+    /// arrays), not samples. `addr` is where the new memory starts; value: its length in bytes.
+    MemGrow = 8,
 }
 
 impl EventKind {
@@ -217,6 +234,7 @@ impl EventKind {
             5 => Some(EventKind::ThreadExit),
             6 => Some(EventKind::PageFault),
             7 => Some(EventKind::MemRelease),
+            8 => Some(EventKind::MemGrow),
             _ => None,
         }
     }
@@ -299,6 +317,58 @@ pub mod release {
             }
             SYS_MREMAP if a2 < a1 => Some((a0.wrapping_add(a2), a1 - a2)),
             SYS_BRK if a0 != 0 => Some((a0, BRK_SPAN)),
+            _ => None,
+        }
+    }
+}
+
+/// Which syscalls grow a process's memory, and the range each added (x86-64), as seen when the
+/// call returns (its result is the new memory's address or the new break).
+pub mod grow {
+    pub const SYS_MMAP: u64 = 9;
+    pub use super::release::{SYS_BRK, SYS_MREMAP};
+    const MAP_ANONYMOUS: u64 = 0x20;
+    /// Thread stacks: counted by threads profiles, not heap.
+    const MAP_STACK: u64 = 0x20000;
+    /// Smaller anonymous mappings are not recorded: allocators map their blocks, arenas and
+    /// heaps in larger pieces (glibc from 128 KiB, pymalloc's arenas of 256 KiB or 1 MiB).
+    pub const MIN_MAPPING_BYTES: u64 = 64 << 10;
+    /// Results above this are `-errno`.
+    const MAX_ADDRESS: u64 = (-4096i64) as u64;
+
+    const fn page_up(n: u64) -> u64 {
+        n.saturating_add(super::PAGE_BYTES - 1) & !(super::PAGE_BYTES - 1)
+    }
+
+    /// The memory (start, length) a call added, from its number, first four arguments and
+    /// result; `old_break` is the break before a `brk` (0: unknown). `mmap` of anonymous,
+    /// accessible memory of [`MIN_MAPPING_BYTES`] or more (a `PROT_NONE` reservation is not
+    /// memory yet); a growing `mremap` (its new tail); a `brk` that moved the break up.
+    pub const fn added(nr: u64, args: [u64; 4], ret: u64, old_break: u64) -> Option<(u64, u64)> {
+        if ret == 0 || ret > MAX_ADDRESS {
+            return None;
+        }
+        let [_, a1, a2, a3] = args;
+        match nr {
+            SYS_MMAP
+                if a3 & MAP_ANONYMOUS != 0
+                    && a3 & MAP_STACK == 0
+                    && a2 != 0
+                    && page_up(a1) >= MIN_MAPPING_BYTES =>
+            {
+                Some((ret, page_up(a1)))
+            }
+            SYS_MREMAP if page_up(a2) > page_up(a1) => {
+                let grown = page_up(a2) - page_up(a1);
+                if grown >= MIN_MAPPING_BYTES {
+                    Some((ret.saturating_add(page_up(a1)), grown))
+                } else {
+                    None
+                }
+            }
+            SYS_BRK if old_break != 0 && page_up(ret) > page_up(old_break) => {
+                Some((page_up(old_break), page_up(ret) - page_up(old_break)))
+            }
             _ => None,
         }
     }
@@ -466,4 +536,58 @@ mod pod {
     unsafe impl aya::Pod for super::TargetSlot {}
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::OffCpuThread {}
+}
+
+#[cfg(test)]
+mod grow_tests {
+    use super::grow::{MIN_MAPPING_BYTES, SYS_BRK, SYS_MMAP, SYS_MREMAP, added};
+
+    const ANON: u64 = 0x20 | 0x02; // MAP_ANONYMOUS | MAP_PRIVATE
+    const RW: u64 = 3;
+
+    #[test]
+    fn large_anonymous_mappings_and_heap_growth_are_memory_added() {
+        let at = 0x7f00_0000_0000;
+        assert_eq!(
+            added(SYS_MMAP, [0, 1 << 20, RW, ANON], at, 0),
+            Some((at, 1 << 20))
+        );
+        // Rounded up to pages.
+        assert_eq!(
+            added(SYS_MMAP, [0, (1 << 20) + 1, RW, ANON], at, 0),
+            Some((at, (1 << 20) + 4096))
+        );
+        // Small, file-backed, a PROT_NONE reservation, a thread stack, a failed call: not.
+        assert_eq!(
+            added(SYS_MMAP, [0, MIN_MAPPING_BYTES - 4096, RW, ANON], at, 0),
+            None
+        );
+        assert_eq!(added(SYS_MMAP, [0, 1 << 20, RW, 0x02], at, 0), None);
+        assert_eq!(added(SYS_MMAP, [0, 1 << 20, 0, ANON], at, 0), None);
+        assert_eq!(
+            added(SYS_MMAP, [0, 1 << 20, RW, ANON | 0x20000], at, 0),
+            None
+        );
+        assert_eq!(
+            added(SYS_MMAP, [0, 1 << 20, RW, ANON], -12i64 as u64, 0),
+            None
+        );
+        // mremap: the grown tail, wherever the block moved to.
+        assert_eq!(
+            added(SYS_MREMAP, [at, 1 << 20, 2 << 20, 1], at + (8 << 20), 0),
+            Some((at + (9 << 20), 1 << 20))
+        );
+        assert_eq!(added(SYS_MREMAP, [at, 2 << 20, 1 << 20, 0], at, 0), None);
+        // brk: from the old break up to the new one; not when it fell or is unknown.
+        let heap = 0x5555_0000_0000;
+        assert_eq!(
+            added(SYS_BRK, [heap + 0x21000, 0, 0, 0], heap + 0x21000, heap),
+            Some((heap, 0x21000))
+        );
+        assert_eq!(added(SYS_BRK, [heap, 0, 0, 0], heap, heap + 0x21000), None);
+        assert_eq!(
+            added(SYS_BRK, [heap + 0x21000, 0, 0, 0], heap + 0x21000, 0),
+            None
+        );
+    }
 }

@@ -13,8 +13,8 @@
 //!   `kprof_exit` (raw tracepoint `sched_process_exit`) thread exits, for threads profiles
 //!   (`threads.rs`).
 //! - `kprof_fault` (perf_event, software minor page faults on every CPU, sampled) and
-//!   `kprof_release` (raw tracepoint `sys_enter`), attached for memory profiles: the memory
-//!   source (`memory.rs`).
+//!   `kprof_release` (raw tracepoint `sys_enter`) and `kprof_grow` (raw tracepoint
+//!   `sys_exit`), attached for memory profiles: the memory source (`memory.rs`).
 //! - `kprof_exec` (raw tracepoint `sched_process_exec`, with the walker): drops the walker's
 //!   configuration of a process that replaced its image (`follow.rs`).
 #![no_std]
@@ -52,6 +52,8 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     thread_events: 0,
     task_runtime_off: 0,
     unwind_tables: 0,
+    task_mm_off: 0,
+    mm_brk_off: 0,
 });
 
 /// The CPU sampler with the CPython walker (the default).
@@ -83,6 +85,18 @@ pub fn kprof_fault_native(ctx: PerfEventContext) -> u32 {
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn kprof_release(ctx: RawTracePointContext) -> i32 {
     memory::on_syscall(&ctx)
+}
+
+/// Memory mapped or heap grown by targets, with stacks (memory profiles).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn kprof_grow(ctx: RawTracePointContext) -> i32 {
+    memory::on_syscall_exit::<true>(&ctx)
+}
+
+/// The same without the CPython walker (paired with `kprof_sample_native`).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn kprof_grow_native(ctx: RawTracePointContext) -> i32 {
+    memory::on_syscall_exit::<false>(&ctx)
 }
 
 /// The off-CPU source with the CPython walker.

@@ -8,12 +8,20 @@
 //!   (`munmap`, `madvise(DONTNEED/FREE/REMOVE)`, a shrinking `mremap` or `brk`) is a header-only
 //!   record with the range, so a page sampled before is not counted as held once its memory
 //!   was given back and mapped again for something else.
+//! - Growth (raw tracepoint `sys_exit`): a target's `mmap` of anonymous memory, growing
+//!   `mremap` or `brk` ([`kprof_common::grow`]) is recorded with its stacks as the call
+//!   returns, when its result says where the memory is: the exact size of each large block
+//!   and who asked for it. The break before a `brk` is noted at `sys_enter` (`BRK_BEFORE`).
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
-    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::generated::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    },
+    macros::map,
+    maps::LruHashMap,
     programs::{PerfEventContext, RawTracePointContext},
 };
-use kprof_common::{EventHeader, EventKind, PAGE_BYTES, Stat, release};
+use kprof_common::{EventHeader, EventKind, PAGE_BYTES, Stat, grow, release};
 
 use crate::{
     KPROF_CONFIG,
@@ -62,10 +70,28 @@ pub fn on_fault<const PYTHON: bool>(ctx: &PerfEventContext) -> u32 {
     0
 }
 
-/// x86-64 `struct pt_regs`: where a syscall's first three arguments are.
+/// x86-64 `struct pt_regs`: where a syscall's number, first four arguments and the user
+/// registers the unwinder starts from are.
+const PT_REGS_BP: usize = 32;
+const PT_REGS_R10: usize = 56;
 const PT_REGS_DX: usize = 96;
 const PT_REGS_SI: usize = 104;
 const PT_REGS_DI: usize = 112;
+const PT_REGS_ORIG_AX: usize = 120;
+const PT_REGS_IP: usize = 128;
+const PT_REGS_SP: usize = 152;
+
+/// Thread id → the break before its `brk` call (taken when the call returns). LRU: a thread
+/// killed inside the call leaves an entry that ages out.
+#[map(name = "BRK_BEFORE")]
+static BRK_BEFORE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+
+/// A register of the `struct pt_regs` at `regs` (0 when unreadable).
+#[inline(always)]
+unsafe fn reg(regs: *const u8, off: usize) -> u64 {
+    // SAFETY: a probe read, which fails cleanly on a bad address.
+    unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()).unwrap_or(0) }
+}
 
 /// `sys_enter(struct pt_regs *regs, long id)`, in the calling thread.
 #[inline(always)]
@@ -89,9 +115,28 @@ pub fn on_syscall(ctx: &RawTracePointContext) -> i32 {
     // registers are read with probe reads (a failed read gives 0, which releases nothing).
     let regs: *const u8 = ctx.arg(0);
     let (a0, a1, a2) = unsafe {
-        let arg = |off: usize| bpf_probe_read_kernel(regs.add(off).cast::<u64>()).unwrap_or(0);
-        (arg(PT_REGS_DI), arg(PT_REGS_SI), arg(PT_REGS_DX))
+        (
+            reg(regs, PT_REGS_DI),
+            reg(regs, PT_REGS_SI),
+            reg(regs, PT_REGS_DX),
+        )
     };
+    if nr == release::SYS_BRK && cfg.task_mm_off != 0 && cfg.mm_brk_off != 0 {
+        // SAFETY: probe reads of the current task's `mm` and of its `brk`.
+        let before = unsafe {
+            let task = bpf_get_current_task() as *const u8;
+            let mm = bpf_probe_read_kernel(task.add(cfg.task_mm_off as usize).cast::<u64>())
+                .unwrap_or(0) as *const u8;
+            if mm.is_null() {
+                0
+            } else {
+                bpf_probe_read_kernel(mm.add(cfg.mm_brk_off as usize).cast::<u64>()).unwrap_or(0)
+            }
+        };
+        if before != 0 {
+            let _ = BRK_BEFORE.insert(&(pid_tgid as u32), &before, 0);
+        }
+    }
     let Some((addr, len)) = release::range(nr, a0, a1, a2) else {
         return 0;
     };
@@ -110,5 +155,71 @@ pub fn on_syscall(ctx: &RawTracePointContext) -> i32 {
         h.timestamp_ns = bpf_ktime_get_ns();
     }
     record::submit_header(&h);
+    0
+}
+
+/// `sys_exit(struct pt_regs *regs, long ret)`, in the calling thread: memory a target added.
+#[inline(always)]
+pub fn on_syscall_exit<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
+    let regs: *const u8 = ctx.arg(0);
+    // SAFETY: a probe read of the caller's registers (every syscall of the node passes here:
+    // the number is checked before anything else).
+    let nr = unsafe { reg(regs, PT_REGS_ORIG_AX) };
+    if !matches!(nr, grow::SYS_MMAP | grow::SYS_MREMAP | grow::SYS_BRK) {
+        return 0;
+    }
+    let cfg = KPROF_CONFIG.load();
+    // SAFETY: helper without arguments.
+    let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(slot) = target_slot(tgid, &cfg) else {
+        return 0;
+    };
+    let ret: u64 = ctx.arg(1);
+    let tid = pid_tgid as u32;
+    let old_break = if nr == grow::SYS_BRK {
+        // SAFETY: the value is copied out before the entry is removed.
+        let before = unsafe { BRK_BEFORE.get(&tid).copied().unwrap_or(0) };
+        let _ = BRK_BEFORE.remove(&tid);
+        before
+    } else {
+        0
+    };
+    // SAFETY: probe reads of the caller's argument registers.
+    let args = unsafe {
+        [
+            reg(regs, PT_REGS_DI),
+            reg(regs, PT_REGS_SI),
+            reg(regs, PT_REGS_DX),
+            reg(regs, PT_REGS_R10),
+        ]
+    };
+    let Some((addr, len)) = grow::added(nr, args, ret, old_break) else {
+        return 0;
+    };
+    bump(Stat::MemGrowths);
+    let ev = Event {
+        kind: EventKind::MemGrow,
+        value: len,
+        // SAFETY: helper without arguments.
+        now: unsafe { bpf_ktime_get_ns() },
+        pid_tgid,
+        slot,
+        in_kernel: true,
+        // The kernel frames are the syscall's exit path: the same for every record.
+        kernel_stack: false,
+        wait: 0,
+        addr,
+        // SAFETY: probe reads of the user registers the syscall saved.
+        user_regs_set: unsafe {
+            unwind::start_from(
+                record::BUF_TASK,
+                reg(regs, PT_REGS_IP),
+                reg(regs, PT_REGS_SP),
+                reg(regs, PT_REGS_BP),
+            )
+        },
+    };
+    record::submit::<_, PYTHON>(ctx, &ev, &cfg, record::BUF_TASK);
     0
 }

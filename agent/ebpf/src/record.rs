@@ -58,6 +58,8 @@ pub struct Event {
 /// `EVENT_BUF` slot of each source: a source that can interrupt another needs its own.
 pub const BUF_CPU: u32 = 0;
 pub const BUF_SWITCH: u32 = 1;
+/// Thread creations and memory growth: both run in the thread's own context with preemption
+/// off, so neither interrupts the other.
 pub const BUF_TASK: u32 = 2;
 pub const BUF_FAULT: u32 = 3;
 

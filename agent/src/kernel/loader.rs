@@ -252,6 +252,8 @@ impl Sampler {
             thread_events: u32::from(cfg.threads),
             task_runtime_off: offsets.as_ref().map_or(0, |t| t.sum_exec_runtime),
             unwind_tables: u32::from(cfg.unwind_tables),
+            task_mm_off: offsets.as_ref().map_or(0, |t| t.mm),
+            mm_brk_off: offsets.as_ref().map_or(0, |t| t.mm_brk),
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
@@ -355,6 +357,20 @@ impl Sampler {
                     .map_err(|_| LoadError::Missing(names::PROG_RELEASE))?;
                 release
                     .attach("sys_enter")
+                    .map_err(|e| LoadError::Faults(one_line(&e)))?;
+                let grow = if program == names::PROG_SAMPLE {
+                    names::PROG_GROW
+                } else {
+                    names::PROG_GROW_NATIVE
+                };
+                load_raw_tracepoint(&mut bpf, grow)?;
+                let growth: &mut RawTracePoint = bpf
+                    .program_mut(grow)
+                    .ok_or(LoadError::Missing(grow))?
+                    .try_into()
+                    .map_err(|_| LoadError::Missing(grow))?;
+                growth
+                    .attach("sys_exit")
                     .map_err(|e| LoadError::Faults(one_line(&e)))?;
                 Some((events, name))
             }

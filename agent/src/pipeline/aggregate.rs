@@ -294,10 +294,14 @@ impl Aggregator {
             }
             return;
         }
-        if ev.kind == EventKind::PageFault {
+        if matches!(ev.kind, EventKind::PageFault | EventKind::MemGrow) {
             let key = self.intern(ev, merger, true);
             if let (Some(ledger), Some(key)) = (self.memory.as_mut(), key) {
-                ledger.on_fault(ev, key);
+                if ev.kind == EventKind::PageFault {
+                    ledger.on_fault(ev, key);
+                } else {
+                    ledger.on_grow(ev, key);
+                }
             }
             return;
         }

@@ -380,7 +380,10 @@ impl Engine {
                         EventKind::OffCpu | EventKind::OffCpuEnd => off_cpu.on_record(&ev, |e| {
                             sink(e, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }),
-                        EventKind::CpuSample | EventKind::PageFault | EventKind::MemRelease => {
+                        EventKind::CpuSample
+                        | EventKind::PageFault
+                        | EventKind::MemGrow
+                        | EventKind::MemRelease => {
                             sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }
                         EventKind::ThreadStart | EventKind::ThreadExit => {

@@ -7,6 +7,11 @@
 //! shrinking `brk`: the release records) or its `pagemap` says they are gone; a page whose
 //! memory was given back and mapped again is someone else's.
 //!
+//! Beside the sampled pages, the large blocks: every anonymous mapping of 64 KiB or more, growing
+//! `mremap` and `brk` of a target is recorded with its stack and exact size (the growth
+//! records). Each is held, as a region, until a release covers it or its mapping is gone at a
+//! window's end: `mapped` (in the window) and `mapped_inuse` (at its end) by stack.
+//!
 //! A page-fault sample stands for `period` pages touched for the first time. Memory that an
 //! allocator reuses without giving it back to the kernel (pymalloc's arenas, glibc's heap) is
 //! touched once, so it counts once, where it was first touched: this is memory growth, not
@@ -28,6 +33,9 @@ use crate::{
 /// Pages kept for the in-use view at most (each ~100 bytes of agent memory; at 64 pages a
 /// sample, 256 Ki pages stand for 64 GiB of memory held).
 const MAX_HELD: usize = 1 << 18;
+/// Growth regions kept for the in-use view at most (a few KiB-large blocks each, at least 64
+/// KiB of the target's memory: 64 Ki regions stand for 4 GiB or more).
+const MAX_REGIONS: usize = 1 << 16;
 /// Resident-memory readings kept per process across windows for the leak verdict; older ones
 /// are thinned out (every other one dropped) past it.
 const MAX_POINTS: usize = 256;
@@ -37,6 +45,18 @@ struct Fault {
     pid: u32,
     page: u64,
     bytes: u64,
+    key: SampleKey,
+}
+
+/// A growth record of the window: memory a process mapped or grew its heap by.
+struct Growth {
+    bytes: u64,
+    key: SampleKey,
+}
+
+/// Memory a growth record added, not given back since: from its start (the map key) to `end`.
+struct Region {
+    end: u64,
     key: SampleKey,
 }
 
@@ -85,6 +105,11 @@ type CgroupReadings = (Option<CgroupMemory>, Vec<(u64, CgroupMemory)>);
 /// See the module docs. Kept across windows (handed from a window to the next).
 pub struct MemoryLedger {
     faults: Vec<Fault>,
+    growths: Vec<Growth>,
+    /// By (pid, start); the regions of a process never overlap.
+    regions: BTreeMap<(u32, u64), Region>,
+    /// Growth records the region map had no room for (this window).
+    untracked_regions: u64,
     /// By (pid, page): ordered, so a released range is removed at once.
     held: BTreeMap<(u32, u64), Held>,
     sites: BTreeMap<(u32, Arc<str>), Site>,
@@ -107,6 +132,9 @@ impl MemoryLedger {
     pub fn new() -> Self {
         MemoryLedger {
             faults: Vec::new(),
+            growths: Vec::new(),
+            regions: BTreeMap::new(),
+            untracked_regions: 0,
             held: BTreeMap::new(),
             sites: BTreeMap::new(),
             processes: BTreeMap::new(),
@@ -183,9 +211,76 @@ impl MemoryLedger {
         });
     }
 
-    /// Process `pid` gave `len` bytes at `addr` back to the kernel: its pages are no longer
-    /// held.
+    /// A growth record: the process mapped `ev.value` bytes at `ev.addr` (or grew its heap by
+    /// them there), by the stack of `key`. What was recorded there before is replaced.
+    pub fn on_grow(&mut self, ev: &Event<'_>, key: SampleKey) {
+        self.see_process(ev.tgid);
+        let end = ev.addr.saturating_add(ev.value);
+        self.cut_regions(ev.tgid, ev.addr, end);
+        if self.regions.len() < MAX_REGIONS {
+            self.regions.insert(
+                (ev.tgid, ev.addr),
+                Region {
+                    end,
+                    key: key.clone(),
+                },
+            );
+        } else {
+            self.untracked_regions += 1;
+        }
+        self.growths.push(Growth {
+            bytes: ev.value,
+            key,
+        });
+    }
+
+    /// Removes `[from, to)` from the regions of `pid`, keeping what lies outside it.
+    fn cut_regions(&mut self, pid: u32, from: u64, to: u64) {
+        if from >= to {
+            return;
+        }
+        // The one region that may begin before `from` and reach into it, then those that
+        // begin inside.
+        let before = self
+            .regions
+            .range((pid, 0)..(pid, from))
+            .next_back()
+            .filter(|(_, r)| r.end > from)
+            .map(|(k, _)| *k);
+        let inside: Vec<(u32, u64)> = self
+            .regions
+            .range((pid, from)..(pid, to))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in before.into_iter().chain(inside) {
+            let Some(r) = self.regions.remove(&k) else {
+                continue;
+            };
+            if k.1 < from {
+                self.regions.insert(
+                    k,
+                    Region {
+                        end: from,
+                        key: r.key.clone(),
+                    },
+                );
+            }
+            if r.end > to {
+                self.regions.insert(
+                    (pid, to),
+                    Region {
+                        end: r.end,
+                        key: r.key,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Process `pid` gave `len` bytes at `addr` back to the kernel: its pages and regions
+    /// there are no longer held.
     pub fn on_release(&mut self, pid: u32, addr: u64, len: u64) {
+        self.cut_regions(pid, addr, addr.saturating_add(len));
         let first = addr / kprof_common::PAGE_BYTES;
         let end = addr.saturating_add(len).div_ceil(kprof_common::PAGE_BYTES);
         let gone: Vec<(u32, u64)> = self
@@ -306,7 +401,13 @@ impl MemoryLedger {
         for f in faults {
             by_pid.entry(f.pid).or_default().push(f);
         }
+        for g in std::mem::take(&mut self.growths) {
+            let e = report.mapped.entry(g.key).or_default();
+            e.0 += 1;
+            e.1 += g.bytes;
+        }
         let mut pids: Vec<u32> = self.held.keys().map(|k| k.0).collect();
+        pids.extend(self.regions.keys().map(|k| k.0));
         pids.extend(by_pid.keys());
         pids.sort_unstable();
         pids.dedup();
@@ -329,6 +430,13 @@ impl MemoryLedger {
                  touched is in alloc, nothing of theirs is in use",
                 exited.len(),
                 shown.join(", ")
+            ));
+        }
+        let untracked_regions = std::mem::take(&mut self.untracked_regions);
+        if untracked_regions > 0 {
+            report.warnings.push(format!(
+                "memory: {untracked_regions} mappings were not kept for the mapped in-use view \
+                 (it holds {MAX_REGIONS} at most): mapped in-use bytes are low"
             ));
         }
         totals.tracked = self.held.len() as u64;
@@ -392,7 +500,23 @@ impl MemoryLedger {
             }
             self.held.retain(|k, _| k.0 != pid);
             self.sites.retain(|k, _| k.0 != pid);
+            self.regions.retain(|k, _| k.0 != pid);
             return;
+        }
+        // A region is held while an anonymous mapping still begins at or covers its start (a
+        // region moved by `mremap` or unmapped unseen is gone).
+        let mut gone_regions = Vec::new();
+        for (&(p, start), r) in self.regions.range((pid, 0)..=(pid, u64::MAX)) {
+            if mapping(start).is_some_and(|m| !m.is_file()) {
+                let e = report.mapped_inuse.entry(r.key.clone()).or_default();
+                e.0 += 1;
+                e.1 += r.end - start;
+            } else {
+                gone_regions.push((p, start));
+            }
+        }
+        for k in gone_regions {
+            self.regions.remove(&k);
         }
         // The page map is the owner's alone (mode 0400): an agent that dropped root to a uid of
         // its own cannot open it. Then a page counts as held while an anonymous mapping covers
@@ -830,5 +954,69 @@ mod tests {
         unmap(kept);
         let r = ledger.close(None);
         assert!(r.inuse.is_empty());
+    }
+
+    #[test]
+    fn mapped_blocks_are_held_until_given_back_in_part_or_whole() {
+        let me = std::process::id();
+        let mut ledger = MemoryLedger::new();
+        const MIB: u64 = 1 << 20;
+        let map = || {
+            // SAFETY: a fresh private anonymous mapping.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    MIB as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as u64
+        };
+        let unmap = |at: u64, len: u64| {
+            // SAFETY: within a mapping made by `map`, not used after.
+            unsafe { libc::munmap(at as *mut libc::c_void, len as usize) };
+        };
+        let key = |f: &str| {
+            SampleKey::of(
+                me,
+                "t",
+                vec![Frame::new(crate::profile::FrameKind::Python, f)],
+            )
+        };
+        let grow = |addr: u64, len: u64| Event {
+            addr,
+            ..Event::synthetic(super::super::event::EventKind::MemGrow, len, me, &[])
+        };
+        let (kept, halved, unseen) = (map(), map(), map());
+        ledger.on_grow(&grow(kept, MIB), key("keep"));
+        ledger.on_grow(&grow(halved, MIB), key("halve"));
+        ledger.on_grow(&grow(unseen, MIB), key("unseen"));
+        // Its middle given back: what lies on either side is still held.
+        ledger.on_release(me, halved + MIB / 4, MIB / 2);
+        // Unmapped without a release record seen: gone at the window's end.
+        unmap(unseen, MIB);
+        let r = ledger.close(None);
+        assert_eq!(r.mapped.get(&key("keep")), Some(&(1, MIB)));
+        assert_eq!(r.mapped.get(&key("unseen")), Some(&(1, MIB)));
+        assert_eq!(r.mapped_inuse.get(&key("keep")), Some(&(1, MIB)));
+        assert_eq!(r.mapped_inuse.get(&key("halve")), Some(&(2, MIB / 2)));
+        assert_eq!(r.mapped_inuse.get(&key("unseen")), None);
+        // The next window: nothing mapped in it; a new block over part of an old one
+        // replaces that part.
+        ledger.on_grow(&grow(kept + MIB / 2, MIB / 2), key("over"));
+        let r = ledger.close(None);
+        assert_eq!(r.mapped.len(), 1);
+        assert_eq!(r.mapped_inuse.get(&key("keep")), Some(&(1, MIB / 2)));
+        assert_eq!(r.mapped_inuse.get(&key("over")), Some(&(1, MIB / 2)));
+        ledger.on_release(me, kept, MIB);
+        ledger.on_exec(me);
+        let r = ledger.close(None);
+        assert!(r.mapped.is_empty() && r.mapped_inuse.is_empty());
+        unmap(kept, MIB);
+        unmap(halved, MIB);
     }
 }

@@ -140,6 +140,11 @@ pub struct MemoryReport {
     pub alloc: KeyMap<(u64, u64)>,
     /// Bytes first touched since profiling began and still held at the window's end, by stack.
     pub inuse: KeyMap<u64>,
+    /// Anonymous memory mapped and heap growth in the window, by stack: (calls, bytes), exact.
+    pub mapped: KeyMap<(u64, u64)>,
+    /// Of the memory mapped or grown since profiling began, what is still there at the
+    /// window's end, by the stack that asked for it: (regions, bytes).
+    pub mapped_inuse: KeyMap<(u64, u64)>,
     pub processes: Vec<ProcessUsage>,
     /// The memory cgroups (containers) of the profiled processes.
     pub cgroups: Vec<CgroupUsage>,
@@ -154,6 +159,8 @@ impl MemoryReport {
         MemoryReport {
             alloc: super::keys_of_pids(&self.alloc, pids),
             inuse: super::keys_of_pids(&self.inuse, pids),
+            mapped: super::keys_of_pids(&self.mapped, pids),
+            mapped_inuse: super::keys_of_pids(&self.mapped_inuse, pids),
             processes: super::items_of_pids(&self.processes, pids, |p| p.pid),
             leaks: super::items_of_pids(&self.leaks, pids, |l| l.pid),
             cgroups: self
@@ -175,7 +182,12 @@ impl AggregatedProfile {
         for (key, &(count, bytes)) in &report.alloc {
             self.add_value(key.clone(), count, bytes);
         }
-        for key in report.inuse.keys() {
+        let held = report
+            .inuse
+            .keys()
+            .chain(report.mapped.keys())
+            .chain(report.mapped_inuse.keys());
+        for key in held {
             self.samples.entry(key.clone()).or_insert(0);
             self.values.entry(key.clone()).or_insert(0);
         }
@@ -199,6 +211,16 @@ impl AggregatedProfile {
             .as_ref()
             .and_then(|m| m.inuse.get(key).copied())
             .unwrap_or(0)
+    }
+
+    /// A memory profile's mapped and mapped in-use (count, bytes) of a stack.
+    pub fn mapped_of(&self, key: &SampleKey) -> ((u64, u64), (u64, u64)) {
+        self.memory.as_ref().map_or_else(Default::default, |m| {
+            (
+                m.mapped.get(key).copied().unwrap_or_default(),
+                m.mapped_inuse.get(key).copied().unwrap_or_default(),
+            )
+        })
     }
 
     /// Bytes of a memory profile still held at the window's end.
@@ -260,6 +282,9 @@ mod tests {
         report.alloc.insert(key("keep"), (4, 4 << 18));
         report.inuse.insert(key("keep"), 4 << 18);
         report.inuse.insert(key("old_cache"), 8 << 18);
+        report.mapped.insert(key("keep"), (2, 2 << 20));
+        report.mapped_inuse.insert(key("keep"), (1, 1 << 20));
+        report.mapped_inuse.insert(key("arena"), (3, 3 << 20));
         report.leaks.push(HeapLeak {
             pid: 9,
             name: "python3".into(),
@@ -278,18 +303,22 @@ mod tests {
         assert_eq!(p.total(), 14);
         assert_eq!(
             p.samples.len(),
-            3,
+            4,
             "a stack that only holds memory is a sample too"
         );
         assert_eq!(p.total_inuse(), 12 << 18);
         assert_eq!(p.inuse_of(&key("churn")), 0);
         assert_eq!(
             p.pprof_values(&key("keep"), 4),
-            [4 << 18, 4 << 6, 4 << 18, 4 << 6]
+            [4 << 18, 4 << 6, 4 << 18, 4 << 6, 2 << 20, 2, 1 << 20, 1]
         );
         assert_eq!(
             p.pprof_values(&key("old_cache"), 0),
-            [0, 0, 8 << 18, 8 << 6]
+            [0, 0, 8 << 18, 8 << 6, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            p.pprof_values(&key("arena"), 0),
+            [0, 0, 0, 0, 0, 0, 3 << 20, 3]
         );
         assert!(
             p.warnings[0].contains("leak suspected")

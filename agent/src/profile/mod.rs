@@ -83,7 +83,8 @@ pub enum ProfileKind {
     Threads,
     /// Memory by the stack that first touched it: sampled minor page faults, each standing
     /// for `period_bytes`; bytes touched in the window (alloc) and still held at its end
-    /// (in use), with heap usage and leaks in [`AggregatedProfile::memory`].
+    /// (in use); and the large blocks mapped by the stack that asked for them, exact (mapped,
+    /// mapped in use); with heap usage and leaks in [`AggregatedProfile::memory`].
     Memory { period_bytes: u64 },
 }
 
@@ -322,8 +323,14 @@ impl AggregatedProfile {
 
     /// The pprof values of one of this profile's samples.
     pub fn pprof_values(&self, key: &SampleKey, count: u64) -> Vec<i64> {
-        self.kind
-            .pprof_values(count, self.value_of(key), self.inuse_of(key))
+        let mut values = self
+            .kind
+            .pprof_values(count, self.value_of(key), self.inuse_of(key));
+        if matches!(self.kind, ProfileKind::Memory { .. }) {
+            let ((calls, bytes), (regions, held)) = self.mapped_of(key);
+            values.extend([bytes, calls, held, regions].map(|v| v as i64));
+        }
+        values
     }
 
     /// Samples sorted by key (deterministic output).

@@ -57,6 +57,8 @@ fn memory_summary(p: &AggregatedProfile, r: &crate::profile::MemoryReport) -> se
         "samples": p.total(),
         "alloc_bytes": p.total_value(),
         "inuse_bytes": p.total_inuse(),
+        "mapped_bytes": r.mapped.values().map(|v| v.1).sum::<u64>(),
+        "mapped_inuse_bytes": r.mapped_inuse.values().map(|v| v.1).sum::<u64>(),
         "period_bytes": p.kind.nominal_value(),
         "file_backed_bytes": r.faults.file_bytes,
         "pages_tracked": r.faults.tracked,
