@@ -300,6 +300,12 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         readings("processes") >= 5 && readings("cgroups") >= 5,
         "the summary artifact has the memory readings of the window: {figures}"
     );
+    // The large blocks the node agent recorded (sys_exit): their totals are in the figures.
+    let mapped_inuse = figures["mapped_inuse_bytes"].as_u64();
+    ensure!(
+        mapped_inuse.is_some() && figures["mapped_bytes"].as_u64().is_some(),
+        "the summary artifact has the mapped totals: {figures}"
+    );
     // The receipts land in heap pages that the shop's other per-request allocations may have
     // touched first (memory is counted where it is first touched): the warning names the
     // shop's own code, whichever of its functions that was.
@@ -313,11 +319,12 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         leaking.spec.warnings
     );
     eprintln!(
-        "memory {} (anon {:.1}–{:.1} MiB, in use {:.1} MiB), leak: {:?}",
+        "memory {} (anon {:.1}–{:.1} MiB, in use {:.1} MiB, mapped in use {:.1} MiB), leak: {:?}",
         memory.heap,
         memory.anon_min_bytes as f64 / 1048576.0,
         memory.anon_max_bytes as f64 / 1048576.0,
         memory.inuse_bytes as f64 / 1048576.0,
+        mapped_inuse.unwrap_or(0) as f64 / 1048576.0,
         leaking
             .spec
             .warnings
