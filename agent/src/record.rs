@@ -76,8 +76,6 @@ pub enum RecordError {
     },
     #[error("pprof: {0}")]
     Pprof(#[from] pprof::PprofError),
-    #[error("profile type {0} is not available in this build")]
-    TypeNotAvailable(ProfileType),
 }
 
 /// Options of `record`.
@@ -314,8 +312,8 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
     let kinds = opts
         .types
         .iter()
-        .map(|&t| ProfileKind::of_type(t, opts.sample_hz).ok_or(RecordError::TypeNotAvailable(t)))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|&t| ProfileKind::of_type(t, opts.sample_hz))
+        .collect::<Vec<_>>();
     let kinds = if kinds.is_empty() {
         vec![ProfileKind::Cpu {
             sample_hz: opts.sample_hz,

@@ -52,11 +52,6 @@ pub enum DriverError {
     Load(#[from] LoadError),
 }
 
-/// Whether this agent builds profiles of type `ty`.
-pub fn implemented(ty: ProfileType) -> bool {
-    ProfileKind::of_type(ty, 1).is_some()
-}
-
 /// How often off-CPU time in progress is brought into the windows.
 const SETTLE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -111,31 +106,17 @@ pub struct Options {
     pub initial_hz: u32,
 }
 
-/// Warnings for the profile types a target asks for that this agent does not implement.
-pub fn unimplemented_warnings(types: &[ProfileType]) -> Vec<String> {
-    types
-        .iter()
-        .filter(|t| !implemented(**t))
-        .map(|t| {
-            format!(
-                "profile type {t} is not implemented by this agent yet: no {t} profile was taken"
-            )
-        })
-        .collect()
-}
-
 /// The types a target's Profiles are written as, one Profile each per window: the types asked
-/// for that this agent builds; if it builds none of them, the first asked (an empty Profile
-/// carrying the "not implemented" warning, rather than silence).
+/// for, each once, in their order (`[cpu]` when none is).
 pub fn emitted_types(types: &[ProfileType]) -> Vec<ProfileType> {
     let mut out: Vec<ProfileType> = Vec::new();
     for &t in types {
-        if implemented(t) && !out.contains(&t) {
+        if !out.contains(&t) {
             out.push(t);
         }
     }
     if out.is_empty() {
-        out.push(types.first().copied().unwrap_or(ProfileType::Cpu));
+        out.push(ProfileType::Cpu);
     }
     out
 }
@@ -268,8 +249,7 @@ impl Daemon {
             p.settings
                 .profile_types
                 .iter()
-                .filter_map(|&t| ProfileKind::of_type(t, hz))
-                .any(ProfileKind::needs_off_cpu)
+                .any(|&t| ProfileKind::of_type(t, hz).needs_off_cpu())
         });
         let threads = wanted
             .values()
@@ -277,7 +257,7 @@ impl Daemon {
         let page_faults = wanted
             .values()
             .flat_map(|p| &p.settings.profile_types)
-            .find_map(|&t| ProfileKind::of_type(t, hz)?.fault_period());
+            .find_map(|&t| ProfileKind::of_type(t, hz).fault_period());
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
         let has_threads = self.engine.as_ref().is_some_and(Engine::has_thread_events);
         let has_faults = self.engine.as_ref().and_then(Engine::fault_period);
@@ -506,7 +486,7 @@ impl Daemon {
     /// The Profiles of a closed window: one per container and type the target asks for.
     fn outputs(&self, w: &ClosedWindow, lost: u64) -> Vec<WindowOutput> {
         let settings = &w.plan.settings;
-        let mut common = unimplemented_warnings(&settings.profile_types);
+        let mut common = Vec::new();
         let hz_used = w.hz_seen.iter().copied().max().unwrap_or(self.sample_hz());
         if w.hz_seen.len() > 1 {
             common.push(format!(
@@ -631,17 +611,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_type_is_implemented_and_emitted_once() {
-        assert!(
-            unimplemented_warnings(&[
-                ProfileType::Cpu,
-                ProfileType::Wall,
-                ProfileType::Lock,
-                ProfileType::Threads,
-                ProfileType::Memory
-            ])
-            .is_empty()
-        );
+    fn every_type_is_emitted_once_in_its_order() {
+        assert_eq!(emitted_types(&[]), [ProfileType::Cpu]);
         assert_eq!(
             emitted_types(&[ProfileType::Wall, ProfileType::Cpu, ProfileType::Wall]),
             [ProfileType::Wall, ProfileType::Cpu]

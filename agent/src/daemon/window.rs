@@ -312,7 +312,7 @@ impl Windows {
             .settings
             .profile_types
             .iter()
-            .filter_map(|&t| ProfileKind::of_type(t, hz))
+            .map(|&t| ProfileKind::of_type(t, hz))
             .map(|kind| {
                 let mut p = w.agg.finish(kind, w.start);
                 p.duration = end.duration_since(w.start).unwrap_or_default();

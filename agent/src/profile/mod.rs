@@ -101,17 +101,17 @@ impl ProfileKind {
     }
 
     /// The kind written for an asked profile type (`None`: not built yet).
-    pub fn of_type(ty: kprof_crds::ProfileType, sample_hz: u32) -> Option<ProfileKind> {
+    pub fn of_type(ty: kprof_crds::ProfileType, sample_hz: u32) -> ProfileKind {
         use kprof_crds::ProfileType as T;
         match ty {
-            T::Cpu => Some(ProfileKind::Cpu { sample_hz }),
-            T::Wall => Some(ProfileKind::Wall { sample_hz }),
-            T::Lock => Some(ProfileKind::Lock),
-            T::Threads => Some(ProfileKind::Threads),
-            T::Memory => Some(ProfileKind::Memory {
+            T::Cpu => ProfileKind::Cpu { sample_hz },
+            T::Wall => ProfileKind::Wall { sample_hz },
+            T::Lock => ProfileKind::Lock,
+            T::Threads => ProfileKind::Threads,
+            T::Memory => ProfileKind::Memory {
                 period_bytes: crate::kernel::loader::DEFAULT_FAULT_PERIOD
                     * kprof_common::PAGE_BYTES,
-            }),
+            },
         }
     }
 
