@@ -67,7 +67,7 @@ fuzz-ci: ## The short fuzzing run of make test: every target, 20 s each, on its 
 
 .PHONY: test-kernel
 test-kernel: ## The real eBPF sampler on this kernel (root): C, Rust and CPython 3.8-3.14 workloads, code without frame pointers, memory
-	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_threads --test python_kernel --test native_unwind --test python_memory -- --test-threads=1
+	KPROF_REQUIRE_KERNEL=1 KPROF_REQUIRE_PYTHON_MINORS=8,9,10,11,12,13,14 $(CARGO) test -p kprof-agent --test kernel --test python_walker --test python_threads --test python_kernel --test native_unwind --test python_memory --test python_alloc_probes -- --test-threads=1
 
 .PHONY: test-cluster
 test-cluster: ## Operator, agent and store against the real test bed (started and stopped if not running)

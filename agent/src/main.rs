@@ -68,6 +68,12 @@ struct RecordArgs {
     /// still mapped, by the code that asked for them; heap usage and leaks).
     #[arg(long, value_delimiter = ',', default_value = "cpu", value_parser = parse_type)]
     types: Vec<record::ProfileType>,
+    /// Memory profiles: also sample the allocations Python processes report through
+    /// `PyTraceMalloc_Track` (NumPy's arrays, extensions that tell tracemalloc about their
+    /// memory), by bytes, with uprobes in those processes only. Each reported allocation and
+    /// free then costs its process a trap into the kernel (~1–3 µs).
+    #[arg(long)]
+    alloc_probes: bool,
     /// Rows of the top table.
     #[arg(long, default_value = "20")]
     top: usize,
@@ -127,7 +133,13 @@ fn run_record(args: RecordArgs) -> anyhow::Result<ExitCode> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    if args.alloc_probes && !args.types.contains(&record::ProfileType::Memory) {
+        anyhow::bail!("--alloc-probes needs the memory profile type (--types memory)");
+    }
     let opts = RecordOptions {
+        alloc_probes: args
+            .alloc_probes
+            .then_some(kprof_agent::kernel::loader::DEFAULT_ALLOC_PERIOD),
         pids: args.pids,
         command: args.command,
         duration: args.duration,

@@ -97,6 +97,9 @@ pub struct RecordOptions {
     pub off_cpu: OffCpuLimits,
     /// Unwind native stacks with `.eh_frame` tables (off: frame pointers only, to compare).
     pub unwind_tables: bool,
+    /// Memory profiles: also sample the allocations Python processes report to
+    /// `PyTraceMalloc_Track` (NumPy's arrays), one sample per this many bytes on average.
+    pub alloc_probes: Option<u64>,
 }
 
 impl Default for RecordOptions {
@@ -113,6 +116,7 @@ impl Default for RecordOptions {
             types: vec![ProfileType::Cpu],
             off_cpu: OffCpuLimits::default(),
             unwind_tables: true,
+            alloc_probes: None,
         }
     }
 }
@@ -352,6 +356,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
             threads: kinds.iter().any(|k| k.needs_thread_events()),
             unwind_tables: opts.unwind_tables,
             page_faults: kinds.iter().find_map(|k| k.fault_period()),
+            alloc_probes: opts.alloc_probes,
         },
         python: opts.python,
         python_wait: Some(PYTHON_WAIT),
@@ -374,6 +379,7 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         pids.push(c.id());
         child = Some(c);
     }
+    engine.probe_allocations_of(0);
     for &pid in &pids {
         engine.add_target(pid, 0)?;
     }
@@ -382,6 +388,9 @@ pub fn record(opts: &RecordOptions, stop: &AtomicBool) -> Result<Recording, Reco
         // Look for an interpreter now, not at the first drain: its samples carry Python frames
         // from its first milliseconds, and workers it forks inherit the walker in kernel.
         engine.detect(c.id());
+    }
+    for &pid in &pids {
+        engine.probe_process(pid, 0);
     }
     for &pid in &opts.pids {
         see_process(&mut engine, &mut agg, pid);

@@ -96,6 +96,10 @@ fn check(interp: &harness::Interp, dir: &Path) -> Result<String, String> {
         return Err(format!("a {} profile, not memory", p.kind.name()));
     }
     let report = p.memory.as_ref().ok_or("no memory report")?;
+    // Allocation probes are on demand only.
+    if !report.probed.is_empty() || !report.probed_inuse.is_empty() {
+        return Err("allocations were probed without --alloc-probes".into());
+    }
     let cache = bytes_of(p, "build_cache");
     let buffers = bytes_of(p, "keep_buffers");
     let churn = bytes_of(p, "churn");

@@ -20,8 +20,8 @@ pub use profile::{
     ThreadSummary, TimeSummary, TopFunction,
 };
 pub use target::{
-    Exporter, ExporterKind, Phase, ProfilingTarget, ProfilingTargetSpec, ProfilingTargetStatus,
-    Retention,
+    Exporter, ExporterKind, MemoryOptions, Phase, ProfilingTarget, ProfilingTargetSpec,
+    ProfilingTargetStatus, Retention,
 };
 
 /// API group of every kprof resource.

@@ -96,6 +96,28 @@ pub struct ProfilingTargetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub exporters: Vec<Exporter>,
+
+    /// Options of `memory` profiles.
+    #[serde(default, skip_serializing_if = "MemoryOptions::is_default")]
+    pub memory: MemoryOptions,
+}
+
+/// Options of `memory` profiles.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryOptions {
+    /// Also sample the allocations the selected Python processes report to CPython's
+    /// `PyTraceMalloc_Track` (NumPy's arrays, extensions that tell tracemalloc about their
+    /// memory), with uprobes in those processes only: every reported allocation and free then
+    /// costs its process a trap into the kernel (about 1–3 µs). Default false.
+    #[serde(default)]
+    pub allocation_probes: bool,
+}
+
+impl MemoryOptions {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Retention of the Profiles written for a target.

@@ -54,6 +54,12 @@ pub mod names {
     pub const PROG_GROW: &str = "kprof_grow";
     /// The same without the CPython walker.
     pub const PROG_GROW_NATIVE: &str = "kprof_grow_native";
+    /// Allocation probes (uprobes on `PyTraceMalloc_Track` and `PyTraceMalloc_Untrack`,
+    /// attached per process), on demand with the memory source.
+    pub const PROG_TRACK: &str = "kprof_track";
+    /// The same without the CPython walker.
+    pub const PROG_TRACK_NATIVE: &str = "kprof_track_native";
+    pub const PROG_UNTRACK: &str = "kprof_untrack";
     pub const MAP_TARGET_PIDS: &str = "TARGET_PIDS";
     pub const MAP_TARGET_CGROUPS: &str = "TARGET_CGROUPS";
     pub const MAP_EVENTS: &str = "EVENTS";
@@ -116,11 +122,14 @@ pub enum Stat {
     PageFaults = 12,
     /// Mappings and heap growth of targets recorded (memory source).
     MemGrowths = 13,
+    /// Allocations reported to the allocation probes, and those sampled.
+    AllocsProbed = 14,
+    AllocsSampled = 15,
 }
 
 impl Stat {
     /// Number of counters (the `STATS` array length).
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     /// All counters in index order.
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Targeted,
@@ -137,6 +146,8 @@ impl Stat {
         Stat::FramesByFramePointer,
         Stat::PageFaults,
         Stat::MemGrowths,
+        Stat::AllocsProbed,
+        Stat::AllocsSampled,
     ];
 }
 
@@ -173,8 +184,25 @@ pub struct Config {
     /// unknown; heap growth by `brk` is then not recorded).
     pub task_mm_off: u32,
     pub mm_brk_off: u32,
+    /// Allocation probes: the mean bytes between two sampled allocations (0: off).
+    pub alloc_period: u64,
 }
-const _: () = assert!(size_of::<Config>() == 56);
+const _: () = assert!(size_of::<Config>() == 64);
+
+/// Key of the allocation probes' map of sampled blocks: a block is known by its process and
+/// address (a freed block's address is reused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampledBlock {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+const _: () = assert!(size_of::<SampledBlock>() == 16);
+
+/// Sampled blocks remembered in kernel until freed (beyond, the least recently sampled are
+/// forgotten: their frees go unseen and user space ages them out with their process).
+pub const MAX_SAMPLED_BLOCKS: u32 = 65536;
 
 /// Value of the target maps: which target (profile) a process belongs to.
 #[repr(C)]
@@ -221,6 +249,14 @@ pub enum EventKind {
     /// stacks as the call returned: exact sizes of the large blocks (arenas, buffers, big
     /// arrays), not samples. `addr` is where the new memory starts; value: its length in bytes.
     MemGrow = 8,
+    /// A sampled allocation a target reported through `PyTraceMalloc_Track` (NumPy's arrays,
+    /// extensions that tell tracemalloc about their memory), with its stacks: allocation
+    /// probes, on demand. `addr` is the block's address; value: the bytes the sample stands
+    /// for (a sample point every [`Config::alloc_period`] bytes on average).
+    AllocSample = 9,
+    /// A sampled allocation ([`EventKind::AllocSample`]) was freed (`PyTraceMalloc_Untrack`).
+    /// No stacks; `addr` is the block's address.
+    AllocFree = 10,
 }
 
 impl EventKind {
@@ -235,6 +271,8 @@ impl EventKind {
             6 => Some(EventKind::PageFault),
             7 => Some(EventKind::MemRelease),
             8 => Some(EventKind::MemGrow),
+            9 => Some(EventKind::AllocSample),
+            10 => Some(EventKind::AllocFree),
             _ => None,
         }
     }

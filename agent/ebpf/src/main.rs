@@ -15,11 +15,15 @@
 //! - `kprof_fault` (perf_event, software minor page faults on every CPU, sampled) and
 //!   `kprof_release` (raw tracepoint `sys_enter`) and `kprof_grow` (raw tracepoint
 //!   `sys_exit`), attached for memory profiles: the memory source (`memory.rs`).
+//! - `kprof_track` and `kprof_untrack` (uprobes on `PyTraceMalloc_Track`/`_Untrack`, attached
+//!   by user space to the processes that ask for allocation probes): sampled allocations
+//!   (`alloc.rs`).
 //! - `kprof_exec` (raw tracepoint `sched_process_exec`, with the walker): drops the walker's
 //!   configuration of a process that replaced its image (`follow.rs`).
 #![no_std]
 #![no_main]
 
+mod alloc;
 mod cpu;
 mod follow;
 mod maps;
@@ -33,8 +37,8 @@ mod unwind;
 
 use aya_ebpf::{
     Global,
-    macros::{perf_event, raw_tracepoint},
-    programs::{PerfEventContext, RawTracePointContext},
+    macros::{perf_event, raw_tracepoint, uprobe},
+    programs::{PerfEventContext, ProbeContext, RawTracePointContext},
 };
 use kprof_common::Config;
 
@@ -54,6 +58,7 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     unwind_tables: 0,
     task_mm_off: 0,
     mm_brk_off: 0,
+    alloc_period: 0,
 });
 
 /// The CPU sampler with the CPython walker (the default).
@@ -97,6 +102,24 @@ pub fn kprof_grow(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn kprof_grow_native(ctx: RawTracePointContext) -> i32 {
     memory::on_syscall_exit::<false>(&ctx)
+}
+
+/// Allocation probes with the CPython walker: `PyTraceMalloc_Track`, sampled by bytes.
+#[uprobe]
+pub fn kprof_track(ctx: ProbeContext) -> u32 {
+    alloc::on_track::<true>(&ctx)
+}
+
+/// The same without the CPython walker.
+#[uprobe]
+pub fn kprof_track_native(ctx: ProbeContext) -> u32 {
+    alloc::on_track::<false>(&ctx)
+}
+
+/// `PyTraceMalloc_Untrack`: a sampled block freed.
+#[uprobe]
+pub fn kprof_untrack(ctx: ProbeContext) -> u32 {
+    alloc::on_untrack(&ctx)
 }
 
 /// The off-CPU source with the CPython walker.

@@ -23,7 +23,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// re-entered on its CPU, but one source could interrupt another's (the scheduler tracepoint
 /// runs with interrupts off today; a slot each keeps that from mattering).
 #[map(name = "EVENT_BUF")]
-pub static EVENT_BUF: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(4, 0);
+pub static EVENT_BUF: PerCpuArray<EventBuf> = PerCpuArray::with_max_entries(5, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Stat::COUNT, 0);

@@ -62,6 +62,10 @@ pub const BUF_SWITCH: u32 = 1;
 /// off, so neither interrupts the other.
 pub const BUF_TASK: u32 = 2;
 pub const BUF_FAULT: u32 = 3;
+/// Allocation probes: a uprobe runs with only migration disabled, so it keeps a slot of its
+/// own (a probe preempted by another process's probe on its CPU, possible on a fully
+/// preemptible kernel, can still spoil that one record).
+pub const BUF_PROBE: u32 = 4;
 
 /// Records `ev` of the current thread with its stacks, assembled in `EVENT_BUF` slot `buf`;
 /// the Python walker runs when `PYTHON`. Returns whether the record reached the ring.

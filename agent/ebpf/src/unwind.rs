@@ -56,7 +56,7 @@ pub static UNWIND_PROCS: HashMap<u32, ProcMappings> =
 /// One walk per record source (`record::BUF_*`): a CPU sample's NMI may interrupt a walk of the
 /// scheduler tracepoint on the same CPU.
 #[map(name = "UNWIND_WALK")]
-static UNWIND_WALK: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(4, 0);
+static UNWIND_WALK: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(5, 0);
 
 /// x86-64 `struct pt_regs`: the user registers at the top of a thread's kernel stack.
 const THREAD_SIZE: usize = 16 << 10;

@@ -176,7 +176,7 @@ pub fn run(
     let result = match d.opts.initial_hz {
         0 => d.main_loop(),
         hz => d
-            .reload(hz, false, false, None)
+            .reload(hz, false, false, None, None)
             .and_then(|()| d.main_loop()),
     };
     d.drain();
@@ -258,6 +258,11 @@ impl Daemon {
             .values()
             .flat_map(|p| &p.settings.profile_types)
             .find_map(|&t| ProfileKind::of_type(t, hz).fault_period());
+        let alloc_probes = wanted
+            .values()
+            .any(|p| p.settings.alloc_probes)
+            .then_some(crate::kernel::loader::DEFAULT_ALLOC_PERIOD);
+        let has_probes = self.engine.as_ref().is_some_and(Engine::has_alloc_probes);
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
         let has_threads = self.engine.as_ref().is_some_and(Engine::has_thread_events);
         let has_faults = self.engine.as_ref().and_then(Engine::fault_period);
@@ -265,9 +270,10 @@ impl Daemon {
             && (hz != self.sample_hz()
                 || off_cpu != has_off_cpu
                 || threads != has_threads
-                || page_faults != has_faults)
+                || page_faults != has_faults
+                || alloc_probes.is_some() != has_probes)
         {
-            self.reload(hz, off_cpu, threads, page_faults)?;
+            self.reload(hz, off_cpu, threads, page_faults, alloc_probes)?;
         }
         self.rescan();
         Ok(())
@@ -279,13 +285,15 @@ impl Daemon {
     }
 
     /// (Re)loads the programs at `hz`, with the off-CPU source when `off_cpu`, the thread
-    /// events when `threads` and the memory source at this period when `page_faults`.
+    /// events when `threads`, the memory source at this period when `page_faults` and the
+    /// allocation probes at this period when `alloc_probes`.
     fn reload(
         &mut self,
         hz: u32,
         off_cpu: bool,
         threads: bool,
         page_faults: Option<u64>,
+        alloc_probes: Option<u64>,
     ) -> Result<(), DriverError> {
         self.drain();
         self.settle();
@@ -293,7 +301,7 @@ impl Daemon {
         let off_cpu = off_cpu.then(OffCpuLimits::default);
         let engine = match self.engine.take() {
             // One sampler per node: the old programs are detached before the new ones load.
-            Some(old) => old.restart(u64::from(hz), off_cpu, threads, page_faults)?,
+            Some(old) => old.restart(u64::from(hz), off_cpu, threads, page_faults, alloc_probes)?,
             None => Engine::start(EngineConfig {
                 sampler: SamplerConfig {
                     sample_hz: u64::from(hz),
@@ -303,6 +311,7 @@ impl Daemon {
                     off_cpu,
                     threads,
                     page_faults,
+                    alloc_probes,
                     ..SamplerConfig::default()
                 },
                 python: self.opts.python,
@@ -318,6 +327,7 @@ impl Daemon {
             off_cpu = off_cpu.is_some(),
             threads,
             memory = page_faults.is_some(),
+            alloc_probes = alloc_probes.is_some(),
             "eBPF sampler attached"
         );
         self.engine = Some(engine);
@@ -402,6 +412,11 @@ impl Daemon {
             }
             tracing::debug!(pid, container = %cid, "targeting");
             engine.detect(pid);
+            if self.routing.wants_alloc_probes(&cid) {
+                let slot = self.routing.slot_of(&cid);
+                engine.probe_allocations_of(slot);
+                engine.probe_process(pid, slot);
+            }
             // Read names and maps while the process is alive.
             let mut m = engine.merger();
             self.windows.see_process(

@@ -19,6 +19,8 @@ pub struct Routing {
     pids: HashMap<u32, String>,
     /// pid → container id of processes first seen in events since the last scan (forks).
     lazy: HashMap<u32, Option<String>>,
+    /// Containers some target asks allocation probes for.
+    probed: std::collections::HashSet<String>,
 }
 
 impl Default for Routing {
@@ -29,6 +31,7 @@ impl Default for Routing {
             slot_ids: HashMap::new(),
             next_slot: 1,
             pids: HashMap::new(),
+            probed: Default::default(),
             lazy: HashMap::new(),
         }
     }
@@ -38,8 +41,12 @@ impl Routing {
     /// Takes the plan's containers (a slot for each new one; slots are never reused).
     pub fn set_plan(&mut self, wanted: &BTreeMap<TargetKey, TargetPlan>) {
         self.routes.clear();
+        self.probed.clear();
         for p in wanted.values() {
             for c in &p.containers {
+                if p.settings.alloc_probes {
+                    self.probed.insert(c.id.id.clone());
+                }
                 self.routes
                     .entry(c.id.id.clone())
                     .or_default()
@@ -52,6 +59,11 @@ impl Routing {
                 }
             }
         }
+    }
+
+    /// Whether some target selecting container `cid` asks for allocation probes.
+    pub fn wants_alloc_probes(&self, cid: &str) -> bool {
+        self.probed.contains(cid)
     }
 
     /// The containers some target selects.

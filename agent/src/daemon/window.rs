@@ -453,6 +453,7 @@ mod tests {
                 window: Duration::from_secs(10),
                 sample_hz: 100,
                 profile_types: types,
+                alloc_probes: false,
             },
             containers: pods.iter().map(|p| container(p)).collect(),
         }

@@ -92,6 +92,8 @@ pub struct TargetSettings {
     pub window: Duration,
     pub sample_hz: u32,
     pub profile_types: Vec<ProfileType>,
+    /// Memory profiles also sample the allocations reported to `PyTraceMalloc_Track`.
+    pub alloc_probes: bool,
 }
 
 /// One container a target selects.
@@ -130,6 +132,8 @@ pub fn settings_of(t: &ProfilingTarget) -> TargetSettings {
     TargetSettings {
         window,
         sample_hz: t.spec.sample_hz.clamp(1, 1000),
+        alloc_probes: t.spec.memory.allocation_probes
+            && profile_types.contains(&ProfileType::Memory),
         profile_types,
     }
 }

@@ -4,6 +4,7 @@
 //! Failures are mapped to one-line, actionable errors (missing capability, perf events, BTF)
 //! instead of aya's nested error chains.
 use std::{
+    collections::HashMap,
     fs,
     os::fd::{AsRawFd, OwnedFd},
     path::Path,
@@ -13,7 +14,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{PerfEvent, RawTracePoint},
+    programs::{
+        PerfEvent, ProgramError, RawTracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+    },
     sys::{Stats, enable_stats},
     util::online_cpus,
 };
@@ -86,7 +90,15 @@ pub struct SamplerConfig {
     pub unwind_tables: bool,
     /// Attach the memory source: one sample per this many minor page faults per CPU.
     pub page_faults: Option<u64>,
+    /// Load the allocation probes (with the memory source), sampling one point per this many
+    /// bytes on average; they are attached per process ([`Sampler::probe_allocations`]).
+    pub alloc_probes: Option<u64>,
 }
+
+/// The allocation probes' default period: a sample per 512 KiB reported, on average.
+pub const DEFAULT_ALLOC_PERIOD: u64 = 512 << 10;
+/// Processes probed at once at most (each holds two uprobe perf events).
+pub const MAX_PROBED_PROCESSES: usize = 256;
 
 /// The memory source's default period: one sample per 64 faults, 256 KiB of base pages.
 pub const DEFAULT_FAULT_PERIOD: u64 = 64;
@@ -122,6 +134,7 @@ impl Default for SamplerConfig {
             threads: false,
             unwind_tables: true,
             page_faults: None,
+            alloc_probes: None,
         }
     }
 }
@@ -157,6 +170,14 @@ pub struct Sampler {
     pub thread_events: bool,
     /// The memory source's counters and program (attached for memory profiles).
     faults: Option<(super::faults::FaultEvents, &'static str)>,
+    /// The loaded allocation probes (track, untrack) and their links per probed process.
+    alloc_probes: Option<AllocProbes>,
+}
+
+/// The allocation probes: loaded once, attached per process.
+struct AllocProbes {
+    track: &'static str,
+    links: HashMap<u32, (UProbeLinkId, UProbeLinkId)>,
 }
 
 /// The attached off-CPU source.
@@ -254,6 +275,10 @@ impl Sampler {
             unwind_tables: u32::from(cfg.unwind_tables),
             task_mm_off: offsets.as_ref().map_or(0, |t| t.mm),
             mm_brk_off: offsets.as_ref().map_or(0, |t| t.mm_brk),
+            alloc_period: cfg
+                .alloc_probes
+                .filter(|_| cfg.page_faults.is_some())
+                .map_or(0, |p| p.clamp(4096, 1 << 30)),
         };
 
         let cpus = online_cpus().map_err(|(_, e)| LoadError::Cpus(e))?;
@@ -376,6 +401,32 @@ impl Sampler {
             }
             None => None,
         };
+        let alloc_probes = match (cfg.alloc_probes, &faults) {
+            (Some(_), Some(_)) => {
+                let mut track = if program == names::PROG_SAMPLE {
+                    names::PROG_TRACK
+                } else {
+                    names::PROG_TRACK_NATIVE
+                };
+                if let Err(e) = load_uprobe(&mut bpf, track) {
+                    if track != names::PROG_TRACK {
+                        return Err(e);
+                    }
+                    warnings.push(format!(
+                        "sampled allocations carry native frames only: the kernel rejected the \
+                         CPython walker in the allocation probe ({e})"
+                    ));
+                    track = names::PROG_TRACK_NATIVE;
+                    load_uprobe(&mut bpf, track)?;
+                }
+                load_uprobe(&mut bpf, names::PROG_UNTRACK)?;
+                Some(AllocProbes {
+                    track,
+                    links: HashMap::new(),
+                })
+            }
+            _ => None,
+        };
 
         let off_cpu = match cfg.off_cpu {
             Some(_) => {
@@ -447,7 +498,101 @@ impl Sampler {
             off_cpu,
             thread_events: cfg.threads,
             faults,
+            alloc_probes,
         })
+    }
+
+    /// Whether the allocation probes are loaded.
+    pub fn has_alloc_probes(&self) -> bool {
+        self.alloc_probes.is_some()
+    }
+
+    /// Attaches the allocation probes to process `pid` (host pid): `file` is its interpreter
+    /// file, opened by the agent (attached through `/proc/self/fd`, so the probe is on exactly
+    /// the file the process maps, whatever a tenant did to its path), `track` and `untrack`
+    /// the file offsets of `PyTraceMalloc_Track` and `PyTraceMalloc_Untrack`. Only that
+    /// process traps into them (a uprobe bound to a process is installed in its memory only).
+    pub fn probe_allocations(
+        &mut self,
+        pid: u32,
+        file: &std::fs::File,
+        track: u64,
+        untrack: u64,
+    ) -> Result<(), String> {
+        let Some(probes) = self.alloc_probes.as_ref() else {
+            return Err("allocation probes are not loaded".into());
+        };
+        let track_prog = probes.track;
+        if probes.links.contains_key(&pid) {
+            return Ok(());
+        }
+        if probes.links.len() >= MAX_PROBED_PROCESSES {
+            return Err(format!(
+                "{MAX_PROBED_PROCESSES} processes are probed already on this node"
+            ));
+        }
+        let scope = std::num::NonZeroU32::new(pid)
+            .map(UProbeScope::OneProcess)
+            .ok_or("pid 0")?;
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        let mut attach = |name: &'static str, offset: u64| -> Result<UProbeLinkId, String> {
+            let prog: &mut UProbe = self
+                .bpf
+                .program_mut(name)
+                .ok_or("probe program missing")?
+                .try_into()
+                .map_err(|e: ProgramError| one_line(&e))?;
+            prog.attach(UProbeAttachLocation::AbsoluteOffset(offset), &path, scope)
+                .map_err(|e| one_line(&e))
+        };
+        let t = attach(track_prog, track)?;
+        let u = match attach(names::PROG_UNTRACK, untrack) {
+            Ok(u) => u,
+            Err(e) => {
+                self.detach_probe(track_prog, t);
+                return Err(e);
+            }
+        };
+        if let Some(p) = self.alloc_probes.as_mut() {
+            p.links.insert(pid, (t, u));
+        }
+        Ok(())
+    }
+
+    /// Detaches the allocation probes of processes not in `alive` (exited ones).
+    pub fn unprobe_gone(&mut self, alive: impl Fn(u32) -> bool) {
+        let Some(probes) = self.alloc_probes.as_mut() else {
+            return;
+        };
+        let gone: Vec<u32> = probes
+            .links
+            .keys()
+            .copied()
+            .filter(|&p| !alive(p))
+            .collect();
+        let track = probes.track;
+        for pid in gone {
+            if let Some((t, u)) = self
+                .alloc_probes
+                .as_mut()
+                .and_then(|p| p.links.remove(&pid))
+            {
+                self.detach_probe(track, t);
+                self.detach_probe(names::PROG_UNTRACK, u);
+            }
+        }
+    }
+
+    /// Processes the allocation probes are attached to.
+    pub fn probed_processes(&self) -> usize {
+        self.alloc_probes.as_ref().map_or(0, |p| p.links.len())
+    }
+
+    fn detach_probe(&mut self, name: &'static str, link: UProbeLinkId) {
+        let prog: Option<&mut UProbe> = self.bpf.program_mut(name).and_then(|p| p.try_into().ok());
+        if let Some(prog) = prog {
+            let _ = prog.detach(link);
+        }
     }
 
     /// The off-CPU state of every tracked thread (empty without the off-CPU source).
@@ -580,6 +725,16 @@ fn load_perf_program<'a>(
         .map_err(|_| LoadError::Missing(name))?;
     prog.load().map_err(|e| map_program_error(&e))?;
     Ok(prog)
+}
+
+/// Loads (verifies) a uprobe program of the object.
+fn load_uprobe(bpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    let prog: &mut UProbe = bpf
+        .program_mut(name)
+        .ok_or(LoadError::Missing(name))?
+        .try_into()
+        .map_err(|_| LoadError::Missing(name))?;
+    prog.load().map_err(|e| map_program_error(&e))
 }
 
 /// Loads (verifies) a raw tracepoint program of the object.

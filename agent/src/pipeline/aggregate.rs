@@ -294,13 +294,22 @@ impl Aggregator {
             }
             return;
         }
-        if matches!(ev.kind, EventKind::PageFault | EventKind::MemGrow) {
+        if ev.kind == EventKind::AllocFree {
+            if let Some(ledger) = self.memory.as_mut() {
+                ledger.on_alloc_free(ev.tgid, ev.addr);
+            }
+            return;
+        }
+        if matches!(
+            ev.kind,
+            EventKind::PageFault | EventKind::MemGrow | EventKind::AllocSample
+        ) {
             let key = self.intern(ev, merger, true);
             if let (Some(ledger), Some(key)) = (self.memory.as_mut(), key) {
-                if ev.kind == EventKind::PageFault {
-                    ledger.on_fault(ev, key);
-                } else {
-                    ledger.on_grow(ev, key);
+                match ev.kind {
+                    EventKind::PageFault => ledger.on_fault(ev, key),
+                    EventKind::MemGrow => ledger.on_grow(ev, key),
+                    _ => ledger.on_alloc_sample(ev, key),
                 }
             }
             return;

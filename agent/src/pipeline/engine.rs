@@ -158,6 +158,12 @@ pub struct Engine {
     threads: ThreadRegistry,
     /// Processes whose events panicked the pipeline: their later events are dropped.
     pub quarantine: Quarantine,
+    /// Allocation probes: the target slots whose processes get them, the processes seen in
+    /// their events and not looked at yet, and those looked at (probed, or not probeable).
+    probe_slots: std::collections::HashSet<u32>,
+    probe_candidates: std::collections::HashSet<u32>,
+    probe_done: std::collections::HashSet<u32>,
+    probe_sweep: u32,
 }
 
 /// Processes whose data made per-event work panic (a parser meeting bytes nobody foresaw). The
@@ -226,6 +232,10 @@ impl Engine {
             targeted_at: Default::default(),
             threads: ThreadRegistry::default(),
             quarantine: Quarantine::default(),
+            probe_slots: Default::default(),
+            probe_candidates: Default::default(),
+            probe_done: Default::default(),
+            probe_sweep: 0,
         })
     }
 
@@ -265,6 +275,7 @@ impl Engine {
         off_cpu: Option<crate::kernel::loader::OffCpuLimits>,
         threads: bool,
         page_faults: Option<u64>,
+        alloc_probes: Option<u64>,
     ) -> Result<Engine, LoadError> {
         self.counters.read(&self.sampler);
         let mut counters = self.counters.clone();
@@ -274,6 +285,7 @@ impl Engine {
         cfg.sampler.off_cpu = off_cpu;
         cfg.sampler.threads = threads;
         cfg.sampler.page_faults = page_faults;
+        cfg.sampler.alloc_probes = alloc_probes;
         let registry = std::mem::take(&mut self.threads);
         drop(self);
         let mut engine = Engine::start(cfg)?;
@@ -355,6 +367,9 @@ impl Engine {
             off_cpu,
             threads,
             quarantine,
+            probe_slots,
+            probe_candidates,
+            probe_done,
             ..
         } = self;
         // An interpreter's GIL created since its detection is looked for before this drain's
@@ -368,6 +383,12 @@ impl Engine {
             match decoder.decode(&item, period) {
                 Ok(ev) => {
                     n += 1;
+                    if !probe_slots.is_empty()
+                        && probe_slots.contains(&ev.slot)
+                        && !probe_done.contains(&ev.tgid)
+                    {
+                        probe_candidates.insert(ev.tgid);
+                    }
                     if let Some(u) = unwind.as_mut() {
                         if ev.unwind_miss {
                             u.on_miss(ev.tgid);
@@ -383,7 +404,9 @@ impl Engine {
                         EventKind::CpuSample
                         | EventKind::PageFault
                         | EventKind::MemGrow
-                        | EventKind::MemRelease => {
+                        | EventKind::MemRelease
+                        | EventKind::AllocSample
+                        | EventKind::AllocFree => {
                             sink(&ev, merger.as_mut().map(|m| m as &mut dyn StackMerger))
                         }
                         EventKind::ThreadStart | EventKind::ThreadExit => {
@@ -398,7 +421,73 @@ impl Engine {
         }
         threads.new_round();
         quarantine.retain_alive();
+        self.probe_candidates_now();
         n
+    }
+
+    /// Gives the processes of target `slot` allocation probes (when loaded), from their next
+    /// event on.
+    pub fn probe_allocations_of(&mut self, slot: u32) {
+        if self.sampler.has_alloc_probes() {
+            self.probe_slots.insert(slot);
+        }
+    }
+
+    /// Probes `pid` now if its target's processes get allocation probes (a process just
+    /// detected need not wait for its first event).
+    pub fn probe_process(&mut self, pid: u32, slot: u32) {
+        if self.probe_slots.contains(&slot) && !self.probe_done.contains(&pid) {
+            self.probe_candidates.insert(pid);
+            self.probe_candidates_now();
+        }
+    }
+
+    /// Whether the allocation probes are loaded.
+    pub fn has_alloc_probes(&self) -> bool {
+        self.sampler.has_alloc_probes()
+    }
+
+    /// Attaches the allocation probes to the candidates whose interpreter is detected; a
+    /// process that cannot be probed gets a warning, once.
+    fn probe_candidates_now(&mut self) {
+        // Exited processes: their probes go (every 256 drains, a few seconds), their pids may
+        // come back as others.
+        self.probe_sweep = self.probe_sweep.wrapping_add(1);
+        if self.probe_sweep.is_multiple_of(256) && !self.probe_done.is_empty() {
+            self.sampler.unprobe_gone(crate::proc::is_alive);
+            self.probe_done.retain(|&p| crate::proc::is_alive(p));
+        }
+        if self.probe_candidates.is_empty() {
+            return;
+        }
+        let Some(py) = self.python.as_ref() else {
+            self.probe_candidates.clear();
+            return;
+        };
+        for pid in std::mem::take(&mut self.probe_candidates) {
+            let outcome = match py.alloc_probe_points(pid) {
+                // Not detected as Python (yet): looked at again at its next event.
+                Ok(None) if crate::proc::is_alive(pid) && py.runtime(pid).is_none() => continue,
+                Ok(None) => Ok(()),
+                Ok(Some(at)) => self
+                    .sampler
+                    .probe_allocations(pid, &at.file, at.track, at.untrack),
+                Err(e) => Err(e),
+            };
+            self.probe_done.insert(pid);
+            if let Err(e) = outcome {
+                let w = format!("pid {pid}: no allocation probes: {e}");
+                tracing::warn!("{w}");
+                if !self.warnings.contains(&w) {
+                    self.warnings.push(w);
+                }
+            }
+        }
+    }
+
+    /// Processes the allocation probes are attached to.
+    pub fn probed_processes(&self) -> usize {
+        self.sampler.probed_processes()
     }
 
     /// Whether thread creations and exits are recorded.

@@ -12,6 +12,10 @@
 //! records). Each is held, as a region, until a release covers it or its mapping is gone at a
 //! window's end: `mapped` (in the window) and `mapped_inuse` (at its end) by stack.
 //!
+//! With allocation probes (on demand), the allocations a process reports to
+//! `PyTraceMalloc_Track` are sampled by bytes: each sample is held until its block is reported
+//! freed — `probed` (in the window) and `probed_inuse` (at its end) by stack.
+//!
 //! A page-fault sample stands for `period` pages touched for the first time. Memory that an
 //! allocator reuses without giving it back to the kernel (pymalloc's arenas, glibc's heap) is
 //! touched once, so it counts once, where it was first touched: this is memory growth, not
@@ -36,6 +40,9 @@ const MAX_HELD: usize = 1 << 18;
 /// Growth regions kept for the in-use view at most (a few KiB-large blocks each, at least 64
 /// KiB of the target's memory: 64 Ki regions stand for 4 GiB or more).
 const MAX_REGIONS: usize = 1 << 16;
+/// Sampled allocations of the allocation probes kept until freed, at most (each stands for
+/// half a MiB on average: 128 Ki samples, 64 GiB).
+const MAX_SAMPLED_ALLOCS: usize = 1 << 17;
 /// Resident-memory readings kept per process across windows for the leak verdict; older ones
 /// are thinned out (every other one dropped) past it.
 const MAX_POINTS: usize = 256;
@@ -110,6 +117,12 @@ pub struct MemoryLedger {
     regions: BTreeMap<(u32, u64), Region>,
     /// Growth records the region map had no room for (this window).
     untracked_regions: u64,
+    /// Sampled allocations of the window: (stack, bytes it stands for).
+    probed: Vec<(SampleKey, u64)>,
+    /// Sampled allocations not reported freed, by (pid, address).
+    sampled_allocs: BTreeMap<(u32, u64), (SampleKey, u64)>,
+    /// Sampled allocations there was no room to keep (this window).
+    untracked_allocs: u64,
     /// By (pid, page): ordered, so a released range is removed at once.
     held: BTreeMap<(u32, u64), Held>,
     sites: BTreeMap<(u32, Arc<str>), Site>,
@@ -135,6 +148,9 @@ impl MemoryLedger {
             growths: Vec::new(),
             regions: BTreeMap::new(),
             untracked_regions: 0,
+            probed: Vec::new(),
+            sampled_allocs: BTreeMap::new(),
+            untracked_allocs: 0,
             held: BTreeMap::new(),
             sites: BTreeMap::new(),
             processes: BTreeMap::new(),
@@ -234,6 +250,24 @@ impl MemoryLedger {
         });
     }
 
+    /// A sampled allocation of the allocation probes: held until its block is freed.
+    pub fn on_alloc_sample(&mut self, ev: &Event<'_>, key: SampleKey) {
+        self.see_process(ev.tgid);
+        let slot = (ev.tgid, ev.addr);
+        if self.sampled_allocs.len() < MAX_SAMPLED_ALLOCS || self.sampled_allocs.contains_key(&slot)
+        {
+            self.sampled_allocs.insert(slot, (key.clone(), ev.value));
+        } else {
+            self.untracked_allocs += 1;
+        }
+        self.probed.push((key, ev.value));
+    }
+
+    /// A sampled block of process `pid` at `addr` was freed.
+    pub fn on_alloc_free(&mut self, pid: u32, addr: u64) {
+        self.sampled_allocs.remove(&(pid, addr));
+    }
+
     /// Removes `[from, to)` from the regions of `pid`, keeping what lies outside it.
     fn cut_regions(&mut self, pid: u32, from: u64, to: u64) {
         if from >= to {
@@ -296,6 +330,7 @@ impl MemoryLedger {
     /// Process `pid` replaced its image (`exec`): none of the pages it held are.
     pub fn on_exec(&mut self, pid: u32) {
         self.on_release(pid, 0, u64::MAX);
+        self.sampled_allocs.retain(|&(p, _), _| p != pid);
     }
 
     /// Drops a held page (a no-op for one not held).
@@ -406,8 +441,14 @@ impl MemoryLedger {
             e.0 += 1;
             e.1 += g.bytes;
         }
+        for (key, bytes) in std::mem::take(&mut self.probed) {
+            let e = report.probed.entry(key).or_default();
+            e.0 += 1;
+            e.1 += bytes;
+        }
         let mut pids: Vec<u32> = self.held.keys().map(|k| k.0).collect();
         pids.extend(self.regions.keys().map(|k| k.0));
+        pids.extend(self.sampled_allocs.keys().map(|k| k.0));
         pids.extend(by_pid.keys());
         pids.sort_unstable();
         pids.dedup();
@@ -430,6 +471,13 @@ impl MemoryLedger {
                  touched is in alloc, nothing of theirs is in use",
                 exited.len(),
                 shown.join(", ")
+            ));
+        }
+        let untracked_allocs = std::mem::take(&mut self.untracked_allocs);
+        if untracked_allocs > 0 {
+            report.warnings.push(format!(
+                "memory: {untracked_allocs} sampled allocations were not kept for the probed \
+                 in-use view (it holds {MAX_SAMPLED_ALLOCS} at most): probed in-use bytes are low"
             ));
         }
         let untracked_regions = std::mem::take(&mut self.untracked_regions);
@@ -501,7 +549,13 @@ impl MemoryLedger {
             self.held.retain(|k, _| k.0 != pid);
             self.sites.retain(|k, _| k.0 != pid);
             self.regions.retain(|k, _| k.0 != pid);
+            self.sampled_allocs.retain(|k, _| k.0 != pid);
             return;
+        }
+        for ((_, _), (key, bytes)) in self.sampled_allocs.range((pid, 0)..=(pid, u64::MAX)) {
+            let e = report.probed_inuse.entry(key.clone()).or_default();
+            e.0 += 1;
+            e.1 += bytes;
         }
         // A region is held while an anonymous mapping still begins at or covers its start (a
         // region moved by `mremap` or unmapped unseen is gone).

@@ -145,6 +145,12 @@ pub struct MemoryReport {
     /// Of the memory mapped or grown since profiling began, what is still there at the
     /// window's end, by the stack that asked for it: (regions, bytes).
     pub mapped_inuse: KeyMap<(u64, u64)>,
+    /// Allocation probes (on demand): the sampled allocations of the window, by stack:
+    /// (samples, bytes they stand for).
+    pub probed: KeyMap<(u64, u64)>,
+    /// Of the allocations sampled since profiling began, those not reported freed at the
+    /// window's end: (samples, bytes).
+    pub probed_inuse: KeyMap<(u64, u64)>,
     pub processes: Vec<ProcessUsage>,
     /// The memory cgroups (containers) of the profiled processes.
     pub cgroups: Vec<CgroupUsage>,
@@ -161,6 +167,8 @@ impl MemoryReport {
             inuse: super::keys_of_pids(&self.inuse, pids),
             mapped: super::keys_of_pids(&self.mapped, pids),
             mapped_inuse: super::keys_of_pids(&self.mapped_inuse, pids),
+            probed: super::keys_of_pids(&self.probed, pids),
+            probed_inuse: super::keys_of_pids(&self.probed_inuse, pids),
             processes: super::items_of_pids(&self.processes, pids, |p| p.pid),
             leaks: super::items_of_pids(&self.leaks, pids, |l| l.pid),
             cgroups: self
@@ -186,7 +194,9 @@ impl AggregatedProfile {
             .inuse
             .keys()
             .chain(report.mapped.keys())
-            .chain(report.mapped_inuse.keys());
+            .chain(report.mapped_inuse.keys())
+            .chain(report.probed.keys())
+            .chain(report.probed_inuse.keys());
         for key in held {
             self.samples.entry(key.clone()).or_insert(0);
             self.values.entry(key.clone()).or_insert(0);
@@ -219,6 +229,16 @@ impl AggregatedProfile {
             (
                 m.mapped.get(key).copied().unwrap_or_default(),
                 m.mapped_inuse.get(key).copied().unwrap_or_default(),
+            )
+        })
+    }
+
+    /// A memory profile's probed and probed in-use (samples, bytes) of a stack.
+    pub fn probed_of(&self, key: &SampleKey) -> ((u64, u64), (u64, u64)) {
+        self.memory.as_ref().map_or_else(Default::default, |m| {
+            (
+                m.probed.get(key).copied().unwrap_or_default(),
+                m.probed_inuse.get(key).copied().unwrap_or_default(),
             )
         })
     }
@@ -285,6 +305,8 @@ mod tests {
         report.mapped.insert(key("keep"), (2, 2 << 20));
         report.mapped_inuse.insert(key("keep"), (1, 1 << 20));
         report.mapped_inuse.insert(key("arena"), (3, 3 << 20));
+        report.probed.insert(key("array"), (4, 4 << 19));
+        report.probed_inuse.insert(key("array"), (1, 1 << 19));
         report.leaks.push(HeapLeak {
             pid: 9,
             name: "python3".into(),
@@ -303,22 +325,39 @@ mod tests {
         assert_eq!(p.total(), 14);
         assert_eq!(
             p.samples.len(),
-            4,
+            5,
             "a stack that only holds memory is a sample too"
         );
         assert_eq!(p.total_inuse(), 12 << 18);
         assert_eq!(p.inuse_of(&key("churn")), 0);
         assert_eq!(
             p.pprof_values(&key("keep"), 4),
-            [4 << 18, 4 << 6, 4 << 18, 4 << 6, 2 << 20, 2, 1 << 20, 1]
+            [
+                4 << 18,
+                4 << 6,
+                4 << 18,
+                4 << 6,
+                2 << 20,
+                2,
+                1 << 20,
+                1,
+                0,
+                0,
+                0,
+                0
+            ]
         );
         assert_eq!(
             p.pprof_values(&key("old_cache"), 0),
-            [0, 0, 8 << 18, 8 << 6, 0, 0, 0, 0]
+            [0, 0, 8 << 18, 8 << 6, 0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            p.pprof_values(&key("array"), 0),
+            [0, 0, 0, 0, 0, 0, 0, 0, 4 << 19, 4, 1 << 19, 1]
         );
         assert_eq!(
             p.pprof_values(&key("arena"), 0),
-            [0, 0, 0, 0, 0, 0, 3 << 20, 3]
+            [0, 0, 0, 0, 0, 0, 3 << 20, 3, 0, 0, 0, 0]
         );
         assert!(
             p.warnings[0].contains("leak suspected")

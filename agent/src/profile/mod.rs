@@ -329,6 +329,8 @@ impl AggregatedProfile {
         if matches!(self.kind, ProfileKind::Memory { .. }) {
             let ((calls, bytes), (regions, held)) = self.mapped_of(key);
             values.extend([bytes, calls, held, regions].map(|v| v as i64));
+            let ((samples, bytes), (live, held)) = self.probed_of(key);
+            values.extend([bytes, samples, held, live].map(|v| v as i64));
         }
         values
     }

@@ -26,6 +26,9 @@ pub const WANTED_SYMBOLS: &[&str] = &[
     // 3.8–3.11, inside the main interpreter's static allocator state from 3.13.
     "narenas_currently_allocated",
     "obmalloc_state_main",
+    // Where the allocation probes go (public API: in `.dynsym` of every build).
+    "PyTraceMalloc_Track",
+    "PyTraceMalloc_Untrack",
 ];
 
 /// The largest `.rodata` kept for version-string scans (a libpython's is ~1 MiB; a file in a

@@ -20,6 +20,7 @@ pub mod elf;
 pub mod layout;
 pub mod linetable;
 pub mod merge;
+pub mod probes;
 pub mod process;
 pub mod procmem;
 pub mod thread_info;
