@@ -476,6 +476,7 @@ impl Engine {
             };
             self.probe_done.insert(pid);
             if let Err(e) = outcome {
+                crate::metrics::error("alloc_probe");
                 let w = format!("pid {pid}: no allocation probes: {e}");
                 tracing::warn!("{w}");
                 if !self.warnings.contains(&w) {
