@@ -571,7 +571,7 @@ const PYTHON_WAIT: Duration = Duration::from_secs(2);
 fn drain(engine: &mut Engine, agg: &mut Aggregator) {
     let records = engine.drain(|ev, merger| agg.add(ev, merger));
     agg.stats.records += records;
-    for (pid, warning) in engine.take_unwind_warnings() {
+    for (pid, warning) in engine.take_process_warnings() {
         agg.add_warnings(pid, vec![warning]);
     }
     agg.new_round();

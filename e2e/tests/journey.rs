@@ -306,6 +306,19 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         mapped_inuse.is_some() && figures["mapped_bytes"].as_u64().is_some(),
         "the summary artifact has the mapped totals: {figures}"
     );
+    // The target asks for allocation probes: the agent's uprobes in the shop's process saw the
+    // receipt buffers it reports to tracemalloc, and it keeps them all.
+    let probed_inuse = figures["probed_inuse_bytes"].as_u64().unwrap_or(0);
+    ensure!(
+        probed_inuse > 0
+            && !leaking
+                .spec
+                .warnings
+                .iter()
+                .any(|w| w.contains("no allocation probes")),
+        "the allocation probes saw the shop's receipt buffers: {figures} {:?}",
+        leaking.spec.warnings
+    );
     // The receipts land in heap pages that the shop's other per-request allocations may have
     // touched first (memory is counted where it is first touched): the warning names the
     // shop's own code, whichever of its functions that was.
@@ -319,12 +332,13 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
         leaking.spec.warnings
     );
     eprintln!(
-        "memory {} (anon {:.1}–{:.1} MiB, in use {:.1} MiB, mapped in use {:.1} MiB), leak: {:?}",
+        "memory {} (anon {:.1}–{:.1} MiB, in use {:.1} MiB, mapped in use {:.1} MiB, probed in use {:.1} MiB), leak: {:?}",
         memory.heap,
         memory.anon_min_bytes as f64 / 1048576.0,
         memory.anon_max_bytes as f64 / 1048576.0,
         memory.inuse_bytes as f64 / 1048576.0,
         mapped_inuse.unwrap_or(0) as f64 / 1048576.0,
+        probed_inuse as f64 / 1048576.0,
         leaking
             .spec
             .warnings

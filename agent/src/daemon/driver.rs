@@ -445,7 +445,7 @@ impl Daemon {
         };
         let hz = engine.sample_hz();
         let n = engine.drain(|ev, merger| route(routing, resolver, windows, ev, hz, merger));
-        for (pid, warning) in engine.take_unwind_warnings() {
+        for (pid, warning) in engine.take_process_warnings() {
             windows.add_warning(pid, &warning);
         }
         windows.new_round();

@@ -164,6 +164,8 @@ pub struct Engine {
     probe_candidates: std::collections::HashSet<u32>,
     probe_done: std::collections::HashSet<u32>,
     probe_sweep: u32,
+    /// Processes that could not be given allocation probes, and why (for their Profiles).
+    probe_failures: Vec<(u32, String)>,
 }
 
 /// Processes whose data made per-event work panic (a parser meeting bytes nobody foresaw). The
@@ -236,6 +238,7 @@ impl Engine {
             probe_candidates: Default::default(),
             probe_done: Default::default(),
             probe_sweep: 0,
+            probe_failures: Vec::new(),
         })
     }
 
@@ -477,11 +480,9 @@ impl Engine {
             self.probe_done.insert(pid);
             if let Err(e) = outcome {
                 crate::metrics::error("alloc_probe");
-                let w = format!("pid {pid}: no allocation probes: {e}");
-                tracing::warn!("{w}");
-                if !self.warnings.contains(&w) {
-                    self.warnings.push(w);
-                }
+                tracing::warn!(pid, "no allocation probes: {e}");
+                self.probe_failures
+                    .push((pid, format!("no allocation probes: {e}")));
             }
         }
     }
@@ -690,12 +691,16 @@ impl Engine {
             .collect()
     }
 
-    /// Warnings of the unwind-table loader for the profiles of each process.
-    pub fn take_unwind_warnings(&mut self) -> Vec<(u32, String)> {
-        self.unwind
+    /// Warnings for the profiles of each process since the last call: of the unwind-table
+    /// loader, and processes that could not be given allocation probes.
+    pub fn take_process_warnings(&mut self) -> Vec<(u32, String)> {
+        let mut out = self
+            .unwind
             .as_ref()
             .map(KernelTables::take_warnings)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        out.append(&mut self.probe_failures);
+        out
     }
 }
 

@@ -59,6 +59,8 @@ fn memory_summary(p: &AggregatedProfile, r: &crate::profile::MemoryReport) -> se
         "inuse_bytes": p.total_inuse(),
         "mapped_bytes": r.mapped.values().map(|v| v.1).sum::<u64>(),
         "mapped_inuse_bytes": r.mapped_inuse.values().map(|v| v.1).sum::<u64>(),
+        "probed_bytes": r.probed.values().map(|v| v.1).sum::<u64>(),
+        "probed_inuse_bytes": r.probed_inuse.values().map(|v| v.1).sum::<u64>(),
         "period_bytes": p.kind.nominal_value(),
         "file_backed_bytes": r.faults.file_bytes,
         "pages_tracked": r.faults.tracked,
