@@ -95,8 +95,7 @@ def main():
 
 def syscall_cost(a):
     """ns per syscall of an untargeted loop, alone and while a memory profile of another process
-    runs (its memory source hooks sys_enter and sys_exit, which every process's syscalls then
-    pass)."""
+    runs (its memory source hooks sys_exit, which every process's syscalls then pass)."""
     def loop():
         out = subprocess.run([a.syscalls], capture_output=True, text=True).stdout
         return float(re.search(r"ns_per_syscall=([\d.]+)", out).group(1))
@@ -111,7 +110,7 @@ def syscall_cost(a):
         agent.terminate()
         agent.wait()
     print(f"\nuntargeted syscall loop: {alone:.1f} ns/syscall alone, {profiled:.1f} with a memory "
-          f"profile running on the node (+{profiled - alone:.1f} ns: the sys_enter and sys_exit hooks)")
+          f"profile running on the node (+{profiled - alone:.1f} ns: the sys_exit hook)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ trap 'rm -rf "$work"' EXIT
 . "$here/agent.sh"
 py=${PYTHON:-python3}
 "$py" -m memray --version >/dev/null 2>&1 || "$py" -m pip install --quiet memray >&2
-# A syscall loop: what the memory source (sys_enter, sys_exit) costs every other process on the node.
+# A syscall loop: what the memory source (sys_exit) costs every other process on the node.
 cat > "$work/syscalls.c" <<'C'
 #include <stdio.h>
 #include <time.h>

@@ -1,5 +1,5 @@
 //! Kernel tests of memory profiles: the real eBPF memory source (sampled page faults, the
-//! releases of `sys_enter` and the growth records of `sys_exit`) through `kprof_agent::record`, the same session as
+//! releases and growth records of `sys_exit`) through `kprof_agent::record`, the same session as
 //! `kprof-agent record --types memory`, against every installed CPython (pyenv 3.8–3.13, the
 //! built 3.14, the distribution's 3.11 and a C program embedding its libpython).
 //!
@@ -9,7 +9,7 @@
 //! the keepers above the churner and give each big keeper its measured bytes within ±25 %; the
 //! allocation view must show the churner (touching far more than it holds); the leak must be
 //! flagged with the leaking function among the stacks that grew it; the mapped in-use view
-//! (the growth records of `sys_exit`) must give each keeper its bytes within ±25 % too, and
+//! (the growth records) must give each keeper its bytes within ±25 % too, and
 //! show the churner mapping far more than it holds; the heap usage read must
 //! match `/proc` within 5 %, and the Python object heap the interpreter's own arena count.
 //!

@@ -46,14 +46,11 @@ pub mod names {
     pub const PROG_FAULT: &str = "kprof_fault";
     /// The same without the CPython walker.
     pub const PROG_FAULT_NATIVE: &str = "kprof_fault_native";
-    /// Memory given back by targets (raw tracepoint `sys_enter`), with the memory source; it
-    /// also notes the break before a `brk`.
-    pub const PROG_RELEASE: &str = "kprof_release";
-    /// Memory mapped or heap grown by targets, with stacks (raw tracepoint `sys_exit`), with
-    /// the memory source.
-    pub const PROG_GROW: &str = "kprof_grow";
+    /// Memory given back, mapped or grown by targets (raw tracepoint `sys_exit`), with the
+    /// memory source: releases without stacks, growth with them.
+    pub const PROG_MEMSYS: &str = "kprof_memsys";
     /// The same without the CPython walker.
-    pub const PROG_GROW_NATIVE: &str = "kprof_grow_native";
+    pub const PROG_MEMSYS_NATIVE: &str = "kprof_memsys_native";
     /// Allocation probes (uprobes on `PyTraceMalloc_Track` and `PyTraceMalloc_Untrack`,
     /// attached per process), on demand with the memory source.
     pub const PROG_TRACK: &str = "kprof_track";
@@ -180,14 +177,10 @@ pub struct Config {
     /// Non-zero: user stacks are unwound with the `.eh_frame` tables (`unwind.rs`); zero:
     /// by the kernel's frame-pointer walk (`bpf_get_stack`).
     pub unwind_tables: u32,
-    /// Byte offsets of `mm` in `struct task_struct` and of `brk` in `struct mm_struct` (0:
-    /// unknown; heap growth by `brk` is then not recorded).
-    pub task_mm_off: u32,
-    pub mm_brk_off: u32,
     /// Allocation probes: the mean bytes between two sampled allocations (0: off).
     pub alloc_period: u64,
 }
-const _: () = assert!(size_of::<Config>() == 64);
+const _: () = assert!(size_of::<Config>() == 56);
 
 /// Key of the allocation probes' map of sampled blocks: a block is known by its process and
 /// address (a freed block's address is reused).
@@ -242,10 +235,10 @@ pub enum EventKind {
     /// kernel gave it a fresh page). `addr` is the faulting address; value: the bytes the
     /// sample stands for (the sampling period × the page size).
     PageFault = 6,
-    /// A target gave memory back to the kernel ([`release`]). No stacks; `addr` is where the
+    /// A target gave memory back to the kernel ([`memsys::released`]). No stacks; `addr` is where the
     /// range starts; value: its length in bytes.
     MemRelease = 7,
-    /// A target mapped new anonymous memory or grew its heap ([`grow`]), recorded with its
+    /// A target mapped new anonymous memory or grew its heap ([`memsys::added`]), with its
     /// stacks as the call returned: exact sizes of the large blocks (arenas, buffers, big
     /// arrays), not samples. `addr` is where the new memory starts; value: its length in bytes.
     MemGrow = 8,
@@ -323,8 +316,11 @@ pub struct EventHeader {
 }
 const _: () = assert!(size_of::<EventHeader>() == 96);
 
-/// Which syscalls give memory back, and the range each gives back (x86-64).
-pub mod release {
+/// The syscalls that change a process's memory (x86-64), as seen when they return: the range
+/// each gave back and the range each added. One hook at `sys_exit` sees both, with the result
+/// (success, the new memory's address, the new break).
+pub mod memsys {
+    pub const SYS_MMAP: u64 = 9;
     pub const SYS_MUNMAP: u64 = 11;
     pub const SYS_BRK: u64 = 12;
     pub const SYS_MREMAP: u64 = 25;
@@ -333,19 +329,50 @@ pub mod release {
     const MADV_FREE: u64 = 8;
     const MADV_REMOVE: u64 = 9;
     const MADV_DONTNEED_LOCKED: u64 = 24;
-    /// A `brk` that shrinks the heap releases what lies above the new break: the heap's
-    /// pages are below the mappings, far from it, so this much above it is the heap's.
+    const MAP_ANONYMOUS: u64 = 0x20;
+    /// Thread stacks: counted by threads profiles, not heap.
+    const MAP_STACK: u64 = 0x20000;
+    /// Smaller anonymous mappings are not recorded: allocators map their blocks, arenas and
+    /// heaps in larger pieces (glibc from 128 KiB, pymalloc's arenas of 256 KiB or 1 MiB).
+    pub const MIN_MAPPING_BYTES: u64 = 64 << 10;
+    /// A `brk` that lowers the break releases what lies above it: the heap's pages are below
+    /// the mappings, far from it, so this much above it is the heap's.
     pub const BRK_SPAN: u64 = 1 << 40;
+    /// Results above this are `-errno`.
+    const MAX_ADDRESS: u64 = (-4096i64) as u64;
 
-    /// The range (start, length) a syscall with these first three arguments gives back, if
-    /// it gives back memory: `munmap(addr, len)`, `madvise(addr, len, DONTNEED|FREE|REMOVE)`,
-    /// `mremap(addr, old, new)` shrinking (its tail), `brk(addr)` (what lies above `addr`;
-    /// `brk(0)` only asks where the break is).
-    pub const fn range(nr: u64, a0: u64, a1: u64, a2: u64) -> Option<(u64, u64)> {
+    /// Whether syscall `nr` is one of these (the hook's first test, for every syscall).
+    pub const fn is_memsys(nr: u64) -> bool {
+        matches!(
+            nr,
+            SYS_MMAP | SYS_MUNMAP | SYS_BRK | SYS_MREMAP | SYS_MADVISE
+        )
+    }
+
+    const fn page_up(n: u64) -> u64 {
+        n.saturating_add(super::PAGE_BYTES - 1) & !(super::PAGE_BYTES - 1)
+    }
+
+    const fn failed(ret: u64) -> bool {
+        ret > MAX_ADDRESS
+    }
+
+    /// The range (start, length) a call gave back, from its number, first four arguments and
+    /// result; `old_break` is the process's break before a `brk` (0: unknown).
+    /// `munmap(addr, len)` and `madvise(addr, len, DONTNEED|FREE|REMOVE)` that succeeded; a
+    /// shrinking `mremap` (its tail) or a moved one (all it left); a `brk` that lowered the
+    /// break, or any `brk` after an unknown break (what lies above the new one: nothing, if it
+    /// grew).
+    pub const fn released(nr: u64, args: [u64; 4], ret: u64, old_break: u64) -> Option<(u64, u64)> {
+        let [a0, a1, a2, _] = args;
+        if failed(ret) {
+            return None;
+        }
         match nr {
-            SYS_MUNMAP if a1 > 0 => Some((a0, a1)),
+            SYS_MUNMAP if ret == 0 && a1 > 0 => Some((a0, a1)),
             SYS_MADVISE
-                if a1 > 0
+                if ret == 0
+                    && a1 > 0
                     && (a2 == MADV_DONTNEED
                         || a2 == MADV_FREE
                         || a2 == MADV_REMOVE
@@ -353,40 +380,24 @@ pub mod release {
             {
                 Some((a0, a1))
             }
+            SYS_MREMAP if ret != a0 && a1 > 0 => Some((a0, a1)),
             SYS_MREMAP if a2 < a1 => Some((a0.wrapping_add(a2), a1 - a2)),
-            SYS_BRK if a0 != 0 => Some((a0, BRK_SPAN)),
+            SYS_BRK if a0 != 0 && ret != 0 && (old_break == 0 || ret < old_break) => {
+                Some((ret, BRK_SPAN))
+            }
             _ => None,
         }
     }
-}
 
-/// Which syscalls grow a process's memory, and the range each added (x86-64), as seen when the
-/// call returns (its result is the new memory's address or the new break).
-pub mod grow {
-    pub const SYS_MMAP: u64 = 9;
-    pub use super::release::{SYS_BRK, SYS_MREMAP};
-    const MAP_ANONYMOUS: u64 = 0x20;
-    /// Thread stacks: counted by threads profiles, not heap.
-    const MAP_STACK: u64 = 0x20000;
-    /// Smaller anonymous mappings are not recorded: allocators map their blocks, arenas and
-    /// heaps in larger pieces (glibc from 128 KiB, pymalloc's arenas of 256 KiB or 1 MiB).
-    pub const MIN_MAPPING_BYTES: u64 = 64 << 10;
-    /// Results above this are `-errno`.
-    const MAX_ADDRESS: u64 = (-4096i64) as u64;
-
-    const fn page_up(n: u64) -> u64 {
-        n.saturating_add(super::PAGE_BYTES - 1) & !(super::PAGE_BYTES - 1)
-    }
-
-    /// The memory (start, length) a call added, from its number, first four arguments and
-    /// result; `old_break` is the break before a `brk` (0: unknown). `mmap` of anonymous,
+    /// The memory (start, length) a call added, from the same. `mmap` of anonymous,
     /// accessible memory of [`MIN_MAPPING_BYTES`] or more (a `PROT_NONE` reservation is not
-    /// memory yet); a growing `mremap` (its new tail); a `brk` that moved the break up.
+    /// memory yet); a growing `mremap` (its new tail, wherever the block went); a `brk` that
+    /// raised a known break.
     pub const fn added(nr: u64, args: [u64; 4], ret: u64, old_break: u64) -> Option<(u64, u64)> {
-        if ret == 0 || ret > MAX_ADDRESS {
+        if ret == 0 || failed(ret) {
             return None;
         }
-        let [_, a1, a2, a3] = args;
+        let [a0, a1, a2, a3] = args;
         match nr {
             SYS_MMAP
                 if a3 & MAP_ANONYMOUS != 0
@@ -404,7 +415,7 @@ pub mod grow {
                     None
                 }
             }
-            SYS_BRK if old_break != 0 && page_up(ret) > page_up(old_break) => {
+            SYS_BRK if a0 != 0 && old_break != 0 && page_up(ret) > page_up(old_break) => {
                 Some((page_up(old_break), page_up(ret) - page_up(old_break)))
             }
             _ => None,
@@ -577,11 +588,15 @@ mod pod {
 }
 
 #[cfg(test)]
-mod grow_tests {
-    use super::grow::{MIN_MAPPING_BYTES, SYS_BRK, SYS_MMAP, SYS_MREMAP, added};
+mod memsys_tests {
+    use super::memsys::{
+        BRK_SPAN, MIN_MAPPING_BYTES, SYS_BRK, SYS_MADVISE, SYS_MMAP, SYS_MREMAP, SYS_MUNMAP, added,
+        released,
+    };
 
     const ANON: u64 = 0x20 | 0x02; // MAP_ANONYMOUS | MAP_PRIVATE
     const RW: u64 = 3;
+    const ENOMEM: u64 = -12i64 as u64;
 
     #[test]
     fn large_anonymous_mappings_and_heap_growth_are_memory_added() {
@@ -606,17 +621,14 @@ mod grow_tests {
             added(SYS_MMAP, [0, 1 << 20, RW, ANON | 0x20000], at, 0),
             None
         );
-        assert_eq!(
-            added(SYS_MMAP, [0, 1 << 20, RW, ANON], -12i64 as u64, 0),
-            None
-        );
+        assert_eq!(added(SYS_MMAP, [0, 1 << 20, RW, ANON], ENOMEM, 0), None);
         // mremap: the grown tail, wherever the block moved to.
         assert_eq!(
             added(SYS_MREMAP, [at, 1 << 20, 2 << 20, 1], at + (8 << 20), 0),
             Some((at + (9 << 20), 1 << 20))
         );
         assert_eq!(added(SYS_MREMAP, [at, 2 << 20, 1 << 20, 0], at, 0), None);
-        // brk: from the old break up to the new one; not when it fell or is unknown.
+        // brk: from the old break up to the new one; not when it fell, is unknown, or asked.
         let heap = 0x5555_0000_0000;
         assert_eq!(
             added(SYS_BRK, [heap + 0x21000, 0, 0, 0], heap + 0x21000, heap),
@@ -627,5 +639,47 @@ mod grow_tests {
             added(SYS_BRK, [heap + 0x21000, 0, 0, 0], heap + 0x21000, 0),
             None
         );
+        assert_eq!(added(SYS_BRK, [0, 0, 0, 0], heap + 0x21000, heap), None);
+    }
+
+    #[test]
+    fn memory_given_back_is_what_succeeded() {
+        let at = 0x7f00_0000_0000;
+        assert_eq!(
+            released(SYS_MUNMAP, [at, 1 << 20, 0, 0], 0, 0),
+            Some((at, 1 << 20))
+        );
+        assert_eq!(released(SYS_MUNMAP, [at, 1 << 20, 0, 0], ENOMEM, 0), None);
+        assert_eq!(
+            released(SYS_MADVISE, [at, 8192, 4, 0], 0, 0),
+            Some((at, 8192))
+        );
+        // MADV_WILLNEED gives nothing back.
+        assert_eq!(released(SYS_MADVISE, [at, 8192, 3, 0], 0, 0), None);
+        // mremap shrinking in place: its tail; moved: all of the old block.
+        assert_eq!(
+            released(SYS_MREMAP, [at, 2 << 20, 1 << 20, 0], at, 0),
+            Some((at + (1 << 20), 1 << 20))
+        );
+        assert_eq!(
+            released(SYS_MREMAP, [at, 1 << 20, 2 << 20, 1], at + (8 << 20), 0),
+            Some((at, 1 << 20))
+        );
+        assert_eq!(released(SYS_MREMAP, [at, 1 << 20, 2 << 20, 1], at, 0), None);
+        // brk: lowered, or after an unknown break; not raised from a known one, not a query.
+        let heap = 0x5555_0000_0000;
+        assert_eq!(
+            released(SYS_BRK, [heap, 0, 0, 0], heap, heap + 0x21000),
+            Some((heap, BRK_SPAN))
+        );
+        assert_eq!(
+            released(SYS_BRK, [heap + 0x21000, 0, 0, 0], heap + 0x21000, 0),
+            Some((heap + 0x21000, BRK_SPAN))
+        );
+        assert_eq!(
+            released(SYS_BRK, [heap + 0x21000, 0, 0, 0], heap + 0x21000, heap),
+            None
+        );
+        assert_eq!(released(SYS_BRK, [0, 0, 0, 0], heap, heap + 0x21000), None);
     }
 }

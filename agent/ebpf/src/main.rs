@@ -13,8 +13,8 @@
 //!   `kprof_exit` (raw tracepoint `sched_process_exit`) thread exits, for threads profiles
 //!   (`threads.rs`).
 //! - `kprof_fault` (perf_event, software minor page faults on every CPU, sampled) and
-//!   `kprof_release` (raw tracepoint `sys_enter`) and `kprof_grow` (raw tracepoint
-//!   `sys_exit`), attached for memory profiles: the memory source (`memory.rs`).
+//!   `kprof_memsys` (raw tracepoint `sys_exit`: memory given back, mapped or grown), attached
+//!   for memory profiles: the memory source (`memory.rs`).
 //! - `kprof_track` and `kprof_untrack` (uprobes on `PyTraceMalloc_Track`/`_Untrack`, attached
 //!   by user space to the processes that ask for allocation probes): sampled allocations
 //!   (`alloc.rs`).
@@ -56,8 +56,6 @@ static KPROF_CONFIG: Global<Config> = Global::new(Config {
     thread_events: 0,
     task_runtime_off: 0,
     unwind_tables: 0,
-    task_mm_off: 0,
-    mm_brk_off: 0,
     alloc_period: 0,
 });
 
@@ -86,21 +84,15 @@ pub fn kprof_fault_native(ctx: PerfEventContext) -> u32 {
     memory::on_fault::<false>(&ctx)
 }
 
-/// Memory given back to the kernel by targets (memory profiles).
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn kprof_release(ctx: RawTracePointContext) -> i32 {
-    memory::on_syscall(&ctx)
-}
-
-/// Memory mapped or heap grown by targets, with stacks (memory profiles).
+/// Memory given back, mapped or grown by targets (memory profiles).
 #[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn kprof_grow(ctx: RawTracePointContext) -> i32 {
+pub fn kprof_memsys(ctx: RawTracePointContext) -> i32 {
     memory::on_syscall_exit::<true>(&ctx)
 }
 
 /// The same without the CPython walker (paired with `kprof_sample_native`).
 #[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn kprof_grow_native(ctx: RawTracePointContext) -> i32 {
+pub fn kprof_memsys_native(ctx: RawTracePointContext) -> i32 {
     memory::on_syscall_exit::<false>(&ctx)
 }
 

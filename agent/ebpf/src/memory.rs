@@ -4,14 +4,15 @@
 //!   `period` (user space sets the period): a fault is memory a thread touched for the first
 //!   time, so a sample in a targeted thread records who made the process's memory grow, with
 //!   the faulting address (user space checks later whether that page is still held).
-//! - Release (raw tracepoint `sys_enter`): a target giving memory back to the kernel
-//!   (`munmap`, `madvise(DONTNEED/FREE/REMOVE)`, a shrinking `mremap` or `brk`) is a header-only
-//!   record with the range, so a page sampled before is not counted as held once its memory
-//!   was given back and mapped again for something else.
-//! - Growth (raw tracepoint `sys_exit`): a target's `mmap` of anonymous memory, growing
-//!   `mremap` or `brk` ([`kprof_common::grow`]) is recorded with its stacks as the call
-//!   returns, when its result says where the memory is: the exact size of each large block
-//!   and who asked for it. The break before a `brk` is noted at `sys_enter` (`BRK_BEFORE`).
+//! - Release and growth (raw tracepoint `sys_exit`, [`kprof_common::memsys`]), as each call
+//!   returns, from its arguments and result. A target giving memory back to the kernel
+//!   (`munmap`, `madvise(DONTNEED/FREE/REMOVE)`, a shrinking or moved `mremap`, a lowered
+//!   `brk`) is a header-only record with the range, so a page sampled before is not counted as
+//!   held once its memory was given back and mapped again for something else. A target's
+//!   `mmap` of anonymous memory, growing `mremap` or raised `brk` is recorded with its stacks:
+//!   the exact size of each large block and who asked for it. Each process's break is kept
+//!   (`BREAKS`) to tell how far a `brk` moved it. One hook, at exit only: every syscall of the
+//!   node passes a hooked syscall tracepoint, and each hook costs them all.
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::generated::{
@@ -21,7 +22,7 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::{PerfEventContext, RawTracePointContext},
 };
-use kprof_common::{EventHeader, EventKind, PAGE_BYTES, Stat, grow, release};
+use kprof_common::{EventHeader, EventKind, PAGE_BYTES, Stat, memsys};
 
 use crate::{
     KPROF_CONFIG,
@@ -81,10 +82,10 @@ const PT_REGS_ORIG_AX: usize = 120;
 const PT_REGS_IP: usize = 128;
 const PT_REGS_SP: usize = 152;
 
-/// Thread id → the break before its `brk` call (taken when the call returns). LRU: a thread
-/// killed inside the call leaves an entry that ages out.
-#[map(name = "BRK_BEFORE")]
-static BRK_BEFORE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(1024, 0);
+/// Process → its break after its last `brk` (LRU: exited processes age out; after an `exec`
+/// the first `brk` is glibc's query, which sets it again).
+#[map(name = "BREAKS")]
+static BREAKS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// A register of the `struct pt_regs` at `regs` (0 when unreadable).
 #[inline(always)]
@@ -93,79 +94,14 @@ unsafe fn reg(regs: *const u8, off: usize) -> u64 {
     unsafe { bpf_probe_read_kernel(regs.add(off).cast::<u64>()).unwrap_or(0) }
 }
 
-/// `sys_enter(struct pt_regs *regs, long id)`, in the calling thread.
-#[inline(always)]
-pub fn on_syscall(ctx: &RawTracePointContext) -> i32 {
-    // The tracepoint's second argument is the syscall number.
-    let nr: u64 = ctx.arg(1);
-    if !matches!(
-        nr,
-        release::SYS_MUNMAP | release::SYS_MREMAP | release::SYS_MADVISE | release::SYS_BRK
-    ) {
-        return 0;
-    }
-    let cfg = KPROF_CONFIG.load();
-    // SAFETY: helper without arguments.
-    let pid_tgid = unsafe { bpf_get_current_pid_tgid() };
-    let tgid = (pid_tgid >> 32) as u32;
-    let Some(slot) = target_slot(tgid, &cfg) else {
-        return 0;
-    };
-    // SAFETY: the tracepoint's first argument is the caller's `struct pt_regs`; its argument
-    // registers are read with probe reads (a failed read gives 0, which releases nothing).
-    let regs: *const u8 = ctx.arg(0);
-    let (a0, a1, a2) = unsafe {
-        (
-            reg(regs, PT_REGS_DI),
-            reg(regs, PT_REGS_SI),
-            reg(regs, PT_REGS_DX),
-        )
-    };
-    if nr == release::SYS_BRK && cfg.task_mm_off != 0 && cfg.mm_brk_off != 0 {
-        // SAFETY: probe reads of the current task's `mm` and of its `brk`.
-        let before = unsafe {
-            let task = bpf_get_current_task() as *const u8;
-            let mm = bpf_probe_read_kernel(task.add(cfg.task_mm_off as usize).cast::<u64>())
-                .unwrap_or(0) as *const u8;
-            if mm.is_null() {
-                0
-            } else {
-                bpf_probe_read_kernel(mm.add(cfg.mm_brk_off as usize).cast::<u64>()).unwrap_or(0)
-            }
-        };
-        if before != 0 {
-            let _ = BRK_BEFORE.insert(&(pid_tgid as u32), &before, 0);
-        }
-    }
-    let Some((addr, len)) = release::range(nr, a0, a1, a2) else {
-        return 0;
-    };
-    let mut h = EventHeader {
-        kind: EventKind::MemRelease as u32,
-        tgid,
-        tid: pid_tgid as u32,
-        slot,
-        addr,
-        value: len,
-        ..EventHeader::default()
-    };
-    // SAFETY: helpers without arguments.
-    unsafe {
-        h.cpu = bpf_get_smp_processor_id();
-        h.timestamp_ns = bpf_ktime_get_ns();
-    }
-    record::submit_header(&h);
-    0
-}
-
-/// `sys_exit(struct pt_regs *regs, long ret)`, in the calling thread: memory a target added.
+/// `sys_exit(struct pt_regs *regs, long ret)`, in the calling thread.
 #[inline(always)]
 pub fn on_syscall_exit<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
     let regs: *const u8 = ctx.arg(0);
     // SAFETY: a probe read of the caller's registers (every syscall of the node passes here:
     // the number is checked before anything else).
     let nr = unsafe { reg(regs, PT_REGS_ORIG_AX) };
-    if !matches!(nr, grow::SYS_MMAP | grow::SYS_MREMAP | grow::SYS_BRK) {
+    if !memsys::is_memsys(nr) {
         return 0;
     }
     let cfg = KPROF_CONFIG.load();
@@ -176,15 +112,6 @@ pub fn on_syscall_exit<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
         return 0;
     };
     let ret: u64 = ctx.arg(1);
-    let tid = pid_tgid as u32;
-    let old_break = if nr == grow::SYS_BRK {
-        // SAFETY: the value is copied out before the entry is removed.
-        let before = unsafe { BRK_BEFORE.get(&tid).copied().unwrap_or(0) };
-        let _ = BRK_BEFORE.remove(&tid);
-        before
-    } else {
-        0
-    };
     // SAFETY: probe reads of the caller's argument registers.
     let args = unsafe {
         [
@@ -194,7 +121,34 @@ pub fn on_syscall_exit<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
             reg(regs, PT_REGS_R10),
         ]
     };
-    let Some((addr, len)) = grow::added(nr, args, ret, old_break) else {
+    let old_break = if nr == memsys::SYS_BRK {
+        // SAFETY: the value is copied out before the entry is replaced.
+        let before = unsafe { BREAKS.get(&tgid).copied().unwrap_or(0) };
+        if ret != 0 && (ret as i64) > 0 {
+            let _ = BREAKS.insert(&tgid, &ret, 0);
+        }
+        before
+    } else {
+        0
+    };
+    if let Some((addr, len)) = memsys::released(nr, args, ret, old_break) {
+        let mut h = EventHeader {
+            kind: EventKind::MemRelease as u32,
+            tgid,
+            tid: pid_tgid as u32,
+            slot,
+            addr,
+            value: len,
+            ..EventHeader::default()
+        };
+        // SAFETY: helpers without arguments.
+        unsafe {
+            h.cpu = bpf_get_smp_processor_id();
+            h.timestamp_ns = bpf_ktime_get_ns();
+        }
+        record::submit_header(&h);
+    }
+    let Some((addr, len)) = memsys::added(nr, args, ret, old_break) else {
         return 0;
     };
     bump(Stat::MemGrowths);

@@ -199,10 +199,6 @@ pub struct TaskOffsets {
     pub stack: u32,
     /// `se.sum_exec_runtime`: a thread's CPU nanoseconds (thread exits carry it).
     pub sum_exec_runtime: u32,
-    /// `mm`, and `brk` in `struct mm_struct`: the heap's break before a `brk` call (heap
-    /// growth of memory profiles).
-    pub mm: u32,
-    pub mm_brk: u32,
 }
 
 /// The `task_struct` offsets, read from kernel BTF once per process (parsing vmlinux BTF costs
@@ -223,10 +219,6 @@ pub fn task_offsets() -> Result<TaskOffsets, String> {
                 fsbase: field("thread.fsbase")?,
                 stack: field("stack")?,
                 sum_exec_runtime: field("se.sum_exec_runtime")?,
-                mm: field("mm")?,
-                mm_brk: btf
-                    .offset_of("mm_struct", "brk")
-                    .ok_or("mm_struct.brk not found in kernel BTF")?,
             })
         })
         .clone()
@@ -250,8 +242,5 @@ mod tests {
             off.self_exec_id > 0 && off.self_exec_id < off.fsbase,
             "{off:?}"
         );
-        // mm_struct is ~1.5 KiB; brk follows start_brk.
-        assert!(off.mm > 0 && off.mm < off.fsbase, "{off:?}");
-        assert!(off.mm_brk > 0 && off.mm_brk < 4096, "{off:?}");
     }
 }

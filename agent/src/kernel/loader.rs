@@ -273,8 +273,6 @@ impl Sampler {
             thread_events: u32::from(cfg.threads),
             task_runtime_off: offsets.as_ref().map_or(0, |t| t.sum_exec_runtime),
             unwind_tables: u32::from(cfg.unwind_tables),
-            task_mm_off: offsets.as_ref().map_or(0, |t| t.mm),
-            mm_brk_off: offsets.as_ref().map_or(0, |t| t.mm_brk),
             alloc_period: cfg
                 .alloc_probes
                 .filter(|_| cfg.page_faults.is_some())
@@ -374,28 +372,18 @@ impl Sampler {
                 let fd = prog.fd().map_err(|e| LoadError::Load(one_line(&e)))?;
                 let events = super::faults::attach(fd, &cpus, period)
                     .map_err(|(cpu, e)| LoadError::Faults(format!("CPU {cpu}: {e}")))?;
-                load_raw_tracepoint(&mut bpf, names::PROG_RELEASE)?;
-                let release: &mut RawTracePoint = bpf
-                    .program_mut(names::PROG_RELEASE)
-                    .ok_or(LoadError::Missing(names::PROG_RELEASE))?
-                    .try_into()
-                    .map_err(|_| LoadError::Missing(names::PROG_RELEASE))?;
-                release
-                    .attach("sys_enter")
-                    .map_err(|e| LoadError::Faults(one_line(&e)))?;
-                let grow = if program == names::PROG_SAMPLE {
-                    names::PROG_GROW
+                let memsys = if program == names::PROG_SAMPLE {
+                    names::PROG_MEMSYS
                 } else {
-                    names::PROG_GROW_NATIVE
+                    names::PROG_MEMSYS_NATIVE
                 };
-                load_raw_tracepoint(&mut bpf, grow)?;
-                let growth: &mut RawTracePoint = bpf
-                    .program_mut(grow)
-                    .ok_or(LoadError::Missing(grow))?
+                load_raw_tracepoint(&mut bpf, memsys)?;
+                let hook: &mut RawTracePoint = bpf
+                    .program_mut(memsys)
+                    .ok_or(LoadError::Missing(memsys))?
                     .try_into()
-                    .map_err(|_| LoadError::Missing(grow))?;
-                growth
-                    .attach("sys_exit")
+                    .map_err(|_| LoadError::Missing(memsys))?;
+                hook.attach("sys_exit")
                     .map_err(|e| LoadError::Faults(one_line(&e)))?;
                 Some((events, name))
             }
