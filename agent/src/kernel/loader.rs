@@ -389,29 +389,19 @@ impl Sampler {
             }
             None => None,
         };
+        // Allocation probes the kernel refuses leave the rest of the memory profile as it is.
         let alloc_probes = match (cfg.alloc_probes, &faults) {
             (Some(_), Some(_)) => {
-                let mut track = if program == names::PROG_SAMPLE {
-                    names::PROG_TRACK
-                } else {
-                    names::PROG_TRACK_NATIVE
-                };
-                if let Err(e) = load_uprobe(&mut bpf, track) {
-                    if track != names::PROG_TRACK {
-                        return Err(e);
+                match load_alloc_probes(&mut bpf, program == names::PROG_SAMPLE) {
+                    Ok((probes, warning)) => {
+                        warnings.extend(warning);
+                        Some(probes)
                     }
-                    warnings.push(format!(
-                        "sampled allocations carry native frames only: the kernel rejected the \
-                         CPython walker in the allocation probe ({e})"
-                    ));
-                    track = names::PROG_TRACK_NATIVE;
-                    load_uprobe(&mut bpf, track)?;
+                    Err(e) => {
+                        warnings.push(format!("no allocation probes: {e}"));
+                        None
+                    }
                 }
-                load_uprobe(&mut bpf, names::PROG_UNTRACK)?;
-                Some(AllocProbes {
-                    track,
-                    links: HashMap::new(),
-                })
             }
             _ => None,
         };
@@ -571,11 +561,6 @@ impl Sampler {
         }
     }
 
-    /// Processes the allocation probes are attached to.
-    pub fn probed_processes(&self) -> usize {
-        self.alloc_probes.as_ref().map_or(0, |p| p.links.len())
-    }
-
     fn detach_probe(&mut self, name: &'static str, link: UProbeLinkId) {
         let prog: Option<&mut UProbe> = self.bpf.program_mut(name).and_then(|p| p.try_into().ok());
         if let Some(prog) = prog {
@@ -713,6 +698,38 @@ fn load_perf_program<'a>(
         .map_err(|_| LoadError::Missing(name))?;
     prog.load().map_err(|e| map_program_error(&e))?;
     Ok(prog)
+}
+
+/// Loads the allocation probes: the track program with the CPython walker when `python` (else,
+/// or when the kernel rejects it, without, and a warning says so) and the untrack program.
+fn load_alloc_probes(
+    bpf: &mut Ebpf,
+    python: bool,
+) -> Result<(AllocProbes, Option<String>), LoadError> {
+    let mut warning = None;
+    let mut track = names::PROG_TRACK_NATIVE;
+    if python {
+        match load_uprobe(bpf, names::PROG_TRACK) {
+            Ok(()) => track = names::PROG_TRACK,
+            Err(e) => {
+                warning = Some(format!(
+                    "sampled allocations carry native frames only: the kernel rejected the \
+                     CPython walker in the allocation probe ({e})"
+                ))
+            }
+        }
+    }
+    if track == names::PROG_TRACK_NATIVE {
+        load_uprobe(bpf, track)?;
+    }
+    load_uprobe(bpf, names::PROG_UNTRACK)?;
+    Ok((
+        AllocProbes {
+            track,
+            links: HashMap::new(),
+        },
+        warning,
+    ))
 }
 
 /// Loads (verifies) a uprobe program of the object.

@@ -469,8 +469,8 @@ impl Engine {
         };
         for pid in std::mem::take(&mut self.probe_candidates) {
             let outcome = match py.alloc_probe_points(pid) {
-                // Not detected as Python (yet): looked at again at its next event.
-                Ok(None) if crate::proc::is_alive(pid) && py.runtime(pid).is_none() => continue,
+                // No interpreter ready (yet, or not Python): looked at again at its next event.
+                Ok(None) if crate::proc::is_alive(pid) => continue,
                 Ok(None) => Ok(()),
                 Ok(Some(at)) => self
                     .sampler
@@ -485,11 +485,6 @@ impl Engine {
                     .push((pid, format!("no allocation probes: {e}")));
             }
         }
-    }
-
-    /// Processes the allocation probes are attached to.
-    pub fn probed_processes(&self) -> usize {
-        self.sampler.probed_processes()
     }
 
     /// Whether thread creations and exits are recorded.
