@@ -29,7 +29,7 @@ use crate::{
         memory::{self, CgroupMemory, PageMap, ResidentMemory},
     },
     profile::{
-        Frame, SampleKey,
+        Frame, KeyMap, SampleKey,
         memory::{CgroupUsage, FaultTotals, HeapLeak, MemoryReport, ProcessUsage},
     },
 };
@@ -37,8 +37,8 @@ use crate::{
 /// Pages kept for the in-use view at most (each ~100 bytes of agent memory; at 64 pages a
 /// sample, 256 Ki pages stand for 64 GiB of memory held).
 const MAX_HELD: usize = 1 << 18;
-/// Growth regions kept for the in-use view at most (a few KiB-large blocks each, at least 64
-/// KiB of the target's memory: 64 Ki regions stand for 4 GiB or more).
+/// Growth regions kept for the in-use view at most (each ~100 bytes of agent memory for 64 KiB
+/// or more of the target's: 64 Ki regions stand for 4 GiB or more).
 const MAX_REGIONS: usize = 1 << 16;
 /// Sampled allocations of the allocation probes kept until freed, at most (each stands for
 /// half a MiB on average: 128 Ki samples, 64 GiB).
@@ -51,12 +51,6 @@ const MAX_POINTS: usize = 256;
 struct Fault {
     pid: u32,
     page: u64,
-    bytes: u64,
-    key: SampleKey,
-}
-
-/// A growth record of the window: memory a process mapped or grew its heap by.
-struct Growth {
     bytes: u64,
     key: SampleKey,
 }
@@ -112,13 +106,14 @@ type CgroupReadings = (Option<CgroupMemory>, Vec<(u64, CgroupMemory)>);
 /// See the module docs. Kept across windows (handed from a window to the next).
 pub struct MemoryLedger {
     faults: Vec<Fault>,
-    growths: Vec<Growth>,
+    /// Growth records of the window by stack: (calls, bytes).
+    growths: KeyMap<(u64, u64)>,
     /// By (pid, start); the regions of a process never overlap.
     regions: BTreeMap<(u32, u64), Region>,
     /// Growth records the region map had no room for (this window).
     untracked_regions: u64,
-    /// Sampled allocations of the window: (stack, bytes it stands for).
-    probed: Vec<(SampleKey, u64)>,
+    /// Sampled allocations of the window by stack: (samples, bytes they stand for).
+    probed: KeyMap<(u64, u64)>,
     /// Sampled allocations not reported freed, by (pid, address).
     sampled_allocs: BTreeMap<(u32, u64), (SampleKey, u64)>,
     /// Sampled allocations there was no room to keep (this window).
@@ -145,10 +140,10 @@ impl MemoryLedger {
     pub fn new() -> Self {
         MemoryLedger {
             faults: Vec::new(),
-            growths: Vec::new(),
+            growths: KeyMap::default(),
             regions: BTreeMap::new(),
             untracked_regions: 0,
-            probed: Vec::new(),
+            probed: KeyMap::default(),
             sampled_allocs: BTreeMap::new(),
             untracked_allocs: 0,
             held: BTreeMap::new(),
@@ -244,10 +239,9 @@ impl MemoryLedger {
         } else {
             self.untracked_regions += 1;
         }
-        self.growths.push(Growth {
-            bytes: ev.value,
-            key,
-        });
+        let e = self.growths.entry(key).or_default();
+        e.0 += 1;
+        e.1 += ev.value;
     }
 
     /// A sampled allocation of the allocation probes: held until its block is freed.
@@ -260,7 +254,9 @@ impl MemoryLedger {
         } else {
             self.untracked_allocs += 1;
         }
-        self.probed.push((key, ev.value));
+        let e = self.probed.entry(key).or_default();
+        e.0 += 1;
+        e.1 += ev.value;
     }
 
     /// A sampled block of process `pid` at `addr` was freed.
@@ -436,16 +432,8 @@ impl MemoryLedger {
         for f in faults {
             by_pid.entry(f.pid).or_default().push(f);
         }
-        for g in std::mem::take(&mut self.growths) {
-            let e = report.mapped.entry(g.key).or_default();
-            e.0 += 1;
-            e.1 += g.bytes;
-        }
-        for (key, bytes) in std::mem::take(&mut self.probed) {
-            let e = report.probed.entry(key).or_default();
-            e.0 += 1;
-            e.1 += bytes;
-        }
+        report.mapped = std::mem::take(&mut self.growths);
+        report.probed = std::mem::take(&mut self.probed);
         let mut pids: Vec<u32> = self.held.keys().map(|k| k.0).collect();
         pids.extend(self.regions.keys().map(|k| k.0));
         pids.extend(self.sampled_allocs.keys().map(|k| k.0));
