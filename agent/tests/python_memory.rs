@@ -262,7 +262,7 @@ fn check(interp: &harness::Interp, dir: &Path) -> Result<String, String> {
     });
     if !named {
         return Err(format!(
-            "the leak's stacks do not name leak_step: {}",
+            "the leak's stacks do not name leak_step: {}; {figures}; {mapped_figures}",
             leak_flag.message()
         ));
     }
