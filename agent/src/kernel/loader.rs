@@ -521,7 +521,17 @@ impl Sampler {
                 .try_into()
                 .map_err(|e: ProgramError| one_line(&e))?;
             prog.attach(UProbeAttachLocation::AbsoluteOffset(offset), &path, scope)
-                .map_err(|e| one_line(&e))
+                .map_err(|e| {
+                    let e = one_line(&e);
+                    if e.contains("Permission denied") {
+                        format!(
+                            "{e}: the kernel opens uprobe perf events to CAP_SYS_ADMIN only, \
+                             which this agent does not hold (`record` as root can probe)"
+                        )
+                    } else {
+                        e
+                    }
+                })
         };
         let t = attach(track_prog, track)?;
         let u = match attach(names::PROG_UNTRACK, untrack) {

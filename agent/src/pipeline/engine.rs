@@ -164,8 +164,9 @@ pub struct Engine {
     probe_candidates: std::collections::HashSet<u32>,
     probe_done: std::collections::HashSet<u32>,
     probe_sweep: u32,
-    /// Processes that could not be given allocation probes, and why (for their Profiles).
-    probe_failures: Vec<(u32, String)>,
+    /// Processes that could not be given allocation probes, and why: said on their Profiles
+    /// of every window while they live.
+    probe_refused: std::collections::HashMap<u32, String>,
 }
 
 /// Processes whose data made per-event work panic (a parser meeting bytes nobody foresaw). The
@@ -238,7 +239,7 @@ impl Engine {
             probe_candidates: Default::default(),
             probe_done: Default::default(),
             probe_sweep: 0,
-            probe_failures: Vec::new(),
+            probe_refused: Default::default(),
         })
     }
 
@@ -459,6 +460,7 @@ impl Engine {
         if self.probe_sweep.is_multiple_of(256) && !self.probe_done.is_empty() {
             self.sampler.unprobe_gone(crate::proc::is_alive);
             self.probe_done.retain(|&p| crate::proc::is_alive(p));
+            self.probe_refused.retain(|p, _| crate::proc::is_alive(*p));
         }
         if self.probe_candidates.is_empty() {
             return;
@@ -481,8 +483,8 @@ impl Engine {
             if let Err(e) = outcome {
                 crate::metrics::error("alloc_probe");
                 tracing::warn!(pid, "no allocation probes: {e}");
-                self.probe_failures
-                    .push((pid, format!("no allocation probes: {e}")));
+                self.probe_refused
+                    .insert(pid, format!("no allocation probes: {e}"));
             }
         }
     }
@@ -686,15 +688,15 @@ impl Engine {
             .collect()
     }
 
-    /// Warnings for the profiles of each process since the last call: of the unwind-table
-    /// loader, and processes that could not be given allocation probes.
+    /// Warnings for the profiles of each process: of the unwind-table loader since the last
+    /// call, and of the processes that could not be given allocation probes (every call).
     pub fn take_process_warnings(&mut self) -> Vec<(u32, String)> {
         let mut out = self
             .unwind
             .as_ref()
             .map(KernelTables::take_warnings)
             .unwrap_or_default();
-        out.append(&mut self.probe_failures);
+        out.extend(self.probe_refused.iter().map(|(p, w)| (*p, w.clone())));
         out
     }
 }
