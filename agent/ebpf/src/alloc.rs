@@ -8,9 +8,7 @@
 //! standing for `n × period` bytes: each function's bytes, summed, are unbiased. A sampled block is remembered until it is freed (`SAMPLED`), when a
 //! header-only record says so.
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    },
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
     programs::ProbeContext,
@@ -147,19 +145,9 @@ pub fn on_untrack(ctx: &ProbeContext) -> u32 {
     let Some(slot) = target_slot(tgid, &cfg) else {
         return 0;
     };
-    let mut h = EventHeader {
-        kind: EventKind::AllocFree as u32,
-        tgid,
-        tid: pid_tgid as u32,
-        slot,
+    record::submit_header(&EventHeader {
         addr: ptr,
-        ..EventHeader::default()
-    };
-    // SAFETY: helpers without arguments.
-    unsafe {
-        h.cpu = bpf_get_smp_processor_id();
-        h.timestamp_ns = bpf_ktime_get_ns();
-    }
-    record::submit_header(&h);
+        ..record::header(EventKind::AllocFree, pid_tgid, slot)
+    });
     0
 }

@@ -15,9 +15,7 @@
 //!   node passes a hooked syscall tracepoint, and each hook costs them all.
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
-    helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    },
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
     maps::LruHashMap,
     programs::{PerfEventContext, RawTracePointContext},
@@ -132,21 +130,11 @@ pub fn on_syscall_exit<const PYTHON: bool>(ctx: &RawTracePointContext) -> i32 {
         0
     };
     if let Some((addr, len)) = memsys::released(nr, args, ret, old_break) {
-        let mut h = EventHeader {
-            kind: EventKind::MemRelease as u32,
-            tgid,
-            tid: pid_tgid as u32,
-            slot,
+        record::submit_header(&EventHeader {
             addr,
             value: len,
-            ..EventHeader::default()
-        };
-        // SAFETY: helpers without arguments.
-        unsafe {
-            h.cpu = bpf_get_smp_processor_id();
-            h.timestamp_ns = bpf_ktime_get_ns();
-        }
-        record::submit_header(&h);
+            ..record::header(EventKind::MemRelease, pid_tgid, slot)
+        });
     }
     let Some((addr, len)) = memsys::added(nr, args, ret, old_break) else {
         return 0;

@@ -239,6 +239,23 @@ fn user_stack(ctx: *mut c_void, tgid: u32, source: u32, dst: *mut u8, regs_set: 
     }
 }
 
+/// The header of a record without stacks of the current thread: its kind, process, thread,
+/// target slot, CPU and time; the source fills in what else it says.
+#[inline(always)]
+pub fn header(kind: EventKind, pid_tgid: u64, slot: u32) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        slot,
+        // SAFETY: helpers without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        // SAFETY: as above.
+        timestamp_ns: unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() },
+        ..EventHeader::default()
+    }
+}
+
 /// Writes a record without stacks (its header is complete).
 #[inline(always)]
 pub fn submit_header(h: &EventHeader) -> bool {

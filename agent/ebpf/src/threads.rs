@@ -6,11 +6,10 @@ use aya_ebpf::{
     EbpfContext,
     helpers::bpf_probe_read_kernel,
     helpers::generated::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
-        bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
     },
 };
-use kprof_common::{Config, EventHeader, EventKind};
+use kprof_common::{Config, EventKind};
 
 use crate::{
     KPROF_CONFIG,
@@ -56,18 +55,10 @@ pub fn on_exit() -> i32 {
     let Some(slot) = target_slot(tgid, &cfg) else {
         return 0;
     };
-    let mut h = EventHeader {
-        kind: EventKind::ThreadExit as u32,
-        tgid,
-        tid: pid_tgid as u32,
-        slot,
-        ..EventHeader::default()
-    };
-    // SAFETY: helpers writing into the header on the stack; a probe read of one u64 of the
+    let mut h = record::header(EventKind::ThreadExit, pid_tgid, slot);
+    // SAFETY: a helper writing into the header on the stack; a probe read of one u64 of the
     // current task at its BTF offset (a bad offset only makes the read fail).
     unsafe {
-        h.cpu = bpf_get_smp_processor_id();
-        h.timestamp_ns = bpf_ktime_get_ns();
         bpf_get_current_comm(h.comm.as_mut_ptr().cast(), 16);
         if cfg.task_runtime_off != 0 {
             let task = bpf_get_current_task() as *const u8;
