@@ -99,6 +99,11 @@ for type in wall lock threads memory; do
   esac
   echo "\$ kubectl kprof top -n $NS $p        # $type: $what"
   kubectl kprof top -n "$NS" "$p" | head -n 12
+  if [[ $type == memory ]]; then
+    echo
+    echo "\$ kubectl kprof top -n $NS --sample-index probed_inuse_space $p        # memory, allocation probes: the buffers the shop reports to tracemalloc"
+    kubectl kprof top -n "$NS" --sample-index probed_inuse_space "$p" | head -n 8
+  fi
 done
 # A window's threads Profile arrives a few seconds after its cpu one: wait for it (an empty
 # list has no last item for `{.items[-1:]}`, hence the range).

@@ -223,10 +223,7 @@ pub async fn start_shop(ns: &TestNamespace) -> Result<()> {
     create_shop(ns).await?;
     let target = std::fs::read_to_string(repo().join("e2e/demo/target.yaml"))?
         .replace("kprof-demo", ns.name())
-        .replace("window: 10s", "window: 5s")
-        // Allocation probes asked for: the node agent cannot attach them (no CAP_SYS_ADMIN),
-        // and its Profiles must say so.
-        + "  memory:\n    allocationProbes: true\n";
+        .replace("window: 10s", "window: 5s");
     let out = kubectl_apply(&target)?;
     ensure!(
         out.status.success(),

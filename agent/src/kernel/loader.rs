@@ -14,14 +14,13 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{
-        PerfEvent, ProgramError, RawTracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
-    },
+    programs::{PerfEvent, RawTracePoint},
     sys::{Stats, enable_stats},
     util::online_cpus,
 };
 use kprof_common::{Config, OffCpuThread, Stat, TargetSlot, names, python::PyStat};
+
+use super::uprobe_multi::{self, MultiError, MultiLink, MultiProgram};
 
 /// The eBPF object built by `build.rs` (empty when built with `AYA_BUILD_SKIP=1`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kprof"));
@@ -97,7 +96,7 @@ pub struct SamplerConfig {
 
 /// The allocation probes' default period: a sample per 512 KiB reported, on average.
 pub const DEFAULT_ALLOC_PERIOD: u64 = 512 << 10;
-/// Processes probed at once at most (each holds two uprobe perf events).
+/// Processes probed at once at most (each holds two uprobe links).
 pub const MAX_PROBED_PROCESSES: usize = 256;
 
 /// The memory source's default period: one sample per 64 faults, 256 KiB of base pages.
@@ -176,8 +175,9 @@ pub struct Sampler {
 
 /// The allocation probes: loaded once, attached per process.
 struct AllocProbes {
-    track: &'static str,
-    links: HashMap<u32, (UProbeLinkId, UProbeLinkId)>,
+    track: MultiProgram,
+    untrack: MultiProgram,
+    links: HashMap<u32, (MultiLink, MultiLink)>,
 }
 
 /// The attached off-CPU source.
@@ -391,18 +391,16 @@ impl Sampler {
         };
         // Allocation probes the kernel refuses leave the rest of the memory profile as it is.
         let alloc_probes = match (cfg.alloc_probes, &faults) {
-            (Some(_), Some(_)) => {
-                match load_alloc_probes(&mut bpf, program == names::PROG_SAMPLE) {
-                    Ok((probes, warning)) => {
-                        warnings.extend(warning);
-                        Some(probes)
-                    }
-                    Err(e) => {
-                        warnings.push(format!("no allocation probes: {e}"));
-                        None
-                    }
+            (Some(_), Some(_)) => match load_alloc_probes(&bpf, program == names::PROG_SAMPLE) {
+                Ok((probes, warning)) => {
+                    warnings.extend(warning);
+                    Some(probes)
                 }
-            }
+                Err(e) => {
+                    warnings.push(format!("no allocation probes: {e}"));
+                    None
+                }
+            },
             _ => None,
         };
 
@@ -489,7 +487,7 @@ impl Sampler {
     /// file, opened by the agent (attached through `/proc/self/fd`, so the probe is on exactly
     /// the file the process maps, whatever a tenant did to its path), `track` and `untrack`
     /// the file offsets of `PyTraceMalloc_Track` and `PyTraceMalloc_Untrack`. Only that
-    /// process traps into them (a uprobe bound to a process is installed in its memory only).
+    /// process traps into them (the breakpoints are written into its memory only).
     pub fn probe_allocations(
         &mut self,
         pid: u32,
@@ -497,10 +495,9 @@ impl Sampler {
         track: u64,
         untrack: u64,
     ) -> Result<(), String> {
-        let Some(probes) = self.alloc_probes.as_ref() else {
+        let Some(probes) = self.alloc_probes.as_mut() else {
             return Err("allocation probes are not loaded".into());
         };
-        let track_prog = probes.track;
         if probes.links.contains_key(&pid) {
             return Ok(());
         }
@@ -509,72 +506,24 @@ impl Sampler {
                 "{MAX_PROBED_PROCESSES} processes are probed already on this node"
             ));
         }
-        let scope = std::num::NonZeroU32::new(pid)
-            .map(UProbeScope::OneProcess)
-            .ok_or("pid 0")?;
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
-        let mut attach = |name: &'static str, offset: u64| -> Result<UProbeLinkId, String> {
-            let prog: &mut UProbe = self
-                .bpf
-                .program_mut(name)
-                .ok_or("probe program missing")?
-                .try_into()
-                .map_err(|e: ProgramError| one_line(&e))?;
-            prog.attach(UProbeAttachLocation::AbsoluteOffset(offset), &path, scope)
-                .map_err(|e| {
-                    let e = one_line(&e);
-                    if e.contains("Permission denied") {
-                        format!(
-                            "{e}: the kernel opens uprobe perf events to CAP_SYS_ADMIN only, \
-                             which this agent does not hold (`record` as root can probe)"
-                        )
-                    } else {
-                        e
-                    }
-                })
+        let attach = |prog: &MultiProgram, offset: u64| {
+            prog.attach(&path, offset, pid).map_err(|e| e.to_string())
         };
-        let t = attach(track_prog, track)?;
-        let u = match attach(names::PROG_UNTRACK, untrack) {
-            Ok(u) => u,
-            Err(e) => {
-                self.detach_probe(track_prog, t);
-                return Err(e);
-            }
-        };
-        if let Some(p) = self.alloc_probes.as_mut() {
-            p.links.insert(pid, (t, u));
-        }
+        // Dropping the track link if the untrack link fails detaches it.
+        let links = (
+            attach(&probes.track, track)?,
+            attach(&probes.untrack, untrack)?,
+        );
+        probes.links.insert(pid, links);
         Ok(())
     }
 
     /// Detaches the allocation probes of processes not in `alive` (exited ones).
     pub fn unprobe_gone(&mut self, alive: impl Fn(u32) -> bool) {
-        let Some(probes) = self.alloc_probes.as_mut() else {
-            return;
-        };
-        let gone: Vec<u32> = probes
-            .links
-            .keys()
-            .copied()
-            .filter(|&p| !alive(p))
-            .collect();
-        let track = probes.track;
-        for pid in gone {
-            if let Some((t, u)) = self
-                .alloc_probes
-                .as_mut()
-                .and_then(|p| p.links.remove(&pid))
-            {
-                self.detach_probe(track, t);
-                self.detach_probe(names::PROG_UNTRACK, u);
-            }
-        }
-    }
-
-    fn detach_probe(&mut self, name: &'static str, link: UProbeLinkId) {
-        let prog: Option<&mut UProbe> = self.bpf.program_mut(name).and_then(|p| p.try_into().ok());
-        if let Some(prog) = prog {
-            let _ = prog.detach(link);
+        if let Some(probes) = self.alloc_probes.as_mut() {
+            // Closing a link removes its breakpoint.
+            probes.links.retain(|&pid, _| alive(pid));
         }
     }
 
@@ -710,46 +659,51 @@ fn load_perf_program<'a>(
     Ok(prog)
 }
 
-/// Loads the allocation probes: the track program with the CPython walker when `python` (else,
-/// or when the kernel rejects it, without, and a warning says so) and the untrack program.
-fn load_alloc_probes(
-    bpf: &mut Ebpf,
-    python: bool,
-) -> Result<(AllocProbes, Option<String>), LoadError> {
-    let mut warning = None;
-    let mut track = names::PROG_TRACK_NATIVE;
-    if python {
-        match load_uprobe(bpf, names::PROG_TRACK) {
-            Ok(()) => track = names::PROG_TRACK,
-            Err(e) => {
-                warning = Some(format!(
-                    "sampled allocations carry native frames only: the kernel rejected the \
-                     CPython walker in the allocation probe ({e})"
-                ))
-            }
+/// Loads the allocation probes for `uprobe_multi` links: the track program with the CPython
+/// walker when `python` (else, or when the kernel rejects it, without, and a warning says so)
+/// and the untrack program.
+fn load_alloc_probes(bpf: &Ebpf, python: bool) -> Result<(AllocProbes, Option<String>), String> {
+    let explain = |e: MultiError| {
+        if e.is_permission() {
+            format!("{e} (the agent needs CAP_BPF and CAP_PERFMON)")
+        } else if matches!(e, MultiError::Link(_) | MultiError::Load { .. }) {
+            format!("{e} (allocation probes need uprobe_multi links, Linux 6.6 or later)")
+        } else {
+            e.to_string()
         }
-    }
-    if track == names::PROG_TRACK_NATIVE {
-        load_uprobe(bpf, track)?;
-    }
-    load_uprobe(bpf, names::PROG_UNTRACK)?;
+    };
+    let object = uprobe_multi::relocate(
+        EBPF_OBJECT,
+        bpf,
+        &[
+            names::PROG_TRACK,
+            names::PROG_TRACK_NATIVE,
+            names::PROG_UNTRACK,
+        ],
+    )
+    .map_err(explain)?;
+    let mut warning = None;
+    let walker = python.then(|| object.load(names::PROG_TRACK));
+    let track = match walker {
+        Some(Ok(track)) => track,
+        Some(Err(e)) => {
+            warning = Some(format!(
+                "sampled allocations carry native frames only: the kernel rejected the \
+                 CPython walker in the allocation probe ({e})"
+            ));
+            object.load(names::PROG_TRACK_NATIVE).map_err(explain)?
+        }
+        None => object.load(names::PROG_TRACK_NATIVE).map_err(explain)?,
+    };
+    let untrack = object.load(names::PROG_UNTRACK).map_err(explain)?;
     Ok((
         AllocProbes {
             track,
+            untrack,
             links: HashMap::new(),
         },
         warning,
     ))
-}
-
-/// Loads (verifies) a uprobe program of the object.
-fn load_uprobe(bpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
-    let prog: &mut UProbe = bpf
-        .program_mut(name)
-        .ok_or(LoadError::Missing(name))?
-        .try_into()
-        .map_err(|_| LoadError::Missing(name))?;
-    prog.load().map_err(|e| map_program_error(&e))
 }
 
 /// Loads (verifies) a raw tracepoint program of the object.
