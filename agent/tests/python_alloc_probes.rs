@@ -9,7 +9,9 @@
 //! interpreter (`$KPROF_CACHE/pylibs/3.X`), NumPy arrays kept and dropped. The probed
 //! allocation view must give each function its reported bytes within ±25 %, the probed in-use
 //! view the kept bytes within ±25 % and the freed ones (almost) nothing; without
-//! `--alloc-probes` nothing is probed.
+//! `--alloc-probes` nothing is probed. And the node agent's rights suffice: `kprof-agent record`
+//! as uid 65532 with only CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and CAP_SYSLOG (what the
+//! DaemonSet grants) probes the distribution's interpreter too.
 //!
 //! Needs root and the eBPF object; otherwise it prints `SKIP` and passes — unless
 //! `KPROF_REQUIRE_KERNEL=1`, which turns a skip into a failure.
@@ -168,5 +170,104 @@ fn probed_allocations_match_what_the_program_reported_on_every_interpreter() {
         failed.is_empty(),
         "allocation probes wrong on: {}",
         failed.join(", ")
+    );
+}
+
+/// The agent's user and capabilities in the DaemonSet.
+const AGENT_UID: &str = "65532";
+const AGENT_CAPS: &str = "+bpf,+perfmon,+sys_ptrace,+syslog";
+
+#[test]
+fn the_node_agents_capabilities_suffice_for_allocation_probes() {
+    if !harness::kernel_or_skip("python_alloc_probes") {
+        return;
+    }
+    // An interpreter the agent's user may read (pyenv's live under /root).
+    let Some(interp) = harness::interpreters().into_iter().find(|i| {
+        i.pre_args.is_empty() && i.path.starts_with("/usr") && harness::minor_of(i).is_some()
+    }) else {
+        assert!(
+            std::env::var("KPROF_REQUIRE_KERNEL").as_deref() != Ok("1"),
+            "no interpreter under /usr for the unprivileged agent"
+        );
+        eprintln!(
+            "SKIPPED the_node_agents_capabilities_suffice_for_allocation_probes: no interpreter under /usr"
+        );
+        return;
+    };
+    if std::process::Command::new("setpriv")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("setpriv (util-linux) is needed to drop to the agent's rights");
+    }
+    // The agent and the workload where uid 65532 may run and write them.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let agent = dir.path().join("kprof-agent");
+    let script = dir.path().join("probes.py");
+    std::fs::copy(env!("CARGO_BIN_EXE_kprof-agent"), &agent).expect("copy the agent");
+    std::fs::copy(harness::script("probes.py"), &script).expect("copy the workload");
+    let world = |p: &Path, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    };
+    world(dir.path(), 0o777);
+    world(&agent, 0o755);
+    world(&script, 0o644);
+    let truth_path = dir.path().join("truth.json");
+    let out = dir.path().join("out");
+    let o = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={AGENT_UID}"),
+            &format!("--regid={AGENT_UID}"),
+            "--clear-groups",
+            &format!("--inh-caps=-all,{AGENT_CAPS}"),
+            &format!("--ambient-caps=-all,{AGENT_CAPS}"),
+            &format!("--bounding-set=-all,{AGENT_CAPS}"),
+        ])
+        .arg(&agent)
+        .args(["record", "--types", "memory", "--alloc-probes", "-d"])
+        .arg(format!("{}s", SECONDS + 3))
+        .arg("-o")
+        .arg(&out)
+        .arg("--")
+        .arg(&interp.path)
+        .arg(&script)
+        .arg(&truth_path)
+        .arg(SECONDS.to_string())
+        .output()
+        .expect("run setpriv");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "record as the agent's user failed: {err}"
+    );
+    assert!(
+        !err.contains("no allocation probes"),
+        "the agent's rights did not suffice for allocation probes: {err}"
+    );
+    let truth: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&truth_path).expect("truth")).expect("truth");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("summary.json")).expect("summary.json"),
+    )
+    .expect("summary.json");
+    let held = summary["memory"]["probed_inuse_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    let kept =
+        truth["keep_blocks"].as_u64().unwrap_or(0) + truth["keep_arrays"].as_u64().unwrap_or(0);
+    println!(
+        "{} as uid {AGENT_UID}: probed in use {:.0} MiB, kept {:.0} MiB",
+        interp.name,
+        mib(held),
+        mib(kept)
+    );
+    assert!(kept > 0, "the workload kept nothing: {truth}");
+    let ratio = held as f64 / kept as f64;
+    assert!(
+        (0.75..=1.25).contains(&ratio),
+        "probed in use {held} B for {kept} B kept ({ratio:.2}×): {err}"
     );
 }
