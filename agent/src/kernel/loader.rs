@@ -508,7 +508,7 @@ impl Sampler {
         }
         let path = format!("/proc/self/fd/{}", file.as_raw_fd());
         let attach = |prog: &MultiProgram, offset: u64| {
-            prog.attach(&path, offset, pid).map_err(|e| e.to_string())
+            prog.attach(&path, offset, pid).map_err(|e| e.explained())
         };
         // Dropping the track link if the untrack link fails detaches it.
         let links = (
@@ -663,15 +663,7 @@ fn load_perf_program<'a>(
 /// walker when `python` (else, or when the kernel rejects it, without, and a warning says so)
 /// and the untrack program.
 fn load_alloc_probes(bpf: &Ebpf, python: bool) -> Result<(AllocProbes, Option<String>), String> {
-    let explain = |e: MultiError| {
-        if e.is_permission() {
-            format!("{e} (the agent needs CAP_BPF and CAP_PERFMON)")
-        } else if matches!(e, MultiError::Link(_) | MultiError::Load { .. }) {
-            format!("{e} (allocation probes need uprobe_multi links, Linux 6.6 or later)")
-        } else {
-            e.to_string()
-        }
-    };
+    let explain = |e: MultiError| e.explained();
     let object = uprobe_multi::relocate(
         EBPF_OBJECT,
         bpf,

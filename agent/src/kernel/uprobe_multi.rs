@@ -39,13 +39,22 @@ pub enum MultiError {
 }
 
 impl MultiError {
-    /// The kernel refused for lack of rights (not for the program or the target).
-    pub fn is_permission(&self) -> bool {
+    /// The error and what it means for the user: a right missing, or a kernel without
+    /// `uprobe_multi` links (before 6.6 the program loads but the link is refused as invalid).
+    pub fn explained(&self) -> String {
         let errno = match self {
             MultiError::Btf(e) | MultiError::Link(e) => e.raw_os_error(),
             _ => None,
         };
-        matches!(errno, Some(libc::EPERM | libc::EACCES))
+        match (self, errno) {
+            (_, Some(libc::EPERM | libc::EACCES)) => {
+                format!("{self} (the agent needs CAP_BPF and CAP_PERFMON)")
+            }
+            (MultiError::Link(_), Some(libc::EINVAL | libc::EOPNOTSUPP)) => format!(
+                "{self} (allocation probes need the kernel's uprobe_multi links, Linux 6.6 or later)"
+            ),
+            _ => self.to_string(),
+        }
     }
 }
 
@@ -285,4 +294,30 @@ fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: the kernel returned a new file descriptor this process owns.
     Ok(unsafe { OwnedFd::from_raw_fd(ret as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(errno: i32) -> MultiError {
+        MultiError::Link(std::io::Error::from_raw_os_error(errno))
+    }
+
+    #[test]
+    fn a_refused_link_says_whether_rights_or_the_kernel_are_missing() {
+        assert!(
+            link(libc::EPERM)
+                .explained()
+                .contains("CAP_BPF and CAP_PERFMON")
+        );
+        assert!(
+            link(libc::EINVAL)
+                .explained()
+                .contains("Linux 6.6 or later")
+        );
+        // A process gone before its link: neither.
+        let gone = link(libc::ESRCH).explained();
+        assert!(!gone.contains("CAP_") && !gone.contains("6.6"), "{gone}");
+    }
 }
