@@ -245,7 +245,7 @@ async fn helm_journey_install_profile_upgrade_uninstall() -> Result<()> {
                 let mut list = profiles.list(&lp).await?.items;
                 // Not the first window: it may begin mid-way, when the agent had only just
                 // loaded its programs for the target, with fewer readings than a full one.
-                list.sort_by(|a, b| a.spec.window_start.0.cmp(&b.spec.window_start.0));
+                list.sort_by_key(|p| p.spec.window_start.0);
                 Ok(list.into_iter().skip(1).find(|p| {
                     p.spec
                         .memory_summary

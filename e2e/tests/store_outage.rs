@@ -27,7 +27,8 @@ use kprof_e2e::{
         AgentProcess, HOT_FUNCTION, SPIN_IMAGE, build_spin_image, create_target, ensure_crds,
         host_network_pod, http_get, kprof_resource, metric, require_root, wait_agent_healthy,
     },
-    free_port, http_get_bytes, require_cluster, service_account_token, wait_pod_running,
+    free_port, http_get_bytes, poll_until, require_cluster, service_account_token,
+    wait_pod_running,
 };
 use kprof_store::{self as store, Digest, StoreConfig, StoreError, StoreMetrics};
 use kube::{
@@ -459,10 +460,27 @@ async fn store_outage_loses_no_profile() -> Result<()> {
         );
         ensure!(drained.dropped == 0.0, "profiles dropped: {drained:?}");
 
-        // 5. Every window has its Profile, the outage's too, with windows back to back.
-        let mut all = profiles.list(&ListParams::default()).await?.items;
-        all.sort_by_key(window_ms);
+        // 5. Every window has its Profile, the outage's too, with windows back to back. The
+        // window the store came back in may close just as the spool drains: its Profile is
+        // waited for, so that the Profiles span the outage.
         let (stop_ms, restart_ms) = (ms(stopped_at), ms(restarted_at));
+        let mut all = poll_until(
+            "the Profile of the window the store came back in",
+            WINDOW * 3,
+            Duration::from_millis(200),
+            || {
+                let profiles = profiles.clone();
+                async move {
+                    let all = profiles.list(&ListParams::default()).await?.items;
+                    Ok(all
+                        .iter()
+                        .any(|p| window_ms(p).1 >= restart_ms)
+                        .then_some(all))
+                }
+            },
+        )
+        .await?;
+        all.sort_by_key(window_ms);
         // Window ends are multiples of the window since the epoch: those inside the outage.
         let expected = (restart_ms / w - stop_ms / w) as usize;
         let ended_in_outage = |p: &Profile| (stop_ms..=restart_ms).contains(&window_ms(p).1);
