@@ -151,7 +151,27 @@ struct Daemon {
     lost_reported: u64,
     last_scan: Instant,
     last_settle: Instant,
+    /// When the sampler recorded nothing for the targets: from the start of each reload until
+    /// their processes were targeted again (kept while an open window may overlap them).
+    blind: Vec<(SystemTime, SystemTime)>,
+    /// The start of a reload whose processes are not targeted again yet.
+    reloading_since: Option<SystemTime>,
 }
+
+/// How much of `[start, end)` the `blind` intervals cover.
+fn blind_time(blind: &[(SystemTime, SystemTime)], start: SystemTime, end: SystemTime) -> Duration {
+    blind
+        .iter()
+        .map(|&(from, to)| {
+            to.min(end)
+                .duration_since(from.max(start))
+                .unwrap_or_default()
+        })
+        .sum()
+}
+
+/// Blind time below this is not worth a warning (a loop turn).
+const BLIND_NOTICED: Duration = Duration::from_millis(200);
 
 /// Runs the sampling thread until `shared.stop` (then flushes every window).
 pub fn run(
@@ -172,12 +192,16 @@ pub fn run(
         lost_reported: 0,
         last_scan: Instant::now(),
         last_settle: Instant::now(),
+        blind: Vec::new(),
+        reloading_since: None,
     };
     let result = match d.opts.initial_hz {
         0 => d.main_loop(),
-        hz => d
-            .reload(hz, false, false, None, None)
-            .and_then(|()| d.main_loop()),
+        hz => d.reload(hz, false, false, None, None).and_then(|()| {
+            // Before any target: no window was open to miss anything.
+            d.reloading_since = None;
+            d.main_loop()
+        }),
     };
     d.drain();
     d.settle();
@@ -235,8 +259,9 @@ impl Daemon {
             self.close_window(&k, now, false);
         }
         let lost = self.lost_now();
-        for k in self.windows.apply(&wanted, now, lost) {
-            let p = &wanted[&k];
+        let opened = self.windows.apply(&wanted, now, lost);
+        for k in &opened {
+            let p = &wanted[k];
             tracing::info!(target = %format!("{}/{}", k.namespace, k.name), containers = p.containers.len(), window = ?p.settings.window, "profiling");
         }
         self.routing.set_plan(&wanted);
@@ -276,6 +301,15 @@ impl Daemon {
             self.reload(hz, off_cpu, threads, page_faults, alloc_probes)?;
         }
         self.rescan();
+        if let Some(since) = self.reloading_since.take() {
+            // New targets' windows begin once their processes are targeted; open windows of
+            // the others say how long the sampler was blind.
+            let now = SystemTime::now();
+            self.windows.start_at(&opened, now);
+            let oldest = self.windows.oldest_start(now);
+            self.blind.retain(|&(_, to)| to > oldest);
+            self.blind.push((since, now));
+        }
         Ok(())
     }
 
@@ -298,6 +332,7 @@ impl Daemon {
         self.drain();
         self.settle();
         self.read_stats();
+        self.reloading_since.get_or_insert_with(SystemTime::now);
         let off_cpu = off_cpu.then(OffCpuLimits::default);
         let engine = match self.engine.take() {
             // One sampler per node: the old programs are detached before the new ones load.
@@ -515,6 +550,21 @@ impl Daemon {
                 settings.sample_hz
             ));
         }
+        let window = w.end.duration_since(w.start).unwrap_or_default();
+        let blind = blind_time(&self.blind, w.start, w.end);
+        if blind >= window {
+            // Nothing was recorded for it: no Profile rather than an empty one.
+            tracing::debug!(target = %w.plan.key.name, "window not recorded (sampler reloading)");
+            return Vec::new();
+        }
+        if blind >= BLIND_NOTICED {
+            common.push(format!(
+                "the sampler was reloading for {:.1} s of this {:.1} s window (the targets on \
+                 this node changed what it records): nothing was recorded then",
+                blind.as_secs_f64(),
+                window.as_secs_f64()
+            ));
+        }
         let lost_in_window = lost.saturating_sub(w.lost_at_start);
         if lost_in_window > 0 {
             common.push(format!(
@@ -636,5 +686,16 @@ mod tests {
             emitted_types(&[ProfileType::Memory, ProfileType::Lock]),
             [ProfileType::Memory, ProfileType::Lock]
         );
+    }
+
+    #[test]
+    fn blind_time_counts_only_what_falls_in_the_window() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let blind = [(t(8), t(12)), (t(14), t(15)), (t(30), t(40))];
+        // 10..20: 2 s of the first reload, all of the second, none of the third.
+        assert_eq!(blind_time(&blind, t(10), t(20)), Duration::from_secs(3));
+        assert_eq!(blind_time(&blind, t(20), t(25)), Duration::ZERO);
+        // A window inside a reload is blind throughout.
+        assert_eq!(blind_time(&blind, t(32), t(35)), Duration::from_secs(3));
     }
 }
