@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Driver of agent/bench/memory.sh (see there). Prints one table of medians and ratios."""
+"""Driver of agent/bench/memory.sh (see there). Prints one table of medians and ratios, then
+what a memory profile costs other processes' syscalls and what allocation probes cost a probed
+process per reported allocation."""
 import argparse, json, os, re, statistics, subprocess, sys, time
 
 from benchlib import figures, run
@@ -23,6 +25,23 @@ for r in range(rounds):
     del objs, bufs
 wall = time.perf_counter() - t0
 print(f"wall_s={wall:.4f} cpu_s={time.process_time() - c0:.4f} mb_per_s={made / wall / 1e6:.0f}")
+"""
+
+# Allocations reported to CPython as NumPy reports its arrays (PyTraceMalloc_Track, then
+# _Untrack), timed after a pause in which the agent attaches its probes: ns per pair.
+PROBED = r"""
+import ctypes, sys, time
+track = ctypes.pythonapi.PyTraceMalloc_Track
+track.argtypes = [ctypes.c_uint, ctypes.c_size_t, ctypes.c_size_t]
+untrack = ctypes.pythonapi.PyTraceMalloc_Untrack
+untrack.argtypes = [ctypes.c_uint, ctypes.c_size_t]
+time.sleep(float(sys.argv[2]))
+n = int(sys.argv[1])
+t0 = time.perf_counter()
+for i in range(n):
+    track(389047, 0x100000000 + i * 4096, 4096)
+    untrack(389047, 0x100000000 + i * 4096)
+print(f"ns_per_pair={(time.perf_counter() - t0) / n * 1e9:.0f}")
 """
 
 
@@ -91,6 +110,7 @@ def main():
     print("target: kprof memory <= 2 % slowdown, far below tracemalloc and memray")
     if a.syscalls:
         syscall_cost(a)
+    probe_cost(a)
 
 
 def syscall_cost(a):
@@ -111,6 +131,35 @@ def syscall_cost(a):
         agent.wait()
     print(f"\nuntargeted syscall loop: {alone:.1f} ns/syscall alone, {profiled:.1f} with a memory "
           f"profile running on the node (+{profiled - alone:.1f} ns: the sys_exit hook)")
+
+
+def probe_cost(a):
+    """ns per reported allocation and free, unprobed and probed (`--alloc-probes`): each call
+    then traps into the kernel; medians of `rounds`."""
+    script = os.path.join(a.workdir, "probed.py")
+    open(script, "w").write(PROBED)
+    n, pause = "300000", "3"
+    def pair(out):
+        return float(re.search(r"ns_per_pair=([\d.]+)", out).group(1))
+    alone, probed = [], []
+    for r in range(a.rounds):
+        out, err, rc = run([a.python, script, n, pause], a.workdir)
+        if rc != 0:
+            raise SystemExit(f"probe workload failed: {err[-2000:]}")
+        alone.append(pair(out))
+        d = os.path.join(a.workdir, f"k-probe-{r}")
+        out, err, rc = run([a.agent, "record", "--types", "memory", "--alloc-probes", "-d",
+                            "600s", "-o", d, "--", a.python, script, n, pause], a.workdir)
+        if rc != 0:
+            raise SystemExit(f"kprof with allocation probes failed ({rc}): {err[-2000:]}")
+        s = json.load(open(os.path.join(d, "summary.json")))
+        if s["memory"]["probed_bytes"] == 0:
+            raise SystemExit(f"the allocation probes saw nothing: {err[-2000:]}")
+        probed.append(pair(out))
+    alone, probed = statistics.median(alone), statistics.median(probed)
+    print(f"\nallocation probes: {alone / 1000:.2f} µs per reported allocation and free alone "
+          f"(ctypes calls), {probed / 1000:.2f} µs probed (+{(probed - alone) / 2000:.2f} µs per "
+          f"probed call: two traps per pair), medians of {a.rounds}")
 
 
 if __name__ == "__main__":
