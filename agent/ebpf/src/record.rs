@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_task,
-        bpf_get_smp_processor_id, bpf_get_stack, bpf_ringbuf_output,
+        bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns, bpf_ringbuf_output,
     },
 };
 use kprof_common::{
@@ -251,7 +251,7 @@ pub fn header(kind: EventKind, pid_tgid: u64, slot: u32) -> EventHeader {
         // SAFETY: helpers without arguments.
         cpu: unsafe { bpf_get_smp_processor_id() },
         // SAFETY: as above.
-        timestamp_ns: unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() },
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
         ..EventHeader::default()
     }
 }

@@ -154,8 +154,6 @@ struct Daemon {
     /// When the sampler recorded nothing for the targets: from the start of each reload until
     /// their processes were targeted again (kept while an open window may overlap them).
     blind: Vec<(SystemTime, SystemTime)>,
-    /// The start of a reload whose processes are not targeted again yet.
-    reloading_since: Option<SystemTime>,
 }
 
 /// How much of `[start, end)` the `blind` intervals cover.
@@ -193,15 +191,12 @@ pub fn run(
         last_scan: Instant::now(),
         last_settle: Instant::now(),
         blind: Vec::new(),
-        reloading_since: None,
     };
     let result = match d.opts.initial_hz {
         0 => d.main_loop(),
-        hz => d.reload(hz, false, false, None, None).and_then(|()| {
-            // Before any target: no window was open to miss anything.
-            d.reloading_since = None;
-            d.main_loop()
-        }),
+        hz => d
+            .reload(hz, false, false, None, None)
+            .and_then(|()| d.main_loop()),
     };
     d.drain();
     d.settle();
@@ -258,12 +253,6 @@ impl Daemon {
             self.settle();
             self.close_window(&k, now, false);
         }
-        let lost = self.lost_now();
-        let opened = self.windows.apply(&wanted, now, lost);
-        for k in &opened {
-            let p = &wanted[k];
-            tracing::info!(target = %format!("{}/{}", k.namespace, k.name), containers = p.containers.len(), window = ?p.settings.window, "profiling");
-        }
         self.routing.set_plan(&wanted);
         let hz = wanted
             .values()
@@ -291,6 +280,7 @@ impl Daemon {
         let has_off_cpu = self.engine.as_ref().is_some_and(Engine::has_off_cpu);
         let has_threads = self.engine.as_ref().is_some_and(Engine::has_thread_events);
         let has_faults = self.engine.as_ref().and_then(Engine::fault_period);
+        let mut reload_began = None;
         if hz > 0
             && (hz != self.sample_hz()
                 || off_cpu != has_off_cpu
@@ -298,17 +288,23 @@ impl Daemon {
                 || page_faults != has_faults
                 || alloc_probes.is_some() != has_probes)
         {
+            reload_began = Some(SystemTime::now());
             self.reload(hz, off_cpu, threads, page_faults, alloc_probes)?;
         }
+        // New targets' windows open once the sampler that records for them runs (a reload
+        // takes seconds), before the rescan hands them their processes.
+        let lost = self.lost_now();
+        for k in self.windows.apply(&wanted, SystemTime::now(), lost) {
+            let p = &wanted[&k];
+            tracing::info!(target = %format!("{}/{}", k.namespace, k.name), containers = p.containers.len(), window = ?p.settings.window, "profiling");
+        }
         self.rescan();
-        if let Some(since) = self.reloading_since.take() {
-            // New targets' windows begin once their processes are targeted; open windows of
-            // the others say how long the sampler was blind.
+        if let Some(began) = reload_began {
+            // The windows that stayed open say how long the sampler was blind.
             let now = SystemTime::now();
-            self.windows.start_at(&opened, now);
             let oldest = self.windows.oldest_start(now);
             self.blind.retain(|&(_, to)| to > oldest);
-            self.blind.push((since, now));
+            self.blind.push((began, now));
         }
         Ok(())
     }
@@ -332,7 +328,6 @@ impl Daemon {
         self.drain();
         self.settle();
         self.read_stats();
-        self.reloading_since.get_or_insert_with(SystemTime::now);
         let off_cpu = off_cpu.then(OffCpuLimits::default);
         let engine = match self.engine.take() {
             // One sampler per node: the old programs are detached before the new ones load.

@@ -275,17 +275,6 @@ impl Windows {
         }
     }
 
-    /// Starts the (first) windows of `keys` over at `now`: they were opened before the
-    /// sampler that records for them was running.
-    pub fn start_at(&mut self, keys: &[TargetKey], now: SystemTime) {
-        for k in keys {
-            if let Some(w) = self.open.get_mut(k) {
-                w.start = now;
-                w.end = aligned_window_end(now, w.plan.settings.window);
-            }
-        }
-    }
-
     /// The oldest start of an open window (`now` when none is open).
     pub fn oldest_start(&self, now: SystemTime) -> SystemTime {
         self.open

@@ -675,17 +675,17 @@ fn load_alloc_probes(bpf: &Ebpf, python: bool) -> Result<(AllocProbes, Option<St
     )
     .map_err(explain)?;
     let mut warning = None;
-    let walker = python.then(|| object.load(names::PROG_TRACK));
-    let track = match walker {
+    let track = match python.then(|| object.load(names::PROG_TRACK)) {
         Some(Ok(track)) => track,
-        Some(Err(e)) => {
-            warning = Some(format!(
-                "sampled allocations carry native frames only: the kernel rejected the \
-                 CPython walker in the allocation probe ({e})"
-            ));
+        rejected => {
+            if let Some(Err(e)) = rejected {
+                warning = Some(format!(
+                    "sampled allocations carry native frames only: the kernel rejected the \
+                     CPython walker in the allocation probe ({e})"
+                ));
+            }
             object.load(names::PROG_TRACK_NATIVE).map_err(explain)?
         }
-        None => object.load(names::PROG_TRACK_NATIVE).map_err(explain)?,
     };
     let untrack = object.load(names::PROG_UNTRACK).map_err(explain)?;
     Ok((
@@ -740,21 +740,20 @@ fn map_load_error(e: &aya::EbpfError) -> LoadError {
     }
 }
 
+/// The verdict of a verifier log: its last line that says something (the log is long; the
+/// one-line error keeps this).
+pub(super) fn last_log_line(log: &str) -> Option<&str> {
+    log.lines().rev().find(|l| !l.trim().is_empty())
+}
+
 fn map_program_error(e: &aya::programs::ProgramError) -> LoadError {
     if is_eperm(e) {
         return LoadError::Capability;
     }
     if let aya::programs::ProgramError::LoadError { verifier_log, .. } = e {
-        // The verifier log is long: keep its last meaningful line on the one-line error.
-        let last = verifier_log
-            .to_string()
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .to_owned();
-        tracing::debug!("verifier log:\n{verifier_log}");
-        return LoadError::Load(format!("verifier: {last}"));
+        let log = verifier_log.to_string();
+        tracing::debug!("verifier log:\n{log}");
+        return LoadError::Load(format!("verifier: {}", last_log_line(&log).unwrap_or("")));
     }
     LoadError::Load(one_line(e))
 }

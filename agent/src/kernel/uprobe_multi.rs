@@ -32,8 +32,13 @@ pub enum MultiError {
     NoBtf,
     #[error("the kernel rejected the object's BTF: {0}")]
     Btf(std::io::Error),
-    #[error("the kernel rejected {program}: {why}")]
-    Load { program: String, why: String },
+    #[error("the kernel rejected {program}: {error}{}", verifier.as_ref().map(|v| format!(": verifier: {v}")).unwrap_or_default())]
+    Load {
+        program: String,
+        error: std::io::Error,
+        /// The last line of the verifier's log.
+        verifier: Option<String>,
+    },
     #[error("cannot link the probe: {0}")]
     Link(std::io::Error),
 }
@@ -43,7 +48,9 @@ impl MultiError {
     /// `uprobe_multi` links (before 6.6 the program loads but the link is refused as invalid).
     pub fn explained(&self) -> String {
         let errno = match self {
-            MultiError::Btf(e) | MultiError::Link(e) => e.raw_os_error(),
+            MultiError::Btf(e) | MultiError::Link(e) | MultiError::Load { error: e, .. } => {
+                e.raw_os_error()
+            }
             _ => None,
         };
         match (self, errno) {
@@ -63,8 +70,10 @@ pub struct MultiProgram {
     fd: OwnedFd,
 }
 
-/// One attached probe: closing it removes the breakpoint.
-pub struct MultiLink(#[allow(dead_code)] OwnedFd);
+/// One attached probe: dropping it (closing the link) removes the breakpoint.
+pub struct MultiLink {
+    _link: OwnedFd,
+}
 
 /// The programs of the object, relocated for loading as `uprobe_multi` programs.
 pub struct Relocated {
@@ -145,7 +154,7 @@ impl MultiProgram {
             multi.pid = pid;
         }
         bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
-            .map(MultiLink)
+            .map(|fd| MultiLink { _link: fd })
             .map_err(MultiError::Link)
     }
 }
@@ -247,33 +256,19 @@ fn load_program(
         }
         bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
     };
-    attempt(None).or_else(|first| {
-        if matches!(first.raw_os_error(), Some(libc::EPERM)) {
-            return Err(MultiError::Load {
-                program: name.to_owned(),
-                why: first.to_string(),
-            });
-        }
+    attempt(None).or_else(|error| {
         // Again with the verifier's log, to say why.
         let mut log = vec![0u8; LOG_BYTES];
-        let again = match attempt(Some(&mut log)) {
-            Ok(fd) => return Ok(fd),
-            Err(e) => e,
-        };
+        if let Ok(fd) = attempt(Some(&mut log)) {
+            return Ok(fd);
+        }
         let text = String::from_utf8_lossy(&log);
-        let last = text
-            .trim_end_matches('\0')
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .map(str::to_owned);
-        tracing::debug!("verifier log of {name}:\n{}", text.trim_end_matches('\0'));
+        let text = text.trim_end_matches('\0');
+        tracing::debug!("verifier log of {name}:\n{text}");
         Err(MultiError::Load {
             program: name.to_owned(),
-            why: match last {
-                Some(last) => format!("{again}: verifier: {last}"),
-                None => again.to_string(),
-            },
+            error,
+            verifier: super::loader::last_log_line(text).map(str::to_owned),
         })
     })
 }
@@ -316,6 +311,12 @@ mod tests {
                 .explained()
                 .contains("Linux 6.6 or later")
         );
+        let load = MultiError::Load {
+            program: "kprof_track".into(),
+            error: std::io::Error::from_raw_os_error(libc::EPERM),
+            verifier: None,
+        };
+        assert!(load.explained().contains("CAP_BPF and CAP_PERFMON"));
         // A process gone before its link: neither.
         let gone = link(libc::ESRCH).explained();
         assert!(!gone.contains("CAP_") && !gone.contains("6.6"), "{gone}");
